@@ -1,0 +1,91 @@
+"""The ``fourbit`` command: one entry point, one subcommand per job.
+
+    fourbit quantize SRC --method nf4|fp4 [--blocksize N] [--no-double-quant] --output DIR
+    fourbit memory [SRC] [--quantization nf4|fp4|int4|none] [--blocksize N] [--no-double-quant]
+
+SRC is a Hugging Face folder, a .gguf file, a hub id, or omitted for the embedded
+SmolLM2-135M-Instruct. Errors in the input are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .quant.blockwise import BLOCKSIZES
+
+
+def _add_quant_args(p: argparse.ArgumentParser, methods: tuple[str, ...], flag: str) -> None:
+    p.add_argument(flag, dest="method", choices=methods, default="nf4", help="4-bit data type (default: nf4)")
+    p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
+                   help=f"values per absmax block, one of {BLOCKSIZES} (default: 64)")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="keep the absmax constants in float32 instead of 8 bits")
+    p.add_argument("--compute-dtype", default="auto", help="bfloat16, float16, float32 or auto (default)")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="dtype of the unquantized weights: embeddings, norms, lm_head (default: bfloat16)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fourbit", description="QLoRA toolkit: 4-bit models, LoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="write a bnb-4bit Hugging Face folder")
+    q.add_argument("source", help="model folder, .gguf file, hub id, or 'default'")
+    _add_quant_args(q, ("nf4", "fp4"), "--method")
+    q.add_argument("--output", "-o", required=True, help="folder to create")
+    q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    q.set_defaults(run=_quantize)
+
+    m = sub.add_parser("memory", help="print where a quantized model's bytes are")
+    m.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    _add_quant_args(m, ("nf4", "fp4", "int4", "none"), "--quantization")
+    m.set_defaults(run=_memory)
+    return parser
+
+
+def _load(args, quantization):
+    from .io.loader import load_model
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(
+        args.source, quantization=quantization, double_quant=args.double_quant,
+        blocksize=args.blocksize, compute_dtype=args.compute_dtype, torch_dtype=args.dtype, progress=True,
+    )
+    return model, tokenizer, time.perf_counter() - start
+
+
+def _quantize(args) -> None:
+    from .io.checkpoint import save_quantized
+
+    model, tokenizer, seconds = _load(args, args.method)
+    path = save_quantized(model, tokenizer, args.output, overwrite=args.overwrite)
+    print(f"quantized {args.source} to {args.method} (block {args.blocksize}, "
+          f"double quant {'on' if args.double_quant else 'off'}) in {seconds:.1f} s -> {path}")
+
+
+def _memory(args) -> None:
+    from .memory import memory_report
+
+    quantization = None if args.method == "none" else args.method
+    model, _, seconds = _load(args, quantization)
+    dq = "+ double quant" if args.double_quant and quantization else ""
+    title = f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}: {args.method} {dq} block {args.blocksize}, loaded in {seconds:.1f} s"
+    print(memory_report(model).format(title))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, TypeError) as e:
+        print(f"fourbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Writing a quantized model as a Hugging Face bnb-4bit folder.
+
+The folder is what transformers + bitsandbytes write with ``save_pretrained`` for a model
+loaded with ``BitsAndBytesConfig(load_in_4bit=True, ...)``, so either stack can read it:
+
+    config.json              the model config plus ``quantization_config`` (bitsandbytes 4-bit)
+    model.safetensors        per quantized weight P: P.weight (uint8 packed codes), P.weight.absmax,
+                             P.weight.quant_map, [P.weight.nested_absmax, P.weight.nested_quant_map,]
+                             P.weight.quant_state.bitsandbytes__<type>; everything else unquantized;
+                             metadata {"format": "pt"}; a tied lm_head is not stored twice
+    generation_config.json   when the model has one
+    tokenizer files          when a tokenizer is given
+
+The folder is written next to its destination and renamed into place (io/atomic.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .atomic import atomic_dir
+
+
+def save_quantized(model, tokenizer, output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` (from :func:`fourbit.load_model`) and ``tokenizer`` to ``output``."""
+    if getattr(model.config, "quantization_config", None) is None:
+        raise ValueError("the model holds no 4-bit layers to save; load it with quantization='nf4' or 'fp4'")
+    tensors = _unshared_state_dict(model)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(output)
+
+
+def _unshared_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict with tied parameters stored once (the first name wins, as in transformers)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and hash(key) in seen:
+            continue
+        seen.add(hash(key))
+        out[name] = tensor.detach().contiguous().cpu()
+    return out

@@ -1,0 +1,234 @@
+"""load_model: a Hugging Face causal LM with every linear layer but lm_head in 4 bits.
+
+The model is built on the meta device (no memory), its linear layers swapped for empty
+:class:`~fourbit.nn.Linear4bit` shells, and then filled one tensor at a time from the source:
+a linear weight is quantized as soon as it is read and its dense copy dropped, so peak memory
+is the quantized model plus the largest single tensor, never the 16-bit model. Embeddings,
+norms and lm_head are kept unquantized, in ``torch_dtype``.
+
+A folder that is already a bnb-4bit checkpoint (config.json ``quantization_config`` with
+``quant_method: bitsandbytes, load_in_4bit: true``; written by ``fourbit quantize`` or by
+transformers + bitsandbytes) is read as stored: each weight's packed bytes and state tensors
+are gathered and adopted without requantizing, and the checkpoint's quantization settings
+win over the arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn.linear4bit import Linear4bit
+from ..precision import parse_dtype, resolve_compute_dtype
+from ..quant.blockwise import check_blocksize
+from ..quant.dtypes import check_quant_type
+from ..quant.state import QuantState
+from .sources import open_source
+
+log = logging.getLogger(__name__)
+
+SKIP_MODULES = ("lm_head",)
+
+
+def load_model(
+    path_or_id: str | os.PathLike | None = None,
+    quantization: str | None = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: str | torch.dtype = "auto",
+    torch_dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    skip_modules: tuple[str, ...] = SKIP_MODULES,
+    progress: bool = False,
+):
+    """Load a causal LM, quantized, and its tokenizer: ``model, tokenizer = load_model(...)``.
+
+    path_or_id: a folder with config.json + safetensors (plain or bnb-4bit), a ``.gguf`` file,
+        a hub id, or None for the embedded SmolLM2-135M-Instruct.
+    quantization: "nf4", "fp4", "int4", or None to keep every weight dense.
+    compute_dtype: dtype of the 4-bit matmuls; "auto" = bf16 where ``device`` computes it
+        natively, else fp32 (see precision.py).
+    torch_dtype: dtype of the unquantized weights (embeddings, norms, lm_head); "auto" = the
+        compute dtype, so that a CPU without bf16 keeps its whole forward in fp32.
+    skip_modules: linear layers kept dense, matched by name or by last name component.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    source = open_source(path_or_id)
+    compute = resolve_compute_dtype(compute_dtype, device)
+    dtype = compute if torch_dtype == "auto" else parse_dtype(torch_dtype)
+    stored = _bnb_4bit_settings(source.quantization_config)
+    if stored is not None:
+        quantization, double_quant = stored
+        quantized = set(_expected_quant_keys(source.tensor_names()))
+    elif quantization is not None:
+        check_quant_type(quantization)
+        check_blocksize(blocksize)
+        quantized = None  # every linear but skip_modules
+    else:
+        quantized = set()
+
+    config = source.config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    targets = _swap_linears(model, quantized, skip_modules, quantization or "nf4", blocksize, double_quant, compute)
+
+    _fill(model, source, targets, stored is not None, device, dtype, progress)
+    model.eval()
+    if quantization is not None:
+        model.config.quantization_config = bnb_quantization_config(quantization, double_quant, compute)
+    return model, source.tokenizer()
+
+
+def _bnb_4bit_settings(qconfig: dict | None) -> tuple[str, bool] | None:
+    """(quant_type, double_quant) of a bnb-4bit checkpoint, None for a dense one."""
+    if not qconfig:
+        return None
+    method = qconfig.get("quant_method")
+    if method != "bitsandbytes" or not qconfig.get("load_in_4bit", qconfig.get("_load_in_4bit")):
+        raise ValueError(
+            f"checkpoint quantization {method!r} (load_in_8bit={qconfig.get('load_in_8bit')}) is not supported "
+            "by this loader; expected a bitsandbytes 4-bit checkpoint or an unquantized one"
+        )
+    quant_type = qconfig.get("bnb_4bit_quant_type", "fp4")
+    check_quant_type(quant_type)
+    return quant_type, bool(qconfig.get("bnb_4bit_use_double_quant", False))
+
+
+def bnb_quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict:
+    """config.json ``quantization_config`` as transformers' BitsAndBytesConfig writes it."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_threshold": 6.0,
+        "llm_int8_skip_modules": None,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+    }
+
+
+def _swap_linears(model, quantized, skip_modules, quant_type, blocksize, double_quant, compute) -> dict[str, Linear4bit]:
+    """Replace target nn.Linear modules with empty Linear4bit shells; returns them by name."""
+    targets = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if quantized is None:
+            if name in skip_modules or name.rsplit(".", 1)[-1] in skip_modules:
+                continue
+        elif name not in quantized:
+            continue
+        shell = Linear4bit(
+            module.in_features, module.out_features, module.bias is not None,
+            quant_type, blocksize, double_quant, compute, device="meta",
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, shell)
+        targets[name] = shell
+    if quantized:
+        missing = quantized - set(targets)
+        if missing:
+            raise ValueError(f"the checkpoint quantizes {sorted(missing)[:5]}, which are not linear layers of this model")
+    return targets
+
+
+def _fill(model, source, targets, prequantized, device, dtype, progress) -> None:
+    pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # bnb tensors per module
+    expected = _expected_quant_keys(source.tensor_names()) if prequantized else {}
+    unexpected = []
+    stream = source.tensors()
+    if progress:
+        stream = tqdm(stream, total=len(source.tensor_names()), desc="loading", unit="tensor")
+    for name, load in stream:
+        module_name, attr = _split_module(name, targets)
+        if module_name in targets and attr.startswith("weight"):
+            layer = targets[module_name]
+            if prequantized:
+                pending[module_name][attr.removeprefix("weight").lstrip(".")] = load().to(device)
+                if set(pending[module_name]) == expected[module_name]:
+                    bucket = pending.pop(module_name)
+                    packed = bucket.pop("")
+                    where = f"{module_name}.weight"
+                    layer.load_quantized(packed, QuantState.from_dict(bucket, where=where), where)
+            else:
+                layer.quantize_(load().to(device), name=name)
+            continue
+        try:
+            owner = model.get_submodule(module_name)
+        except AttributeError:
+            unexpected.append(name)
+            continue
+        if attr not in owner._parameters and attr not in owner._buffers:
+            unexpected.append(name)
+            continue
+        tensor = load()
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        _set_tensor(owner, attr, tensor.to(device))
+    if pending:
+        first = next(iter(pending))
+        missing = sorted(expected[first] - set(pending[first]))
+        raise ValueError(f"{first}.weight: quantization tensors {['weight.' + m if m else 'weight' for m in missing]} are missing from the checkpoint")
+    if unexpected:
+        log.warning("ignored %d checkpoint tensors the model does not have: %s", len(unexpected), unexpected[:5])
+    _finish(model, device)
+
+
+def _expected_quant_keys(names: list[str]) -> dict[str, set[str]]:
+    """Per quantized module, the weight keys (suffixes after 'weight', '' for the bytes) to wait for."""
+    keys: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        match = re.match(r"(.*)\.weight(?:\.(.*))?$", name)
+        if match:
+            keys[match.group(1)].add(match.group(2) or "")
+    return {module: suffixes for module, suffixes in keys.items() if any(s.startswith("quant_state.") for s in suffixes)}
+
+
+def _split_module(name: str, targets) -> tuple[str, str]:
+    """'a.b.weight.absmax' -> ('a.b', 'weight.absmax') for quantized layers; else ('a.b', 'weight')."""
+    head, sep, tail = name.partition(".weight.")
+    if sep and head in targets:
+        return head, "weight." + tail
+    module_name, _, attr = name.rpartition(".")
+    return module_name, attr
+
+
+def _set_tensor(module: nn.Module, attr: str, tensor: torch.Tensor) -> None:
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        if tuple(old.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor for {attr} has shape {tuple(tensor.shape)}; the model expects {tuple(old.shape)}")
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad and tensor.is_floating_point())
+    else:
+        module._buffers[attr] = tensor
+
+
+def _finish(model, device) -> None:
+    """Tie lm_head to the embeddings where configured, recompute non-persistent buffers
+    (rotary frequencies), and refuse a model with weights the checkpoint did not provide."""
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    for module in model.modules():
+        meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if meta:
+            for n in meta:
+                module._buffers[n] = torch.empty_like(module._buffers[n], device=device)
+            model._init_weights(module)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing += [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear4bit) and m.quant_state is None]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")

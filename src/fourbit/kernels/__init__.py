@@ -1,0 +1,5 @@
+"""Fast paths, one file per op; each op's reference implementation lives in fourbit.quant."""
+
+from .dequantize import dequantize_4bit
+
+__all__ = ["dequantize_4bit"]

@@ -1,0 +1,167 @@
+"""Linear4bit: a frozen linear layer whose weight is stored in 4 bits.
+
+    y = x @ dequant(W4)^T + b,      computed in ``compute_dtype``, returned in x's dtype
+
+The packed codes live in ``weight`` (uint8 [(out*in + 1)//2, 1], requires_grad=False) and the
+scales in ``quant_state``. The weight is frozen, so backward needs only the input gradient
+
+    dL/dx = dL/dy @ dequant(W4)
+
+which dequantizes again instead of keeping the dense weight alive between forward and
+backward: the autograd graph holds the 4-bit bytes, never a 16-bit copy (the QLoRA memory
+saving). A trainable bias, if any, gets its gradient too.
+
+``state_dict()`` emits bitsandbytes' layout (``weight`` + ``weight.absmax``, ``weight.quant_map``,
+... see quant/state.py), and ``load_state_dict`` accepts it, or a dense float weight, which is
+then quantized.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.dequantize import dequantize_4bit
+from ..quant.four_bit import quantize_4bit
+from ..quant.state import QuantState
+
+
+class _Linear4bitMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None):
+        ctx.state = state
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(packed)
+        return nn.functional.linear(x, dequantize_4bit(packed, state, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_4bit(packed, ctx.state, grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+
+class Linear4bit(nn.Module):
+    """A 4-bit frozen replacement for ``nn.Linear``. Build it with :meth:`from_linear`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        """An empty layer (weight on ``device``, no state yet) to be filled by
+        :meth:`quantize_`, :meth:`load_quantized` or ``load_state_dict``."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype = compute_dtype
+        packed_bytes = (in_features * out_features + 1) // 2
+        self.weight = nn.Parameter(torch.empty(packed_bytes, 1, dtype=torch.uint8, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.quant_state: QuantState | None = None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            quant_type, blocksize, double_quant, compute_dtype, device="meta",
+        )
+        layer.quantize_(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor, name: str = "weight") -> Linear4bit:
+        """Quantize a dense [out, in] weight into this layer, on the weight's device."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{name} has shape {tuple(weight.shape)}; this layer expects {(self.out_features, self.in_features)}"
+            )
+        packed, state = quantize_4bit(weight, self.quant_type, self.blocksize, self.double_quant, name=name)
+        return self.load_quantized(packed, state, name)
+
+    def load_quantized(self, packed: torch.Tensor, state: QuantState, name: str = "weight") -> Linear4bit:
+        """Adopt already-packed bytes and their state (e.g. read from a checkpoint)."""
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{name} was quantized with shape {tuple(state.shape)}; "
+                f"this layer expects {(self.out_features, self.in_features)}"
+            )
+        nbytes = packed.numel() * packed.element_size()
+        if nbytes != state.packed_shape[0]:
+            raise ValueError(f"{name} holds {nbytes} bytes of 4-bit codes; shape {tuple(state.shape)} needs {state.packed_shape[0]}")
+        self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
+        self.quant_state = state.to(packed.device)
+        self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested is not None
+        return self
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight [out, in] this layer represents."""
+        return dequantize_4bit(self.weight, self._state(), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        out = _Linear4bitMatmul.apply(x.to(dtype), self.weight, self._state(), bias)
+        return out.to(x.dtype)
+
+    def _state(self) -> QuantState:
+        if self.quant_state is None:
+            raise RuntimeError("this Linear4bit holds no weight yet: call quantize_() or load a checkpoint into it")
+        return self.quant_state
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{self.quant_type}, blocksize={self.blocksize}{dq}, compute_dtype={self.compute_dtype}"
+        )
+
+    # -- device moves and state_dict -------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() reach the packed bytes (uint8: moved, never cast) and the bias;
+        # the quantization state follows the bytes' device and keeps its float32 dtype.
+        super()._apply(fn, recurse)
+        if self.quant_state is not None:
+            self.quant_state = self.quant_state.to(self.weight.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, tensor in self._state().to_dict().items():
+            destination[f"{prefix}weight.{key}"] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        quant = {k.removeprefix(key + "."): v for k, v in state_dict.items() if k.startswith(key + ".")}
+        rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
+        if key in state_dict:
+            try:
+                if quant:
+                    self.load_quantized(state_dict[key], QuantState.from_dict(quant, where=key), key)
+                else:
+                    self.quantize_(state_dict[key], key)
+            except ValueError as e:
+                error_msgs.append(str(e))
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in state_dict and key in missing_keys:
+            missing_keys.remove(key)
