@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random Llama models built from a config (no download)."""
+
+import pytest
+import torch
+
+
+def tiny_llama_config(tie_word_embeddings: bool = False, **overrides):
+    from transformers import LlamaConfig
+
+    settings = dict(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    return LlamaConfig(**(settings | overrides))
+
+
+def save_tiny_llama(folder, seed: int = 0, tie_word_embeddings: bool = False, **overrides):
+    """A random LlamaForCausalLM saved as safetensors in ``folder``; returns the model."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings, **overrides)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(folder, dense transformers model) for an untied tiny Llama."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    return folder, save_tiny_llama(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-tied")
+    return folder, save_tiny_llama(folder, seed=1, tie_word_embeddings=True)

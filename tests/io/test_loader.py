@@ -1,0 +1,233 @@
+"""load_model on tiny random Llamas: against dense transformers models, streaming, errors."""
+
+import copy
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fourbit.io.loader as loader
+from fourbit import Linear4bit, load_model
+from fourbit.io.sources import open_source
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def dense_twin(model_4bit, dense):
+    """A copy of the dense transformers model whose linears hold our dequantized weights."""
+    twin = copy.deepcopy(dense)
+    modules = dict(twin.named_modules())
+    for name, module in model_4bit.named_modules():
+        if isinstance(module, Linear4bit):
+            with torch.no_grad():
+                modules[name].weight.copy_(module.dequantize(torch.float32))
+    return twin
+
+
+def test_every_linear_but_lm_head_is_4bit(tiny_llama):
+    folder, _ = tiny_llama
+    model, tokenizer = load_model(folder, compute_dtype="float32")
+    names = {n for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert len(names) == 2 * len(LINEARS) and all(n.rsplit(".", 1)[-1] in LINEARS for n in names)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, Linear4bit)
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # torch_dtype auto = compute dtype
+    assert not model.training and tokenizer is None  # the tiny folder has no tokenizer
+    assert model.config.quantization_config["bnb_4bit_quant_type"] == "nf4"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_logits_equal_dense_model_holding_dequantized_weights(tiny_llama, quant_type):
+    folder, dense = tiny_llama
+    model, _ = load_model(folder, quantization=quant_type, compute_dtype="float32")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, expected = model(ids).logits, dense_twin(model, dense)(ids).logits
+    # Same weights, same fp32 ops in the same order: identical up to fp32 rounding.
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # And quantization did change the model, by a bounded amount (4-bit noise, not garbage).
+    with torch.no_grad():
+        drift = (ours - dense(ids).logits).abs().max() / dense(ids).logits.abs().max()
+    assert 0 < drift < 0.5
+
+
+def test_unquantized_load_equals_transformers(tiny_llama):
+    folder, dense = tiny_llama
+    model, _ = load_model(folder, quantization=None, compute_dtype="float32")
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense(ids).logits)
+
+
+def test_tied_embeddings_stay_tied(tiny_llama_tied):
+    folder, dense = tiny_llama_tied
+    model, _ = load_model(folder, compute_dtype="float32")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense_twin(model, dense)(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_16bit_remainder_and_bf16_compute(tiny_llama):
+    folder, _ = tiny_llama
+    model, _ = load_model(folder, compute_dtype="bfloat16", torch_dtype="bfloat16")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (1, 5))).logits.dtype == torch.bfloat16
+
+
+def test_loading_streams_one_tensor_at_a_time(tiny_llama, monkeypatch):
+    """Peak memory is the quantized model plus one layer: no dense tensor outlives its turn."""
+    folder, _ = tiny_llama
+    alive: list[weakref.ref] = []
+    most_alive = 0
+
+    class Tracking:
+        def __init__(self, source):
+            self.source = source
+
+        def __getattr__(self, name):
+            return getattr(self.source, name)
+
+        def tensors(self):
+            nonlocal most_alive
+            for name, load in self.source.tensors():
+                def tracked(load=load, name=name):
+                    nonlocal most_alive
+                    gc.collect()
+                    still = [r for r in alive if r() is not None and r().is_floating_point()
+                             and r().numel() >= 64 * 64 and r().data_ptr() not in kept]
+                    most_alive = max(most_alive, len(still))
+                    tensor = load()
+                    alive.append(weakref.ref(tensor))
+                    return tensor
+                yield name, tracked
+
+    kept: set[int] = set()
+    monkeypatch.setattr(loader, "open_source", lambda path: Tracking(open_source(path)))
+    model, _ = load_model(folder, compute_dtype="float32")
+    # Dense tensors the model keeps (embeddings, lm_head) are allowed to stay alive.
+    kept.update(p.data_ptr() for p in model.parameters() if p.is_floating_point())
+    gc.collect()
+    leaked = [r() for r in alive if r() is not None and r().is_floating_point() and r().data_ptr() not in kept
+              and r().numel() >= 64 * 64]
+    assert leaked == []
+    # At the moment each tensor is read, at most the embedding (kept by the model, but read
+    # before `kept` is known) is alive besides it: never a second linear weight.
+    assert most_alive <= 1
+
+
+def test_prequantized_bitsandbytes_checkpoint_loads_as_stored(tiny_llama, tmp_path):
+    """A folder written by transformers + bitsandbytes: same dequantized weights, same logits."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder, _ = tiny_llama
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "bnb")
+    import bitsandbytes.functional as F
+
+    ours, _ = load_model(tmp_path / "bnb", quantization="fp4", compute_dtype="float32")  # stored nf4 wins
+    layer, their_layer = ours.model.layers[1].mlp.down_proj, theirs.model.layers[1].mlp.down_proj
+    assert layer.quant_type == "nf4" and layer.double_quant
+    assert torch.equal(layer.dequantize(torch.float32), F.dequantize_4bit(their_layer.weight, their_layer.weight.quant_state).float())
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def write_variant(src, dst, edit):
+    """Copy a checkpoint folder, passing its tensors and config through ``edit``."""
+    dst.mkdir()
+    tensors = load_file(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    tensors, config = edit(tensors, config)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def nf4_folder(tiny_llama, tmp_path_factory):
+    from fourbit import save_quantized
+
+    folder, _ = tiny_llama
+    out = tmp_path_factory.mktemp("nf4") / "model"
+    save_quantized(*load_model(folder, compute_dtype="float32"), out)
+    return out
+
+
+def test_checkpoint_missing_a_quantization_tensor_is_refused(nf4_folder, tmp_path):
+    key = "model.layers.0.self_attn.k_proj.weight.nested_absmax"
+    bad = write_variant(nf4_folder, tmp_path / "bad", lambda t, c: ({k: v for k, v in t.items() if k != key}, c))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight.nested_absmax is missing"):
+        load_model(bad)
+
+
+def test_checkpoint_with_misshaped_quantization_tensor_is_refused(nf4_folder, tmp_path):
+    key = "model.layers.1.mlp.up_proj.weight.absmax"
+    bad = write_variant(nf4_folder, tmp_path / "bad", lambda t, c: (t | {key: t[key][:-3].clone()}, c))
+    with pytest.raises(ValueError, match=r"up_proj.weight.absmax has dtype torch.uint8 and shape \(157,\); expected torch.uint8 and \(160,\)"):
+        load_model(bad)
+
+
+def test_checkpoint_with_unknown_quant_type_is_refused(nf4_folder, tmp_path):
+    def edit(tensors, config):
+        config["quantization_config"]["bnb_4bit_quant_type"] = "nf5"
+        return tensors, config
+
+    with pytest.raises(ValueError, match=r"unknown 4-bit quantization type 'nf5'"):
+        load_model(write_variant(nf4_folder, tmp_path / "bad", edit))
+
+
+def test_checkpoint_missing_a_dense_tensor_is_refused(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    bad = write_variant(folder, tmp_path / "bad", lambda t, c: ({k: v for k, v in t.items() if k != "model.norm.weight"}, c))
+    with pytest.raises(ValueError, match=r"lacks 1 tensors the model needs, e.g. \['model.norm.weight'\]"):
+        load_model(bad)
+
+
+def test_8bit_checkpoint_is_refused_with_what_is_supported(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+
+    def edit(tensors, config):
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}
+        return tensors, config
+
+    with pytest.raises(ValueError, match=r"not supported by this loader; expected a bitsandbytes 4-bit"):
+        load_model(write_variant(folder, tmp_path / "bad", edit))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"quantization": "nf2"}, r"unknown 4-bit quantization type 'nf2'"),
+        ({"blocksize": 100}, r"unsupported block size 100"),
+        ({"compute_dtype": "float8"}, r"unknown dtype 'float8'"),
+    ],
+)
+def test_bad_arguments_are_refused(tiny_llama, kwargs, error):
+    folder, _ = tiny_llama
+    with pytest.raises(ValueError, match=error):
+        load_model(folder, **kwargs)
+
+
+def test_nan_in_a_weight_names_the_weight(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    key = "model.layers.1.self_attn.o_proj.weight"
+
+    def edit(tensors, config):
+        tensors[key] = tensors[key].clone()
+        tensors[key][2, 3] = float("nan")
+        return tensors, config
+
+    with pytest.raises(ValueError, match=rf"{key}: it holds 1 NaN/Inf value"):
+        load_model(write_variant(folder, tmp_path / "bad", edit))

@@ -1,0 +1,141 @@
+"""Linear4bit against a dense nn.Linear holding the dequantized weight."""
+
+import pytest
+import torch
+from torch import nn
+
+from fourbit.nn import Linear4bit
+from fourbit.quant import dequantize_4bit_reference
+
+
+def make_pair(in_features=96, out_features=40, bias=True, quant_type="nf4", compute_dtype=None, seed=0):
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_features, out_features, bias=bias)
+    layer = Linear4bit.from_linear(dense, quant_type=quant_type, blocksize=64, compute_dtype=compute_dtype)
+    reference = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():  # the dense twin holds exactly what the 4-bit layer represents
+        reference.weight.copy_(dequantize_4bit_reference(layer.weight, layer.quant_state, torch.float32))
+        if bias:
+            reference.bias.copy_(dense.bias)
+    return layer, reference.requires_grad_(False)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_dense_layer_on_dequantized_weight(quant_type, bias):
+    layer, reference = make_pair(bias=bias, quant_type=quant_type)
+    x = torch.randn(3, 5, 96)
+    # Same fp32 weight, same F.linear: bit-identical.
+    assert torch.equal(layer(x), reference(x))
+
+
+def test_weight_is_frozen_uint8_and_no_float_copy_is_kept():
+    layer, _ = make_pair()
+    assert layer.weight.dtype == torch.uint8 and not layer.weight.requires_grad
+    assert layer.weight.shape == ((96 * 40 + 1) // 2, 1)
+    assert [p for p in layer.parameters() if p.requires_grad] == []
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_gradient_equals_dense_layer(bias):
+    layer, reference = make_pair(bias=bias)
+    x = torch.randn(4, 7, 96, dtype=torch.float64).float()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad_out = torch.randn(4, 7, 40)
+    layer(x1).backward(grad_out)
+    reference(x2).backward(grad_out)
+    # grad_x = grad_out @ W in both, summed in possibly different order: fp32 rounding only.
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_trainable_bias_gets_its_gradient():
+    layer, reference = make_pair()
+    layer.bias.requires_grad_(True)
+    reference.bias.requires_grad_(True)
+    x = torch.randn(6, 96)
+    layer(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_saves_only_the_packed_weight():
+    layer, _ = make_pair(in_features=128, out_features=64, bias=False)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(2, 128, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert saved and all(t.dtype == torch.uint8 for t in saved)
+    assert all(t.numel() <= 128 * 64 // 2 for t in saved)  # never a dense [64, 128] copy
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_compute_dtype_bf16_matches_dense_bf16_and_returns_input_dtype():
+    layer, reference = make_pair(compute_dtype=torch.bfloat16)
+    x = torch.randn(8, 96)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    expected = reference.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    # Both compute the same bf16 matmul on the same bf16 weight (the dequantized values
+    # rounded to bf16): equal up to bf16 accumulation-order differences.
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_state_dict_round_trip_is_bit_identical_and_in_bitsandbytes_layout():
+    layer, _ = make_pair()
+    state = layer.state_dict()
+    assert set(state) == {
+        "weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+        "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
+    }
+    fresh = Linear4bit(96, 40, bias=True, device="meta")
+    fresh.load_state_dict(state, assign=True)
+    x = torch.randn(5, 96)
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.equal(fresh.weight, layer.weight)
+
+
+def test_loading_a_dense_weight_quantizes_it():
+    torch.manual_seed(1)
+    dense = nn.Linear(64, 32)
+    layer = Linear4bit(64, 32, bias=True, device="meta")
+    layer.load_state_dict(dense.state_dict(), assign=True)
+    expected = Linear4bit.from_linear(dense)
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), expected(x))
+
+
+def test_mismatched_checkpoint_tensors_are_refused():
+    layer, _ = make_pair()
+    state = layer.state_dict()
+    shell = Linear4bit(96, 48, bias=True, device="meta")
+    with pytest.raises(RuntimeError, match=r"weight was quantized with shape \(40, 96\); this layer expects \(48, 96\)"):
+        shell.load_state_dict({k: v for k, v in state.items() if k != "bias"}, strict=False)
+    broken = dict(state)
+    del broken["weight.nested_absmax"]
+    with pytest.raises(RuntimeError, match=r"weight.nested_absmax is missing"):
+        Linear4bit(96, 40, device="meta").load_state_dict(broken, assign=True)
+    broken = dict(state, **{"weight.absmax": state["weight.absmax"][:-1]})
+    with pytest.raises(RuntimeError, match=r"weight.absmax has dtype torch.uint8 and shape \(59,\); expected torch.uint8 and \(60,\)"):
+        Linear4bit(96, 40, device="meta").load_state_dict(broken, assign=True)
+
+
+def test_half_and_device_moves_keep_codes_and_float32_state():
+    layer, _ = make_pair()
+    x = torch.randn(2, 96)
+    expected = layer(x)
+    moved = layer.to("cpu").half()
+    assert moved.weight.dtype == torch.uint8
+    assert moved.quant_state.nested.absmax.dtype == torch.float32 and moved.bias.dtype == torch.float16
+    out = moved(x.half())
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)  # fp16 compute
+
+
+def test_empty_layer_says_what_is_missing():
+    with pytest.raises(RuntimeError, match="holds no weight yet"):
+        Linear4bit(8, 8, device="cpu")(torch.randn(1, 8))
