@@ -1,0 +1,45 @@
+"""The fourbit command line: quantize and memory, and their errors."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from fourbit.cli import main
+
+
+def test_quantize_writes_a_bnb_folder_with_the_chosen_settings(tiny_llama, tmp_path, capsys):
+    folder, _ = tiny_llama
+    out = tmp_path / "fp4"
+    assert main(["quantize", str(folder), "--method", "fp4", "--blocksize", "128", "--no-double-quant", "--output", str(out)]) == 0
+    assert "fp4" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_quant_type"] == "fp4" and config["bnb_4bit_use_double_quant"] is False
+    with safe_open(out / "model.safetensors", "pt") as f:
+        blob = f.get_tensor("model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__fp4")
+        assert json.loads(bytes(blob.tolist()))["blocksize"] == 128
+        assert f.get_tensor("model.norm.weight").dtype.is_floating_point
+
+
+def test_memory_prints_the_report(tiny_llama, capsys):
+    folder, _ = tiny_llama
+    assert main(["memory", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "4-bit codes" in out and "bits each" in out and "bfloat16" in out
+
+
+def test_errors_are_one_line_and_exit_2(tiny_llama, tmp_path, capsys):
+    folder, _ = tiny_llama
+    assert main(["quantize", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err
+    (tmp_path / "exists").mkdir()
+    assert main(["quantize", str(folder), "--output", str(tmp_path / "exists")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["quantize", "x", "--method", "int8", "-o", "y"], ["memory", "--blocksize", "100"]])
+def test_invalid_choices_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
