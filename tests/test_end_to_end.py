@@ -30,3 +30,15 @@ def test_main_job_prints_the_memory_report(capsys):
     assert main(["memory"]) == 0
     out = capsys.readouterr().out
     assert "quantized parameters: 106,168,320 at 4.127 bits each" in out
+
+
+def test_quantized_default_model_saves_and_reloads_bit_identically(smollm2, tmp_path):
+    from fourbit import save_quantized
+
+    model, tokenizer = smollm2
+    save_quantized(model, tokenizer, tmp_path / "smollm2-bnb-4bit")
+    again, tokenizer_again = load_model(tmp_path / "smollm2-bnb-4bit")
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    assert torch.equal(ids, tokenizer_again("The quick brown fox", return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)

@@ -10,29 +10,14 @@ import shutil
 import huggingface_hub.constants
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fourbit.io import default_model
 from fourbit.io.sources import SafetensorsSource, open_source
 
 
-def random_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
-def model():
-    return random_llama()
+def model(tiny_llama):
+    return tiny_llama[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +64,11 @@ def test_sharded_layout_really_has_several_shards(sharded_folder):
     assert not (sharded_folder / "model.safetensors").exists()
 
 
-def test_quantization_config_and_stored_dtypes_pass_through(tmp_path):
+def test_quantization_config_and_stored_dtypes_pass_through(model, tmp_path):
     from safetensors.torch import save_file
 
     quant = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-    config = random_llama().config.to_dict() | {"quantization_config": quant}
+    config = model.config.to_dict() | {"quantization_config": quant}
     (tmp_path / "config.json").write_text(json.dumps(config))
     packed = torch.randint(0, 256, (64 * 64 // 2, 1), dtype=torch.uint8)
     save_file({"model.layers.0.self_attn.q_proj.weight": packed}, tmp_path / "model.safetensors")

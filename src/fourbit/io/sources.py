@@ -19,6 +19,7 @@ was expected.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import re
@@ -42,29 +43,31 @@ _EXPECTED = (
 )
 
 
-class Source:
+class Source(abc.ABC):
     """Where a model's config, tensors and tokenizer come from; see the subclasses."""
 
     description: str
     folder: Path | None
 
-    @cached_property
+    @property
+    @abc.abstractmethod
     def config(self):
-        raise NotImplementedError
+        """The transformers config of the model."""
 
     @property
     def quantization_config(self) -> dict | None:
         return None
 
+    @abc.abstractmethod
     def tensors(self) -> TensorStream:
         """(name, loader) pairs; calling a loader materializes that one tensor on the CPU."""
-        raise NotImplementedError
 
     def tensor_names(self) -> list[str]:
         return [name for name, _ in self.tensors()]
 
+    @abc.abstractmethod
     def tokenizer(self):
-        raise NotImplementedError
+        """The model's tokenizer, or None where the source has none."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"
