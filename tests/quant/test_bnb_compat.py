@@ -20,7 +20,7 @@ CASES = list(itertools.product(["nf4", "fp4"], BLOCKSIZES, DTYPES, [False, True]
 
 
 def ours_and_theirs(quant_type, blocksize, dtype, double_quant, seed=0):
-    x = torch.randn(190, 131, generator=torch.Generator().manual_seed(seed)).to(dtype)  # odd numel
+    x = torch.randn(191, 131, generator=torch.Generator().manual_seed(seed)).to(dtype)  # odd numel
     theirs = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
     ours = quantize_4bit(x, quant_type, blocksize, double_quant)
     return x, ours, theirs
@@ -97,3 +97,16 @@ def test_serialized_layout_matches_bitsandbytes(double_quant):
     key = "quant_state.bitsandbytes__nf4"
     decode = lambda t: json.loads(bytes(t.tolist()))  # noqa: E731
     assert decode(ours[key]) == decode(theirs[key])
+
+
+@pytest.mark.parametrize("blocksize", [64, 4096])
+def test_tensors_larger_than_one_chunk_match_bitsandbytes(blocksize):
+    # Quantization works in chunks of CHUNK elements; cross chunk boundaries with an odd size.
+    from fourbit.quant.blockwise import CHUNK
+
+    x = torch.randn(2 * CHUNK // 1001 + 8, 1001, generator=torch.Generator().manual_seed(3))
+    assert x.numel() > 2 * CHUNK and x.numel() % 2
+    packed, state = quantize_4bit(x, "nf4", blocksize, double_quant=False)
+    their_packed, their_state = F.quantize_4bit(x, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+    assert torch.equal(packed, their_packed) and torch.equal(state.absmax, their_state.absmax)
+    assert torch.equal(dequantize_4bit_reference(packed, state), F.dequantize_4bit(their_packed, their_state))

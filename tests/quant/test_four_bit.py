@@ -121,9 +121,10 @@ def test_nibble_order_and_padding():
     x = torch.tensor([1.0, -1.0])
     assert quantize_4bit(x, "nf4", 64, False)[0].flatten().tolist() == [0xF0]
     assert quantize_4bit(x, "fp4", 64, False)[0].flatten().tolist() == [0x3B]
-    # An odd count is padded with a zero nibble in the last byte's low half.
+    # An odd count is padded, in the last byte's low half, with the code of 0 (NF4: 7).
     packed, state = quantize_4bit(torch.tensor([1.0, -1.0, 1.0]), "nf4", 64, False)
-    assert packed.flatten().tolist() == [0xF0, 0xF0]
+    assert packed.flatten().tolist() == [0xF0, 0xF7]
+    assert quantize_4bit(torch.tensor([1.0, -1.0, 1.0]), "fp4", 64, False)[0].flatten().tolist() == [0x3B, 0x30]
     assert dequantize_4bit_reference(packed, state).tolist() == [1.0, -1.0, 1.0]
 
 

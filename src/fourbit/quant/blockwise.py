@@ -15,7 +15,8 @@ All arithmetic is float32 whatever the input dtype, so fp16/bf16 inputs give the
 as their float32 upcast.
 
 Packing: two 4-bit codes per byte, element 2k in the HIGH nibble and element 2k+1 in the low
-nibble; an odd count is padded with a zero nibble. This is bitsandbytes' layout.
+nibble; an odd count is padded with the code of the value 0 (7 for NF4, 0 for FP4), as if the
+tensor had one more zero. This is bitsandbytes' layout, padding included.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+CHUNK = 1 << 20  # elements quantized per step: a multiple of every block size
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -44,17 +46,15 @@ def check_quantizable(x: torch.Tensor, what: str = "tensor") -> None:
 
 def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Per-block max |x| of a flat float32 tensor; the last block may be short."""
-    n = flat.numel()
-    pad = (-n) % blocksize
-    padded = torch.nn.functional.pad(flat.abs(), (0, pad))  # zeros never raise a max
+    padded = torch.nn.functional.pad(flat.abs(), (0, (-flat.numel()) % blocksize))  # zeros never raise a max
     return padded.view(-1, blocksize).amax(dim=1)
 
 
 def scale_to_unit(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """x * (1/absmax) per block, clamped to [-1, 1]; an all-zero block stays zero."""
     inverse = 1.0 / absmax.clamp(min=1e-38)
-    scale = inverse.repeat_interleave(blocksize)[: flat.numel()]
-    return (flat * scale).clamp(-1, 1)
+    padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % blocksize))
+    return (padded.view(-1, blocksize) * inverse[:, None]).clamp_(-1, 1).view(-1)[: flat.numel()]
 
 
 def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(code, stable=True)  # stable: of two equal levels the first code wins
     levels = code[order]
     midpoints = (levels[:-1] + levels[1:]) / 2
-    idx = order[torch.bucketize(scaled, midpoints)]  # count of midpoints < x: ties go down
+    idx = order[torch.bucketize(scaled, midpoints, out_int32=True)]  # count of midpoints < x: ties go down
     negative_zero = (torch.signbit(code) & (code == 0)).nonzero()
     if len(negative_zero):  # sign-magnitude table (FP4): zero keeps the input's sign
         positive_zero = ((code == 0) & ~torch.signbit(code)).nonzero()
@@ -75,11 +75,22 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 def quantize_blockwise(
     x: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` to indices into ``code``: (uint8 codes [numel], float32 absmax [nblocks])."""
+    """Quantize ``x`` to indices into ``code``: (uint8 codes [numel], float32 absmax [nblocks]).
+
+    Works through the tensor in chunks of CHUNK elements, so temporary memory stays a few tens
+    of MB however large the weight is.
+    """
     check_blocksize(blocksize)
-    flat = x.reshape(-1).float()
-    absmax = block_absmax(flat, blocksize)
-    codes = nearest_code(scale_to_unit(flat, absmax, blocksize), code.to(flat.device))
+    flat = x.reshape(-1)
+    n = flat.numel()
+    code = code.to(flat.device)
+    codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    for start in range(0, n, CHUNK):
+        part = flat[start : start + CHUNK].float()
+        part_absmax = block_absmax(part, blocksize)
+        absmax[start // blocksize : start // blocksize + part_absmax.numel()] = part_absmax
+        codes[start : start + part.numel()] = nearest_code(scale_to_unit(part, part_absmax, blocksize), code)
     return codes, absmax
 
 
@@ -87,15 +98,19 @@ def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: float32 values [numel]."""
-    values = code.to(codes.device)[codes.long()]
-    return values * absmax.repeat_interleave(blocksize)[: values.numel()]
+    values = code.to(codes.device)[codes.int()]
+    full = values.numel() - values.numel() % blocksize
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
+    if full < values.numel():
+        values[full:].mul_(absmax[-1])
+    return values
 
 
-def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+def pack_4bit(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
     """Flat 4-bit codes -> bytes, first element of each pair in the high nibble; shape [(n+1)//2, 1]."""
     codes = codes.reshape(-1).to(torch.uint8)
     if codes.numel() % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
+        codes = torch.nn.functional.pad(codes, (0, 1), value=pad_code)
     return ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .blockwise import check_blocksize, check_quantizable, dequantize_blockwise, pack_4bit, quantize_blockwise, unpack_4bit
+from .blockwise import (
+    check_blocksize, check_quantizable, dequantize_blockwise, nearest_code, pack_4bit, quantize_blockwise, unpack_4bit,
+)
 from .double_quant import compress_absmax
 from .dtypes import check_quant_type, get_code
 from .state import QuantState
@@ -35,7 +37,8 @@ def quantize_4bit(
     if double_quant:
         absmax, nested = compress_absmax(absmax)
     state = QuantState(quant_type, blocksize, weight.shape, weight.dtype, absmax, code, nested)
-    return pack_4bit(codes), state
+    zero_code = int(nearest_code(torch.zeros(1, device=code.device), code))
+    return pack_4bit(codes, pad_code=zero_code), state
 
 
 def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
