@@ -36,3 +36,9 @@ def tiny_llama(tmp_path_factory):
 def tiny_llama_tied(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-tied")
     return folder, save_tiny_llama(folder, seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """``make_tiny_llama(folder, seed=0, **config_overrides)``: save a random tiny Llama there."""
+    return save_tiny_llama

@@ -1,0 +1,160 @@
+"""LoRA adapters in PEFT's format, so `peft.PeftModel.from_pretrained` reads ours and we read its.
+
+A PEFT LoRA adapter is a folder with two files:
+
+    adapter_config.json        peft_type "LORA", r, lora_alpha, lora_dropout, target_modules
+                               (a list of names, or a regex string), use_rslora, use_dora, bias,
+                               task_type, base_model_name_or_path, ... (unknown keys are ignored)
+    adapter_model.safetensors  base_model.model.<module path>.lora_A.weight      [r, in]
+                               base_model.model.<module path>.lora_B.weight      [out, r]
+                               base_model.model.<module path>.lora_magnitude_vector  [out] (DoRA)
+                               metadata {"format": "pt"}
+
+Module paths are those of the transformers model (``model.layers.0.self_attn.q_proj``), which
+are ours too: a LoRALinear keeps PEFT's parameter names, so the file keys are our state-dict
+keys with the ``base_model.model.`` prefix. What we do not support (rank/alpha patterns,
+modules_to_save, trained biases, layer subsets, non-LoRA PEFT types) is refused by name rather
+than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..nn.lora import LoRALinear, add_lora, lora_layers
+from .atomic import atomic_dir
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys."""
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.use_dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    if not tensors:
+        raise ValueError("the model has no LoRA adapters to save; call fourbit.add_lora first")
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    settings = model.lora_settings
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or getattr(model.config, "_name_or_path", None),
+        "revision": None,
+        "r": settings["r"],
+        "lora_alpha": settings["alpha"],
+        "lora_dropout": settings["dropout"],
+        "bias": "none",
+        "target_modules": sorted(settings["modules"]),
+        "exclude_modules": None,
+        "modules_to_save": None,
+        "use_rslora": settings["use_rslora"],
+        "use_dora": settings["use_dora"],
+        "init_lora_weights": True,
+        "fan_in_fan_out": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(
+    model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write the model's LoRA adapter as a PEFT folder, atomically."""
+    tensors = adapter_state_dict(model)
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config(model, base_model_name_or_path), indent=2))
+    return Path(folder)
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter: it has no {CONFIG_FILE}")
+    config = json.loads(path.read_text())
+    unsupported = {
+        "peft_type": (config.get("peft_type", "LORA"), "LORA"),
+        "bias": (config.get("bias", "none"), "none"),
+    }
+    for key, (value, allowed) in unsupported.items():
+        if value != allowed:
+            raise ValueError(f"{path}: {key}={value!r} is not supported; fourbit loads {key}={allowed!r} adapters")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+        if config.get(key):
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported yet; only uniform LoRA adapters load")
+    if config.get("fan_in_fan_out"):
+        raise ValueError(f"{path}: fan_in_fan_out adapters (Conv1D bases) are not supported")
+    return config
+
+
+def load_adapter(
+    model: nn.Module, folder: str | os.PathLike, is_trainable: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Wrap ``model``'s target modules with LoRA and load a PEFT adapter's weights into them.
+
+    Every module the config targets must get its tensors from the file and every tensor in the
+    file must belong to a targeted module of this model, else a ValueError names the mismatch
+    (an adapter made for another base). Frozen unless ``is_trainable``.
+    """
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (adapter_model.bin pickles are not loaded)")
+    with safe_open(weights, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    file_dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    try:
+        add_lora(
+            model, r=config["r"], alpha=config.get("lora_alpha", 8), target=config["target_modules"],
+            dropout=config.get("lora_dropout", 0.0), use_rslora=config.get("use_rslora", False),
+            use_dora=config.get("use_dora", False), dtype=dtype or file_dtype, verbose=False,
+        )
+    except ValueError as e:
+        raise ValueError(f"adapter {folder} does not fit this model: {e}") from None
+    expected = adapter_state_dict(model).keys()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise ValueError(f"adapter {folder} does not fit this model ({len(missing)} missing, {len(extra)} unexpected tensors: {detail})")
+    for name, layer in lora_layers(model).items():
+        _copy(layer, "lora_A.weight", tensors[f"{PREFIX}{name}.lora_A.weight"], name)
+        _copy(layer, "lora_B.weight", tensors[f"{PREFIX}{name}.lora_B.weight"], name)
+        if layer.use_dora:
+            _copy(layer, "lora_magnitude_vector", tensors[f"{PREFIX}{name}.lora_magnitude_vector"], name)
+        for p in (layer.lora_A.weight, layer.lora_B.weight, *([layer.lora_magnitude_vector] if layer.use_dora else [])):
+            p.requires_grad_(is_trainable)
+    return model
+
+
+def _copy(layer: LoRALinear, attr: str, tensor: torch.Tensor, name: str) -> None:
+    target = layer.get_parameter(attr)
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ValueError(
+            f"adapter tensor {name}.{attr} has shape {tuple(tensor.shape)}; this model's layer needs {tuple(target.shape)}"
+        )
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"adapter tensor {name}.{attr} holds NaN/Inf values")
+    with torch.no_grad():
+        target.copy_(tensor)

@@ -1,0 +1,204 @@
+"""LoRA: a trainable low-rank update beside a frozen linear layer, which it wraps.
+
+    y = base(x) + s * B(A(dropout(x)))         A: [r, in], B: [out, r]
+    s = alpha / r        (rsLoRA: alpha / sqrt(r), which keeps the update's scale as r grows)
+
+A starts Kaiming-uniform (bound 1/sqrt(in), as nn.Linear's default) and B at zero, so the wrapped
+model starts out exactly equal to the base. The base is any module computing ``x @ W^T + b``:
+``nn.Linear``, :class:`~fourbit.nn.Linear4bit`, and later the int8/GPTQ/AWQ layers. It is
+wrapped, never subclassed, and stays frozen; the adapter is kept in its own (higher) precision
+and the input is cast to it. The gradient flows to A and B through autograd; through a 4-bit
+base it needs only dL/dx = dL/dy @ W, which Linear4bit computes from its packed bytes.
+
+DoRA (weight-decomposed LoRA, as PEFT defines it) splits the adapted weight into a direction
+and a learned per-output-row magnitude m (initialised to the row norms of W):
+
+    W' = m * (W + s B A) / ||W + s B A||_row
+    y  = (m / n - 1) * (x W^T) + (m / n) * s * B A x + b,     n = ||W + s B A||_row, detached
+
+(the norm is treated as a constant in backward, as in the DoRA paper §4.3, to save memory).
+
+Names follow PEFT's on-disk layout (``base_layer``, ``lora_A.weight``, ``lora_B.weight``,
+``lora_magnitude_vector``), so io/peft.py maps our state dict to PEFT's keys by a prefix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .linear4bit import Linear4bit
+
+LINEAR_TYPES = (nn.Linear, Linear4bit)
+ALL_LINEAR = ("all-linear", "all")
+
+
+def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] weight a base layer represents, dequantized if it is quantized."""
+    if hasattr(base, "dequantize"):
+        return base.dequantize(dtype)
+    return base.weight.to(dtype)
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        dtype: torch.dtype = torch.float32,
+        init: str = "kaiming",
+    ):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"unknown LoRA init {init!r}; expected 'kaiming' or 'gaussian'")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base_layer.weight.device
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if use_dora:
+            with torch.no_grad():
+                norm = dense_weight(base_layer, torch.float32).norm(dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
+        self.merged = False
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s * B @ A, the [out, in] update this adapter adds (before DoRA's rescaling)."""
+        return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        dropped = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(dropped)) * self.scaling
+        if not self.use_dora:
+            return result + update.to(result.dtype)
+        return self._dora(x, dropped, result, update)
+
+    def _dora(self, x, dropped, result, update):
+        weight = dense_weight(self.base_layer, self.lora_A.weight.dtype)
+        norm = (weight + self.delta_weight(weight.dtype)).norm(dim=1).detach()
+        scale = self.lora_magnitude_vector / norm
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(self.lora_dropout, nn.Identity):
+            base_out = result - bias if bias is not None else result  # x W^T, without the bias
+        else:
+            base_out = nn.functional.linear(dropped, weight)
+        out = (scale - 1) * base_out.to(scale.dtype) + scale * update
+        return result + out.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "DoRA" if self.use_dora else "LoRA"
+        rs = ", rslora" if self.use_rslora else ""
+        return f"{kind}: r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{rs}"
+
+
+def match_targets(model: nn.Module, target: str | Iterable[str], exclude: Iterable[str] = ("lm_head",)) -> list[str]:
+    """Names of the linear modules that ``target`` selects, PEFT's rules:
+
+    "all-linear" / "all": every linear layer except the output layer (``exclude``);
+    a string: a regular expression that must match the whole module path;
+    a list: names matched exactly or as the last dotted components (``q_proj`` matches
+    ``model.layers.0.self_attn.q_proj``).
+    """
+    linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and not _inside_lora(model, n)]
+    excluded = set(exclude)
+    if isinstance(target, str) and target in ALL_LINEAR:
+        chosen = [n for n in linears if n not in excluded and n.rsplit(".", 1)[-1] not in excluded]
+    elif isinstance(target, str):
+        try:
+            pattern = re.compile(target)
+        except re.error as e:
+            raise ValueError(f"lora_target {target!r} is not a valid regular expression: {e}") from None
+        chosen = [n for n in linears if pattern.fullmatch(n)]
+    else:
+        names = list(target)
+        chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in names)]
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(
+            f"lora_target {target!r} matches no linear module; this model's linear modules are named {leaves} "
+            f"(or use 'all-linear')"
+        )
+    return chosen
+
+
+def _inside_lora(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return "lora_A" in parts or "lora_B" in parts or "base_layer" in parts
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32,
+    target: str | Iterable[str] = "all-linear",
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    dtype: torch.dtype = torch.float32,
+    init: str = "kaiming",
+    exclude: Iterable[str] = ("lm_head",),
+    verbose: bool = True,
+) -> nn.Module:
+    """Freeze ``model`` and wrap the targeted linear layers with LoRA adapters (in place).
+
+    Returns the model; prints trainable / total parameters when ``verbose``.
+    """
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA adapters; load or merge them instead of adding a second set")
+    names = match_targets(model, target, exclude)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout, use_rslora, use_dora, dtype, init))
+    model.lora_settings = {
+        "r": r, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "use_dora": use_dora,
+        "target": target if isinstance(target, str) else list(target), "modules": names,
+    }
+    if verbose:
+        trainable, total = count_parameters(model)
+        print(f"LoRA r={r} alpha={alpha} on {len(names)} modules: trainable {trainable:,} / {total:,} "
+              f"parameters ({100 * trainable / total:.3f}%)")
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts its original element count."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total, seen = 0, set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights count once
+                continue
+            seen.add(id(p))
+            if isinstance(module, Linear4bit) and name == "weight" and module.quant_state is not None:
+                total += module.quant_state.numel
+            else:
+                total += p.numel()
+    return trainable, total
