@@ -79,11 +79,15 @@ def save_adapter(
     model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None, overwrite: bool = False
 ) -> Path:
     """Write the model's LoRA adapter as a PEFT folder, atomically."""
-    tensors = adapter_state_dict(model)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config(model, base_model_name_or_path), indent=2))
+        write_adapter_files(model, tmp, base_model_name_or_path)
     return Path(folder)
+
+
+def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path: str | None = None) -> None:
+    """The two PEFT files, into an existing folder (callers make the folder atomic)."""
+    save_file(adapter_state_dict(model), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model, base_model_name_or_path), indent=2))
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict:
@@ -132,20 +136,26 @@ def load_adapter(
         )
     except ValueError as e:
         raise ValueError(f"adapter {folder} does not fit this model: {e}") from None
+    load_adapter_weights(model, tensors, str(folder))
+    for layer in lora_layers(model).values():
+        for p in (layer.lora_A.weight, layer.lora_B.weight, *([layer.lora_magnitude_vector] if layer.use_dora else [])):
+            p.requires_grad_(is_trainable)
+    return model
+
+
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "adapter") -> None:
+    """Copy PEFT-keyed tensors into the model's existing LoRA layers; all must match exactly."""
     expected = adapter_state_dict(model).keys()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise ValueError(f"adapter {folder} does not fit this model ({len(missing)} missing, {len(extra)} unexpected tensors: {detail})")
+        raise ValueError(f"{where} does not fit this model ({len(missing)} missing, {len(extra)} unexpected tensors: {detail})")
     for name, layer in lora_layers(model).items():
         _copy(layer, "lora_A.weight", tensors[f"{PREFIX}{name}.lora_A.weight"], name)
         _copy(layer, "lora_B.weight", tensors[f"{PREFIX}{name}.lora_B.weight"], name)
         if layer.use_dora:
             _copy(layer, "lora_magnitude_vector", tensors[f"{PREFIX}{name}.lora_magnitude_vector"], name)
-        for p in (layer.lora_A.weight, layer.lora_B.weight, *([layer.lora_magnitude_vector] if layer.use_dora else [])):
-            p.requires_grad_(is_trainable)
-    return model
 
 
 def _copy(layer: LoRALinear, attr: str, tensor: torch.Tensor, name: str) -> None:
