@@ -1,5 +1,6 @@
 """The ``fourbit`` command: one entry point, one subcommand per job.
 
+    fourbit train [CONFIG.yaml] [key=value ...] [--dry-run]
     fourbit quantize SRC --method nf4|fp4 [--blocksize N] [--no-double-quant] --output DIR
     fourbit memory [SRC] [--quantization nf4|fp4|int4|none] [--blocksize N] [--no-double-quant]
 
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourbit", description="QLoRA toolkit: 4-bit models, LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    t = sub.add_parser("train", help="QLoRA fine-tune (no config: the built-in demo on SmolLM2-135M-Instruct)")
+    t.add_argument("config", nargs="?", help="YAML config with LLaMA-Factory keys")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and a memory estimate, then stop")
+    t.set_defaults(run=_train)
+
     q = sub.add_parser("quantize", help="write a bnb-4bit Hugging Face folder")
     q.add_argument("source", help="model folder, .gguf file, hub id, or 'default'")
     _add_quant_args(q, ("nf4", "fp4"), "--method")
@@ -55,6 +62,28 @@ def _load(args, quantization):
         blocksize=args.blocksize, compute_dtype=args.compute_dtype, torch_dtype=args.dtype, progress=True,
     )
     return model, tokenizer, time.perf_counter() - start
+
+
+def _train(args) -> None:
+    import yaml
+
+    from .train.config import load_config
+    from .train.estimate import estimate_memory
+    from .train.run import default_config, run
+
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None
+    config = load_config(args.config, args.overrides)
+    if args.config is None and config.dataset is None:
+        config = default_config(args.overrides)
+    if args.dry_run:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+        print(estimate_memory(config).format())
+        return
+    result = run(config)
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter written to {result.output_dir}")
+    if result.eval_before and result.eval_after:
+        print(f"held-out exact match: {result.eval_before['accuracy']:.1%} before -> {result.eval_after['accuracy']:.1%} after")
 
 
 def _quantize(args) -> None:
@@ -81,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, TypeError, FloatingPointError) as e:
         print(f"fourbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

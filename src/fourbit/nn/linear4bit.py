@@ -18,6 +18,8 @@ then quantized.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -43,6 +45,25 @@ class _Linear4bitMatmul(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, grad_bias
+
+
+@contextlib.contextmanager
+def dense_weights(model: nn.Module, dtype: torch.dtype | None = None):
+    """Within this block every Linear4bit of ``model`` keeps its dequantized weight.
+
+    For many forwards over the same weights where memory allows it (greedy evaluation on a
+    CPU, where dequantizing every layer at every decoded token dominates): the same values,
+    computed once instead of once per forward, at the cost of holding the dense model. Use
+    under torch.no_grad(); the weights are dropped on exit.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit) and m.quant_state is not None]
+    try:
+        for layer in layers:
+            layer.__dict__["_dense"] = layer.dequantize(dtype or layer.compute_dtype)
+        yield model
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_dense", None)
 
 
 class Linear4bit(nn.Module):
@@ -120,6 +141,9 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
+        dense = self.__dict__.get("_dense")
+        if dense is not None and dense.dtype == dtype:  # inside dense_weights(): no dequantization
+            return nn.functional.linear(x.to(dtype), dense, bias).to(x.dtype)
         out = _Linear4bitMatmul.apply(x.to(dtype), self.weight, self._state(), bias)
         return out.to(x.dtype)
 

@@ -1,0 +1,190 @@
+"""The training config: LLaMA-Factory's key names, checked before anything heavy runs.
+
+A YAML file of ``key: value`` lines, overridden by ``key=value`` arguments on the command line
+(values parsed as YAML scalars, so ``learning_rate=1e-4`` is a float and ``packing=true`` a
+bool). Every key is validated and an error names the key, the value and what is allowed; an
+unknown key suggests the closest known one (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..optim import OPTIMIZERS
+from ..quant.blockwise import BLOCKSIZES
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class TrainConfig:
+    # model and quantization
+    model_name_or_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    quantization_bit: int | None = 4  # 4, or None for 16-bit LoRA
+    quantization_type: str = "nf4"
+    double_quantization: bool = True
+    quantization_blocksize: int = 64
+    compute_dtype: str = "auto"
+    # LoRA
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: 2 * lora_rank, as LLaMA-Factory
+    lora_dropout: float = 0.0
+    lora_target: str | list[str] = "all"
+    use_rslora: bool = False
+    use_dora: bool = False
+    # optimization
+    optim: str = "adamw"
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = True
+    # data
+    dataset: str | None = None
+    dataset_dir: str | None = None  # where dataset_info.json lives; default: the config's folder
+    eval_dataset: str | None = None  # exact-match accuracy before and after training
+    template: str = "auto"
+    cutoff_len: int = 1024
+    train_on_prompt: bool = False
+    packing: bool = False
+    # output
+    output_dir: str | None = None
+    overwrite_output_dir: bool = False
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    logging_steps: int = 1
+    seed: int = 42
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    eval_max_new_tokens: int = 24
+    plot_loss: bool = True
+
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+    @property
+    def targets(self) -> str | list[str]:
+        """lora_target as add_lora takes it: "all", a list of names, or a regex string."""
+        if isinstance(self.lora_target, list):
+            return self.lora_target
+        if self.lora_target in ("all", "all-linear"):
+            return "all-linear"
+        if "," in self.lora_target or self.lora_target.isidentifier():
+            return [t.strip() for t in self.lora_target.split(",") if t.strip()]
+        return self.lora_target  # a regular expression
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """TrainConfig from a YAML file (or defaults) plus ``key=value`` overrides, validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of key: value lines, got {type(loaded).__name__}")
+        values |= loaded
+        values.setdefault("dataset_dir", str(path.parent))
+    values |= parse_overrides(overrides or [])
+    unknown = [k for k in values if k not in FIELDS]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown config key {key!r}{hint} (known keys: {', '.join(FIELDS)})")
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def parse_overrides(overrides: list[str] | dict) -> dict[str, Any]:
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Accept the natural spellings: '1e-4' for a float, 'true' for a bool, 'none' for None."""
+    kind = FIELDS[key].type
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in kind):
+        return None
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise TypeError
+            return int(float(value))
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: {value!r} is not a valid {kind.split(' ')[0]}") from None
+    if kind.startswith("str | list") and isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return str(value) if not isinstance(value, str) else value
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"config key {key!r}: {value!r} is not allowed; expected {allowed}")
+
+
+def validate(c: TrainConfig) -> None:
+    _check(c.quantization_bit in (4, None), "quantization_bit", c.quantization_bit, "4, or none for 16-bit LoRA")
+    _check(c.quantization_type in QUANT_TYPES, "quantization_type", c.quantization_type, f"one of {QUANT_TYPES}")
+    _check(c.quantization_blocksize in BLOCKSIZES, "quantization_blocksize", c.quantization_blocksize, f"one of {BLOCKSIZES}")
+    _check(c.compute_dtype in COMPUTE_DTYPES, "compute_dtype", c.compute_dtype, f"one of {COMPUTE_DTYPES}")
+    _check(c.lora_rank > 0, "lora_rank", c.lora_rank, "a positive integer")
+    _check(c.alpha > 0, "lora_alpha", c.lora_alpha, "a positive number")
+    _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "a number in [0, 1)")
+    _check(c.optim in OPTIMIZERS, "optim", c.optim, f"one of {OPTIMIZERS}")
+    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
+    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")
+    _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "a number >= 0 (0 disables clipping)")
+    _check(c.lr_scheduler_type in SCHEDULERS, "lr_scheduler_type", c.lr_scheduler_type, f"one of {SCHEDULERS}")
+    _check(0 <= c.warmup_ratio < 1, "warmup_ratio", c.warmup_ratio, "a number in [0, 1)")
+    _check(c.warmup_steps >= 0, "warmup_steps", c.warmup_steps, "an integer >= 0")
+    _check(c.num_train_epochs > 0 or c.max_steps > 0, "num_train_epochs", c.num_train_epochs, "> 0 (or set max_steps > 0)")
+    _check(c.per_device_train_batch_size > 0, "per_device_train_batch_size", c.per_device_train_batch_size, "an integer > 0")
+    _check(c.gradient_accumulation_steps > 0, "gradient_accumulation_steps", c.gradient_accumulation_steps, "an integer > 0")
+    _check(c.cutoff_len >= 8, "cutoff_len", c.cutoff_len, "an integer >= 8")
+    _check(c.save_steps > 0, "save_steps", c.save_steps, "an integer > 0")
+    _check(c.save_total_limit is None or c.save_total_limit > 0, "save_total_limit", c.save_total_limit, "none or an integer > 0")
+    _check(c.logging_steps > 0, "logging_steps", c.logging_steps, "an integer > 0")
+    _check(c.eval_max_new_tokens > 0, "eval_max_new_tokens", c.eval_max_new_tokens, "an integer > 0")

@@ -1,0 +1,60 @@
+"""Held-out exact-match accuracy: greedy answers to each conversation's last question.
+
+For each conversation the prompt is every message before the final assistant turn, rendered
+with the chat template and its generation prompt; the model answers greedily (batched, left
+padded so every row's answer starts at the same column) and the answer is compared with the
+reference by ``default_task.exact_match`` (whitespace, case and trailing punctuation ignored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+
+from ..nn.linear4bit import dense_weights
+from .default_task import exact_match
+
+
+@torch.no_grad()
+def exact_match_accuracy(
+    model, tokenizer, conversations: list[list[dict]], skills: list[str] | None = None,
+    max_new_tokens: int = 24, batch_size: int = 16, dense_cache: bool | None = None,
+) -> dict:
+    """Accuracy (and per-skill accuracy when ``skills`` is given) of greedy answers.
+
+    dense_cache: dequantize the 4-bit weights once for the whole evaluation instead of at every
+    decoding step (default: on CPUs, where that dequantization dominates decoding).
+    """
+    was_training = model.training
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    answers = []
+    if dense_cache is None:
+        dense_cache = device.type == "cpu"
+    try:
+        with dense_weights(model) if dense_cache else contextlib.nullcontext():
+            for start in range(0, len(conversations), batch_size):
+                chunk = conversations[start : start + batch_size]
+                prompts = [tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in chunk]
+                inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                out = model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                )
+                answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    correct = [exact_match(a, c[-1]["content"]) for a, c in zip(answers, conversations)]
+    result = {"accuracy": sum(correct) / max(len(correct), 1), "correct": sum(correct), "total": len(correct),
+              "examples": [{"answer": a, "reference": c[-1]["content"]} for a, c in zip(answers[:5], conversations)]}
+    if skills:
+        by_skill = defaultdict(list)
+        for skill, ok in zip(skills, correct):
+            by_skill[skill].append(ok)
+        result["by_skill"] = {s: sum(v) / len(v) for s, v in sorted(by_skill.items())}
+    return result

@@ -1,0 +1,246 @@
+"""The QLoRA training recipe: setup, train loop, save. Read it top to bottom.
+
+    model, tokenizer = fourbit.load_model(...)          # frozen base, 4-bit linears
+    model = fourbit.add_lora(model, ...)                # trainable adapters
+    result = fourbit.train(model, tokenizer, config)    # this file
+
+The loss is token-weighted over an optimizer step: the summed cross-entropy of every trained
+token in the step's micro-batches divided by their count, so gradient accumulation gives the
+same gradient as one big batch. Logits at position t predict the token at t+1; labels of -100
+(prompt and padding) are skipped. A non-finite loss or gradient stops the run before the
+update is applied, naming the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..io.peft import write_adapter_files
+from ..memory import memory_report
+from ..nn.lora import count_parameters, lora_layers
+from ..optim import build_optimizer
+from .checkpoint import TrainState, load_checkpoint, resolve_resume, rotate, save_checkpoint
+from .config import TrainConfig
+from .data import IGNORE_INDEX, batches, collate, encode_dataset, load_rows, pack, resolve_dataset, steps_per_epoch
+from .evaluate import exact_match_accuracy
+from .plot import plot_loss
+from .templates import apply_template
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    losses: list[float]
+    eval_before: dict | None = None
+    eval_after: dict | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def train(model, tokenizer, config: TrainConfig) -> TrainResult:
+    """Fine-tune ``model``'s LoRA adapters on ``config.dataset``; returns losses and evaluations."""
+    # ---------------------------------------------------------------- setup
+    if not config.dataset:
+        raise ValueError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
+    if not config.output_dir:
+        raise ValueError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
+    out = Path(config.output_dir)
+    resume = resolve_resume(config.resume_from_checkpoint, out)
+    if out.is_dir() and any(out.iterdir()) and resume is None and not config.overwrite_output_dir:
+        raise FileExistsError(
+            f"output_dir {out} already holds files; set overwrite_output_dir: true, or resume_from_checkpoint: latest"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    _seed_everything(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; call fourbit.add_lora(model, ...) before training")
+
+    apply_template(tokenizer, config.template)
+    conversations = resolve_dataset(config.dataset, config.dataset_dir)
+    if not conversations:
+        raise ValueError(f"dataset {config.dataset!r} has no rows")
+    examples = encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt)
+    if config.packing:
+        examples = pack(examples, config.cutoff_len)
+    eval_set = _eval_set(config) if config.eval_dataset else None
+
+    micro_per_epoch = steps_per_epoch(len(examples), config.per_device_train_batch_size)
+    steps_per_epoch_ = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch_)
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+
+    optimizer = build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+    state = TrainState()
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer, scheduler)
+    _banner(model, config, len(examples), total_steps, resume)
+
+    result = TrainResult(out, list(state.losses))
+    if eval_set is not None and resume is None:
+        result.eval_before = _evaluate(model, tokenizer, eval_set, config, "before training")
+
+    # ---------------------------------------------------------------- train loop
+    model.train()
+    metrics = open(out / "metrics.jsonl", "a" if resume else "w")
+    progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(p.device for p in params)
+    start = time.perf_counter()
+    last_checkpoint = resume
+    try:
+        while state.step < total_steps:
+            step_start = time.perf_counter()
+            micro = [collate([examples[i] for i in idx], pad_id) for idx in _next_micro_batches(len(examples), config, state)]
+            n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+            loss_sum = 0.0
+            for batch in micro:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = causal_lm_loss(model, batch) / n_targets
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = _clip(params, config.max_grad_norm)
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                raise FloatingPointError(
+                    f"loss {loss_sum} / gradient norm {grad_norm} is not finite at step {state.step + 1}; stopped "
+                    f"before applying it. Last good checkpoint: {last_checkpoint or 'none (lower learning_rate?)'}"
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.losses.append(loss_sum)
+
+            tokens = sum(int((b["labels"] != IGNORE_INDEX).sum() if "position_ids" in b else b["attention_mask"].sum()) for b in micro)
+            record = {
+                "step": state.step, "epoch": round(state.epoch + state.micro_batch / max(micro_per_epoch, 1), 4),
+                "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "tokens_per_s": tokens / (time.perf_counter() - step_start),
+            }
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            progress.update(1)
+            if state.step % config.logging_steps == 0:
+                progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss_sum:.4f}",
+                                     lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if state.step % config.save_steps == 0 or state.step == total_steps:
+                last_checkpoint = save_checkpoint(
+                    out / f"checkpoint-{state.step}", model, optimizer, scheduler, state, _base_name(model)
+                )
+                rotate(out, config.save_total_limit)
+    finally:
+        progress.close()
+        metrics.close()
+    result.seconds = time.perf_counter() - start
+
+    # ---------------------------------------------------------------- save
+    model.eval()
+    _write_adapter(model, out)
+    result.losses, result.steps = list(state.losses), state.step
+    if config.plot_loss and state.losses:
+        plot_loss(state.losses, out / "training_loss.png")
+    if eval_set is not None:
+        result.eval_after = _evaluate(model, tokenizer, eval_set, config, "after training")
+    return result
+
+
+def causal_lm_loss(model, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy over the tokens whose label is not -100."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def _next_micro_batches(n_examples: int, config: TrainConfig, state: TrainState) -> list[list[int]]:
+    """Index lists of the next optimizer step's micro-batches, advancing ``state``'s position.
+
+    An epoch's order is a pure function of (seed, epoch), so the position (epoch, micro-batch)
+    is all a checkpoint needs. A step never crosses an epoch: the last one may be shorter.
+    """
+    per_epoch = steps_per_epoch(n_examples, config.per_device_train_batch_size)
+    if state.micro_batch >= per_epoch:
+        state.epoch, state.micro_batch = state.epoch + 1, 0
+    count = min(config.gradient_accumulation_steps, per_epoch - state.micro_batch)
+    order = batches(n_examples, config.per_device_train_batch_size, config.seed, state.epoch, start_step=state.micro_batch)
+    state.micro_batch += count
+    return [next(order) for _ in range(count)]
+
+
+def _clip(params, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _base_name(model) -> str | None:
+    return getattr(model.config, "_name_or_path", None) or None
+
+
+def _write_adapter(model, out: Path) -> None:
+    """The final adapter's two PEFT files into output_dir, each replaced atomically."""
+    staging = out / f".adapter-{os.getpid()}"
+    staging.mkdir(exist_ok=True)
+    write_adapter_files(model, staging, _base_name(model))
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    staging.rmdir()
+
+
+def _eval_set(config: TrainConfig) -> tuple[list, list | None]:
+    """Held-out conversations, and their rows' ``skill`` labels where a file has them."""
+    conversations = resolve_dataset(config.eval_dataset, config.dataset_dir)
+    path = Path(config.eval_dataset)
+    skills = [row.get("skill", "all") for row in load_rows(path)] if path.is_file() else None
+    return conversations, skills
+
+
+def _evaluate(model, tokenizer, eval_set, config: TrainConfig, when: str) -> dict:
+    conversations, skills = eval_set
+    result = exact_match_accuracy(model, tokenizer, conversations, skills, max_new_tokens=config.eval_max_new_tokens)
+    print(f"held-out exact match {when}: {result['accuracy']:.1%} ({result['correct']}/{result['total']})"
+          + "".join(f"  {skill} {acc:.0%}" for skill, acc in result.get("by_skill", {}).items()))
+    return result
+
+
+def _banner(model, config: TrainConfig, n_examples: int, total_steps: int, resume) -> None:
+    trainable, total = count_parameters(model)
+    device = next(model.parameters()).device
+    report = memory_report(model)
+    layers = len(lora_layers(model))
+    print(
+        f"fourbit train | device {device} ({torch.get_num_threads()} threads) | model {report.total_bytes / 2**20:.0f} MiB "
+        f"| LoRA r={config.lora_rank} alpha={config.alpha:g} on {layers} modules | trainable {trainable:,} / {total:,} "
+        f"({100 * trainable / max(total, 1):.2f}%)\n"
+        f"  {n_examples} examples, {total_steps} steps of {config.per_device_train_batch_size}x"
+        f"{config.gradient_accumulation_steps}, optim {config.optim}, lr {config.learning_rate:g} "
+        f"({config.lr_scheduler_type}), gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
+        + (f" | resuming from {resume}" if resume else "")
+    )

@@ -1,0 +1,73 @@
+"""``fourbit train``: load the base, add LoRA, train; and the built-in default run.
+
+With no config file and no dataset, ``fourbit train`` fine-tunes the embedded
+SmolLM2-135M-Instruct in NF4 with double quantization on fourbit's own generated task
+(train/default_task.py) and reports held-out exact-match accuracy before and after. Its
+settings below were chosen to finish in about ten minutes on a 2-core CPU; every one can be
+overridden with ``key=value``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..io.loader import load_model
+from ..nn.lora import add_lora
+from .config import TrainConfig, load_config
+from .default_task import write_default_dataset
+from .recipe import TrainResult, train
+
+DEFAULT_OUTPUT_DIR = "fourbit-output/smollm2-default-task"
+DEFAULT_RUN = {
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "lora_target": "all",
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.05,
+    "max_steps": 150,
+    "per_device_train_batch_size": 8,
+    "cutoff_len": 96,
+    "gradient_checkpointing": False,  # 135M parameters fit easily; checkpointing would cost ~30% time
+    "save_steps": 50,
+    "save_total_limit": 1,
+    "seed": 0,
+    "eval_max_new_tokens": 16,
+    "overwrite_output_dir": True,  # the demo can be rerun
+}
+
+
+def run(config: TrainConfig) -> TrainResult:
+    """Load ``config.model_name_or_path`` quantized, wrap it with LoRA, and train it."""
+    model, tokenizer = load_model(
+        config.model_name_or_path,
+        quantization=config.quantization_type if config.quantization_bit == 4 else None,
+        double_quant=config.double_quantization,
+        blocksize=config.quantization_blocksize,
+        compute_dtype=config.compute_dtype,
+        progress=True,
+    )
+    if tokenizer is None:
+        raise ValueError(f"{config.model_name_or_path} has no tokenizer files; training needs one")
+    torch.manual_seed(config.seed)  # the adapters' initialization is part of the run's seed
+    add_lora(model, r=config.lora_rank, alpha=config.alpha, target=config.targets, dropout=config.lora_dropout,
+             use_rslora=config.use_rslora, use_dora=config.use_dora)
+    return train(model, tokenizer, config)
+
+
+def default_config(overrides: list[str] | None = None) -> TrainConfig:
+    """The built-in run's config, with its generated dataset written under output_dir/data."""
+    config = load_config(None, {**DEFAULT_RUN, **_as_dict(overrides)})
+    out = Path(config.output_dir or DEFAULT_OUTPUT_DIR)
+    train_file, eval_file = write_default_dataset(out.parent / f"{out.name}-data")
+    config.output_dir = str(out)
+    config.dataset, config.eval_dataset = str(train_file), str(eval_file)
+    return config
+
+
+def _as_dict(overrides: list[str] | None) -> dict:
+    from .config import parse_overrides
+
+    return parse_overrides(overrides or [])
