@@ -1,0 +1,54 @@
+"""The training config: LLaMA-Factory keys, overrides, and errors that name the key."""
+
+import pytest
+
+from fourbit.cli import main
+from fourbit.train.config import load_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model_name_or_path: some/model\nlearning_rate: 2.0e-4\nlora_target: q_proj,v_proj\npacking: false\n")
+    config = load_config(path, ["learning_rate=1e-3", "packing=true", "max_steps=7", "lora_alpha=none"])
+    assert config.learning_rate == 1e-3 and config.packing is True and config.max_steps == 7
+    assert config.targets == ["q_proj", "v_proj"] and config.alpha == 2 * config.lora_rank
+    assert config.dataset_dir == str(tmp_path)  # dataset names resolve next to the config
+    assert load_config(None, ["lora_target=all"]).targets == "all-linear"
+    assert load_config(None, [r"lora_target=.*layers\.0\..*proj"]).targets == r".*layers\.0\..*proj"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("learning_rate=0", r"'learning_rate': 0.0 is not allowed; expected a number > 0"),
+        ("learning_rate=-1e-4", r"'learning_rate': -0.0001 is not allowed"),
+        ("optim=sgd", r"'optim': 'sgd' is not allowed; expected one of \('adamw'"),
+        ("lr_scheduler_type=step", r"expected one of \('linear', 'cosine'"),
+        ("quantization_bit=3", r"'quantization_bit': 3 is not allowed; expected 4, or none"),
+        ("quantization_type=int8", r"'quantization_type'"),
+        ("per_device_train_batch_size=0", r"'per_device_train_batch_size': 0"),
+        ("lora_dropout=1.0", r"'lora_dropout'"),
+        ("max_steps=ten", r"'max_steps': 'ten' is not a valid int"),
+        ("learning_rat=1e-4", r"unknown config key 'learning_rat'; did you mean 'learning_rate'\?"),
+        ("novalue", r"not of the form key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_dry_run_prints_the_resolved_config_and_an_estimate(tiny_llama, tmp_path, capsys):
+    folder, _ = tiny_llama
+    code = main(["train", f"model_name_or_path={folder}", "dataset=x.json", f"output_dir={tmp_path / 'o'}",
+                 "per_device_train_batch_size=2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "per_device_train_batch_size: 2" in out and "learning_rate: 0.0002" in out
+    assert "memory estimate" in out and "4-bit linears" in out and "total" in out
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_train_cli_reports_bad_config_as_one_line(capsys):
+    assert main(["train", "learning_rate=0"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
