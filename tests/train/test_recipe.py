@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import fourbit.train.checkpoint as checkpoint_module
-import fourbit.train.recipe as recipe
+from fourbit.train import checkpoint as checkpoint_module
+from fourbit.train import recipe
 from fourbit.train.config import load_config
 from fourbit.train.run import run
 

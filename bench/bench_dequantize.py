@@ -1,0 +1,227 @@
+"""NF4 + double-quant dequantization throughput: fourbit vs bitsandbytes, at Llama-7B linear shapes.
+
+    python bench/bench_dequantize.py [--device cpu|cuda] [--dtype bfloat16|float16|float32]
+                                     [--shapes full|small] [--repeats N] [--warmup N]
+    OMP_NUM_THREADS=1 python bench/bench_dequantize.py ...   # pins torch's and bnb's OpenMP threads
+
+Question: how fast is ``fourbit.dequantize_4bit`` (packed NF4 bytes + double-quant state ->
+a dense weight) next to ``bitsandbytes.functional.dequantize_4bit`` on the same bytes?
+
+Method
+- Shapes: q/k/v/o 4096x4096, gate/up 11008x4096, down 4096x11008 (``--shapes small``: 1/4 of
+  each side, for a quick run). Weights are randn (never zeros), quantized once with
+  ``fourbit.quantize_4bit(W, "nf4", 64, double_quant=True)`` in the output dtype.
+- Same inputs for both: bitsandbytes gets our state through its own
+  ``QuantState.from_dict(state.to_dict())`` (our serialized form is bnb's layout), so both ops
+  read identical packed bytes and identical 8-bit absmax codes. We also run bnb's quantizer on
+  the same weight once and check its packed bytes equal ours (its 8-bit absmax codes may differ
+  on near-ties; the count is printed).
+- Before timing, ``torch.equal(ours, bnb)`` must hold on every shape: a benchmark that compares
+  different work is worthless. If bnb's output dtype differed we would cast it and say so.
+- Timing: warm-up, then the median of N repeats, ours and bnb alternating each repeat so drift
+  hits both alike. CPU: ``time.perf_counter``. CUDA: ``torch.cuda.Event`` pairs and a
+  synchronize. Each call reads the next of several copies of the inputs, together more than
+  2 x 50 MB (the H100's L2), so no call finds its input in cache. Both ops allocate their
+  output (and ours its temporaries) on every call, as a model's forward does; on a CPU VM the
+  first touch of freshly mapped pages is a large share of the time (see bench/RESULTS.md).
+- Bytes moved, per call:  read    = packed bytes (numel/2) + absmax bytes (nblocks, uint8)
+                                    + nested bytes (nested absmax float32 + 256 + 16 float32 tables)
+                          written = numel * element size of the output dtype
+  GB/s = (read + written) / median time / 1e9.  ratio = bnb time / ours time (>1: we are faster).
+- Output: the environment first, then one line per shape, then a short table; the table is
+  also written as JSON to bench/results/dequantize-<device>.json (or $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import fourbit
+
+try:
+    import bitsandbytes
+    import bitsandbytes.functional as bnbf
+except Exception as e:  # not installed, or its native library failed to load
+    bitsandbytes, bnbf, BNB_ERROR = None, None, f"{type(e).__name__}: {e}"
+
+SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ROTATE_BYTES = 2 * 50 * 2**20  # inputs cycled per shape: twice the H100's 50 MB L2
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="output dtype (see the default below)")
+    p.add_argument("--shapes", choices=["full", "small"], default="full")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per op (default 20 CPU, 200 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per op (default 2 CPU, 20 CUDA)")
+    return p.parse_args()
+
+
+def environment(device: str) -> dict:
+    cpu_model, _ = cpu_info()
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_model,
+        "torch": torch.__version__,
+        "bitsandbytes": bitsandbytes.__version__ if bitsandbytes else f"not importable ({BNB_ERROR})",
+        "fourbit": fourbit.__version__,
+        "threads": f"torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def make_inputs(rows: int, cols: int, dtype: torch.dtype, device: str, check_bnb_quantizer: bool):
+    """(list of (packed, our state, bnb state or None) copies, bytes read per call, a note)."""
+    weight = torch.randn(rows, cols, device=device).to(dtype)
+    packed, state = fourbit.quantize_4bit(weight, quant_type="nf4", blocksize=64, double_quant=True)
+    read = sum(t.numel() * t.element_size() for t in [packed, *state.tensors()])
+    note = ""
+    if bnbf is not None and check_bnb_quantizer:
+        bnb_packed, bnb_state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        assert torch.equal(bnb_packed.view(torch.uint8), packed), "bnb's quantizer packed different bytes"
+        differ = (bnb_state.absmax != state.absmax).sum().item()
+        note = f"bnb quantizer: packed bytes identical, {differ}/{state.absmax.numel()} absmax codes differ"
+    del weight
+    copies = []
+    for i in range(max(2, math.ceil(ROTATE_BYTES / read))):
+        p, s = packed, state
+        if i > 0:  # fresh buffers at new addresses, same bytes
+            p, s = packed.clone(), fourbit.QuantState.from_dict({k: v.clone() for k, v in state.to_dict().items()})
+        b = bnbf.QuantState.from_dict(s.to_dict(), device=torch.device(device)) if bnbf is not None else None
+        copies.append((p, s, b))
+    return copies, read, note
+
+
+def timer(device: str):
+    """fn -> seconds for one call, synchronized."""
+    if device == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return run
+
+
+def bench_shape(name, rows, cols, dtype, args) -> dict:
+    copies, read, note = make_inputs(rows, cols, dtype, args.device, check_bnb_quantizer=True)
+    numel = rows * cols
+    written = numel * torch.empty((), dtype=dtype).element_size()
+    ours = lambda c: fourbit.dequantize_4bit(c[0], c[1], dtype)  # noqa: E731
+    peer = lambda c: bnbf.dequantize_4bit(c[0], c[2])  # noqa: E731
+
+    # correctness first: identical work, identical result
+    out = ours(copies[0])
+    assert out.dtype == dtype and tuple(out.shape) == (rows, cols)
+    if bnbf is not None:
+        ref = peer(copies[0])
+        if ref.dtype != dtype:
+            print(f"  note: bnb returned {ref.dtype}; cast to {dtype} for the comparison")
+            ref = ref.to(dtype)
+        assert torch.equal(out, ref), f"{name}: ours and bnb disagree (max diff {(out.float() - ref.float()).abs().max()})"
+    del out
+
+    run, times = timer(args.device), {"ours": [], "bnb": []}
+    ops = {"ours": ours, "bnb": peer} if bnbf is not None else {"ours": ours}
+    for i in range(args.warmup + args.repeats):
+        c = copies[i % len(copies)]
+        for key, fn in ops.items():  # alternating, so drift hits both alike
+            t = run(lambda: fn(c))
+            if i >= args.warmup:
+                times[key].append(t)
+
+    row = {"shape": name, "rows": rows, "cols": cols, "bytes_read": read, "bytes_written": written,
+           "copies": len(copies), "note": note}
+    for key in ops:
+        t = statistics.median(times[key])
+        row[f"{key}_ms"] = t * 1e3
+        row[f"{key}_gbps"] = (read + written) / t / 1e9
+    row["ratio_bnb_over_ours"] = row["bnb_ms"] / row["ours_ms"] if bnbf is not None else None
+    return row
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    _, flags = cpu_info()
+    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" or native_bf16 else "float32"
+        why = "" if args.device == "cuda" or native_bf16 else " (this CPU has no avx512_bf16/amx_bf16)"
+        print(f"output dtype: {args.dtype} (default on {args.device}{why})")
+    else:
+        print(f"output dtype: {args.dtype} (--dtype)")
+    gpu = args.device == "cuda"
+    args.repeats = args.repeats or (200 if gpu else 20)
+    args.warmup = args.warmup if args.warmup is not None else (20 if gpu else 2)
+    dtype = DTYPES[args.dtype]
+
+    env = environment(args.device)
+    for k, v in env.items():
+        print(f"{k:>13}: {v}")
+    print(f"{'method':>13}: median of {args.repeats} after {args.warmup} warm-up, ours/bnb alternating")
+    if bnbf is None:
+        print(f"bitsandbytes is not importable ({BNB_ERROR}): timing ours only")
+
+    torch.manual_seed(0)
+    rows = []
+    for name, (r, c) in SHAPES.items():
+        if args.shapes == "small":
+            r, c = r // 4, c // 4
+        row = bench_shape(name, r, c, dtype, args)
+        rows.append(row)
+        check = f"outputs equal; {row['note']}" if bnbf is not None else "ours only, nothing to check against"
+        print(f"{name} {r}x{c}: {row['copies']} input copies; {check}", flush=True)
+
+    results = {"env": env, "args": vars(args), "rows": rows}
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"dequantize-{args.device}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    print(f"\nNF4 + double quant -> {args.dtype}, {env['device']}, {args.repeats} repeats (written to {path})")
+    print(f"{'shape':<8} {'rows x cols':>12} {'ours ms':>9} {'bnb ms':>9} {'ours GB/s':>10} {'bnb GB/s':>9} {'bnb/ours':>9}")
+    for row in rows:
+        dims = f"{row['rows']}x{row['cols']}"
+        if bnbf is not None:
+            print(f"{row['shape']:<8} {dims:>12} {row['ours_ms']:>9.2f} {row['bnb_ms']:>9.2f} "
+                  f"{row['ours_gbps']:>10.2f} {row['bnb_gbps']:>9.2f} {row['ratio_bnb_over_ours']:>9.3f}")
+        else:
+            print(f"{row['shape']:<8} {dims:>12} {row['ours_ms']:>9.2f} {'-':>9} {row['ours_gbps']:>10.2f} {'-':>9} {'-':>9}")
+
+
+if __name__ == "__main__":
+    main()
