@@ -25,8 +25,7 @@ def test_nf4_model_still_answers_correctly(smollm2):
     assert "Paris" in answer
 
 
-def test_main_job_prints_the_memory_report(capsys):
-    # The README's main-job command, `fourbit memory`, on the default model.
+def test_memory_report_of_the_default_model(capsys):
     assert main(["memory"]) == 0
     out = capsys.readouterr().out
     assert "quantized parameters: 106,168,320 at 4.127 bits each" in out
@@ -42,3 +41,13 @@ def test_quantized_default_model_saves_and_reloads_bit_identically(smollm2, tmp_
     assert torch.equal(ids, tokenizer_again("The quick brown fox", return_tensors="pt").input_ids)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_main_job_runs_end_to_end_in_miniature(tmp_path, capsys):
+    # The README's main job, `fourbit train`, cut to 2 steps: default model, generated task,
+    # evaluation before and after, adapter written (the full run is recorded in bench/RESULTS.md).
+    out = tmp_path / "run"
+    assert main(["train", f"output_dir={out}", "max_steps=2", "save_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out exact match before training" in printed and "after training" in printed
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()

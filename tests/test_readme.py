@@ -16,7 +16,7 @@ def test_setup_has_exactly_two_commands_main_job_and_tests():
     commands = setup_commands()
     assert len(commands) == 2 and all("\n" not in c for c in commands)
     main_job, tests = commands
-    assert main_job.startswith("bash scripts/install.sh &&") and "fourbit " in main_job
+    assert main_job == "bash scripts/install.sh && fourbit train"  # the built-in QLoRA demo
     assert tests.startswith("bash scripts/install.sh test &&") and "pytest" in tests
 
 
@@ -30,3 +30,14 @@ def test_install_script_never_asks_for_an_unpinned_torch():
     torch_installs = [line for line in script.splitlines() if "pip install" in line and "torch" in line]
     assert torch_installs and all('"torch==2.13.0"' in line for line in torch_installs)
     assert 'python -c "import torch"' in script  # an installed torch (GPU builds) is kept
+
+
+def test_readme_training_config_is_valid():
+    from fourbit.train.config import load_config
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "lora_rank" in b)
+    import yaml
+
+    config = load_config(None, yaml.safe_load(block))
+    assert config.optim == "paged_adamw_8bit" and config.resume_from_checkpoint == "latest"

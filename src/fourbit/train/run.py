@@ -27,7 +27,7 @@ DEFAULT_RUN = {
     "learning_rate": 1e-3,
     "lr_scheduler_type": "cosine",
     "warmup_ratio": 0.05,
-    "max_steps": 150,
+    "max_steps": 100,
     "per_device_train_batch_size": 8,
     "cutoff_len": 96,
     "gradient_checkpointing": False,  # 135M parameters fit easily; checkpointing would cost ~30% time

@@ -1,0 +1,294 @@
+"""One QLoRA training step on CPU: fourbit vs transformers + bitsandbytes + peft, side by side.
+
+    python bench/bench_train_step.py [--steps 5] [--warmup 1] [--rounds 1] [--threads N]
+                                     [--batch 4] [--seq 128] [--gradient-checkpointing]
+    python bench/bench_train_step.py --steps 1 --warmup 0 --layers 2 --threads 1   # smoke test
+
+Question: how long does one QLoRA step of the default model (SmolLM2-135M-Instruct, a Llama:
+hidden 576, 30 layers, vocab 49152, tied embeddings) take with fourbit, next to the usual
+stack, and how much memory does each add?
+
+Method
+- Same work on both sides: the embedded SmolLM2 GGUF, dequantized to fp32 (ours: fourbit's
+  loader, streaming; peer: transformers' GgufConfig(dequantize=True), saved once as a dense
+  folder under <fourbit cache>/bench/smollm2-hf), then NF4 + double quantization of every linear
+  but lm_head, fp32 compute; LoRA r=16, alpha=32, dropout 0 on q,k,v,o,gate,up,down; AdamW lr 1e-4,
+  weight decay 0 (fourbit's default; torch's own default of 0.01 is overridden); one batch of
+  random token ids (fixed seed, labels = inputs, all positions attended). Gradient checkpointing
+  only with --gradient-checkpointing (non-reentrant on both; the peer then goes through
+  peft.prepare_model_for_kbit_training). Loss: ours = causal_lm_loss(...) / predicted tokens,
+  peer = model(..., labels).loss; both the mean next-token cross-entropy.
+- Sanity: LoRA B starts at 0, so each side's first loss is the base model's loss on the batch;
+  the two should agree within ~2% (same weights, same NF4 codes). Both are printed; a larger gap
+  is flagged loudly, since a benchmark comparing different work is worthless.
+- Each side runs in its own subprocess (peak memory is per side). Step = forward + backward +
+  optimizer.step() + zero_grad(), timed with time.perf_counter; warm-up steps are untimed. With
+  --rounds R the two subprocesses alternate (ours, peer, peer, ours, ...) so drift hits both
+  alike; each side's figure is the median of all its timed steps. torch threads (and
+  OMP_NUM_THREADS) = --threads in both children.
+- Memory: "peak added" = ru_maxrss (the kernel's high-water RSS, reset through
+  /proc/self/clear_refs just before building) minus RSS right before building the model, so the
+  interpreter and imports are not counted; it includes load-time transients (and resident pages
+  of memory-mapped checkpoint files). "after build" = RSS once model and optimizer are built
+  (what the load left behind), "step peak" = the high-water mark over the training steps only;
+  both minus the same baseline, so step peak - after build is what a step itself adds. "model" = bytes of the model's state (parameters, buffers,
+  4-bit quant states, LoRA), shared storage counted once.
+- Reading it: ratio time = peer s/step / ours (>1: we are faster); ratio peak = peer peak / ours
+  (>1: we use less). --layers N keeps only the first N decoder layers (after loading, on both
+  sides): a smoke test only, its numbers mean nothing. The table goes to
+  bench/results/train-step-cpu.json (or $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata as md
+import json
+import os
+import statistics
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, per subprocess")
+    p.add_argument("--rounds", type=int, default=1, help="alternations of the two subprocesses")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--layers", type=int, default=None, help="keep the first N layers (smoke tests only)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child", choices=["ours", "peer", "prepare"], help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def peer_folder() -> Path:  # mirrors fourbit.io.default_model.cache_dir(), without importing torch here
+    root = os.environ.get("FOURBIT_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "fourbit") / "bench" / "smollm2-hf"
+
+
+# ------------------------------------------------------------------------------------- children
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def reset_peak() -> bool:
+    try:  # "5" resets the mm's high-water RSS, which ru_maxrss reads (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def prepare() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    from fourbit.io.default_model import default_model_path
+
+    gguf, out = default_model_path(), peer_folder()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tmp.rename(out)
+    print(f"saved the dense peer model to {out}")
+
+
+def build(side: str, args):
+    import torch
+
+    if side == "ours":
+        import fourbit
+
+        model, _ = fourbit.load_model(None, quantization="nf4", double_quant=True, compute_dtype="float32")
+        truncate(model, args.layers)
+        fourbit.add_lora(model, r=args.rank, alpha=args.alpha, target="all-linear", verbose=False)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = fourbit.optim.build_optimizer("adamw", params, lr=1e-4)
+        from fourbit.train.recipe import causal_lm_loss
+
+        def loss_fn(batch):
+            return causal_lm_loss(model, batch) / (batch["labels"][:, 1:] != -100).sum()
+    else:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        model = AutoModelForCausalLM.from_pretrained(peer_folder(), dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+        truncate(model, args.layers)
+        if args.gradient_checkpointing:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS,
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+        def loss_fn(batch):
+            return model(**batch, use_cache=False).loss
+    model.config.use_cache = False
+    model.train()
+    return model, optimizer, loss_fn, sum(p.numel() for p in params)
+
+
+def truncate(model, layers: int | None) -> None:
+    if layers is not None:
+        del model.model.layers[layers:]
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:layers]
+
+
+def child(side: str, args) -> None:
+    import resource
+    import time
+
+    import torch
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes from inside peft/transformers
+    before, reset = rss_kib(), reset_peak()
+    model, optimizer, loss_fn, trainable = build(side, args)
+    build_peak, ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kib()
+    state = {id(t.untyped_storage()): t for t in model.state_dict().values()}  # shared storage once
+    model_bytes = sum(t.untyped_storage().nbytes() for t in state.values())
+
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    losses, times = [], []
+    reset_peak()
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        losses.append(loss.item())
+        if i >= args.warmup:
+            times.append(elapsed)
+    step_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("RESULT " + json.dumps({
+        "side": side, "times": times, "initial_loss": losses[0], "last_loss": losses[-1], "trainable": trainable,
+        "threads": torch.get_num_threads(), "peak_added_mib": (max(build_peak, step_peak) - before) / 1024,
+        "ready_added_mib": (ready - before) / 1024, "step_peak_added_mib": (step_peak - before) / 1024, "model_mib": model_bytes / 2**20, "peak_reset": reset,
+    }), flush=True)
+
+
+# --------------------------------------------------------------------------------------- parent
+def environment(threads: int) -> dict:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.partition(":")[2].strip()
+            break
+    versions = {}
+    for name in ["torch", "transformers", "bitsandbytes", "peft", "fourbit"]:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"device": cpu, "threads": threads, **versions,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_child(side: str, argv: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, __file__, *argv, "--child", side], env=env, stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.splitlines()
+    for line in lines:
+        if not line.startswith("RESULT "):
+            print(line)
+    if proc.returncode != 0:
+        sys.exit(f"the {side} subprocess failed (exit {proc.returncode}); its traceback is above")
+    return next(json.loads(line[7:]) for line in lines if line.startswith("RESULT ")) if side != "prepare" else {}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child == "prepare":
+        return prepare()
+    if args.child:
+        return child(args.child, args)
+
+    env = environment(args.threads)
+    print("  ".join(f"{k}: {v}" for k, v in env.items()))
+    print(f"batch {args.batch} x {args.seq} tokens, LoRA r={args.rank} alpha={args.alpha:g} on {','.join(TARGETS)}, "
+          f"NF4 + double quant, fp32 compute, AdamW lr 1e-4, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, layers {args.layers or 'all'}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s)")
+    argv = sys.argv[1:]
+    if not (peer_folder() / "config.json").is_file():
+        print(f"preparing the dense peer folder {peer_folder()} (once)")
+        run_child("prepare", argv, args.threads)
+
+    runs = {"ours": [], "peer": []}
+    for r in range(args.rounds):
+        for side in (["ours", "peer"] if r % 2 == 0 else ["peer", "ours"]):
+            res = run_child(side, argv, args.threads)
+            runs[side].append(res)
+            print(f"round {r} {side}: steps {' '.join(f'{t:.3f}' for t in res['times'])} s, first loss "
+                  f"{res['initial_loss']:.4f}, last {res['last_loss']:.4f}, peak +{res['peak_added_mib']:.0f} MiB, "
+                  f"threads {res['threads']}, trainable {res['trainable']:,}", flush=True)
+
+    tokens = args.batch * args.seq
+    rows = {}
+    for side, results in runs.items():
+        rows[side] = {
+            "median_s": statistics.median(t for res in results for t in res["times"]),
+            "peak_added_mib": max(res["peak_added_mib"] for res in results),
+            "ready_added_mib": max(res["ready_added_mib"] for res in results),
+            "step_peak_added_mib": max(res["step_peak_added_mib"] for res in results),
+            "model_mib": results[0]["model_mib"], "initial_loss": results[0]["initial_loss"],
+            "trainable": results[0]["trainable"],
+        }
+        rows[side]["tokens_per_s"] = tokens / rows[side]["median_s"]
+    gap = abs(rows["ours"]["initial_loss"] - rows["peer"]["initial_loss"]) / rows["peer"]["initial_loss"]
+    ratio_time = rows["peer"]["median_s"] / rows["ours"]["median_s"]
+    ratio_peak = rows["peer"]["peak_added_mib"] / rows["ours"]["peak_added_mib"]
+
+    print(f"\n{'side':<6}{'s/step':>9}{'tokens/s':>10}{'peak added MiB':>16}{'after build':>13}{'step peak':>11}"
+          f"{'model MiB':>11}{'first loss':>12}")
+    for side, row in rows.items():
+        print(f"{side:<6}{row['median_s']:>9.3f}{row['tokens_per_s']:>10.1f}{row['peak_added_mib']:>16.0f}"
+              f"{row['ready_added_mib']:>13.0f}{row['step_peak_added_mib']:>11.0f}{row['model_mib']:>11.1f}"
+              f"{row['initial_loss']:>12.4f}")
+    print(f"ratio time peer/ours {ratio_time:.2f}x (>1: we are faster)   ratio peak peer/ours {ratio_peak:.2f}x (>1: we use less)")
+    if not all(res["peak_reset"] for results in runs.values() for res in results):
+        print("note: /proc/self/clear_refs was not writable: peaks are since process start, step peak = overall peak")
+    if gap > 0.02:
+        print(f"\n!!! WARNING: first losses differ by {100 * gap:.1f}% (> 2%): the two sides do NOT compute the same "
+              f"thing; do not trust the ratio !!!")
+
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "train-step-cpu.json"
+    path.write_text(json.dumps({"command": "python bench/bench_train_step.py " + " ".join(argv), "environment": env,
+                                "settings": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows,
+                                "ratio_time": ratio_time, "ratio_peak": ratio_peak, "loss_gap": gap}, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
