@@ -129,7 +129,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
             state.step += 1
             state.losses.append(loss_sum)
 
-            tokens = sum(int((b["labels"] != IGNORE_INDEX).sum() if "position_ids" in b else b["attention_mask"].sum()) for b in micro)
+            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
             record = {
                 "step": state.step, "epoch": round(state.epoch + state.micro_batch / max(micro_per_epoch, 1), 4),
                 "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
