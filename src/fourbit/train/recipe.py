@@ -86,8 +86,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
 
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
 
     state = TrainState()
     if resume is not None:
@@ -160,6 +159,17 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     if eval_set is not None:
         result.eval_after = _evaluate(model, tokenizer, eval_set, config, "after training")
     return result
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of every decoder layer: works with frozen embeddings and base,
+    since it does not need the layer inputs to require grad."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
 
 
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
