@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,6 @@ class TrainConfig:
     eval_max_new_tokens: int = 24
     plot_loss: bool = True
 
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def alpha(self) -> float:
@@ -91,10 +90,10 @@ class TrainConfig:
         return self.lora_target  # a regular expression
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:

@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,6 @@ class TrainResult:
     eval_after: dict | None = None
     steps: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def train(model, tokenizer, config: TrainConfig) -> TrainResult:
