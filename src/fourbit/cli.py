@@ -75,7 +75,7 @@ def _train(args) -> None:
         args.overrides, args.config = [args.config, *args.overrides], None
     config = load_config(args.config, args.overrides)
     if args.config is None and config.dataset is None:
-        config = default_config(args.overrides)
+        config = default_config(args.overrides, write_data=not args.dry_run)
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
         print(estimate_memory(config).format())

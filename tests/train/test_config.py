@@ -52,3 +52,11 @@ def test_dry_run_prints_the_resolved_config_and_an_estimate(tiny_llama, tmp_path
 def test_train_cli_reports_bad_config_as_one_line(capsys):
     assert main(["train", "learning_rate=0"]) == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_default_run_dry_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["train", f"output_dir={out}", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 100" in printed and "memory estimate" in printed
+    assert list(tmp_path.iterdir()) == []

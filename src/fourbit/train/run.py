@@ -57,11 +57,13 @@ def run(config: TrainConfig) -> TrainResult:
     return train(model, tokenizer, config)
 
 
-def default_config(overrides: list[str] | None = None) -> TrainConfig:
-    """The built-in run's config, with its generated dataset written under output_dir/data."""
+def default_config(overrides: list[str] | None = None, write_data: bool = True) -> TrainConfig:
+    """The built-in run's config; its generated dataset goes to a folder beside output_dir
+    (written unless ``write_data`` is false, as for a dry run)."""
     config = load_config(None, {**DEFAULT_RUN, **_as_dict(overrides)})
     out = Path(config.output_dir or DEFAULT_OUTPUT_DIR)
-    train_file, eval_file = write_default_dataset(out.parent / f"{out.name}-data")
+    data = out.parent / f"{out.name}-data"
+    train_file, eval_file = write_default_dataset(data) if write_data else (data / "train.jsonl", data / "eval.jsonl")
     config.output_dir = str(out)
     config.dataset, config.eval_dataset = str(train_file), str(eval_file)
     return config
