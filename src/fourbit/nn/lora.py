@@ -80,7 +80,6 @@ class LoRALinear(nn.Module):
             with torch.no_grad():
                 norm = dense_weight(base_layer, torch.float32).norm(dim=1)
             self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
-        self.merged = False
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """s * B @ A, the [out, in] update this adapter adds (before DoRA's rescaling)."""
@@ -92,9 +91,9 @@ class LoRALinear(nn.Module):
         update = self.lora_B(self.lora_A(dropped)) * self.scaling
         if not self.use_dora:
             return result + update.to(result.dtype)
-        return self._dora(x, dropped, result, update)
+        return self._dora(dropped, result, update)
 
-    def _dora(self, x, dropped, result, update):
+    def _dora(self, dropped, result, update):
         weight = dense_weight(self.base_layer, self.lora_A.weight.dtype)
         norm = (weight + self.delta_weight(weight.dtype)).norm(dim=1).detach()
         scale = self.lora_magnitude_vector / norm
