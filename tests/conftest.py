@@ -1,7 +1,14 @@
 """Shared fixtures: tiny random Llama models built from a config (no download)."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run through Triton's CPU interpreter. It must be chosen
+# before a kernel module is first imported (triton.jit reads it when decorating).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama_config(tie_word_embeddings: bool = False, **overrides):

@@ -6,6 +6,9 @@ the output's shape and dtype). The implementation registered for every device is
 plain-torch reference in ``fourbit.quant.four_bit``; a device with a faster kernel registers
 it on this op with ``dequantize_4bit_op.register_kernel`` and is tested against that reference.
 
+CUDA kernel: the Triton kernel in kernels/triton/dequantize.py (one pass, double quantization
+included), imported the first time a CUDA tensor arrives.
+
 CPU kernel: one lookup per two packed bytes instead of unpacking nibbles. A byte b holds the
 codes (b >> 4, b & 15), so two bytes read as a little-endian 16-bit index b0 + 256 b1 select
 a row of a 65536 x 4 table (1 MiB, cache-resident) holding their four values in order; one
@@ -61,6 +64,18 @@ def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize
     return values.view(shape).to(dtype)
 
 
+@dequantize_4bit_op.register_kernel("cuda")
+def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype):
+    state = _state(absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype)
+    if packed.numel() * packed.element_size() != state.packed_shape[0]:
+        return dequantize_4bit_reference(packed, state, dtype)  # let the reference name the error
+    from .triton.dequantize import dequantize_4bit as triton_dequantize_4bit
+
+    return triton_dequantize_4bit(
+        packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _quad_table(code: tuple[float, ...]) -> torch.Tensor:
     """[65536, 4]: row b0 + 256 * b1 holds the values of the bytes b0, b1 (high nibble first)."""
@@ -81,11 +96,11 @@ def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize
     return packed.new_empty(shape, dtype=dtype)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense weight of ``state.shape`` in ``dtype`` (default: the original weight's dtype)."""
+def state_args(state: QuantState) -> tuple:
+    """The state as the ops take it: absmax, code, nested absmax/code/offset (or None),
+    blocksize, nested blocksize (0 without double quantization), shape."""
     nested = state.nested
-    return dequantize_4bit_op(
-        packed,
+    return (
         state.absmax,
         state.code,
         nested.absmax if nested is not None else None,
@@ -94,5 +109,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         state.blocksize,
         nested.blocksize if nested is not None else 0,
         list(state.shape),
-        dtype or state.dtype,
     )
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense weight of ``state.shape`` in ``dtype`` (default: the original weight's dtype)."""
+    return dequantize_4bit_op(packed, *state_args(state), dtype or state.dtype)

@@ -9,7 +9,9 @@ scales in ``quant_state``. The weight is frozen, so backward needs only the inpu
 
 which dequantizes again instead of keeping the dense weight alive between forward and
 backward: the autograd graph holds the 4-bit bytes, never a 16-bit copy (the QLoRA memory
-saving). A trainable bias, if any, gets its gradient too.
+saving). A trainable bias, if any, gets its gradient too. The forward product goes through
+the ``fourbit::matmul_4bit`` op (kernels/matmul_4bit.py), which on a GPU reads the packed
+weight directly for a few rows of x (decoding) and dequantizes, then calls cuBLAS, otherwise.
 
 ``state_dict()`` emits bitsandbytes' layout (``weight`` + ``weight.absmax``, ``weight.quant_map``,
 ... see quant/state.py), and ``load_state_dict`` accepts it, or a dense float weight, which is
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ..kernels.dequantize import dequantize_4bit
+from ..kernels.matmul_4bit import matmul_4bit
 from ..quant.four_bit import quantize_4bit
 from ..quant.state import QuantState
 
@@ -34,7 +37,7 @@ class _Linear4bitMatmul(torch.autograd.Function):
         ctx.state = state
         ctx.has_bias = bias is not None
         ctx.save_for_backward(packed)
-        return nn.functional.linear(x, dequantize_4bit(packed, state, x.dtype), bias)
+        return matmul_4bit(x, packed, state, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -1,0 +1,72 @@
+"""The 4-bit matmul op: y = x @ dequant(W4)^T + b, with W4 packed and never kept dense.
+
+One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs:
+
+- every device (the reference): dequantize through ``fourbit::dequantize_4bit`` (itself
+  dispatched: the CPU table kernel, the Triton kernel on CUDA), then ``F.linear``;
+- CUDA: for few rows of x (decode and small batches, up to ``FUSED_MAX_ROWS``), where the
+  product is bound by reading the weight, the fused Triton kernels of
+  kernels/triton/matmul_4bit.py read the 4-bit bytes once and write only y. Above that the
+  product is bound by arithmetic (the H100's ridge point is ~70 rows, ../shared/PERF.md), so
+  dequantizing into a temporary (one extra pass, reused through the caching allocator) and
+  calling cuBLAS wins; bench/bench_matmul_4bit.py measures where the two cross.
+
+Gradients are not defined here: Linear4bit's autograd function calls this op in forward and
+dequantizes for the input gradient in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.state import QuantState
+from .dequantize import dequantize_4bit_op, state_args
+
+FUSED_MAX_ROWS = 64
+
+
+@torch.library.custom_op("fourbit::matmul_4bit", mutates_args=())
+def matmul_4bit_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    shape: list[int],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    weight = dequantize_4bit_op(
+        packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, x.dtype
+    )
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@matmul_4bit_op.register_kernel("cuda")
+def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, bias):
+    from .triton import matmul_4bit as fused
+
+    rows = x.numel() // max(x.shape[-1], 1)
+    if 0 < rows <= FUSED_MAX_ROWS and fused.supports(x, blocksize, shape[1]):
+        return fused.matmul_4bit(
+            x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, bias
+        )
+    weight = dequantize_4bit_op(
+        packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, x.dtype
+    )
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@matmul_4bit_op.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, bias):
+    return x.new_empty(*x.shape[:-1], shape[0])
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for the 4-bit weight (``packed``, ``state``) of shape [out, in], in x's dtype."""
+    if x.shape[-1] != state.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features; the 4-bit weight {tuple(state.shape)} expects {state.shape[1]}")
+    return matmul_4bit_op(x, packed, *state_args(state), bias)
