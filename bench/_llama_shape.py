@@ -139,7 +139,7 @@ def ensure_model(folder: Path, layers: int, tiny: bool, device: str) -> None:
     print(f"model: building {folder} (once; later runs reuse it)", flush=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--layers", str(layers), "--model-dir", str(folder),
            "--device", device] + (["--tiny"] if tiny else [])
-    proc = subprocess.run(cmd)
+    proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0 or not is_ready(folder, layers, tiny):
         raise SystemExit(f"building the model failed (exit {proc.returncode}); see the output above")
 
@@ -168,7 +168,7 @@ def environment(device: str) -> dict:
     if device == "cuda":  # nvidia-smi, so that the parent creates no CUDA context of its own
         try:
             name = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+                                  check=False, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
             name = f"{name} (name, memory, driver)"
         except (OSError, IndexError, subprocess.SubprocessError):
             name = "a CUDA GPU (nvidia-smi unavailable; see the children's lines)"
@@ -191,6 +191,45 @@ def out_path(name: str) -> Path:
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir / name
+
+
+def run_streaming(cmd: list[str], timeout: float) -> tuple[dict | None, int | None]:
+    """Run ``cmd`` in its own process group, echoing its stdout as it comes, until it ends or
+    ``timeout`` seconds pass (then the whole group is killed, compile workers included).
+    Returns (the dict on its last ``RESULT {json}`` line or None, its exit code or None if killed)."""
+    import selectors
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+    result, deadline = None, time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            if not sel.select(timeout=min(left, 5)):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("RESULT "):
+                result = json.loads(line[7:])
+            else:
+                print(line, end="", flush=True)
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this call started, and nothing else
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        return result, None
+    finally:
+        sel.close()
+        proc.stdout.close()
+    return result, proc.returncode
 
 
 def layers_note(layers: int, tiny: bool) -> str:

@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -260,34 +258,12 @@ def child(variant: str, args) -> None:
 # --------------------------------------------------------------------------------------- parent
 def run_child(variant: str, argv: list[str], timeout: float) -> dict:
     """Runs one variant, streaming its output; its RESULT dict, or {"error": ...}."""
-    import selectors
-
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", variant]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
-    result, deadline = None, time.monotonic() + timeout
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            if not sel.select(timeout=min(left, 5)):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("RESULT "):
-                result = json.loads(line[7:])
-            else:
-                print(line, end="", flush=True)
-        proc.wait(timeout=max(1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    result, code = shape.run_streaming(cmd, timeout)
+    if code is None:
         return {"variant": variant, "error": f"killed: the time budget ran out ({timeout:.0f} s left for it)"}
-    if proc.returncode != 0 or result is None:
-        return {"variant": variant, "error": f"subprocess exit {proc.returncode}, no result (traceback above)"}
+    if code != 0 or result is None:
+        return {"variant": variant, "error": f"subprocess exit {code}, no result (traceback above)"}
     return result
 
 
@@ -364,16 +340,17 @@ def main() -> None:
     print(f"{'variant':<17}{'tokens/s':>10}{'ms/token':>10}{'load s':>8}{'weights GiB':>13}{'peak GiB':>10}  notes")
     for variant, r in rows.items():
         if "tokens_per_s" in r:
-            gib = lambda key: f"{r[key]:.2f}" if r.get(key) is not None else "-"  # noqa: E731
+            weights, peak = (f"{r[k]:.2f}" if r.get(k) is not None else "-" for k in ("weights_gib", "peak_gib"))
             print(f"{variant:<17}{r['tokens_per_s']:>10.1f}{r['ms_per_token']:>10.2f}{r['load_s']:>8.1f}"
-                  f"{gib('weights_gib'):>13}{gib('peak_gib'):>10}  {'; '.join(r['notes'])}")
+                  f"{weights:>13}{peak:>10}  {'; '.join(r['notes'])}")
         else:
             print(f"{variant:<17}{'-':>10}{'-':>10}{'-':>8}{'-':>13}{'-':>10}  "
                   f"{r.get('error') or 'unavailable: ' + r.get('unavailable', '?')}")
     if "fourbit_best" in s:
         ratios = [f"fourbit best ({s['fourbit_best']}) / {peer}: {s[f'fourbit_best_over_{peer}']:.2f}x"
                   for peer in ["bnb-eager", "dense-eager", "dense-compile"] if f"fourbit_best_over_{peer}" in s]
-        print("   ".join(ratios) + ("   (>1: we are faster)" if ratios else ""))
+        if ratios:
+            print("   ".join(ratios) + "   (>1: we are faster)")
     found = [f"{k.removeprefix('match_').replace('_vs_', ' vs ')} {v}/{MATCH_LEN}" for k, v in s.items() if k.startswith("match_")]
     if found:
         print("first-token agreement: " + ", ".join(found))

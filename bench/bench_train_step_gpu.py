@@ -54,9 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -85,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--sides", default="ours,peer", help="comma-separated subset of ours,peer")
     p.add_argument("--child-timeout", type=float, default=420, help="seconds before a side's subprocess is killed")
+    p.add_argument("--time-budget", type=float, default=560,
+                   help="seconds for the whole script; a side still running when it is spent is killed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -153,7 +153,6 @@ def child(side: str, args) -> None:
     import torch
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes from inside peft/transformers
-    warnings.filterwarnings("ignore", category=UserWarning)
     if side == "peer":
         try:
             import bitsandbytes  # noqa: F401
@@ -173,6 +172,7 @@ def child(side: str, args) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base_alloc = torch.cuda.memory_allocated() if cuda else 0
+    torch.manual_seed(args.seed)  # LoRA A's random init: the same in every round
     t0 = time.perf_counter()
     model, optimizer, loss_fn, trainable, notes = build(side, args)
     sync()
@@ -197,7 +197,7 @@ def child(side: str, args) -> None:
         loss = loss_fn(batch)
         loss.backward()
         if i == 0:  # LoRA B starts at zero: the first backward must reach every B
-            grads_seen = sum(1 for g_ in (p.grad for p in optimizer.param_groups[0]["params"]) if g_ is not None
+            grads_seen = sum(1 for g_ in (p.grad for group in optimizer.param_groups for p in group["params"]) if g_ is not None
                              and bool(g_.abs().sum() > 0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -223,33 +223,11 @@ def child(side: str, args) -> None:
 def run_child(side: str, argv: list[str], timeout: float) -> dict:
     """Runs one side, streaming its output; its RESULT dict, or {"error": ...}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", side]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
-    result, deadline = None, time.monotonic() + timeout
-    try:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            if not sel.select(timeout=min(left, 5)):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("RESULT "):
-                result = json.loads(line[7:])
-            else:
-                print(line, end="", flush=True)
-        proc.wait(timeout=max(1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return {"side": side, "error": f"killed after --child-timeout {timeout:.0f} s"}
-    if proc.returncode != 0 or result is None:
-        return {"side": side, "error": f"subprocess exit {proc.returncode}, no result (traceback above)"}
+    result, code = shape.run_streaming(cmd, timeout)
+    if code is None:
+        return {"side": side, "error": f"killed after {timeout:.0f} s (--child-timeout / --time-budget)"}
+    if code != 0 or result is None:
+        return {"side": side, "error": f"subprocess exit {code}, no result (traceback above)"}
     return result
 
 
@@ -263,6 +241,7 @@ def main() -> None:
             sys.stdout.flush()
             sys.exit(1)
 
+    start = time.monotonic()
     env = shape.environment(args.device)
     for k, v in env.items():
         print(f"{k:>16}: {v}")
@@ -283,8 +262,14 @@ def main() -> None:
         for side in (sides if r % 2 == 0 else sides[::-1]):
             if side in failures or side in unavailable:
                 continue
-            print(f"--- round {r}: {side}", flush=True)
-            res = run_child(side, argv, args.child_timeout)
+            left = args.time_budget - (time.monotonic() - start)
+            if left < 30:
+                print(f"!!! round {r} {side}: skipped, the --time-budget was spent", flush=True)
+                if not runs[side]:
+                    failures[side] = "skipped: the --time-budget was spent"
+                continue
+            print(f"--- round {r}: {side} ({left:.0f} s of the budget left)", flush=True)
+            res = run_child(side, argv, min(args.child_timeout, left - 5))
             if "unavailable" in res:
                 unavailable[side] = res["unavailable"]
                 print(f"!!! {side}: bitsandbytes/peft not importable ({res['unavailable']}): running ours alone")
@@ -354,7 +339,9 @@ def main() -> None:
           f"median of {args.steps * args.rounds} steps (written to {path})")
     print(f"{'side':<6}{'s/step':>9}{'tokens/s':>10}{'step peak GiB':>15}{'build peak':>12}{'after build':>13}"
           f"{'first loss':>12}{'last loss':>11}{'load s':>8}")
-    fmt = lambda row, key: f"{row[key]:.2f}" if key in row else "-"  # noqa: E731
+    def fmt(row, key):
+        return f"{row[key]:.2f}" if key in row else "-"
+
     for side, row in rows.items():
         print(f"{side:<6}{row['median_s']:>9.3f}{row['tokens_per_s']:>10.0f}{fmt(row, 'step_peak_gib'):>15}"
               f"{fmt(row, 'build_peak_gib'):>12}{fmt(row, 'after_build_gib'):>13}{row['initial_loss']:>12.4f}"

@@ -57,7 +57,7 @@ def relative_error(out, ref):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_gemv_matches_float64(device, m, n, k, blocksize, dtype, double_quant):
     x, b, packed, state, ref = problem(m, n, k, blocksize, dtype, device, double_quant=double_quant)
-    out = run(x, b, packed, state, fused.Config("gemv", block_n=16, nb=4))
+    out = run(x, b, packed, state, fused.Config("gemv", block_n=16, nb=4))  # K split as the default picks
     assert relative_error(out, ref) < TOLERANCE[dtype]
 
 
@@ -66,20 +66,23 @@ def test_gemv_matches_float64(device, m, n, k, blocksize, dtype, double_quant):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_matmul_matches_float64(device, m, n, k, blocksize, dtype, double_quant):
     x, b, packed, state, ref = problem(m, n, k, blocksize, dtype, device, double_quant=double_quant)
-    out = run(x, b, packed, state, fused.Config("matmul", block_n=32, block_m=16))
+    out = run(x, b, packed, state, fused.Config("matmul", block_n=32, block_m=16, nb=2))
     assert relative_error(out, ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("config", [
-    fused.Config("gemv", block_n=8, nb=1, num_warps=2),
-    fused.Config("gemv", block_n=32, nb=8, num_warps=8),  # nb is halved until it divides the 6 blocks
-    fused.Config("matmul", block_n=16, block_m=32, num_warps=2),
-    fused.Config("matmul", block_n=64, block_m=64, num_warps=8, num_stages=2),
+    fused.Config("gemv", block_n=8, nb=1, num_warps=2, split_k=1),
+    fused.Config("gemv", block_n=32, nb=4, num_warps=8, split_k=2),  # 6 blocks: splits of 4 and 2
+    fused.Config("gemv", block_n=16, nb=2, split_k=6),
+    fused.Config("matmul", block_n=16, block_m=32, nb=1, num_warps=2, split_k=1),
+    fused.Config("matmul", block_n=32, block_m=16, nb=4, split_k=2),
+    fused.Config("matmul", block_n=64, block_m=64, nb=2, num_warps=8, num_stages=2, split_k=3),
 ])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_every_launch_shape_the_benchmark_tries_is_correct(device, config, quant_type):
-    # Row counts that are not multiples of the tiles, and no bias.
-    x, b, packed, state, ref = problem(37, 45, 384, 64, torch.float16, device, bias=False, quant_type=quant_type)
+    # Row counts that are not multiples of the tiles, K split into uneven slices, with a bias
+    # (which the first slice alone must add).
+    x, b, packed, state, ref = problem(37, 45, 384, 64, torch.float16, device, quant_type=quant_type)
     assert relative_error(run(x, b, packed, state, config), ref) < TOLERANCE[torch.float16]
 
 

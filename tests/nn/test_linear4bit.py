@@ -139,3 +139,21 @@ def test_half_and_device_moves_keep_codes_and_float32_state():
 def test_empty_layer_says_what_is_missing():
     with pytest.raises(RuntimeError, match="holds no weight yet"):
         Linear4bit(8, 8, device="cpu")(torch.randn(1, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels of the 4-bit ops")
+@pytest.mark.parametrize("rows", [1, 16, 200])
+def test_cuda_forward_and_backward_match_float64(rows):
+    # Few rows go through the fused 4-bit matmul, many through dequantize + cuBLAS; both must
+    # compute x @ W^T + b, and backward dL/dx = g @ W. bf16 operands: 1e-2 relative (see
+    # tests/kernels/test_triton_matmul_4bit.py for where that bound comes from).
+    layer = Linear4bit.from_linear(nn.Linear(256, 96), compute_dtype=torch.bfloat16).cuda()
+    w64 = layer.dequantize(torch.float64)
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    ref = x.double() @ w64.T + layer.bias.double()
+    assert ((y.double() - ref).norm() / ref.norm()) < 1e-2
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref_grad = g.double() @ w64
+    assert ((x.grad.double() - ref_grad).norm() / ref_grad.norm()) < 1e-2

@@ -147,7 +147,10 @@ class Linear4bit(nn.Module):
         dense = self.__dict__.get("_dense")
         if dense is not None and dense.dtype == dtype:  # inside dense_weights(): no dequantization
             return nn.functional.linear(x.to(dtype), dense, bias).to(x.dtype)
-        out = _Linear4bitMatmul.apply(x.to(dtype), self.weight, self._state(), bias)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            out = _Linear4bitMatmul.apply(x.to(dtype), self.weight, self._state(), bias)
+        else:  # inference: no autograd node to build
+            out = matmul_4bit(x.to(dtype), self.weight, self._state(), bias)
         return out.to(x.dtype)
 
     def _state(self) -> QuantState:

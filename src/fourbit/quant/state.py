@@ -143,7 +143,7 @@ class QuantState:
             nested = NestedState(
                 absmax=tensor("nested_absmax", torch.float32, (-(-nblocks // nested_blocksize),)),
                 code=tensor("nested_quant_map", torch.float32, (256,)),
-                offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32),
+                offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device),
                 blocksize=nested_blocksize,
             )
         else:

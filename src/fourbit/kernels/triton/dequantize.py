@@ -31,8 +31,10 @@ def load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bloc
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + q) * nested + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * nested + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit
@@ -55,7 +57,7 @@ def _dequantize_4bit_kernel(
     low = tl.load(code_ptr + (codes & 15)) * scale
     values = tl.reshape(tl.join(high, low), (ROWS, BLOCKSIZE))
     index = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=index < left)
+    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < left)
 
 
 def dequantize_4bit(
@@ -70,14 +72,17 @@ def dequantize_4bit(
     shape: list[int],
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    values_per_program: int = VALUES_PER_PROGRAM,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Launch on the tensors' device; arguments as the ``fourbit::dequantize_4bit`` op's, plus
-    an optional contiguous ``out`` of ``shape`` and ``dtype`` to write into."""
+    an optional contiguous ``out`` of ``shape`` and ``dtype`` to write into, and the launch
+    shape (bench/bench_dequantize.py --sweep times the alternatives)."""
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     numel = out.numel()
     nblocks = -(-numel // blocksize)
-    rows = max(1, VALUES_PER_PROGRAM // blocksize)
+    rows = max(1, values_per_program // blocksize)
     double_quant = nested_absmax is not None
     _dequantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
         packed.view(torch.uint8), absmax, code,
@@ -85,6 +90,6 @@ def dequantize_4bit(
         nested_offset if double_quant else absmax,
         out, numel, nblocks,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize if double_quant else 1,
-        DOUBLE_QUANT=double_quant, ROWS=rows, num_warps=4,
+        DOUBLE_QUANT=double_quant, ROWS=rows, num_warps=num_warps,
     )
     return out

@@ -1,26 +1,29 @@
 """Triton: y = x @ dequant(W4)^T (+ b) for few rows of x, reading the packed weight once.
 
     W4: [N, K] packed row-major, byte j of row n holds W[n, 2j] (high nibble), W[n, 2j+1] (low)
-    y[m, n] = sum_b scale[n, b] * sum_{k in block b} code4[W4[n, k]] * x[m, k]
+    y[m, n] = sum_k x[m, k] * code4[W4[n, k]] * scale[n, k // blocksize]
 
-Two facts make this cheap. The scale is constant over a quantization block, so it multiplies
-each block's partial sum, not every weight. And the high nibbles pair with the even columns of
-x and the low nibbles with the odd ones, so the two halves of a byte meet x without ever being
-interleaved: no dequantized copy of W, in memory or even in registers' natural order.
+At decode sizes (M of 1 to ~64) the product is bound by reading W: 4 bits a weight instead of
+16 is the whole speed-up, provided the kernel keeps enough bytes in flight. A [N, K] weight
+split only along N gives too few programs for that (4096 rows in tiles of 16 is 256 programs
+on 132 multiprocessors), so K is split too: ``split_k`` programs share each output tile, each
+covering a slice of the quantization blocks, and add their partial sums into a float32 buffer
+(atomics; the order of those additions, hence the last bits of y, may vary run to run), which
+is then cast to x's dtype. Both kernels need the blocks to tile the rows (blocksize divides
+K), so a block never straddles two rows; the op falls back to dequantize + matmul otherwise.
 
-Both kernels need the blocks to tile the rows (blocksize divides K), so a block never straddles
-two rows; the op falls back to dequantize + matmul otherwise.
-
-- ``gemv``: one row of x per program column, CUDA cores, float32 accumulation; the weight is
-  read from DRAM once per row of x (programs of the same weight rows run side by side, so more
-  rows mostly hit L2). For decode (M = 1).
-- ``matmul``: a [BLOCK_M, BLOCK_N] tile per program, tensor cores through ``tl.dot`` on the
-  unscaled code values (exact in bf16/fp16 up to the table's rounding), scaled per block in
-  float32. For small batches (M up to ~64), where the product is still bound by the weight bytes.
+- ``gemv``: one row of x per program, CUDA cores, float32 throughout. The high nibbles meet
+  the even columns of x and the low nibbles the odd ones, so the two halves of a byte are
+  never interleaved. For M up to ~4 (programs of the same weight tile run side by side, so
+  the rows after the first read W from L2).
+- ``matmul``: [BLOCK_M, BLOCK_N] output tiles through ``tl.dot``: each step dequantizes a
+  [BLOCK_N, nb * blocksize] tile exactly as the dequantize kernel does (float32 product,
+  rounded to x's dtype) and multiplies it on the tensor cores. For larger M.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,91 +34,130 @@ from .dequantize import load_scales
 
 
 @triton.jit
+def _epilogue(y, bias_ptr, out_ptr, out_index, mask, cols, first_split,
+              HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Add the bias (once) and store y, or add it into the float32 output when K is split."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cols >= 0, other=0.0).to(tl.float32)
+        y += tl.where(first_split, bias, 0.0)
+    if SPLIT:
+        tl.atomic_add(out_ptr + out_index, y, mask=mask, sem="relaxed")
+    else:
+        tl.store(out_ptr + out_index, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemv_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, out_ptr,
-    N, K, stride_xm, stride_om,
+    N, K, stride_xm, stride_om, blocks_per_split,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NB: tl.constexpr,
+    BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     m = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     blocks_per_row = K // BLOCKSIZE
+    first = tl.program_id(2) * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, blocks_per_row)
     jb = tl.arange(0, NB)
     jh = tl.arange(0, HALF)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-    for kb in range(0, blocks_per_row, NB):  # the launcher makes NB divide blocks_per_row
-        blocks = rows[:, None] * blocks_per_row + (kb + jb)[None, :]  # [BLOCK_N, NB]
-        codes = tl.load(packed_ptr + blocks[:, :, None] * HALF + jh[None, None, :], mask=row_ok[:, None, None], other=0)
-        col = (kb + jb)[:, None] * BLOCKSIZE + 2 * jh[None, :]  # [NB, HALF]: the even columns
-        x_even = tl.load(x_row + col).to(tl.float32)[None, :, :]
-        x_odd = tl.load(x_row + col + 1).to(tl.float32)[None, :, :]
-        part = tl.sum(tl.load(code_ptr + (codes >> 4)) * x_even + tl.load(code_ptr + (codes & 15)) * x_odd, axis=2)
-        acc += part * load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks,
-                                  row_ok[:, None], DOUBLE_QUANT, NESTED_BLOCKSIZE)
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m.to(tl.int64) * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    acc = tl.zeros((BLOCK_N, NB, HALF), dtype=tl.float32)
+    for kb in range(first, last, NB):
+        block = kb + jb
+        ok = row_ok[:, None] & (block < last)[None, :]
+        blocks = rows[:, None] * blocks_per_row + block[None, :]  # [BLOCK_N, NB]
+        codes = tl.load(packed_ptr + blocks[:, :, None] * HALF + jh[None, None, :], mask=ok[:, :, None], other=0)
+        col = block[:, None] * BLOCKSIZE + 2 * jh[None, :]  # [NB, HALF]: the even columns
+        x_ok = (block < last)[:, None]
+        x_even = tl.load(x_row + col, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+        x_odd = tl.load(x_row + col + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+        scale = load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, ok,
+                            DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        acc += (tl.load(code_ptr + (codes >> 4)) * x_even + tl.load(code_ptr + (codes & 15)) * x_odd) * scale[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    _epilogue(y, bias_ptr, out_ptr, m.to(tl.int64) * stride_om + rows, row_ok, tl.where(row_ok, rows, 0),
+              tl.program_id(2) == 0, HAS_BIAS, SPLIT)
 
 
 @triton.jit
 def _matmul_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om,
+    M, N, K, stride_xm, stride_om, blocks_per_split,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
-    rows_x = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    BLOCK_K: tl.constexpr = NB * BLOCKSIZE
     rows_w = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_x = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     x_ok, w_ok = rows_x < M, rows_w < N
     blocks_per_row = K // BLOCKSIZE
+    first = tl.program_id(2) * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, blocks_per_row)
+    jb = tl.arange(0, NB)
     jh = tl.arange(0, HALF)
-    x_rows = x_ptr + rows_x.to(tl.int64)[:, None] * stride_xm + 2 * jh[None, :]  # even columns of block 0
+    x_rows = x_ptr + rows_x.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, blocks_per_row):
-        blocks = rows_w * blocks_per_row + kb  # [BLOCK_N]
-        codes = tl.load(packed_ptr + blocks[:, None] * HALF + jh[None, :], mask=w_ok[:, None], other=0)
-        x_even = tl.load(x_rows + kb * BLOCKSIZE, mask=x_ok[:, None], other=0.0)
-        x_odd = tl.load(x_rows + kb * BLOCKSIZE + 1, mask=x_ok[:, None], other=0.0)
-        high = tl.load(code_ptr + (codes >> 4)).to(x_even.dtype)
-        low = tl.load(code_ptr + (codes & 15)).to(x_even.dtype)
-        part = tl.dot(x_even, tl.trans(high)) + tl.dot(x_odd, tl.trans(low))
-        scale = load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, w_ok,
-                            DOUBLE_QUANT, NESTED_BLOCKSIZE)
-        acc += part * scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows_w, mask=w_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows_x.to(tl.int64)[:, None] * stride_om + rows_w[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=x_ok[:, None] & w_ok[None, :])
+    for kb in range(first, last, NB):
+        block = kb + jb
+        ok = w_ok[:, None] & (block < last)[None, :]
+        blocks = rows_w[:, None] * blocks_per_row + block[None, :]  # [BLOCK_N, NB]
+        codes = tl.load(packed_ptr + blocks[:, :, None] * HALF + jh[None, None, :], mask=ok[:, :, None], other=0)
+        scale = load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, ok,
+                            DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, :, None]
+        high = tl.load(code_ptr + (codes >> 4)) * scale
+        low = tl.load(code_ptr + (codes & 15)) * scale
+        cols = kb * BLOCKSIZE + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + cols[None, :], mask=x_ok[:, None] & (cols < last * BLOCKSIZE)[None, :], other=0.0)
+        w = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K)).to(x.dtype)  # = dequant(W) tile, as the op rounds it
+        acc = tl.dot(x, tl.trans(w), acc)
+    out_index = rows_x.to(tl.int64)[:, None] * stride_om + rows_w[None, :]
+    _epilogue(acc, bias_ptr, out_ptr, out_index, x_ok[:, None] & w_ok[None, :], tl.where(w_ok, rows_w, 0)[None, :],
+              tl.program_id(2) == 0, HAS_BIAS, SPLIT)
 
 
 @dataclass(frozen=True)
 class Config:
-    """Launch shape: ``kernel`` "gemv" (block_n rows x nb quantization blocks per step) or
-    "matmul" (block_m x block_n tiles); warps and pipeline stages as Triton takes them."""
+    """Launch shape. ``kernel``: "gemv" (block_n weight rows x nb quantization blocks per step,
+    one row of x per program) or "matmul" (block_m x block_n output tiles, nb blocks of K per
+    step). ``split_k``: programs sharing one output along K (adding into a float32 buffer);
+    None picks enough for ``PROGRAMS_PER_SM`` programs per multiprocessor."""
 
     kernel: str
     block_n: int
-    nb: int = 1
+    nb: int = 4
     block_m: int = 16
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int | None = None
+
+
+PROGRAMS_PER_SM = 8
 
 
 def default_config(m: int, n: int, k: int) -> Config:
     """The launch shape chosen for an [m, k] x [k, n] product (see bench/bench_matmul_4bit.py)."""
-    if m == 1:
+    if m <= 4:
         return Config("gemv", block_n=16, nb=4, num_warps=4)
-    return Config("matmul", block_n=64, block_m=16 if m <= 16 else 32 if m <= 32 else 64, num_warps=4)
+    return Config("matmul", block_n=64, nb=4, block_m=16 if m <= 16 else 32 if m <= 32 else 64, num_warps=4)
 
 
 def supports(x: torch.Tensor, blocksize: int, k: int) -> bool:
     """Whether these kernels can take this product (else: dequantize, then matmul)."""
     return x.dtype in (torch.bfloat16, torch.float16) and k % blocksize == 0 and x.shape[-1] == k
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _blocks_per_split(config: Config, tiles: int, blocks_per_row: int, device: torch.device) -> int:
+    steps = -(-blocks_per_row // config.nb)  # loop steps over one whole row
+    split = config.split_k or max(1, PROGRAMS_PER_SM * _multiprocessors(device) // tiles)
+    return config.nb * -(-steps // min(split, steps))
 
 
 def matmul_4bit(
@@ -144,24 +186,31 @@ def matmul_4bit(
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     config = config or default_config(m, n, k)
     double_quant = nested_absmax is not None
+    blocks_per_row = k // blocksize
+    if config.kernel == "gemv":
+        tiles = m * triton.cdiv(n, config.block_n)
+    else:
+        tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    per_split = _blocks_per_split(config, tiles, blocks_per_row, x.device)
+    splits = triton.cdiv(blocks_per_row, per_split)
+    target = torch.zeros(m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     args = (
         x2, packed.view(torch.uint8), absmax, code,
         nested_absmax if double_quant else absmax, nested_code if double_quant else code,
-        nested_offset if double_quant else absmax, bias if bias is not None else x2, out,
+        nested_offset if double_quant else absmax, bias if bias is not None else x2, target,
     )
     common = dict(
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize if double_quant else 1,
-        DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None,
+        DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None, NB=config.nb, SPLIT=splits > 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.kernel == "gemv":
-        nb = config.nb
-        while (k // blocksize) % nb:  # NB must divide the blocks of a row
-            nb //= 2
-        grid = (m, triton.cdiv(n, config.block_n))
-        _gemv_4bit_kernel[grid](*args, n, k, x2.stride(0), out.stride(0), BLOCK_N=config.block_n, NB=nb, **common)
+        grid = (m, triton.cdiv(n, config.block_n), splits)
+        _gemv_4bit_kernel[grid](*args, n, k, x2.stride(0), n, per_split, BLOCK_N=config.block_n, **common)
     else:
-        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
-        _matmul_4bit_kernel[grid](*args, m, n, k, x2.stride(0), out.stride(0),
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), splits)
+        _matmul_4bit_kernel[grid](*args, m, n, k, x2.stride(0), n, per_split,
                                   BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
+    if splits > 1:
+        out.copy_(target)
     return out.view(*x.shape[:-1], n)

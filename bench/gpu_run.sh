@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (the device tool): environment, the kernel tests at full size, then
+# benchmarks. Logs and JSON go to $OUT (bench/results without it).
+#
+#   bash bench/gpu_run.sh kernels    # tests/kernels + dequantize + 4-bit matmul (with --sweep)
+#   bash bench/gpu_run.sh model      # QLoRA training step + decode, Llama-3-8B shapes
+#
+# Peers not in the machine's image travel in .gpu/site (git-ignored): bitsandbytes 0.50.2 (its
+# cuda130 library only) and gguf, unpacked from their PyPI wheels.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src:$PWD/.gpu/site" PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+part=${1:-kernels}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+python3 - <<'PY'
+import importlib.metadata as md, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+for name in ["triton", "transformers", "peft", "bitsandbytes", "accelerate"]:
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "missing")
+PY
+
+run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
+    local name=$1; shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+}
+
+case $part in
+kernels)
+    run tests python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/nn/test_linear4bit.py
+    run dequantize python3 bench/bench_dequantize.py --device cuda --sweep
+    run matmul python3 bench/bench_matmul_4bit.py --sweep
+    ;;
+matmul)
+    run matmul python3 bench/bench_matmul_4bit.py --sweep
+    ;;
+model)
+    run train python3 bench/bench_train_step_gpu.py
+    run decode python3 bench/bench_decode_gpu.py
+    ;;
+*)
+    echo "unknown part: $part (kernels | matmul)
+    run matmul python3 bench/bench_matmul_4bit.py --sweep
+    ;;
+model)"; exit 2 ;;
+esac
