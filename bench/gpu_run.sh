@@ -3,7 +3,11 @@
 # benchmarks. Logs and JSON go to $OUT (bench/results without it).
 #
 #   bash bench/gpu_run.sh kernels    # tests/kernels + dequantize + 4-bit matmul (with --sweep)
-#   bash bench/gpu_run.sh model      # QLoRA training step + decode, Llama-3-8B shapes
+#   bash bench/gpu_run.sh matmul     # the 4-bit matmul alone
+#   bash bench/gpu_run.sh train      # QLoRA training step, Llama-3-8B shapes
+#   bash bench/gpu_run.sh profile    # where the training step's GPU time goes, both sides
+#   bash bench/gpu_run.sh decode     # decode at batch 1, same model
+#   bash bench/gpu_run.sh final      # quick checks + train + decode in one call
 #
 # Peers not in the machine's image travel in .gpu/site (git-ignored): bitsandbytes 0.50.2 (its
 # cuda130 library only) and gguf, unpacked from their PyPI wheels.
@@ -44,9 +48,20 @@ kernels)
 matmul)
     run matmul python3 bench/bench_matmul_4bit.py --sweep
     ;;
-model)
-    run train python3 bench/bench_train_step_gpu.py
-    run decode python3 bench/bench_decode_gpu.py
+train)  # builds the Llama-3-8B-shaped model folder in /tmp first (reused while the machine is warm)
+    run train python3 bench/bench_train_step_gpu.py --time-budget 420
+    ;;
+profile)
+    run profile-ours python3 bench/profile_train_step_gpu.py --side ours
+    run profile-peer python3 bench/profile_train_step_gpu.py --side peer
+    ;;
+final)  # after changes to the training/decode path: quick GPU checks, then both model benchmarks
+    run tests python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_lora.py tests/nn/test_linear4bit.py -k "cuda or fused"
+    run train python3 bench/bench_train_step_gpu.py --time-budget 200
+    run decode python3 bench/bench_decode_gpu.py --new-tokens 64 --time-budget 300
+    ;;
+decode)
+    run decode python3 bench/bench_decode_gpu.py --new-tokens 64 --time-budget 450
     ;;
 *)
     echo "unknown part: $part (kernels | matmul)

@@ -20,6 +20,7 @@ bench/RESULTS.md); the same float32 products, so bit-identical results.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -66,9 +67,17 @@ def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize
 
 @dequantize_4bit_op.register_kernel("cuda")
 def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype):
-    state = _state(absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype)
-    if packed.numel() * packed.element_size() != state.packed_shape[0]:
-        return dequantize_4bit_reference(packed, state, dtype)  # let the reference name the error
+    return dequantize_4bit_cuda(
+        packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype
+    )
+
+
+def dequantize_4bit_cuda(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                         shape, dtype):
+    """The CUDA kernel, callable without the op's dispatch (for other ops' CUDA kernels)."""
+    if packed.numel() * packed.element_size() != (math.prod(shape) + 1) // 2:  # let the reference name the error
+        state = _state(absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype)
+        return dequantize_4bit_reference(packed, state, dtype)
     from .triton.dequantize import dequantize_4bit as triton_dequantize_4bit
 
     return triton_dequantize_4bit(

@@ -4,12 +4,12 @@ One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs
 
 - every device (the reference): dequantize through ``fourbit::dequantize_4bit`` (itself
   dispatched: the CPU table kernel, the Triton kernel on CUDA), then ``F.linear``;
-- CUDA: for few rows of x (decode and small batches, up to ``FUSED_MAX_ROWS``), where the
-  product is bound by reading the weight, the fused Triton kernels of
-  kernels/triton/matmul_4bit.py read the 4-bit bytes once and write only y. Above that the
-  product is bound by arithmetic (the H100's ridge point is ~70 rows, ../shared/PERF.md), so
-  dequantizing into a temporary (one extra pass, reused through the caching allocator) and
-  calling cuBLAS wins; bench/bench_matmul_4bit.py measures where the two cross.
+- CUDA: for a single row of x (decoding one sequence) the fused Triton kernel of
+  kernels/triton/matmul_4bit.py reads the 4-bit bytes once and writes only y. For more rows,
+  dequantizing into a temporary (one pass at ~2.6 TB/s, the buffer reused through the caching
+  allocator) and calling cuBLAS is faster today: on an H100 the fused kernels are bound by
+  per-weight instructions (the code-table gather), not bytes, so from 2 rows on they lose to
+  dequantize + cuBLAS (bench/RESULTS.md, bench/bench_matmul_4bit.py).
 
 Gradients are not defined here: Linear4bit's autograd function calls this op in forward and
 dequantizes for the input gradient in backward.
@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..quant.state import QuantState
-from .dequantize import dequantize_4bit_op, state_args
+from .dequantize import dequantize_4bit_cuda, dequantize_4bit_op, state_args
 
-FUSED_MAX_ROWS = 64
+FUSED_MAX_ROWS = 1
 
 
 @torch.library.custom_op("fourbit::matmul_4bit", mutates_args=())
@@ -54,7 +54,7 @@ def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocks
         return fused.matmul_4bit(
             x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, bias
         )
-    weight = dequantize_4bit_op(
+    weight = dequantize_4bit_cuda(  # the kernel itself: no second trip through the dispatcher
         packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, x.dtype
     )
     return torch.nn.functional.linear(x, weight, bias)

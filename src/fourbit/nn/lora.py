@@ -31,6 +31,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..kernels.lora import qlora_linear
 from .linear4bit import Linear4bit
 
 LINEAR_TYPES = (nn.Linear, Linear4bit)
@@ -86,12 +87,27 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable():  # the same function in one autograd node (kernels/lora.py)
+            base = self.base_layer
+            return qlora_linear(x, base.weight, base.quant_state, base.bias, self.lora_A.weight, self.lora_B.weight,
+                                self.scaling, base.compute_dtype)
         result = self.base_layer(x)
         dropped = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(dropped)) * self.scaling
         if not self.use_dora:
             return result + update.to(result.dtype)
         return self._dora(dropped, result, update)
+
+    def _fusable(self) -> bool:
+        base = self.base_layer
+        return (
+            not self.use_dora
+            and isinstance(self.lora_dropout, nn.Identity)
+            and isinstance(base, Linear4bit)
+            and base.quant_state is not None
+            and "_dense" not in base.__dict__  # inside dense_weights(): the module path reuses the dense copy
+            and (base.bias is None or not base.bias.requires_grad)
+        )
 
     def _dora(self, dropped, result, update):
         weight = dense_weight(self.base_layer, self.lora_A.weight.dtype)

@@ -140,7 +140,7 @@ PROGRAMS_PER_SM = 8
 def default_config(m: int, n: int, k: int) -> Config:
     """The launch shape chosen for an [m, k] x [k, n] product (see bench/bench_matmul_4bit.py)."""
     if m <= 4:
-        return Config("gemv", block_n=16, nb=4, num_warps=4)
+        return Config("gemv", block_n=32, nb=4, num_warps=4)
     return Config("matmul", block_n=64, nb=4, block_m=16 if m <= 16 else 32 if m <= 32 else 64, num_warps=4)
 
 

@@ -1,0 +1,75 @@
+"""A QLoRA linear in one autograd node: the frozen 4-bit base and the trainable low-rank update.
+
+    y = base(x) + s * (x A^T) B^T        base(x) = x W^T + b, W 4-bit [out, in]; A [r, in], B [out, r]
+
+computed exactly as LoRALinear's modules compute it (the update in the adapter's dtype, then
+cast to y's and added), with the chain rule written out (g = dL/dy):
+
+    g_s   = s * g                               in the adapter's dtype    [tokens, out]
+    dL/dB = g_s^T (x A^T)                       x A^T kept from forward   [out, r]
+    g_xa  = g_s B                                                         [tokens, r]
+    dL/dA = g_xa^T x                                                      [r, in]
+    dL/dx = g W + g_xa A                        W dequantized again       [tokens, in]
+
+Why one node: as separate modules a QLoRA linear is seven autograd nodes (base, cast, A, B,
+scale, cast, add), each a Python call and a kernel launch per pass, and with gradient
+checkpointing a step runs each forward twice; on a GPU the host then cannot keep up with the
+kernels (bench/RESULTS.md). One node also keeps x in its own dtype for dL/dA where autograd
+keeps the adapter-dtype copy (float32: twice a bf16 x), and reuses x A^T from the forward.
+
+What it leaves out: dropout and DoRA (LoRALinear keeps its module path for those), a bias
+that trains, and any base other than Linear4bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..quant.state import QuantState
+from .dequantize import dequantize_4bit
+from .matmul_4bit import matmul_4bit
+
+
+class _QLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, state: QuantState, bias, lora_a, lora_b, scaling: float, compute_dtype):
+        base = matmul_4bit(x.to(compute_dtype), packed, state, bias).to(x.dtype)
+        xa = F.linear(x.to(lora_a.dtype), lora_a)
+        update = F.linear(xa, lora_b) * scaling
+        ctx.state, ctx.scaling, ctx.compute_dtype = state, scaling, compute_dtype
+        ctx.save_for_backward(x, packed, xa, lora_a, lora_b)
+        return base + update.to(base.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, packed, xa, lora_a, lora_b = ctx.saved_tensors
+        grad_x = grad_a = grad_b = None
+        g_s = grad.to(lora_a.dtype) * ctx.scaling
+        if ctx.needs_input_grad[5]:
+            grad_b = g_s.reshape(-1, g_s.shape[-1]).T @ xa.reshape(-1, xa.shape[-1])
+        g_xa = g_s @ lora_b
+        if ctx.needs_input_grad[4]:
+            grad_a = g_xa.reshape(-1, g_xa.shape[-1]).T @ x.to(lora_a.dtype).reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_4bit(packed, ctx.state, ctx.compute_dtype)
+            grad_x = (grad.to(ctx.compute_dtype) @ weight).to(x.dtype) + (g_xa @ lora_a).to(x.dtype)
+        return grad_x, None, None, None, grad_a, grad_b, None, None
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x W^T + b + scaling * (x A^T) B^T`` with W 4-bit (``packed``, ``state``); b does not train."""
+    if bias is not None and bias.requires_grad:
+        raise ValueError("qlora_linear keeps the base frozen: its bias must not require grad")
+    compute_dtype = compute_dtype or x.dtype
+    bias = bias.to(compute_dtype) if bias is not None else None
+    return _QLoRALinear.apply(x, packed, state, bias, lora_a, lora_b, scaling, compute_dtype)

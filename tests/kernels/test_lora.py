@@ -1,0 +1,75 @@
+"""The one-node QLoRA linear against the same function built from separate modules.
+
+The reference is LoRALinear's module path written out (base layer, then lora_A, lora_B, scale,
+cast, add) with autograd deriving the gradients, so the hand-written chain rule is checked
+against autograd's. Forward: the same operations in the same order, so equal bit for bit.
+Gradients: the same products, but autograd's linear backward may order the sum over tokens
+differently, so float32 gets 1e-6 relative (float32 rounding over a few hundred terms) and
+bf16 compute 1e-2 (bf16 operands, see test_triton_matmul_4bit.py).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from fourbit.kernels.lora import qlora_linear
+from fourbit.nn import Linear4bit
+from fourbit.nn.lora import LoRALinear
+
+
+def reference(layer: LoRALinear, x):
+    dropped = x.to(layer.lora_A.weight.dtype)
+    update = layer.lora_B(layer.lora_A(dropped)) * layer.scaling
+    result = layer.base_layer(x)
+    return result + update.to(result.dtype)
+
+
+def relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("compute_dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_equals_the_module_path(compute_dtype, tolerance, bias):
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(nn.Linear(96, 40, bias=bias), compute_dtype=compute_dtype)
+    layer = LoRALinear(base, r=8, alpha=16)
+    nn.init.normal_(layer.lora_B.weight)  # B starts at zero; make the update count
+    x = torch.randn(3, 5, 96, dtype=compute_dtype, requires_grad=True)
+
+    assert layer._fusable()
+    fused = layer(x)
+    g = torch.randn_like(fused)
+    fused.backward(g)
+    grads = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+
+    expected = reference(layer, x)
+    expected.backward(g)
+    assert torch.equal(fused, expected)
+    for got, want in zip(grads, (x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)):
+        assert got.dtype == want.dtype and relative(got, want) < tolerance
+
+
+def test_frozen_adapter_and_input_get_no_gradients():
+    base = Linear4bit.from_linear(nn.Linear(64, 32))
+    a, b = torch.randn(4, 64), torch.randn(32, 4, requires_grad=True)
+    x = torch.randn(2, 64)
+    qlora_linear(x, base.weight, base.quant_state, base.bias, a, b, 2.0).sum().backward()
+    assert b.grad is not None and b.grad.abs().sum() > 0
+
+
+def test_a_training_bias_is_refused():
+    base = Linear4bit.from_linear(nn.Linear(64, 32))
+    base.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="bias must not require grad"):
+        qlora_linear(torch.randn(2, 64), base.weight, base.quant_state, base.bias, torch.randn(4, 64), torch.randn(32, 4), 1.0)
+    assert not LoRALinear(base, r=4, alpha=4)._fusable()  # the module path takes it instead
+
+
+def test_dropout_and_dora_keep_the_module_path():
+    base = Linear4bit.from_linear(nn.Linear(64, 32))
+    assert not LoRALinear(base, r=4, alpha=4, dropout=0.1)._fusable()
+    assert not LoRALinear(base, r=4, alpha=4, use_dora=True)._fusable()
+    assert not LoRALinear(nn.Linear(64, 32), r=4, alpha=4)._fusable()
