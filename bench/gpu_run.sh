@@ -56,7 +56,7 @@ profile)
     run profile-peer python3 bench/profile_train_step_gpu.py --side peer
     ;;
 final)  # after changes to the training/decode path: quick GPU checks, then both model benchmarks
-    run tests python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_lora.py tests/nn/test_linear4bit.py -k "cuda or fused"
+    run tests python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_qlora_linear.py tests/nn/test_linear4bit.py -k "cuda or fused"
     run train python3 bench/bench_train_step_gpu.py --time-budget 200
     run decode python3 bench/bench_decode_gpu.py --new-tokens 64 --time-budget 300
     ;;
