@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny random Llama models built from a config (no download)."""
+"""Shared fixtures: tiny random Llama models built from a config (no download), and the
+embedded SmolLM2 tokenizer (ChatML template, EOS <|im_end|>), loaded once per session."""
 
+import copy
 import os
 
 import pytest
@@ -49,3 +51,18 @@ def tiny_llama_tied(tmp_path_factory):
 def make_tiny_llama():
     """``make_tiny_llama(folder, seed=0, **config_overrides)``: save a random tiny Llama there."""
     return save_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """Shared and read-only: tests that change a tokenizer take ``fresh_tokenizer``."""
+    from fourbit.io.default_model import default_model_path
+    from fourbit.io.gguf import gguf_tokenizer
+
+    return gguf_tokenizer(default_model_path())
+
+
+@pytest.fixture
+def fresh_tokenizer(chat_tokenizer):
+    """A private copy of the SmolLM2 tokenizer that a test may modify."""
+    return copy.deepcopy(chat_tokenizer)

@@ -1,8 +1,9 @@
-"""The fourbit command line: quantize and memory, and their errors."""
+"""The fourbit command line: quantize, memory and merge, and their errors."""
 
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from fourbit.cli import main
@@ -43,3 +44,21 @@ def test_invalid_choices_are_refused_by_the_parser(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_merge_writes_a_dense_folder_and_prints_the_error(tiny_llama, tmp_path, capsys):
+    import fourbit
+
+    folder, _ = tiny_llama
+    model, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
+    fourbit.add_lora(model, r=2, alpha=4, target=["q_proj"], verbose=False)
+    fourbit.save_adapter(model, tmp_path / "adapter")
+    argv = ["merge", "--base", str(folder), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m"),
+            "--dtype", "fp16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "merged 2 LoRA layers" in out and "float16" in out and "max relative difference" in out
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
+    assert main(argv) == 2  # the output exists: refused, one line
+    assert "already exists" in capsys.readouterr().err

@@ -50,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     _add_quant_args(m, ("nf4", "fp4", "int4", "none"), "--quantization")
     m.set_defaults(run=_memory)
+
+    g = sub.add_parser("merge", help="merge a LoRA adapter into its base: a plain Hugging Face folder (or 4-bit)")
+    g.add_argument("--base", default=None, help="the adapter's base: folder, .gguf file, hub id (default: the embedded model)")
+    g.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. what `fourbit train` wrote)")
+    g.add_argument("--output", "-o", required=True, help="folder to create")
+    g.add_argument("--dtype", default="bfloat16", help="bf16 (default), fp16 or fp32: dtype of the merged weights")
+    g.add_argument("--requantize", choices=["nf4", "fp4"], default=None,
+                   help="write a bnb-4bit folder instead, and print the error that adds")
+    g.add_argument("--base-quantization", default="nf4", choices=["nf4", "fp4", "int4", "none"],
+                   help="how the base was quantized in training (default nf4, as `fourbit train`; none: 16-bit LoRA)")
+    g.add_argument("--blocksize", type=int, default=64, help="the base's quantization block size in training")
+    g.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="the base was trained without double quantization")
+    g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    g.set_defaults(run=_merge)
     return parser
 
 
@@ -103,6 +118,19 @@ def _memory(args) -> None:
     dq = "+ double quant" if args.double_quant and quantization else ""
     title = f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}: {args.method} {dq} block {args.blocksize}, loaded in {seconds:.1f} s"
     print(memory_report(model).format(title))
+
+
+def _merge(args) -> None:
+    from .io.merge import merge_adapter
+
+    start = time.perf_counter()
+    report = merge_adapter(
+        args.base, args.adapter, args.output, dtype=args.dtype,
+        base_quantization=None if args.base_quantization == "none" else args.base_quantization,
+        double_quant=args.double_quant, blocksize=args.blocksize, requantize=args.requantize, overwrite=args.overwrite,
+    )
+    print(report.format())
+    print(f"done in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,198 @@
+"""Merging a LoRA adapter into its base: a plain Hugging Face model folder, or a 4-bit one.
+
+For each adapted linear layer, in float32:
+
+    W' = dequant(W4) + s * B @ A                               (LoRA, rsLoRA: s as trained)
+    W' = m * (W + s B A) / ||W + s B A||_row                   (DoRA, m the learned magnitudes)
+
+W4 is the base as the adapter saw it in training: quantized the same way (``base_quantization``,
+by default what ``fourbit train`` uses: NF4, double quantization, blocks of 64) and dequantized,
+so the merged model computes what base + adapter computed, up to the rounding of W' to the
+output dtype. Every other 4-bit layer is dequantized too; the result holds no fourbit types
+and loads in transformers alone (``AutoModelForCausalLM.from_pretrained``).
+
+``requantize`` writes W' back in 4 bits instead (a bnb-4bit folder, io/checkpoint.py). That
+adds a second quantization error on top of training's, so it is never done silently: the
+report carries how far the requantized model's logits move from the unmerged adapter's on a
+probe text, next to the same figure for the plain merge.
+
+The adapter is checked before anything is written (io/peft.py): tensors that do not fit the
+base's layers (an adapter made for another base) or hold NaN/Inf are refused with the name of
+the first bad tensor. Output folders appear whole or not at all (io/atomic.py). The merge holds
+the whole model in float32 in memory (4 bytes a parameter).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..nn.linear4bit import Linear4bit
+from ..nn.lora import LoRALinear, lora_layers
+from ..precision import DTYPES, parse_dtype
+from .atomic import atomic_dir
+from .checkpoint import save_quantized
+from .loader import SKIP_MODULES, bnb_quantization_config, load_model
+from .peft import load_adapter, read_adapter_config
+
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32")  # or bf16, fp16, fp32
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Merging must not change what the model says."
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass
+class MergeReport:
+    output: Path
+    layers_merged: int
+    dtype: torch.dtype
+    requantized: str | None
+    probe_tokens: int
+    merged_error: float  # max |logit - unmerged logit| / max |unmerged logit|, merged in `dtype`
+    requantized_error: float | None  # the same for the requantized model
+
+    def format(self) -> str:
+        lines = [f"merged {self.layers_merged} LoRA layers into {self.output} ({self.dtype_name})"]
+        lines.append(f"  logits vs the unmerged adapter on a {self.probe_tokens}-token probe: "
+                     f"max relative difference {self.merged_error:.2e} ({self.dtype_name} weights)")
+        if self.requantized:
+            lines.append(f"  requantized to {self.requantized}: max relative difference {self.requantized_error:.2e} "
+                         "from the unmerged adapter (the error requantizing adds)")
+        return "\n".join(lines)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def merge_adapter(
+    base: str | os.PathLike | None,
+    adapter: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: str | torch.dtype = "bfloat16",
+    base_quantization: str | None = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    requantize: str | None = None,
+    overwrite: bool = False,
+) -> MergeReport:
+    """Merge the PEFT adapter at ``adapter`` into ``base`` and write the result to ``output``.
+
+    base: what ``fourbit.load_model`` takes (folder, .gguf, hub id, None for the embedded model);
+        a bnb-4bit folder keeps its own quantization. base_quantization: how the adapter's base
+        was quantized in training ("nf4", "fp4", "int4"), or None for a 16-bit LoRA base.
+    dtype: dtype of the merged weights (and of every unquantized one). requantize: "nf4" or
+        "fp4" to write a 4-bit folder instead of a dense one.
+    """
+    out_dtype = parse_dtype(dtype) if dtype in DTYPES or isinstance(dtype, torch.dtype) else None
+    if out_dtype not in {parse_dtype(d) for d in OUTPUT_DTYPES}:
+        raise ValueError(f"merge dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+    if requantize not in (None, "nf4", "fp4"):
+        raise ValueError(f"requantize must be 'nf4' or 'fp4' (or None for a dense folder), got {requantize!r}")
+    read_adapter_config(adapter)  # a missing or unsupported adapter fails before the base loads
+    model, tokenizer = load_model(
+        base, quantization=base_quantization, double_quant=double_quant, blocksize=blocksize,
+        compute_dtype="float32", torch_dtype="float32",
+    )
+    load_adapter(model, adapter, dtype=torch.float32)
+    probe = probe_ids(tokenizer, model.config.vocab_size)
+    reference = _logits(model, probe)
+
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        model.set_submodule(name, _merged_linear(layer))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            model.set_submodule(name, _dense_linear(module.dequantize(torch.float32), module.bias))
+    _drop_fourbit_attributes(model)
+    _set_generation_eos(model, tokenizer)
+
+    if requantize is None:
+        model.to(out_dtype)
+        merged_error = _relative_error(_logits(model.float(), probe), reference)  # W' as stored, computed in fp32
+        model.to(out_dtype)
+        requantized_error = None
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp, max_shard_size="2GB")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    else:
+        merged_error = _relative_error(_logits(model, probe), reference)
+        _requantize(model, requantize, double_quant, blocksize)  # from the float32 W'
+        requantized_error = _relative_error(_logits(model, probe), reference)
+        model.to(out_dtype)  # the unquantized weights; the 4-bit layers keep their bytes
+        model.config.quantization_config = bnb_quantization_config(requantize, double_quant, out_dtype)
+        save_quantized(model, tokenizer, output, overwrite=overwrite)
+    return MergeReport(Path(output), len(layers), out_dtype, requantize, probe.shape[1], merged_error, requantized_error)
+
+
+def _merged_linear(layer: LoRALinear) -> nn.Linear:
+    weight = _dense_base_weight(layer.base_layer) + layer.delta_weight(torch.float32)
+    if layer.use_dora:
+        weight = layer.lora_magnitude_vector.float()[:, None] * weight / weight.norm(dim=1, keepdim=True)
+    return _dense_linear(weight, getattr(layer.base_layer, "bias", None))
+
+
+def _dense_base_weight(base: nn.Module) -> torch.Tensor:
+    if isinstance(base, Linear4bit):
+        return base.dequantize(torch.float32)
+    return base.weight.detach().float()
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
+    return linear
+
+
+def _drop_fourbit_attributes(model: nn.Module) -> None:
+    """What load_model/add_lora put on the model that a plain transformers model has not."""
+    for attr in ("lora_settings",):
+        model.__dict__.pop(attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _requantize(model, quant_type: str, double_quant: bool, blocksize: int) -> None:
+    """Every linear layer but those load_model keeps dense (lm_head) back to 4 bits."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in SKIP_MODULES and name not in SKIP_MODULES:
+            model.set_submodule(name, Linear4bit.from_linear(module.float(), quant_type, blocksize, double_quant))
+
+
+def _set_generation_eos(model, tokenizer) -> None:
+    """EOS for generation: the tokenizer's, plus the chat template's end-of-turn token."""
+    if tokenizer is None:
+        return
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for token in END_OF_TURN:
+        if re.search(re.escape(token), template):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+                ids.append(token_id)
+    if ids:
+        model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def probe_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    if tokenizer is not None:
+        return tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    return torch.randint(0, vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((logits - reference).abs().max() / reference.abs().max()).item()

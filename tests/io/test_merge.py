@@ -1,0 +1,147 @@
+"""Merging an adapter: the merged folder, read by transformers alone, computes base + adapter.
+
+The reference is fourbit's unmerged model (4-bit base + LoRA, float32 compute) on the same
+tokens. Tolerances on max |logit difference| / max |logit|:
+- float32 merge: 1e-5. Same float32 weights, but x (W + sBA)^T sums in another order than
+  x W^T + s (x A^T) B^T; float32 rounding (6e-8 relative) over 64-160 terms a product and two
+  layers stays near 1e-6.
+- bfloat16 merge: 2e-2. Each merged weight is rounded to bf16 (relative 2^-9 = 2e-3 at most,
+  ~6e-4 in RMS); summed over a layer's inputs and through two layers the logits move by about
+  1e-2 of their largest value on these random models.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fourbit
+from fourbit.io.merge import merge_adapter, probe_ids
+from fourbit.nn.lora import lora_layers
+
+IDS = torch.tensor([[1, 5, 9, 33, 200, 7, 64, 12, 90, 3]])
+
+
+def trained_adapter(folder, out, seed=0, ids=IDS, **lora):
+    """A 4-bit model of ``folder`` with a LoRA whose B is random (as after training), saved;
+    returns its logits on ``ids``."""
+    model, _ = fourbit.load_model(folder, quantization="nf4", compute_dtype="float32", torch_dtype="float32")
+    torch.manual_seed(seed)
+    fourbit.add_lora(model, r=4, alpha=8, target="all-linear", verbose=False, **lora)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    fourbit.save_adapter(model, out)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def transformers_logits(folder, tmp_path):
+    """Logits from the merged folder in a fresh interpreter where fourbit cannot be imported."""
+    out = tmp_path / "logits.pt"
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["fourbit"] = None  # any import of fourbit now fails
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32)
+        with torch.no_grad():
+            torch.save(model(input_ids=torch.tensor({IDS.tolist()})).logits, {str(out)!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return torch.load(out)
+
+
+def relative(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_merged_folder_in_plain_transformers_matches_base_plus_adapter(tiny_llama, tmp_path, dtype, tolerance):
+    folder, _ = tiny_llama
+    unmerged = trained_adapter(folder, tmp_path / "adapter")
+    report = merge_adapter(folder, tmp_path / "adapter", tmp_path / "merged", dtype=dtype)
+    assert report.layers_merged == 14 and report.merged_error < tolerance
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    stored = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {getattr(torch, dtype)}
+    assert relative(transformers_logits(tmp_path / "merged", tmp_path), unmerged) < tolerance
+
+
+def test_dora_merges_into_the_same_function(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    unmerged = trained_adapter(folder, tmp_path / "adapter", use_dora=True)
+    merge_adapter(folder, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    assert relative(transformers_logits(tmp_path / "merged", tmp_path), unmerged) < 1e-5  # float32, as above
+
+
+def test_tied_embeddings_stay_tied(tiny_llama_tied, tmp_path):
+    folder, _ = tiny_llama_tied
+    unmerged = trained_adapter(folder, tmp_path / "adapter")
+    merge_adapter(folder, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
+    assert relative(transformers_logits(tmp_path / "merged", tmp_path), unmerged) < 1e-5
+
+
+def test_requantizing_reports_the_error_it_adds(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    probe = probe_ids(None, 256)  # what merge_adapter measures on when the base has no tokenizer
+    unmerged = trained_adapter(folder, tmp_path / "adapter", ids=probe)
+    report = merge_adapter(folder, tmp_path / "adapter", tmp_path / "merged4", dtype="float32", requantize="nf4")
+    # A second NF4 rounding of every weight: far above float32 rounding, and printed.
+    assert report.requantized_error > 100 * report.merged_error
+    assert "requantized to nf4" in report.format()
+    model, _ = fourbit.load_model(tmp_path / "merged4", compute_dtype="float32", torch_dtype="float32")
+    assert json.loads((tmp_path / "merged4" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    with torch.no_grad():
+        logits = model(input_ids=probe).logits
+    # the folder holds exactly the model whose error was reported (float32 compute both times)
+    assert relative(logits, unmerged) == pytest.approx(report.requantized_error, rel=1e-4)
+
+
+def test_generation_config_carries_the_chat_templates_end_of_turn(make_tiny_llama, chat_tokenizer, tmp_path):
+    folder = tmp_path / "base"
+    make_tiny_llama(folder, vocab_size=len(chat_tokenizer))
+    chat_tokenizer.save_pretrained(folder)
+    trained_adapter(folder, tmp_path / "adapter")
+    merge_adapter(folder, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    generation = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    eos = eos if isinstance(eos, list) else [eos]
+    assert chat_tokenizer.convert_tokens_to_ids("<|im_end|>") in eos
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+
+def test_an_adapter_with_nan_is_refused_and_nothing_is_written(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    trained_adapter(folder, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="holds NaN/Inf"):
+        merge_adapter(folder, tmp_path / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_for_another_base_is_refused(tiny_llama, make_tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    other = tmp_path / "other"
+    make_tiny_llama(other, hidden_size=32, intermediate_size=96)
+    trained_adapter(other, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="has shape"):
+        merge_adapter(folder, tmp_path / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_bad_dtype_and_requantize_values_are_named(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    with pytest.raises(ValueError, match="merge dtype must be one of"):
+        merge_adapter(folder, tmp_path / "a", tmp_path / "m", dtype="int8")
+    with pytest.raises(ValueError, match="requantize must be 'nf4' or 'fp4'"):
+        merge_adapter(folder, tmp_path / "a", tmp_path / "m", requantize="gptq")
