@@ -25,7 +25,6 @@ the whole model in float32 in memory (4 bytes a parameter).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from torch import nn
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoRALinear, lora_layers
 from ..precision import DTYPES, parse_dtype
+from ..train.templates import end_of_turn_ids
 from .atomic import atomic_dir
 from .checkpoint import save_quantized
 from .loader import SKIP_MODULES, bnb_quantization_config, load_model
@@ -42,7 +42,6 @@ from .peft import load_adapter, read_adapter_config
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")  # or bf16, fp16, fp32
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Merging must not change what the model says."
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 @dataclass
@@ -170,13 +169,7 @@ def _set_generation_eos(model, tokenizer) -> None:
     """EOS for generation: the tokenizer's, plus the chat template's end-of-turn token."""
     if tokenizer is None:
         return
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    template = getattr(tokenizer, "chat_template", None) or ""
-    for token in END_OF_TURN:
-        if re.search(re.escape(token), template):
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
-                ids.append(token_id)
+    ids = end_of_turn_ids(tokenizer)
     if ids:
         model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
     if tokenizer.pad_token_id is not None:

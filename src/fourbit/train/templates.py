@@ -128,3 +128,19 @@ def _require_eos(tokenizer, name: str) -> None:
 def _default_pad(tokenizer) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The ids that end an assistant turn: the tokenizer's EOS, then each well-known end-of-turn
+    token that its chat template writes (generation stops on any of them)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for token in END_OF_TURN:
+        if token in template and _is_single_token(tokenizer, token):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id not in ids:
+                ids.append(token_id)
+    return ids
