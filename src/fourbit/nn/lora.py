@@ -136,6 +136,11 @@ def match_targets(model: nn.Module, target: str | Iterable[str], exclude: Iterab
     ``model.layers.0.self_attn.q_proj``).
     """
     linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and not _inside_lora(model, n)]
+    return select_targets(linears, target, exclude)
+
+
+def select_targets(linears: list[str], target: str | Iterable[str], exclude: Iterable[str] = ("lm_head",)) -> list[str]:
+    """:func:`match_targets`' rules applied to a list of linear module names."""
     excluded = set(exclude)
     if isinstance(target, str) and target in ALL_LINEAR:
         chosen = [n for n in linears if n not in excluded and n.rsplit(".", 1)[-1] not in excluded]
