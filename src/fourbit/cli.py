@@ -65,7 +65,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base was trained without double quantization")
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     g.set_defaults(run=_merge)
+
+    c = sub.add_parser("chat", help="chat in the terminal (streaming); /adapter NAME switches adapters")
+    _add_serving_args(c)
+    c.add_argument("--use", default=None, metavar="NAME", help="adapter to start with (default: the first --adapter)")
+    c.set_defaults(run=_chat)
     return parser
+
+
+def _adapter_spec(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, folder
+
+
+def _add_serving_args(p) -> None:
+    p.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=DIR",
+                   help="a PEFT adapter to load under NAME (repeatable)")
+    p.add_argument("--quantization", choices=["nf4", "fp4", "int4", "none"], default="nf4",
+                   help="how to load the base (default nf4; a bnb-4bit folder keeps its own)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _load_for_serving(args):
+    from .io.loader import load_model
+    from .serve.adapters import AdapterSet
+
+    model, tokenizer = load_model(args.source, quantization=None if args.quantization == "none" else args.quantization)
+    adapters = AdapterSet(model)
+    for name, folder in args.adapter:
+        adapters.add(name, folder)
+    return model, tokenizer, adapters
 
 
 def _load(args, quantization):
@@ -131,6 +167,16 @@ def _merge(args) -> None:
     )
     print(report.format())
     print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+def _chat(args) -> None:
+    from .serve.chat import Chat, run
+    from .serve.generate import Sampling
+
+    model, tokenizer, adapters = _load_for_serving(args)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    start = args.use or (args.adapter[0][0] if args.adapter else None)
+    run(Chat(model, tokenizer, adapters, sampling, adapter=start))
 
 
 def main(argv: list[str] | None = None) -> int:
