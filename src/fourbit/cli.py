@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serving_args(c)
     c.add_argument("--use", default=None, metavar="NAME", help="adapter to start with (default: the first --adapter)")
     c.set_defaults(run=_chat)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)")
+    _add_serving_args(v)
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $FOURBIT_API_KEY)")
+    v.add_argument("--served-model-name", default=None, help="the base's name in the API (default: from SRC)")
+    v.add_argument("--adapter-root", default=None,
+                   help="allow /v1/load_lora_adapter for adapter folders under this folder (default: off)")
+    v.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
+    v.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429 (default 64)")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    v.set_defaults(run=_serve)
     return parser
 
 
@@ -177,6 +190,33 @@ def _chat(args) -> None:
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     start = args.use or (args.adapter[0][0] if args.adapter else None)
     run(Chat(model, tokenizer, adapters, sampling, adapter=start))
+
+
+def _serve(args) -> None:
+    import os
+    from pathlib import Path
+
+    from .serve.engine import Engine
+    from .serve.server import Limits, OpenAIServer, make_http_server
+
+    model, tokenizer, adapters = _load_for_serving(args)
+    name = args.served_model_name or (Path(args.source).name if args.source else "smollm2-135m-instruct")
+    api = OpenAIServer(
+        Engine(model, tokenizer, adapters, max_batch=args.max_batch), name,
+        api_key=args.api_key or os.environ.get("FOURBIT_API_KEY") or None,
+        limits=Limits(max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent),
+        adapter_root=args.adapter_root,
+    )
+    server = make_http_server(api, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {name} (adapters: {', '.join(adapters.names) or 'none'}) on http://{host}:{port}/v1"
+          f"{'' if api.api_key else ' without an API key'}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def main(argv: list[str] | None = None) -> int:

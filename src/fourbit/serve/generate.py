@@ -75,7 +75,7 @@ class Delta:
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling | list[Sampling], use_cache: bool = True,
              eos_ids: set[int] | None = None) -> list[Completion]:
     """Complete each prompt (token ids); one :class:`Sampling` for all rows or one per row."""
-    for _ in (run := _Run(model, tokenizer, prompts, sampling, use_cache, eos_ids)).steps():
+    for _ in (run := Generation(model, tokenizer, prompts, sampling, use_cache, eos_ids)).steps():
         pass
     return run.completions()
 
@@ -83,7 +83,7 @@ def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling | li
 def stream(model, tokenizer, prompts: list[list[int]], sampling: Sampling | list[Sampling], use_cache: bool = True,
            eos_ids: set[int] | None = None) -> Iterator[Delta]:
     """Like :func:`generate`, yielding each row's text as it grows (one final Delta per row)."""
-    yield from _Run(model, tokenizer, prompts, sampling, use_cache, eos_ids).steps()
+    yield from Generation(model, tokenizer, prompts, sampling, use_cache, eos_ids).steps()
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -97,7 +97,10 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-class _Run:
+class Generation:
+    """One batch being generated: iterate :meth:`steps` for Deltas; :meth:`completion` gives a
+    row's result once its final Delta has been yielded."""
+
     def __init__(self, model, tokenizer, prompts, sampling, use_cache, eos_ids):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -182,8 +185,11 @@ class _Run:
             if self.finish[row] is None:
                 yield from self._end(row, reason)
 
+    def completion(self, row: int) -> Completion:
+        return Completion(self.text[row], self.out[row], self.finish[row], len(self.prompts[row]))
+
     def completions(self) -> list[Completion]:
-        return [Completion(self.text[i], self.out[i], self.finish[i], len(self.prompts[i])) for i in range(len(self.prompts))]
+        return [self.completion(row) for row in range(len(self.prompts))]
 
 
 def _generator(seed: int | None) -> torch.Generator:

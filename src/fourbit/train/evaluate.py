@@ -22,7 +22,8 @@ def exact_match_accuracy(
     model, tokenizer, conversations: list[list[dict]], skills: list[str] | None = None,
     max_new_tokens: int = 24, batch_size: int = 16, dense_cache: bool | None = None,
 ) -> dict:
-    """Accuracy (and per-skill accuracy when ``skills`` is given) of greedy answers.
+    """Accuracy (and per-skill accuracy when ``skills`` is given) of greedy answers; ``answers``
+    holds every answer, in order.
 
     dense_cache: dequantize the 4-bit weights once for the whole evaluation instead of at every
     decoding step (default: on CPUs, where that dequantization dominates decoding).
@@ -51,7 +52,8 @@ def exact_match_accuracy(
         model.train(was_training)
     correct = [exact_match(a, c[-1]["content"]) for a, c in zip(answers, conversations)]
     result = {"accuracy": sum(correct) / max(len(correct), 1), "correct": sum(correct), "total": len(correct),
-              "examples": [{"answer": a, "reference": c[-1]["content"]} for a, c in zip(answers[:5], conversations)]}
+              "examples": [{"answer": a, "reference": c[-1]["content"]} for a, c in zip(answers[:5], conversations)],
+              "answers": answers}
     if skills:
         by_skill = defaultdict(list)
         for skill, ok in zip(skills, correct):

@@ -1,0 +1,198 @@
+"""The OpenAI-compatible server over real HTTP, driven by the official ``openai`` client.
+
+Expected answers come from serve/generate.py called directly on the same model (greedy, so
+exact), which the generation tests check against transformers' own generate."""
+
+import http.client
+import json
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import fourbit
+from fourbit.nn.lora import lora_layers
+from fourbit.serve import Sampling, generate
+from fourbit.serve.adapters import AdapterSet
+from fourbit.serve.engine import Engine
+from fourbit.serve.server import Limits, OpenAIServer, make_http_server
+
+openai = pytest.importorskip("openai")
+KEY = "sk-test-0123456789"
+
+
+def adapter(folder, out, seed):
+    donor, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
+    torch.manual_seed(seed)
+    fourbit.add_lora(donor, r=4, alpha=64, target="all-linear", verbose=False)
+    for layer in lora_layers(donor).values():
+        nn.init.normal_(layer.lora_B.weight, std=0.5)  # strong enough to change greedy answers
+    fourbit.save_adapter(donor, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(chat_model, tmp_path_factory):
+    """A running server (key required, runtime adapters allowed under a root) and its parts."""
+    _, tokenizer, folder = chat_model
+    root = tmp_path_factory.mktemp("adapter-root")
+    model, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
+    adapters = AdapterSet(model)
+    adapters.add("poet", adapter(folder, root / "poet", seed=1))
+    adapter(folder, root / "spare", seed=2)
+    engine = Engine(model, tokenizer, adapters, max_batch=16, gather_ms=20)
+    api = OpenAIServer(engine, "tiny", api_key=KEY, adapter_root=root,
+                       limits=Limits(max_body_bytes=4096, max_concurrent=24, max_n=3, max_stop=2))
+    server = make_http_server(api, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key=KEY, max_retries=0)
+    yield {"client": client, "api": api, "server": server, "model": model, "tokenizer": tokenizer,
+           "adapters": adapters, "root": root, "engine": engine}
+    server.shutdown()
+    server.server_close()
+
+
+def expected_chat(s, messages, max_tokens, adapter=None):
+    tokenizer = s["tokenizer"]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with s["engine"].lock, s["adapters"].use(adapter):
+        return generate(s["model"], tokenizer, [ids], Sampling(max_new_tokens=max_tokens))[0]
+
+
+def raw(s, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection(*s["server"].server_address[:2], timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+MESSAGES = [{"role": "user", "content": "Name a colour."}]
+
+
+def test_models_lists_the_base_and_adapters(served):
+    ids = [m.id for m in served["client"].models.list().data]
+    assert ids[0] == "tiny" and "poet" in ids
+
+
+def test_chat_completion_and_usage(served):
+    answer = served["client"].chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8)
+    want = expected_chat(served, MESSAGES, 8)
+    assert answer.choices[0].message.content == want.text
+    assert answer.choices[0].finish_reason == want.finish_reason
+    assert answer.usage.prompt_tokens == want.prompt_tokens
+    assert answer.usage.completion_tokens == len(want.token_ids)
+    assert answer.usage.total_tokens == want.prompt_tokens + len(want.token_ids)
+
+
+def test_the_model_field_selects_an_adapter(served):
+    poet = served["client"].chat.completions.create(model="poet", messages=MESSAGES, max_tokens=8)
+    assert poet.choices[0].message.content == expected_chat(served, MESSAGES, 8, "poet").text
+    assert poet.choices[0].message.content != expected_chat(served, MESSAGES, 8).text
+    with pytest.raises(openai.NotFoundError):
+        served["client"].chat.completions.create(model="nobody", messages=MESSAGES, max_tokens=4)
+
+
+def test_streaming_chat_reassembles_the_answer(served):
+    chunks = list(served["client"].chat.completions.create(
+        model="poet", messages=MESSAGES, max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    want = expected_chat(served, MESSAGES, 10, "poet")
+    assert text == want.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_completions_plain_and_streaming(served):
+    tokenizer = served["tokenizer"]
+    want = generate(served["model"], tokenizer, [tokenizer("Once upon a time")["input_ids"]], Sampling(max_new_tokens=7))[0]
+    plain = served["client"].completions.create(model="tiny", prompt="Once upon a time", max_tokens=7)
+    assert plain.choices[0].text == want.text and plain.usage.completion_tokens == len(want.token_ids)
+    streamed = served["client"].completions.create(model="tiny", prompt="Once upon a time", max_tokens=7, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want.text
+
+
+def test_n_choices_with_a_seed_differ_and_repeat(served):
+    ask = dict(model="tiny", messages=MESSAGES, max_tokens=6, n=3, temperature=1.5, seed=11)
+    first = served["client"].chat.completions.create(**ask)
+    again = served["client"].chat.completions.create(**ask)
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1 and [c.index for c in first.choices] == [0, 1, 2]
+
+
+def test_auth_no_key_wrong_key_right_key(served):
+    assert raw(served, "GET", "/v1/models")[0] == 401
+    assert raw(served, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert raw(served, "GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+    assert raw(served, "GET", "/health") == (200, b'{"status": "ok"}')  # no key needed
+    base = str(served["client"].base_url)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+
+
+def test_limits_413_400_and_caps(served):
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"model": "tiny", "prompt": "x" * 5000}).encode()
+    assert raw(served, "POST", "/v1/completions", big, auth)[0] == 413
+    client = served["client"]
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="hello", max_tokens=10_000)  # context is 128
+    with pytest.raises(openai.BadRequestError, match="'n'"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, n=4)
+    with pytest.raises(openai.BadRequestError, match="'stop'"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, stop=["a", "b", "c"])
+    assert raw(served, "POST", "/v1/chat/completions", b"{not json", auth)[0] == 400
+
+
+def test_beyond_max_concurrent_answers_429_at_once(served):
+    api = served["api"]
+    holds = [api.slot() for _ in range(api.limits.max_concurrent)]  # every place taken
+    try:
+        with pytest.raises(openai.RateLimitError):
+            served["client"].chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    finally:
+        for hold in holds:
+            hold.__exit__(None, None, None)
+    assert served["client"].chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
+
+
+def test_a_burst_of_concurrent_requests_is_batched_and_correct(served):
+    questions = [[{"role": "user", "content": f"Count to {i}."}] for i in range(16)]
+    choices = [None if i % 2 else "poet" for i in range(16)]
+    wants = [expected_chat(served, q, 6, c) for q, c in zip(questions, choices)]
+    answers = [None] * 16
+    before = len(served["engine"].batch_sizes)
+
+    def ask(i):
+        answers[i] = served["client"].chat.completions.create(
+            model=choices[i] or "tiny", messages=questions[i], max_tokens=6).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [w.text for w in wants]
+    assert max(served["engine"].batch_sizes[before:]) > 1  # shared forward passes, not one by one
+
+
+def test_runtime_adapters_only_from_under_the_root(served, tmp_path):
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def post(path, body):
+        return raw(served, "POST", path, json.dumps(body).encode(), auth)
+
+    assert post("/v1/load_lora_adapter", {"lora_name": "spare", "lora_path": "spare"})[0] == 200
+    assert "spare" in [m.id for m in served["client"].models.list().data]
+    assert post("/v1/unload_lora_adapter", {"lora_name": "spare"})[0] == 200
+    assert post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "../outside"})[0] == 403
+    assert post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)})[0] == 403
+    (served["root"] / "pickled").mkdir()
+    (served["root"] / "pickled" / "adapter_config.json").write_text(
+        (served["root"] / "spare" / "adapter_config.json").read_text())
+    (served["root"] / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
+    status, body = post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "pickled"})
+    assert status == 400 and b"safetensors" in body
