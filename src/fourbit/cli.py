@@ -104,6 +104,9 @@ def _add_serving_args(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dense-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep dequantized weights in memory between tokens (default: on for a CPU, where "
+                        "dequantizing at every token dominates decoding)")
 
 
 def _load_for_serving(args):
@@ -183,13 +186,18 @@ def _merge(args) -> None:
 
 
 def _chat(args) -> None:
+    import contextlib
+
+    from .nn.linear4bit import dense_weights
     from .serve.chat import Chat, run
     from .serve.generate import Sampling
 
     model, tokenizer, adapters = _load_for_serving(args)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     start = args.use or (args.adapter[0][0] if args.adapter else None)
-    run(Chat(model, tokenizer, adapters, sampling, adapter=start))
+    dense = args.dense_cache if args.dense_cache is not None else next(model.parameters()).device.type == "cpu"
+    with dense_weights(model) if dense else contextlib.nullcontext():
+        run(Chat(model, tokenizer, adapters, sampling, adapter=start))
 
 
 def _serve(args) -> None:
@@ -202,7 +210,7 @@ def _serve(args) -> None:
     model, tokenizer, adapters = _load_for_serving(args)
     name = args.served_model_name or (Path(args.source).name if args.source else "smollm2-135m-instruct")
     api = OpenAIServer(
-        Engine(model, tokenizer, adapters, max_batch=args.max_batch), name,
+        Engine(model, tokenizer, adapters, max_batch=args.max_batch, dense_cache=args.dense_cache), name,
         api_key=args.api_key or os.environ.get("FOURBIT_API_KEY") or None,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent),
         adapter_root=args.adapter_root,

@@ -8,6 +8,10 @@ concurrent requests share forward passes instead of queueing one behind another.
 until its last row finishes; requests that arrive meanwhile form the next batch.
 
 Adapter changes (load, unload) take the same lock as a batch, so they happen between batches.
+
+``dense_cache`` (default: on when the model is on a CPU) dequantizes the 4-bit weights once, for
+the engine's lifetime, instead of at every decoded token (nn/linear4bit.py ``dense_weights``):
+on a CPU that dequantization dominates decoding; it costs the dense model's memory.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..nn.linear4bit import dense_weights
 from .adapters import AdapterSet
 from .generate import Completion, Delta, Generation, Sampling
 
@@ -34,8 +39,13 @@ class _Job:
 
 class Engine:
     def __init__(self, model, tokenizer, adapters: AdapterSet | None = None, max_batch: int = 16,
-                 gather_ms: float = 5.0):
+                 gather_ms: float = 5.0, dense_cache: bool | None = None):
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        if dense_cache is None:
+            dense_cache = next(model.parameters()).device.type == "cpu"
+        self._dense = contextlib.ExitStack()
+        if dense_cache:
+            self._dense.enter_context(dense_weights(model))
         self.max_batch, self.gather = max_batch, gather_ms / 1e3
         self.lock = threading.Lock()  # held while a batch runs, and while adapters change
         self.batch_sizes: list[int] = []  # every batch's size, for tests and the benchmark

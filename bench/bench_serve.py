@@ -1,0 +1,168 @@
+"""Decode speed at batch 1, and the server under concurrent load: fourbit vs its baselines.
+
+    python bench/bench_serve.py [--new-tokens 32] [--requests 16] [--concurrency 8] [--device cpu|cuda]
+
+Questions: (1) how many tokens a second does fourbit's generation loop decode for one sequence,
+next to transformers' own ``generate`` on the same loaded model; (2) how many requests a second
+does ``fourbit serve`` answer when many arrive at once, and how much of that is batching.
+
+Method
+- Model: the embedded SmolLM2-135M-Instruct, NF4 + double quant (fourbit.load_model; compute
+  dtype as load_model picks for the device). Greedy, EOS disabled, so every run decodes exactly
+  --new-tokens tokens; a short chat prompt.
+- Batch 1: fourbit ``serve.generate`` vs ``model.generate`` (transformers, same model object,
+  same KV cache type), alternating, median of --repeats after a warm-up; tokens/s = new tokens
+  / seconds (the prefill included, as a user waits for it). On a CPU both run inside
+  ``dense_weights`` (what the engine does there by default), so neither dequantizes per token.
+- Load: the OpenAI server (serve/server.py) in this process on a free port, driven over HTTP by
+  --concurrency client threads sending --requests chat requests (max_tokens = --new-tokens).
+  Once with the engine batching up to 16 rows, once with max_batch=1 (one request at a time,
+  the baseline). Reported: requests/s, generated tokens/s, latency p50/p90/p99 (seconds from
+  sending a request to its full answer), and the mean batch size the engine formed.
+- Output: a short table last; JSON to $OUT or bench/results/serve-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import statistics
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+import transformers
+
+import fourbit
+from fourbit.nn.linear4bit import dense_weights
+from fourbit.serve import Sampling, generate
+from fourbit.serve.adapters import AdapterSet
+from fourbit.serve.engine import Engine
+from fourbit.serve.server import OpenAIServer, make_http_server
+
+PROMPT = [{"role": "user", "content": "Tell me about the ocean in three sentences."}]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def batch_one(model, tokenizer, ids: list[int], args) -> dict:
+    sampling = Sampling(max_new_tokens=args.new_tokens)
+    ours = lambda: generate(model, tokenizer, [ids], sampling, eos_ids=set())  # noqa: E731
+    tensor = torch.tensor([ids], device=args.device)
+
+    def theirs():
+        with torch.no_grad():
+            # the mask is explicit: with EOS off, generate would take the prompt's <|im_end|> (the pad id
+            # too) for padding and mask it out
+            return model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id)
+
+    dense = dense_weights(model) if args.device == "cpu" else contextlib.nullcontext()
+    with dense:
+        return _time_both(ours, theirs, ids, args)
+
+
+def _time_both(ours, theirs, ids, args) -> dict:
+    ours(), theirs()  # warm-up
+    same = ours()[0].token_ids == theirs()[0, len(ids):].tolist()
+    times = {"fourbit": [], "transformers": []}
+    for _ in range(args.repeats):
+        for name, fn in (("fourbit", ours), ("transformers", theirs)):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    rates = {name: args.new_tokens / statistics.median(t) for name, t in times.items()}
+    return {"tokens_per_s": rates, "ratio": rates["fourbit"] / rates["transformers"], "same_tokens": same}
+
+
+def load(model, tokenizer, args, max_batch: int) -> dict:
+    engine = Engine(model, tokenizer, AdapterSet(model) if max_batch else None, max_batch=max_batch)
+    server = make_http_server(OpenAIServer(engine, "bench"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    body = json.dumps({"model": "bench", "messages": PROMPT, "max_tokens": args.new_tokens}).encode()
+    latencies, tokens, lock = [], [], threading.Lock()
+    pending = list(range(args.requests))
+
+    def client():
+        while True:
+            with lock:
+                if not pending:
+                    return
+                pending.pop()
+            start = time.perf_counter()
+            request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=600) as response:
+                answer = json.loads(response.read())
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                tokens.append(answer["usage"]["completion_tokens"])
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    server.shutdown()
+    server.server_close()
+    sizes = engine.batch_sizes
+    return {"max_batch": max_batch, "seconds": seconds, "requests_per_s": args.requests / seconds,
+            "tokens_per_s": sum(tokens) / seconds, "p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
+            "p99": percentile(latencies, 99), "mean_batch": sum(sizes) / len(sizes)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    model, tokenizer = fourbit.load_model(None, device=args.device)
+    text = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "fourbit": fourbit.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    one = batch_one(model, tokenizer, ids, args)
+    print(f"batch 1: {one}", flush=True)
+    loads = [load(model, tokenizer, args, 16), load(model, tokenizer, args, 1)]
+    for row in loads:
+        print(f"load: {row}", flush=True)
+
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"serve-{args.device}.json"
+    path.write_text(json.dumps({"env": env, "args": vars(args), "batch1": one, "load": loads}, indent=2) + "\n")
+
+    print(f"\nSmolLM2-135M-Instruct NF4, {env['device']}, {args.new_tokens} new tokens ({path})")
+    r = one["tokens_per_s"]
+    print(f"batch 1 decode: fourbit {r['fourbit']:.1f} tok/s, transformers generate {r['transformers']:.1f} tok/s, "
+          f"ratio {one['ratio']:.2f} (same tokens: {one['same_tokens']})")
+    print(f"{'server':<22} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'mean batch':>11}")
+    for row in loads:
+        name = f"max_batch={row['max_batch']}"
+        print(f"{name:<22} {row['requests_per_s']:>7.2f} {row['tokens_per_s']:>7.1f} {row['p50']:>7.2f} "
+              f"{row['p90']:>7.2f} {row['p99']:>7.2f} {row['mean_batch']:>11.2f}")
+    print(f"batching: {loads[0]['requests_per_s'] / loads[1]['requests_per_s']:.2f}x the requests/s of one at a time")
+
+
+if __name__ == "__main__":
+    main()
