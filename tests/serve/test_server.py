@@ -196,3 +196,30 @@ def test_runtime_adapters_only_from_under_the_root(served, tmp_path):
     (served["root"] / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
     status, body = post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "pickled"})
     assert status == 400 and b"safetensors" in body
+
+
+def test_cli_serve_binds_locally_and_takes_the_key_from_the_environment(chat_model, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    _, _, folder = chat_model
+    env = {**os.environ, "FOURBIT_API_KEY": "sk-env", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from fourbit.cli import main; sys.exit(main())",
+                                "serve", str(folder), "--port", "0", "--max-new-tokens", "4"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "the server exited before serving"
+        host, port = re.search(r"http://([\d.]+):(\d+)/v1", line).groups()
+        assert host == "127.0.0.1"
+        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="sk-env", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [folder.name]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
