@@ -56,8 +56,9 @@ class MergeReport:
 
     def format(self) -> str:
         lines = [f"merged {self.layers_merged} LoRA layers into {self.output} ({self.dtype_name})"]
+        weights = "float32" if self.requantized else self.dtype_name  # requantizing starts from the float32 merge
         lines.append(f"  logits vs the unmerged adapter on a {self.probe_tokens}-token probe: "
-                     f"max relative difference {self.merged_error:.2e} ({self.dtype_name} weights)")
+                     f"max relative difference {self.merged_error:.2e} ({weights} weights)")
         if self.requantized:
             lines.append(f"  requantized to {self.requantized}: max relative difference {self.requantized_error:.2e} "
                          "from the unmerged adapter (the error requantizing adds)")
@@ -92,6 +93,8 @@ def merge_adapter(
         raise ValueError(f"merge dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
     if requantize not in (None, "nf4", "fp4"):
         raise ValueError(f"requantize must be 'nf4' or 'fp4' (or None for a dense folder), got {requantize!r}")
+    if Path(output).exists() and not overwrite:  # before the work, not after it (atomic_dir checks again)
+        raise FileExistsError(f"{output} already exists; choose another output folder or pass overwrite")
     read_adapter_config(adapter)  # a missing or unsupported adapter fails before the base loads
     model, tokenizer = load_model(
         base, quantization=base_quantization, double_quant=double_quant, blocksize=blocksize,
