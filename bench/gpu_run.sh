@@ -9,8 +9,13 @@
 #   bash bench/gpu_run.sh decode     # decode at batch 1, same model
 #   bash bench/gpu_run.sh final      # quick checks + train + decode in one call
 #
-# Peers not in the machine's image travel in .gpu/site (git-ignored): bitsandbytes 0.50.2 (its
-# cuda130 library only) and gguf, unpacked from their PyPI wheels.
+# Peers not in the machine's image travel in .gpu/site (carry it; git-ignored): bitsandbytes
+# 0.50.2 (its cuda130 library only: the whole wheel is 43 MB) and gguf, from their PyPI wheels:
+#   echo /.gpu/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_24_x86_64 -d /tmp/whl bitsandbytes==0.50.2 gguf==0.19.0
+#   mkdir -p .gpu/site && (cd .gpu/site && for w in /tmp/whl/*.whl; do unzip -q "$w"; done)
+#   find .gpu/site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130*' -delete
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/.gpu/site" PYTHONUNBUFFERED=1
