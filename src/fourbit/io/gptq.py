@@ -47,7 +47,8 @@ def pack_gptq(quant: GroupQuant) -> dict[str, torch.Tensor]:
 
 
 def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int) -> GroupQuant:
-    """The four v1 tensors -> codes [out, in], float32 scales and zeros [out, groups], g_idx."""
+    """The four v1 tensors -> codes [out, in], float32 scales and zeros [out, groups], g_idx
+    (on the tensors' device)."""
     if bits not in PACKABLE_BITS:
         raise ValueError(f"the GPTQ v1 layout is read for {PACKABLE_BITS}-bit codes, not {bits}-bit")
     maxq = 2**bits - 1
@@ -68,5 +69,5 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 words [...] -> [..., 32 / bits] codes (int64)."""
-    shifts = torch.arange(32 // bits, dtype=torch.int64) * bits
+    shifts = torch.arange(32 // bits, dtype=torch.int64, device=words.device) * bits
     return (words.to(torch.int64)[..., None] & 0xFFFFFFFF) >> shifts & (2**bits - 1)

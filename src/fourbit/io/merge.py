@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..nn.linear4bit import Linear4bit
-from ..nn.lora import LoRALinear, lora_layers
+from ..nn.lora import QUANTIZED_LINEAR_TYPES, LoRALinear, dense_weight, lora_layers
 from ..precision import DTYPES, parse_dtype
 from ..train.templates import end_of_turn_ids
 from .atomic import atomic_dir
@@ -108,7 +108,7 @@ def merge_adapter(
     for name, layer in layers.items():
         model.set_submodule(name, _merged_linear(layer))
     for name, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
+        if isinstance(module, QUANTIZED_LINEAR_TYPES):
             model.set_submodule(name, _dense_linear(module.dequantize(torch.float32), module.bias))
     _drop_fourbit_attributes(model)
     _set_generation_eos(model, tokenizer)
@@ -133,16 +133,10 @@ def merge_adapter(
 
 
 def _merged_linear(layer: LoRALinear) -> nn.Linear:
-    weight = _dense_base_weight(layer.base_layer) + layer.delta_weight(torch.float32)
+    weight = dense_weight(layer.base_layer, torch.float32) + layer.delta_weight(torch.float32)
     if layer.use_dora:
         weight = layer.lora_magnitude_vector.float()[:, None] * weight / weight.norm(dim=1, keepdim=True)
     return _dense_linear(weight, getattr(layer.base_layer, "bias", None))
-
-
-def _dense_base_weight(base: nn.Module) -> torch.Tensor:
-    if isinstance(base, Linear4bit):
-        return base.dequantize(torch.float32)
-    return base.weight.detach().float()
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -1,5 +1,6 @@
-"""Modules: the 4-bit linear layer (and, later, the int8/GPTQ/AWQ linears and LoRA)."""
+"""Modules: the 4-bit linear layers (NF4/FP4, GPTQ) and the LoRA wrapper (and, later, int8/AWQ)."""
 
+from .gptq_linear import GPTQLinear
 from .linear4bit import Linear4bit
 
-__all__ = ["Linear4bit"]
+__all__ = ["GPTQLinear", "Linear4bit"]

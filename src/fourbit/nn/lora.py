@@ -5,7 +5,8 @@
 
 A starts Kaiming-uniform (bound 1/sqrt(in), as nn.Linear's default) and B at zero, so the wrapped
 model starts out exactly equal to the base. The base is any module computing ``x @ W^T + b``:
-``nn.Linear``, :class:`~fourbit.nn.Linear4bit`, and later the int8/GPTQ/AWQ layers. It is
+``nn.Linear``, :class:`~fourbit.nn.Linear4bit`, :class:`~fourbit.nn.GPTQLinear` (and later the
+int8/AWQ layers). It is
 wrapped, never subclassed, and stays frozen; the adapter is kept in its own (higher) precision
 and the input is cast to it. The gradient flows to A and B through autograd; through a 4-bit
 base it needs only dL/dx = dL/dy @ W, which Linear4bit computes from its packed bytes.
@@ -32,9 +33,11 @@ import torch
 from torch import nn
 
 from ..kernels.lora import qlora_linear
+from .gptq_linear import GPTQLinear
 from .linear4bit import Linear4bit
 
-LINEAR_TYPES = (nn.Linear, Linear4bit)
+QUANTIZED_LINEAR_TYPES = (Linear4bit, GPTQLinear)  # frozen, with dequantize(dtype)
+LINEAR_TYPES = (nn.Linear, *QUANTIZED_LINEAR_TYPES)
 ALL_LINEAR = ("all-linear", "all")
 
 
@@ -68,7 +71,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        device = base_layer.weight.device
+        device = next(iter(base_layer.state_dict(keep_vars=True).values())).device  # the weight, or a quantized layer's buffers
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
