@@ -1,0 +1,137 @@
+"""GPTQ over a whole model, one decoder layer at a time (quant/gptq.py does one weight).
+
+    inputs_0  = what the first decoder layer receives for each calibration sequence
+    for each decoder layer L:
+        run L on inputs_L, accumulating each linear's Hessian from the inputs it sees
+        quantize each linear with GPTQ and put a GPTQLinear in its place
+        inputs_{L+1} = L(inputs_L), recomputed with the quantized layer
+
+so every layer is fitted to the inputs the already-quantized layers before it produce, and
+only one layer (plus the calibration activations) needs to be on ``device`` at a time: the
+others stay where the model is (the CPU, for a model larger than the GPU). Within a layer all
+linears see the layer's unquantized inputs in one pass (AutoGPTQ's ``true_sequential=False``).
+The embeddings and lm_head are not quantized. Works for models whose decoder layers are
+``model.model.layers`` (Llama, Mistral, Qwen2 and the like in transformers).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn.gptq_linear import GPTQLinear
+from .gptq import Hessian, gptq_quantize
+
+MIN_TOKENS = 128
+
+
+@dataclass
+class GPTQReport:
+    layers: int
+    linears: int
+    sequences: int
+    tokens: int
+    seconds: float
+    losses: dict[str, float] = field(default_factory=dict)  # each linear's GPTQ objective
+
+    def format(self) -> str:
+        return (f"GPTQ: {self.linears} linear layers in {self.layers} decoder layers, calibrated on "
+                f"{self.sequences} sequences ({self.tokens} tokens), {self.seconds:.1f} s")
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def quantize_model_gptq(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    act_order: bool = False,
+    damp: float = 0.01,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> GPTQReport:
+    """Replace every linear of ``model``'s decoder layers by its GPTQ quantization, in place.
+
+    calibration: token ids [sequences, length]; at least MIN_TOKENS tokens in all.
+    """
+    if calibration.dim() != 2 or calibration.numel() < MIN_TOKENS:
+        raise ValueError(f"GPTQ needs calibration token ids [sequences, length] with at least {MIN_TOKENS} tokens, "
+                         f"got shape {tuple(calibration.shape)}")
+    layers = _decoder_layers(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    start = time.perf_counter()
+    inputs = _first_layer_inputs(model, layers[0], calibration, batch_size, device)
+    report = GPTQReport(len(layers), 0, calibration.shape[0], calibration.numel(), 0.0)
+    for index, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer", disable=not progress)):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        hessians = {n: Hessian(m.in_features, device) for n, m in linears.items()}
+        hooks = [m.register_forward_hook(lambda mod, args, out, h=hessians[n]: h.add(args[0]))
+                 for n, m in linears.items()]
+        for args, kwargs in inputs:
+            layer(*args, **kwargs)
+        for hook in hooks:
+            hook.remove()
+        for name, linear in linears.items():
+            quant, loss = gptq_quantize(linear.weight, hessians[name].H, bits, group_size, sym, act_order, damp)
+            replacement = GPTQLinear.from_quant(quant, linear.bias, group_size, compute_dtype=linear.weight.dtype)
+            layer.set_submodule(name, replacement.to(device))
+            report.losses[f"layers.{index}.{name}"] = loss
+            report.linears += 1
+        inputs = [((_output(layer(*args, **kwargs)),) + args[1:], kwargs) for args, kwargs in inputs]
+        layer.to(home)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"{type(model).__name__} has no model.layers: GPTQ runs on decoder-only models laid out "
+                         "like Llama (model.model.layers)")
+    return layers
+
+
+def _first_layer_inputs(model, first, calibration, batch_size, device) -> list[tuple[tuple, dict]]:
+    """What the first decoder layer is called with, per batch of sequences (positional, keyword)."""
+    captured = []
+
+    def catch(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Captured
+
+    hook = first.register_forward_pre_hook(catch, with_kwargs=True)
+    home = next(model.parameters()).device
+    try:
+        model.to(device) if home == device else _embedding_parts_to(model, device)
+        for batch in calibration.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        hook.remove()
+    return captured
+
+
+def _embedding_parts_to(model, device) -> None:
+    """What runs before the first layer (embeddings, rotary tables) onto ``device``."""
+    inner = model.model
+    for name in ("embed_tokens", "rotary_emb"):
+        if hasattr(inner, name):
+            getattr(inner, name).to(device)
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result
