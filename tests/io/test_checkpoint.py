@@ -95,5 +95,5 @@ def test_failed_overwrite_keeps_the_old_folder(tiny_llama, tmp_path, monkeypatch
 def test_dense_model_cannot_be_saved_as_4bit(tiny_llama, tmp_path):
     folder, _ = tiny_llama
     model, _ = load_model(folder, quantization=None)
-    with pytest.raises(ValueError, match="holds no 4-bit layers"):
+    with pytest.raises(ValueError, match="holds no quantized layers"):
         save_quantized(model, None, tmp_path / "out")

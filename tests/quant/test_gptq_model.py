@@ -48,3 +48,24 @@ def test_too_little_calibration_and_other_architectures_are_refused(make_tiny_ll
         quantize_model_gptq(model, tokens(2, 16, seed=0))
     with pytest.raises(ValueError, match="no model.layers"):
         quantize_model_gptq(nn.Sequential(nn.Linear(4, 4)), tokens(8, 32, seed=0))
+
+
+def test_a_gptq_folder_round_trips_through_load_model(make_tiny_llama, tmp_path):
+    import json
+
+    import fourbit
+    from fourbit.io.gptq import gptq_quantization_config
+
+    model = make_tiny_llama(tmp_path / "m", seed=5)
+    quantize_model_gptq(model, tokens(16, 32, seed=0), bits=4, group_size=32, act_order=True)
+    model.config.quantization_config = gptq_quantization_config(4, 32, True, True, 0.01)
+    fourbit.save_quantized(model, None, tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["desc_act"] is True
+    assert json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())["group_size"] == 32
+    loaded, _ = fourbit.load_model(tmp_path / "gptq", torch_dtype="float32", compute_dtype="float32")
+    assert sum(isinstance(m, GPTQLinear) for m in loaded.modules()) == 14
+    assert loaded.model.layers[0].self_attn.q_proj.scales.dtype == torch.float16  # stored as the format says
+    ids = tokens(2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -1,7 +1,8 @@
-"""Writing a quantized model as a Hugging Face bnb-4bit folder.
+"""Writing a quantized model as a Hugging Face folder: bnb-4bit, or GPTQ v1 (io/gptq.py; then
+also AutoGPTQ's quantize_config.json).
 
-The folder is what transformers + bitsandbytes write with ``save_pretrained`` for a model
-loaded with ``BitsAndBytesConfig(load_in_4bit=True, ...)``, so either stack can read it:
+For bnb-4bit, the folder is what transformers + bitsandbytes write with ``save_pretrained`` for a
+model loaded with ``BitsAndBytesConfig(load_in_4bit=True, ...)``, so either stack can read it:
 
     config.json              the model config plus ``quantization_config`` (bitsandbytes 4-bit)
     model.safetensors        per quantized weight P: P.weight (uint8 packed codes), P.weight.absmax,
@@ -11,11 +12,13 @@ loaded with ``BitsAndBytesConfig(load_in_4bit=True, ...)``, so either stack can 
     generation_config.json   when the model has one
     tokenizer files          when a tokenizer is given
 
-The folder is written next to its destination and renamed into place (io/atomic.py).
+A GPTQ model (GPTQLinear layers, quantization_config from io/gptq.py) writes the same files, its
+layers as P.qweight, P.qzeros, P.scales, P.g_idx (and P.bias). The folder is written next to its destination and renamed into place (io/atomic.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,11 +31,13 @@ from .atomic import atomic_dir
 def save_quantized(model, tokenizer, output: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model`` (from :func:`fourbit.load_model`) and ``tokenizer`` to ``output``."""
     if getattr(model.config, "quantization_config", None) is None:
-        raise ValueError("the model holds no 4-bit layers to save; load it with quantization='nf4' or 'fp4'")
+        raise ValueError("the model holds no quantized layers to save; load it with quantization='nf4' or 'fp4'")
     tensors = _unshared_state_dict(model)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
+        if model.config.quantization_config.get("quant_method") == "gptq":  # AutoGPTQ reads its own file
+            (tmp / "quantize_config.json").write_text(json.dumps(model.config.quantization_config, indent=2))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:

@@ -71,3 +71,12 @@ def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 words [...] -> [..., 32 / bits] codes (int64)."""
     shifts = torch.arange(32 // bits, dtype=torch.int64, device=words.device) * bits
     return (words.to(torch.int64)[..., None] & 0xFFFFFFFF) >> shifts & (2**bits - 1)
+
+
+def gptq_quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, damp: float) -> dict:
+    """config.json ``quantization_config`` for a GPTQ v1 folder, as transformers' GPTQConfig and
+    AutoGPTQ's quantize_config.json name the settings (within-layer order: not true-sequential)."""
+    return {
+        "quant_method": "gptq", "bits": bits, "group_size": group_size, "damp_percent": damp, "desc_act": act_order,
+        "sym": sym, "true_sequential": False, "static_groups": False, "checkpoint_format": "gptq", "format": "gptq",
+    }

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..nn.gptq_linear import GPTQLinear
 from ..nn.linear4bit import Linear4bit
+from .gptq import PACKABLE_BITS
 from ..precision import parse_dtype, resolve_compute_dtype
 from ..quant.blockwise import check_blocksize
 from ..quant.dtypes import check_quant_type
@@ -64,8 +66,11 @@ def load_model(
     source = open_source(path_or_id)
     compute = resolve_compute_dtype(compute_dtype, device)
     dtype = compute if torch_dtype == "auto" else parse_dtype(torch_dtype)
-    stored = _bnb_4bit_settings(source.quantization_config)
-    if stored is not None:
+    gptq = gptq_settings(source.quantization_config)
+    stored = None if gptq is not None else _bnb_4bit_settings(source.quantization_config)
+    if gptq is not None:
+        quantized = set()  # the 4-bit layers come as GPTQLinear shells below
+    elif stored is not None:
         quantization, double_quant = stored
         quantized = set(_expected_quant_keys(source.tensor_names()))
     elif quantization is not None:
@@ -79,12 +84,42 @@ def load_model(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     targets = _swap_linears(model, quantized, skip_modules, quantization or "nf4", blocksize, double_quant, compute)
+    if gptq is not None:
+        _swap_gptq_linears(model, source.tensor_names(), gptq, compute)
 
     _fill(model, source, targets, stored is not None, device, dtype, progress)
     model.eval()
-    if quantization is not None:
+    if gptq is not None:
+        model.config.quantization_config = source.quantization_config
+    elif quantization is not None:
         model.config.quantization_config = bnb_quantization_config(quantization, double_quant, compute)
     return model, source.tokenizer()
+
+
+def gptq_settings(qconfig: dict | None) -> tuple[int, int] | None:
+    """(bits, group_size) of a GPTQ v1 checkpoint, None for any other."""
+    if not qconfig or qconfig.get("quant_method") != "gptq":
+        return None
+    layout = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
+    if layout != "gptq":
+        raise ValueError(f"GPTQ checkpoint_format {layout!r} is not supported; fourbit reads the 'gptq' (v1) layout")
+    bits, group_size = int(qconfig.get("bits", 4)), int(qconfig.get("group_size", -1))
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"{bits}-bit GPTQ checkpoints are not supported; fourbit reads {PACKABLE_BITS}-bit ones")
+    return bits, group_size
+
+
+def _swap_gptq_linears(model, tensor_names: list[str], gptq: tuple[int, int], compute) -> None:
+    """Replace each linear whose ``qweight`` the checkpoint holds with an empty GPTQLinear."""
+    names = set(tensor_names)
+    bits, group_size = gptq
+    for name in [n.removesuffix(".qweight") for n in tensor_names if n.endswith(".qweight")]:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"the checkpoint holds GPTQ tensors for {name}, which is not a linear layer of this model")
+        shell = GPTQLinear(module.in_features, module.out_features, bits, group_size, f"{name}.bias" in names,
+                           compute, device="meta")
+        model.set_submodule(name, shell)
 
 
 def _bnb_4bit_settings(qconfig: dict | None) -> tuple[str, bool] | None:
@@ -176,7 +211,7 @@ def _fill(model, source, targets, prequantized, device, dtype, progress) -> None
             unexpected.append(name)
             continue
         tensor = load()
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and not isinstance(owner, GPTQLinear):  # GPTQ keeps its float16 as stored
             tensor = tensor.to(dtype)
         _set_tensor(owner, attr, tensor.to(device))
     if pending:
@@ -214,6 +249,9 @@ def _set_tensor(module: nn.Module, attr: str, tensor: torch.Tensor) -> None:
             raise ValueError(f"checkpoint tensor for {attr} has shape {tuple(tensor.shape)}; the model expects {tuple(old.shape)}")
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad and tensor.is_floating_point())
     else:
+        old = module._buffers[attr]
+        if old is not None and tuple(old.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor for {attr} has shape {tuple(tensor.shape)}; the model expects {tuple(old.shape)}")
         module._buffers[attr] = tensor
 
 
@@ -222,6 +260,10 @@ def _finish(model, device) -> None:
     (rotary frequencies), and refuse a model with weights the checkpoint did not provide."""
     if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
+    unfilled = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, GPTQLinear)
+                for b, t in m._buffers.items() if t is not None and t.is_meta]
+    if unfilled:
+        raise ValueError(f"the checkpoint lacks {len(unfilled)} GPTQ tensors the model needs, e.g. {unfilled[:5]}")
     for module in model.modules():
         meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
         if meta:
