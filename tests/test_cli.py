@@ -62,3 +62,42 @@ def test_merge_writes_a_dense_folder_and_prints_the_error(tiny_llama, tmp_path, 
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
     assert main(argv) == 2  # the output exists: refused, one line
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.fixture
+def folder_with_tokenizer(make_tiny_llama, chat_tokenizer, tmp_path):
+    folder = tmp_path / "base"
+    make_tiny_llama(folder, seed=7, vocab_size=len(chat_tokenizer))
+    chat_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_quantize_gptq_and_rtn_write_a_gptq_folder_fourbit_loads(folder_with_tokenizer, tmp_path, capsys, method):
+    import fourbit
+    from fourbit.nn import GPTQLinear
+
+    out = tmp_path / method
+    argv = ["quantize", str(folder_with_tokenizer), "--method", method, "--group-size", "32", "--seq-len", "64",
+            "--calibration-tokens", "1024", "--output", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    if method == "gptq":
+        assert "calibration: 16 sequences x 64 tokens (1024 tokens) from fourbit's built-in task" in printed
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["group_size"] == 32 and config["bits"] == 4
+    model, _ = fourbit.load_model(out, torch_dtype="float32")
+    layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    assert len(layers) == 14 and all(m.scales.dtype == torch.float16 for m in layers)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype == torch.int32
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16  # --dtype's default
+
+
+def test_quantize_gptq_names_too_little_calibration(folder_with_tokenizer, tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("too short")
+    argv = ["quantize", str(folder_with_tokenizer), "--method", "gptq", "--calibration", str(tmp_path / "tiny.txt"),
+            "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "GPTQ needs at least one sequence" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -39,9 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and a memory estimate, then stop")
     t.set_defaults(run=_train)
 
-    q = sub.add_parser("quantize", help="write a bnb-4bit Hugging Face folder")
+    q = sub.add_parser("quantize", help="write a quantized Hugging Face folder: bnb-4bit (nf4, fp4) or GPTQ (gptq, rtn)")
     q.add_argument("source", help="model folder, .gguf file, hub id, or 'default'")
-    _add_quant_args(q, ("nf4", "fp4"), "--method")
+    _add_quant_args(q, ("nf4", "fp4", "gptq", "rtn"), "--method")
+    q.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="gptq/rtn: bits per weight (default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="gptq/rtn: inputs per scale, -1 for one per row (default 128)")
+    q.add_argument("--act-order", action="store_true", help="gptq: quantize the most-used input columns first")
+    q.add_argument("--asym", action="store_true", help="gptq/rtn: asymmetric grid (a zero point per group)")
+    q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping (default 0.01)")
+    q.add_argument("--calibration", default=None, help="gptq: .txt or .jsonl file (default: fourbit's built-in task)")
+    q.add_argument("--calibration-tokens", type=int, default=16384, help="gptq: tokens of calibration (default 16384)")
+    q.add_argument("--seq-len", type=int, default=512, help="gptq: tokens per calibration sequence (default 512)")
     q.add_argument("--output", "-o", required=True, help="folder to create")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.set_defaults(run=_quantize)
@@ -156,10 +164,45 @@ def _train(args) -> None:
 def _quantize(args) -> None:
     from .io.checkpoint import save_quantized
 
+    if args.method in ("gptq", "rtn"):
+        return _quantize_gptq(args)
     model, tokenizer, seconds = _load(args, args.method)
     path = save_quantized(model, tokenizer, args.output, overwrite=args.overwrite)
     print(f"quantized {args.source} to {args.method} (block {args.blocksize}, "
           f"double quant {'on' if args.double_quant else 'off'}) in {seconds:.1f} s -> {path}")
+
+
+def _quantize_gptq(args) -> None:
+    import torch
+
+    from .io.checkpoint import save_quantized
+    from .io.gptq import gptq_quantization_config
+    from .io.loader import load_model
+    from .precision import parse_dtype
+    from .quant.calibration import calibration_tokens
+    from .quant.gptq_model import quantize_model_gptq, quantize_model_rtn
+
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(args.source, quantization=None, torch_dtype="float32", device=device)
+    if args.method == "gptq":
+        ids, origin = calibration_tokens(tokenizer, args.calibration, args.calibration_tokens, args.seq_len)
+        print(f"calibration: {origin}", flush=True)
+        report = quantize_model_gptq(model, ids, args.bits, args.group_size, not args.asym, args.act_order, args.damp,
+                                     progress=True)
+        done = report.format()
+    else:
+        done = f"round-to-nearest: {quantize_model_rtn(model, args.bits, args.group_size, not args.asym)} linear layers"
+    dtype = parse_dtype(args.dtype)
+    model.to(dtype)  # the unquantized weights; GPTQ's buffers keep their integer and float16 types
+    for module in model.modules():
+        if hasattr(module, "qweight"):
+            module.compute_dtype = dtype
+    model.config.quantization_config = gptq_quantization_config(
+        args.bits, args.group_size, not args.asym, args.act_order and args.method == "gptq", args.damp)
+    path = save_quantized(model, tokenizer, args.output, overwrite=args.overwrite)
+    print(f"{done}; {args.bits}-bit, group {args.group_size}, {'asym' if args.asym else 'sym'} in "
+          f"{time.perf_counter() - start:.1f} s -> {path}")
 
 
 def _memory(args) -> None:

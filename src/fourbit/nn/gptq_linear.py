@@ -71,6 +71,16 @@ class GPTQLinear(nn.Module):
         bias = self.bias.to(dtype) if self.bias is not None else None
         return _FrozenLinear.apply(x.to(dtype), self.dequantize, bias).to(x.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the buffers; a dtype cast (model.half(), .to(bfloat16)) must not change
+        # them: the integer words are not floats, and the format stores scales and bias in float16.
+        super()._apply(fn, recurse)
+        for name in ("scales", "bias"):
+            tensor = self._buffers.get(name)
+            if tensor is not None and tensor.dtype != torch.float16 and not tensor.is_meta:
+                self._buffers[name] = tensor.half()
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..nn.gptq_linear import GPTQLinear
 from .gptq import Hessian, gptq_quantize
+from .groupwise import quantize_rtn
 
 MIN_TOKENS = 128
 
@@ -135,3 +136,15 @@ def _embedding_parts_to(model, device) -> None:
 
 def _output(result):
     return result[0] if isinstance(result, tuple) else result
+
+
+def quantize_model_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, sym: bool = True) -> int:
+    """Round-to-nearest on GPTQ's grid for every linear of the decoder layers, in place (the
+    baseline, same layout); returns how many layers it quantized."""
+    count = 0
+    for layer in _decoder_layers(model):
+        for name, linear in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
+            quant = quantize_rtn(linear.weight.detach(), bits, group_size, sym)
+            layer.set_submodule(name, GPTQLinear.from_quant(quant, linear.bias, group_size, linear.weight.dtype))
+            count += 1
+    return count
