@@ -184,6 +184,8 @@ class OpenAIServer:
             raise APIError(403, f"{path!r} is outside the adapter root", kind="permission_error", param="lora_path")
         if name == self.model_name:
             raise APIError(400, f"{name!r} is the base model's name", param="lora_name")
+        if self.engine.adapters is None:
+            raise APIError(400, "this server's engine holds no adapter set to load into")
         with self.engine.lock:
             try:
                 self.engine.adapters.add(name, folder)
@@ -258,6 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(e.status, e.body())
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as e:  # noqa: BLE001 - e.g. an adapter removed while its request waited
+            self._json(500, APIError(500, f"the request failed: {e}", kind="server_error").body())
 
     def _drain(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
