@@ -1,4 +1,5 @@
-"""Running models: generation, several adapters on one base (and, to come, chat and the server)."""
+"""Running models: generation, several adapters on one base, the terminal chat, the batching
+engine and the OpenAI-compatible server."""
 
 from .generate import Completion, Delta, Sampling, generate, stream
 

@@ -129,7 +129,7 @@ class Generation:
             if self.use_cache and cache is not None:
                 positions = positions[:, -1:]
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=self.use_cache)
+                             past_key_values=cache, use_cache=self.use_cache, logits_to_keep=1)
             cache = out.past_key_values if self.use_cache else None
             tokens = self._choose(out.logits[:, -1].float())
             yield from self._advance(tokens)
