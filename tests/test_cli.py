@@ -101,3 +101,19 @@ def test_quantize_gptq_names_too_little_calibration(folder_with_tokenizer, tmp_p
     assert main(argv) == 2
     assert "GPTQ needs at least one sequence" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_prints_the_perplexity_of_a_model_and_adapter(folder_with_tokenizer, tmp_path, capsys):
+    import fourbit
+    from fourbit.perplexity import perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. " * 40)
+    model, tokenizer = fourbit.load_model(folder_with_tokenizer)  # the CLI's defaults
+    fourbit.add_lora(model, r=2, alpha=4, target=["q_proj"], verbose=False)
+    fourbit.save_adapter(model, tmp_path / "a")
+    want = perplexity(model, tokenizer(text.read_text(), add_special_tokens=False)["input_ids"], 64, 32)
+    argv = ["eval", str(folder_with_tokenizer), "--adapter", str(tmp_path / "a"), "--perplexity", str(text),
+            "--context", "64"]
+    assert main(argv) == 0
+    assert want.format() in capsys.readouterr().out  # the same model, loaded the same way, same windows

@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429 (default 64)")
     v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     v.set_defaults(run=_serve)
+
+    e = sub.add_parser("eval", help="perplexity of a model (with an adapter) on a text file, sliding window")
+    e.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    e.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT adapter to apply")
+    e.add_argument("--perplexity", required=True, metavar="FILE", help=".txt, or .jsonl with a 'text' field per row")
+    e.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context / 2)")
+    e.add_argument("--quantization", choices=["nf4", "fp4", "int4", "none"], default="nf4",
+                   help="how to load a dense SRC (default nf4; quantized folders keep their own)")
+    e.set_defaults(run=_eval)
     return parser
 
 
@@ -268,6 +278,21 @@ def _serve(args) -> None:
         pass
     finally:
         server.server_close()
+
+
+def _eval(args) -> None:
+    from .io.loader import load_model
+    from .io.peft import load_adapter
+    from .perplexity import perplexity, read_text_tokens
+
+    model, tokenizer = load_model(args.source, quantization=None if args.quantization == "none" else args.quantization)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    if tokenizer is None:
+        raise ValueError(f"{args.source} has no tokenizer to read {args.perplexity} with")
+    result = perplexity(model, read_text_tokens(tokenizer, args.perplexity), args.context, args.stride)
+    print(f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}{' + ' + args.adapter if args.adapter else ''}: "
+          f"{result.format()}")
 
 
 def main(argv: list[str] | None = None) -> int:
