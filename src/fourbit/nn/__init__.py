@@ -1,6 +1,7 @@
-"""Modules: the 4-bit linear layers (NF4/FP4, GPTQ) and the LoRA wrapper (and, later, int8/AWQ)."""
+"""Modules: the quantized linear layers (NF4/FP4, GPTQ, LLM.int8()) and the LoRA wrapper."""
 
 from .gptq_linear import GPTQLinear
 from .linear4bit import Linear4bit
+from .linear8bit import Linear8bit
 
-__all__ = ["GPTQLinear", "Linear4bit"]
+__all__ = ["GPTQLinear", "Linear4bit", "Linear8bit"]

@@ -1,0 +1,83 @@
+"""Linear8bit: a frozen linear layer in LLM.int8() form (quant/int8.py), stored as transformers +
+bitsandbytes store 8-bit layers (../shared/REFERENCE.md §3):
+
+    P.weight         int8 [out, in]    CB, the row-wise absmax codes
+    P.SCB            float32 [out]     each row's absmax
+    P.weight_format  uint8 scalar 0    "row" layout (the only one written or read)
+
+Forward: the int8 product with outlier decomposition at ``threshold`` (default 6.0, as
+transformers' llm_int8_threshold). As a LoRA base, backward needs only dL/dx, computed with the
+int8-dequantized weight (the activation rounding passes the gradient straight through, as in
+bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.int8 import DEFAULT_THRESHOLD, dequantize_weight_int8, int8_matmul, quantize_weight_int8
+
+
+class _Int8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cb, scb, bias, threshold):
+        ctx.save_for_backward(cb, scb)
+        ctx.has_bias = bias is not None
+        return int8_matmul(x, cb, scb, bias, threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cb, scb = ctx.saved_tensors
+        grad_x = grad_out @ dequantize_weight_int8(cb, scb, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_bias, None
+
+
+class Linear8bit(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = DEFAULT_THRESHOLD,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.threshold = in_features, out_features, threshold
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("SCB", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("weight_format", torch.zeros((), dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD) -> Linear8bit:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold,
+                    device=linear.weight.device)
+        cb, scb = quantize_weight_int8(linear.weight)
+        layer.weight.data.copy_(cb)
+        layer.SCB.copy_(scb)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_weight_int8(self.weight, self.SCB, dtype or torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Int8Matmul.apply(x, self.weight, self.SCB, self.bias, self.threshold)
+
+    def _apply(self, fn, recurse=True):
+        # dtype casts of the model (.half(), .to(bfloat16)) leave the row scales in float32
+        super()._apply(fn, recurse)
+        if self.SCB.dtype != torch.float32 and not self.SCB.is_meta:
+            self._buffers["SCB"] = self.SCB.float()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        fmt = state_dict.get(prefix + "weight_format")
+        if fmt is not None and int(fmt) != 0:
+            error_msgs.append(f"{prefix}weight_format is {int(fmt)}; only the row layout (0) is read")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"threshold={self.threshold}")

@@ -1,0 +1,89 @@
+"""LLM.int8() against float references, with and without outlier features."""
+
+import pytest
+import torch
+from torch import nn
+
+from fourbit.nn import Linear8bit
+from fourbit.nn.lora import LoRALinear
+from fourbit.quant.int8 import dequantize_weight_int8, int8_matmul, outlier_features, quantize_weight_int8
+
+
+def relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_weight_codes_by_hand():
+    w = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [2.0, 1.0, -0.5]])
+    cb, scb = quantize_weight_int8(w)
+    assert scb.tolist() == [1.0, 0.0, 2.0]
+    # 127 * w / absmax, rounded half to even: 63.5 -> 64, 31.75 -> 32; -31.75 -> -32
+    assert cb.tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, -32]]
+    assert torch.equal(dequantize_weight_int8(cb, scb)[1], torch.zeros(3))
+
+
+def test_the_integer_product_is_exact():
+    # The same int8 codes multiplied in float64 by this test: the kernel's int32 sums must agree to
+    # float32 output rounding (the scaling is done in float32).
+    x, w = torch.randn(24, 96), torch.randn(40, 96)
+    cb, scb = quantize_weight_int8(w)
+    sca = x.abs().amax(dim=1)
+    ca = torch.round(x * (127 / sca)[:, None])
+    want = (ca.double() @ cb.double().T) * (sca.double()[:, None] * scb.double()[None, :] / 127**2)
+    assert relative(int8_matmul(x, cb, scb, threshold=0.0), want) < 1e-6
+
+
+def test_int8_without_outliers_is_close_to_the_float_product():
+    x, w, b = torch.randn(32, 128), torch.randn(64, 128) * 0.05, torch.randn(64)
+    cb, scb = quantize_weight_int8(w)
+    # each operand rounded to 1/254 of its row's absmax: about 0.5% relative error in RMS; 2e-2 bounds it
+    assert relative(int8_matmul(x, cb, scb, b, threshold=0.0), x.double() @ w.double().T + b.double()) < 2e-2
+
+
+def test_outlier_features_go_through_floating_point():
+    torch.manual_seed(0)
+    x, w = torch.randn(32, 128), torch.randn(64, 128) * 0.05
+    x[:, [3, 77]] *= 40  # two outlier features, as large models grow
+    cb, scb = quantize_weight_int8(w)
+    assert outlier_features(x, 6.0).tolist() == [3, 77]
+    want = x.double() @ w.double().T
+    with_split, without = relative(int8_matmul(x, cb, scb, threshold=6.0), want), relative(int8_matmul(x, cb, scb, threshold=0.0), want)
+    assert with_split < 2e-2 and with_split < 0.5 * without, (with_split, without)
+    # the outlier columns use the int8-dequantized weight: exact for those columns' contribution
+    only = torch.zeros_like(x)
+    only[:, [3, 77]] = x[:, [3, 77]]
+    assert relative(int8_matmul(only, cb, scb, threshold=6.0), only.double() @ dequantize_weight_int8(cb, scb).double().T) < 1e-6
+
+
+def test_linear8bit_layout_round_trip_and_lora():
+    torch.manual_seed(1)
+    layer = Linear8bit.from_linear(nn.Linear(128, 32))
+    state = layer.state_dict()
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in state.items()} == {
+        "weight": (torch.int8, (32, 128)), "SCB": (torch.float32, (32,)), "weight_format": (torch.uint8, ()),
+        "bias": (torch.float32, (32,))}
+    fresh = Linear8bit(128, 32)
+    fresh.load_state_dict(state)
+    x = torch.randn(4, 128)
+    assert torch.equal(fresh(x), layer(x))
+    assert layer.to(torch.bfloat16).SCB.dtype == torch.float32  # dtype casts keep the row scales
+    bad = dict(state, weight_format=torch.tensor(1, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="only the row layout"):
+        Linear8bit(128, 32).load_state_dict(bad)
+
+
+def test_lora_trains_on_an_int8_base():
+    torch.manual_seed(2)
+    base = Linear8bit.from_linear(nn.Linear(128, 32, bias=False))
+    lora = LoRALinear(base, r=8, alpha=16)
+    x = torch.randn(256, 128)
+    target = x @ (base.dequantize() + 0.05 * torch.randn(32, 4) @ torch.randn(4, 128)).T
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(150):
+        loss = nn.functional.mse_loss(lora(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]  # a rank-4 change an r=8 adapter can represent
