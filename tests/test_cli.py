@@ -38,7 +38,7 @@ def test_errors_are_one_line_and_exit_2(tiny_llama, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["quantize", "x", "--method", "int8", "-o", "y"], ["memory", "--blocksize", "100"]])
+@pytest.mark.parametrize("argv", [["quantize", "x", "--method", "q8_0", "-o", "y"], ["memory", "--blocksize", "100"]])
 def test_invalid_choices_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -117,3 +117,18 @@ def test_eval_prints_the_perplexity_of_a_model_and_adapter(folder_with_tokenizer
             "--context", "64"]
     assert main(argv) == 0
     assert want.format() in capsys.readouterr().out  # the same model, loaded the same way, same windows
+
+
+def test_quantize_int8_writes_transformers_8bit_layout(tiny_llama, tmp_path, capsys):
+    import fourbit
+    from fourbit.nn import Linear8bit
+
+    folder, _ = tiny_llama
+    assert main(["quantize", str(folder), "--method", "int8", "--output", str(tmp_path / "int8")]) == 0
+    assert "LLM.int8(): 14 linear layers, outlier threshold 6.0" in capsys.readouterr().out
+    with safe_open(tmp_path / "int8" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.up_proj.weight").dtype == torch.int8
+        assert f.get_tensor("model.layers.1.mlp.up_proj.SCB").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.up_proj.weight_format").dtype == torch.uint8
+    model, _ = fourbit.load_model(tmp_path / "int8")
+    assert sum(isinstance(m, Linear8bit) for m in model.modules()) == 14

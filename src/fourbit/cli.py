@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and a memory estimate, then stop")
     t.set_defaults(run=_train)
 
-    q = sub.add_parser("quantize", help="write a quantized Hugging Face folder: bnb-4bit (nf4, fp4) or GPTQ (gptq, rtn)")
+    q = sub.add_parser("quantize", help="write a quantized Hugging Face folder: bnb-4bit (nf4, fp4), GPTQ (gptq, rtn) "
+                       "or LLM.int8() (int8)")
     q.add_argument("source", help="model folder, .gguf file, hub id, or 'default'")
-    _add_quant_args(q, ("nf4", "fp4", "gptq", "rtn"), "--method")
+    _add_quant_args(q, ("nf4", "fp4", "gptq", "rtn", "int8"), "--method")
     q.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="gptq/rtn: bits per weight (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="gptq/rtn: inputs per scale, -1 for one per row (default 128)")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize the most-used input columns first")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration", default=None, help="gptq: .txt or .jsonl file (default: fourbit's built-in task)")
     q.add_argument("--calibration-tokens", type=int, default=16384, help="gptq: tokens of calibration (default 16384)")
     q.add_argument("--seq-len", type=int, default=512, help="gptq: tokens per calibration sequence (default 512)")
+    q.add_argument("--threshold", type=float, default=6.0, help="int8: outlier threshold (default 6.0; 0: none)")
     q.add_argument("--output", "-o", required=True, help="folder to create")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.set_defaults(run=_quantize)
@@ -174,20 +176,22 @@ def _train(args) -> None:
 def _quantize(args) -> None:
     from .io.checkpoint import save_quantized
 
-    if args.method in ("gptq", "rtn"):
-        return _quantize_gptq(args)
+    if args.method in ("gptq", "rtn", "int8"):
+        return _quantize_post_training(args)
     model, tokenizer, seconds = _load(args, args.method)
     path = save_quantized(model, tokenizer, args.output, overwrite=args.overwrite)
     print(f"quantized {args.source} to {args.method} (block {args.blocksize}, "
           f"double quant {'on' if args.double_quant else 'off'}) in {seconds:.1f} s -> {path}")
 
 
-def _quantize_gptq(args) -> None:
+def _quantize_post_training(args) -> None:
+    """gptq, rtn (GPTQ v1 folders) and int8 (transformers' 8-bit folders) from a dense model."""
     import torch
 
     from .io.checkpoint import save_quantized
     from .io.gptq import gptq_quantization_config
-    from .io.loader import load_model
+    from .io.loader import int8_quantization_config, load_model
+    from .nn.linear8bit import Linear8bit
     from .precision import parse_dtype
     from .quant.calibration import calibration_tokens
     from .quant.gptq_model import quantize_model_gptq, quantize_model_rtn
@@ -200,19 +204,27 @@ def _quantize_gptq(args) -> None:
         print(f"calibration: {origin}", flush=True)
         report = quantize_model_gptq(model, ids, args.bits, args.group_size, not args.asym, args.act_order, args.damp,
                                      progress=True)
-        done = report.format()
+        done = f"{report.format()}; {args.bits}-bit, group {args.group_size}, {'asym' if args.asym else 'sym'}"
+    elif args.method == "rtn":
+        count = quantize_model_rtn(model, args.bits, args.group_size, not args.asym)
+        done = f"round-to-nearest: {count} linear layers; {args.bits}-bit, group {args.group_size}"
     else:
-        done = f"round-to-nearest: {quantize_model_rtn(model, args.bits, args.group_size, not args.asym)} linear layers"
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+        for name, linear in layers:
+            model.set_submodule(name, Linear8bit.from_linear(linear, args.threshold))
+        done = f"LLM.int8(): {len(layers)} linear layers, outlier threshold {args.threshold}"
     dtype = parse_dtype(args.dtype)
-    model.to(dtype)  # the unquantized weights; GPTQ's buffers keep their integer and float16 types
+    model.to(dtype)  # the unquantized weights; quantized layers keep their stored types
     for module in model.modules():
         if hasattr(module, "qweight"):
             module.compute_dtype = dtype
-    model.config.quantization_config = gptq_quantization_config(
-        args.bits, args.group_size, not args.asym, args.act_order and args.method == "gptq", args.damp)
+    if args.method == "int8":
+        model.config.quantization_config = int8_quantization_config(args.threshold)
+    else:
+        model.config.quantization_config = gptq_quantization_config(
+            args.bits, args.group_size, not args.asym, args.act_order and args.method == "gptq", args.damp)
     path = save_quantized(model, tokenizer, args.output, overwrite=args.overwrite)
-    print(f"{done}; {args.bits}-bit, group {args.group_size}, {'asym' if args.asym else 'sym'} in "
-          f"{time.perf_counter() - start:.1f} s -> {path}")
+    print(f"{done} in {time.perf_counter() - start:.1f} s -> {path}")
 
 
 def _memory(args) -> None:

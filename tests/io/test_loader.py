@@ -195,14 +195,19 @@ def test_checkpoint_missing_a_dense_tensor_is_refused(tiny_llama, tmp_path):
         load_model(bad)
 
 
-def test_8bit_checkpoint_is_refused_with_what_is_supported(tiny_llama, tmp_path):
+@pytest.mark.parametrize("qconfig,error", [
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}, "declares bitsandbytes 8-bit, but"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32}, "declares GPTQ, but it holds no '.qweight'"),
+    ({"quant_method": "awq", "bits": 4}, "'awq' is not supported by this loader; expected bitsandbytes 4-bit or 8-bit"),
+])
+def test_a_quantization_config_without_its_tensors_or_unknown_is_refused(tiny_llama, tmp_path, qconfig, error):
     folder, _ = tiny_llama
 
     def edit(tensors, config):
-        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}
+        config["quantization_config"] = qconfig
         return tensors, config
 
-    with pytest.raises(ValueError, match=r"not supported by this loader; expected a bitsandbytes 4-bit"):
+    with pytest.raises(ValueError, match=error):
         load_model(write_variant(folder, tmp_path / "bad", edit))
 
 

@@ -87,3 +87,24 @@ def test_lora_trains_on_an_int8_base():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]  # a rank-4 change an r=8 adapter can represent
+
+
+def test_an_8bit_folder_round_trips_through_load_model(make_tiny_llama, tmp_path):
+    import json
+
+    import fourbit
+    from fourbit.io.loader import int8_quantization_config
+
+    model = make_tiny_llama(tmp_path / "m", seed=4)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, nn.Linear):
+            model.model.layers.set_submodule(name, Linear8bit.from_linear(module))
+    model.config.quantization_config = int8_quantization_config()
+    fourbit.save_quantized(model, None, tmp_path / "int8")
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]
+    assert config["load_in_8bit"] is True and config["llm_int8_threshold"] == 6.0
+    loaded, _ = fourbit.load_model(tmp_path / "int8", torch_dtype="float32", compute_dtype="float32")
+    assert sum(isinstance(m, Linear8bit) for m in loaded.modules()) == 14
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

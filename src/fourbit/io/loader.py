@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from ..nn.gptq_linear import GPTQLinear
 from ..nn.linear4bit import Linear4bit
+from ..nn.linear8bit import Linear8bit
+from ..quant.int8 import DEFAULT_THRESHOLD
 from .gptq import PACKABLE_BITS
 from ..precision import parse_dtype, resolve_compute_dtype
 from ..quant.blockwise import check_blocksize
@@ -67,9 +69,10 @@ def load_model(
     compute = resolve_compute_dtype(compute_dtype, device)
     dtype = compute if torch_dtype == "auto" else parse_dtype(torch_dtype)
     gptq = gptq_settings(source.quantization_config)
-    stored = None if gptq is not None else _bnb_4bit_settings(source.quantization_config)
-    if gptq is not None:
-        quantized = set()  # the 4-bit layers come as GPTQLinear shells below
+    int8 = int8_settings(source.quantization_config)
+    stored = None if gptq is not None or int8 is not None else _bnb_4bit_settings(source.quantization_config)
+    if gptq is not None or int8 is not None:
+        quantized = set()  # the quantized layers come as GPTQLinear / Linear8bit shells below
     elif stored is not None:
         quantization, double_quant = stored
         quantized = set(_expected_quant_keys(source.tensor_names()))
@@ -86,10 +89,12 @@ def load_model(
     targets = _swap_linears(model, quantized, skip_modules, quantization or "nf4", blocksize, double_quant, compute)
     if gptq is not None:
         _swap_gptq_linears(model, source.tensor_names(), gptq, compute)
+    if int8 is not None:
+        _swap_int8_linears(model, source.tensor_names(), int8)
 
     _fill(model, source, targets, stored is not None, device, dtype, progress)
     model.eval()
-    if gptq is not None:
+    if gptq is not None or int8 is not None:
         model.config.quantization_config = source.quantization_config
     elif quantization is not None:
         model.config.quantization_config = bnb_quantization_config(quantization, double_quant, compute)
@@ -113,13 +118,46 @@ def _swap_gptq_linears(model, tensor_names: list[str], gptq: tuple[int, int], co
     """Replace each linear whose ``qweight`` the checkpoint holds with an empty GPTQLinear."""
     names = set(tensor_names)
     bits, group_size = gptq
-    for name in [n.removesuffix(".qweight") for n in tensor_names if n.endswith(".qweight")]:
+    layers = [n.removesuffix(".qweight") for n in tensor_names if n.endswith(".qweight")]
+    if not layers:
+        raise ValueError("the checkpoint's config declares GPTQ, but it holds no '.qweight' tensors")
+    for name in layers:
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise ValueError(f"the checkpoint holds GPTQ tensors for {name}, which is not a linear layer of this model")
         shell = GPTQLinear(module.in_features, module.out_features, bits, group_size, f"{name}.bias" in names,
                            compute, device="meta")
         model.set_submodule(name, shell)
+
+
+def int8_settings(qconfig: dict | None) -> float | None:
+    """The outlier threshold of a bitsandbytes 8-bit (LLM.int8()) checkpoint, None for any other."""
+    if not qconfig or qconfig.get("quant_method") != "bitsandbytes" or not qconfig.get(
+            "load_in_8bit", qconfig.get("_load_in_8bit")):
+        return None
+    return float(qconfig.get("llm_int8_threshold", DEFAULT_THRESHOLD))
+
+
+def int8_quantization_config(threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """config.json ``quantization_config`` of an 8-bit folder, as transformers' BitsAndBytesConfig writes it."""
+    return bnb_quantization_config("nf4", False, torch.float32) | {
+        "load_in_4bit": False, "_load_in_4bit": False, "load_in_8bit": True, "_load_in_8bit": True,
+        "llm_int8_threshold": threshold,
+    }
+
+
+def _swap_int8_linears(model, tensor_names: list[str], threshold: float) -> None:
+    """Replace each linear whose ``SCB`` the checkpoint holds with an empty Linear8bit."""
+    names = set(tensor_names)
+    layers = [n.removesuffix(".SCB") for n in tensor_names if n.endswith(".SCB")]
+    if not layers:
+        raise ValueError("the checkpoint's config declares bitsandbytes 8-bit, but it holds no '.SCB' tensors")
+    for name in layers:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"the checkpoint holds 8-bit tensors for {name}, which is not a linear layer of this model")
+        model.set_submodule(name, Linear8bit(module.in_features, module.out_features, f"{name}.bias" in names,
+                                             threshold, device="meta"))
 
 
 def _bnb_4bit_settings(qconfig: dict | None) -> tuple[str, bool] | None:
@@ -129,8 +167,8 @@ def _bnb_4bit_settings(qconfig: dict | None) -> tuple[str, bool] | None:
     method = qconfig.get("quant_method")
     if method != "bitsandbytes" or not qconfig.get("load_in_4bit", qconfig.get("_load_in_4bit")):
         raise ValueError(
-            f"checkpoint quantization {method!r} (load_in_8bit={qconfig.get('load_in_8bit')}) is not supported "
-            "by this loader; expected a bitsandbytes 4-bit checkpoint or an unquantized one"
+            f"checkpoint quantization {method!r} is not supported by this loader; expected bitsandbytes 4-bit or "
+            "8-bit, GPTQ (v1 layout), or an unquantized checkpoint"
         )
     quant_type = qconfig.get("bnb_4bit_quant_type", "fp4")
     check_quant_type(quant_type)
@@ -211,7 +249,7 @@ def _fill(model, source, targets, prequantized, device, dtype, progress) -> None
             unexpected.append(name)
             continue
         tensor = load()
-        if tensor.is_floating_point() and not isinstance(owner, GPTQLinear):  # GPTQ keeps its float16 as stored
+        if tensor.is_floating_point() and not isinstance(owner, GPTQLinear) and attr != "SCB":  # kept as stored
             tensor = tensor.to(dtype)
         _set_tensor(owner, attr, tensor.to(device))
     if pending:
@@ -260,7 +298,7 @@ def _finish(model, device) -> None:
     (rotary frequencies), and refuse a model with weights the checkpoint did not provide."""
     if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
-    unfilled = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, GPTQLinear)
+    unfilled = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, (GPTQLinear, Linear8bit))
                 for b, t in m._buffers.items() if t is not None and t.is_meta]
     if unfilled:
         raise ValueError(f"the checkpoint lacks {len(unfilled)} GPTQ tensors the model needs, e.g. {unfilled[:5]}")
