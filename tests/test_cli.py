@@ -132,3 +132,25 @@ def test_quantize_int8_writes_transformers_8bit_layout(tiny_llama, tmp_path, cap
         assert f.get_tensor("model.layers.1.mlp.up_proj.weight_format").dtype == torch.uint8
     model, _ = fourbit.load_model(tmp_path / "int8")
     assert sum(isinstance(m, Linear8bit) for m in model.modules()) == 14
+
+
+def test_compare_prints_a_row_per_method_and_a_plot(folder_with_tokenizer, tmp_path, capsys):
+    argv = ["compare", str(folder_with_tokenizer), "--methods", "bf16,nf4-dq,int4-rtn,gptq,int8", "--group-size", "32",
+            "--context", "64", "--plot", str(tmp_path / "ppl.png")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("method"):].splitlines()[1:6]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table}
+    assert list(rows) == ["bf16", "nf4-dq", "int4-rtn", "gptq", "int8"]
+    bits = {m: r[1] for m, r in rows.items()}
+    assert bits["bf16"] == 16.0
+    assert 4.12 < bits["nf4-dq"] < 4.14  # 4 + 8/64 + the nested constants
+    assert 4.2 < bits["int4-rtn"] < 5.5 and abs(bits["gptq"] - bits["int4-rtn"]) < 1e-9  # same layout
+    assert 8.0 < bits["int8"] < 8.6  # + a float32 scale per row
+    assert all(r[0] > 1 for r in rows.values())  # perplexities
+    assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_names_methods_it_does_not_have(folder_with_tokenizer, capsys):
+    assert main(["compare", str(folder_with_tokenizer), "--methods", "nf4,awq"]) == 2
+    assert "'awq' is not implemented yet" in capsys.readouterr().err

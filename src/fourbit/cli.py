@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantization", choices=["nf4", "fp4", "int4", "none"], default="nf4",
                    help="how to load a dense SRC (default nf4; quantized folders keep their own)")
     e.set_defaults(run=_eval)
+
+    k = sub.add_parser("compare", help="every quantization method on one model: perplexity, bits, size, time")
+    k.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    k.add_argument("--methods", default="bf16,nf4,nf4-dq,fp4,int4-rtn,gptq,int8", help="comma-separated")
+    k.add_argument("--perplexity", default=None, metavar="FILE", help="text to score (default: the built-in task's "
+                   "held-out conversations)")
+    k.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
+    k.add_argument("--group-size", type=int, default=128, help="int4-rtn and gptq groups (default 128)")
+    k.add_argument("--calibration", default=None, help="gptq calibration file (default: the built-in task)")
+    k.add_argument("--plot", default=None, metavar="PNG", help="also draw perplexity against bits per parameter")
+    k.set_defaults(run=_compare)
     return parser
 
 
@@ -305,6 +316,25 @@ def _eval(args) -> None:
     result = perplexity(model, read_text_tokens(tokenizer, args.perplexity), args.context, args.stride)
     print(f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}{' + ' + args.adapter if args.adapter else ''}: "
           f"{result.format()}")
+
+
+def _compare(args) -> None:
+    from .compare import compare, format_table, text_ids
+    from .io.loader import load_model
+    from .train.plot import COLOURS, plot_points
+
+    _, tokenizer = load_model(args.source, quantization="nf4")  # the tokenizer, from the same source
+    if tokenizer is None:
+        raise ValueError(f"{args.source} has no tokenizer to score text with")
+    ids, origin = text_ids(tokenizer, args.perplexity)
+    print(f"perplexity on {origin} ({len(ids)} tokens, context {args.context})", flush=True)
+    rows = compare(args.source, [m.strip() for m in args.methods.split(",") if m.strip()], ids, args.group_size,
+                   args.context, args.calibration, log=lambda line: print(line, flush=True))
+    print(format_table(rows))
+    if args.plot:
+        path = plot_points([(r.bits_per_parameter, r.perplexity) for r in rows], args.plot)
+        legend = ", ".join(f"{r.method} rgb{COLOURS[i % len(COLOURS)]}" for i, r in enumerate(rows))
+        print(f"plot: perplexity (y) against bits per parameter (x) -> {path}; {legend}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The loss curve as a PNG, drawn without a plotting library.
+"""The loss curve (and compare's perplexity-vs-bits points) as a PNG, drawn without a plotting library.
 
 A PNG is an 8-byte signature and chunks (length, type, data, CRC32): IHDR (size, 8-bit RGB),
 IDAT (the zlib-compressed rows, each prefixed with filter type 0) and IEND. On a white canvas
@@ -25,13 +25,22 @@ _FONT = {
 WIDTH, HEIGHT, MARGIN = 640, 400, 40
 
 
-def plot_loss(losses: list[float], path: str | os.PathLike, smooth: int = 10) -> Path:
+PLOT = (MARGIN + 20, WIDTH - 10, 10, HEIGHT - MARGIN)  # left, right, top, bottom of the plot area
+
+
+def _axes() -> list[list[tuple[int, int, int]]]:
     canvas = [[(255, 255, 255)] * WIDTH for _ in range(HEIGHT)]
-    left, right, top, bottom = MARGIN + 20, WIDTH - 10, 10, HEIGHT - MARGIN
+    left, right, top, bottom = PLOT
     for x in range(left, right + 1):
         canvas[bottom][x] = (0, 0, 0)
     for y in range(top, bottom + 1):
         canvas[y][left] = (0, 0, 0)
+    return canvas
+
+
+def plot_loss(losses: list[float], path: str | os.PathLike, smooth: int = 10) -> Path:
+    canvas = _axes()
+    left, right, top, bottom = PLOT
     if losses:
         lo, hi = min(losses), max(losses)
         span = (hi - lo) or 1.0
@@ -48,6 +57,35 @@ def plot_loss(losses: list[float], path: str | os.PathLike, smooth: int = 10) ->
         _text(canvas, f"{lo:.3g}", 2, bottom - 5)
         _text(canvas, "1", left, bottom + 6)
         _text(canvas, str(len(losses)), right - 4 * len(str(len(losses))), bottom + 6)
+    return _write_png(canvas, path)
+
+
+COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127)]
+
+
+def plot_points(points: list[tuple[float, float]], path: str | os.PathLike) -> Path:
+    """(x, y) points as 7-pixel squares, one colour each in COLOURS order (the caller prints the
+    legend); the axes' ends labelled with the smallest and largest x and y."""
+    canvas = _axes()
+    left, right, top, bottom = PLOT
+    if points:
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
+        for i, (x, y) in enumerate(points):
+            px = left + 10 + round((x - x_lo) * (right - left - 20) / ((x_hi - x_lo) or 1))
+            py = bottom - 10 - round((y - y_lo) * (bottom - top - 20) / ((y_hi - y_lo) or 1))
+            for dy in range(-3, 4):
+                for dx in range(-3, 4):
+                    canvas[py + dy][px + dx] = COLOURS[i % len(COLOURS)]
+        _text(canvas, f"{y_hi:.3g}", 2, top + 7)
+        _text(canvas, f"{y_lo:.3g}", 2, bottom - 12)
+        _text(canvas, f"{x_lo:.3g}", left + 8, bottom + 6)
+        _text(canvas, f"{x_hi:.3g}", right - 14, bottom + 6)
+    return _write_png(canvas, path)
+
+
+def _write_png(canvas, path: str | os.PathLike) -> Path:
     raw = b"".join(b"\x00" + bytes(v for pixel in row for v in pixel) for row in canvas)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
