@@ -108,3 +108,14 @@ def test_an_8bit_folder_round_trips_through_load_model(make_tiny_llama, tmp_path
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_cpu_product_is_exact_beyond_float32s_integer_range():
+    # 3000 products of 127 * 127 sum to 48,387,000 > 2^24: a single float32 sum would round it
+    from fourbit.quant.int8 import _int_product
+
+    a = torch.full((3, 3000), 127, dtype=torch.int8)
+    b = torch.full((2, 3000), -127, dtype=torch.int8)
+    b[1, ::7] = 5
+    want = a.long() @ b.long().T
+    assert torch.equal(_int_product(a, b).long(), want)

@@ -13,7 +13,7 @@ The outlier features are few but large (they would dominate each token's absmax 
 other features to a few int8 levels), so they are multiplied in floating point, with the
 int8-dequantized weight columns, as bitsandbytes does once the fp16 weights are gone. A
 threshold of 0 turns the decomposition off. The int8 product runs as integers (torch._int_mm)
-where the device has it, else in float64, which holds the int32 sums exactly.
+on a GPU, else in float32 over slices short enough to be exact (see ``_int_product``).
 """
 
 from __future__ import annotations
@@ -60,9 +60,20 @@ def int8_matmul(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torc
     return y.view(*shape[:-1], cb.shape[0])
 
 
+EXACT_FP32_TERMS = 1024  # 1024 * 127^2 < 2^24: sums of this many int8 products are exact in float32
+
+
 def _int_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 [m, k] @ int8 [n, k]^T, exactly, as int32 or float64."""
-    try:
-        return torch._int_mm(a, b.T.contiguous())
-    except (RuntimeError, NotImplementedError):  # shapes or devices without an int8 kernel
-        return a.double() @ b.double().T
+    """int8 [m, k] @ int8 [n, k]^T, exactly: int32 through torch._int_mm on a GPU; elsewhere (the
+    CPU's int8 kernel is far slower than its float BLAS) float32 products over slices of at most
+    EXACT_FP32_TERMS columns, each exact, summed in float64."""
+    if a.is_cuda:
+        try:
+            return torch._int_mm(a, b.T.contiguous())
+        except (RuntimeError, NotImplementedError):  # shapes the int8 kernel does not take (e.g. m <= 16)
+            pass
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], EXACT_FP32_TERMS):
+        part = slice(start, start + EXACT_FP32_TERMS)
+        total += (a[:, part].float() @ b[:, part].float().T).double()
+    return total
