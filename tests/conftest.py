@@ -66,3 +66,27 @@ def chat_tokenizer():
 def fresh_tokenizer(chat_tokenizer):
     """A private copy of the SmolLM2 tokenizer that a test may modify."""
     return copy.deepcopy(chat_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def lora_fit():
+    """``lora_fit(base)``: train an r=8 LoRA on a frozen (quantized) linear ``base`` [out, in] toward
+    the base's own weight plus a rank-4 change (which r=8 can represent); returns (first, last) loss."""
+    from fourbit.nn.lora import LoRALinear
+
+    def fit(base, steps: int = 150) -> tuple[float, float]:
+        lora = LoRALinear(base, r=8, alpha=16)
+        x = torch.randn(256, base.in_features)
+        change = 0.05 * torch.randn(base.out_features, 4) @ torch.randn(4, base.in_features)
+        target = x @ (base.dequantize(torch.float32) + change).T
+        optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for _ in range(steps):
+            loss = torch.nn.functional.mse_loss(lora(x), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses[0], losses[-1]
+
+    return fit
