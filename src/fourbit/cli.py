@@ -320,10 +320,10 @@ def _eval(args) -> None:
 
 def _compare(args) -> None:
     from .compare import compare, format_table, text_ids
-    from .io.loader import load_model
+    from .io.sources import open_source
     from .train.plot import COLOURS, plot_points
 
-    _, tokenizer = load_model(args.source, quantization="nf4")  # the tokenizer, from the same source
+    tokenizer = open_source(args.source).tokenizer()
     if tokenizer is None:
         raise ValueError(f"{args.source} has no tokenizer to score text with")
     ids, origin = text_ids(tokenizer, args.perplexity)

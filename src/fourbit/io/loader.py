@@ -88,9 +88,12 @@ def load_model(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     targets = _swap_linears(model, quantized, skip_modules, quantization or "nf4", blocksize, double_quant, compute)
     if gptq is not None:
-        _swap_gptq_linears(model, source.tensor_names(), gptq, compute)
+        bits, group_size = gptq
+        _swap_stored_linears(model, source.tensor_names(), "qweight", "GPTQ", lambda m, bias: GPTQLinear(
+            m.in_features, m.out_features, bits, group_size, bias, compute, device="meta"))
     if int8 is not None:
-        _swap_int8_linears(model, source.tensor_names(), int8)
+        _swap_stored_linears(model, source.tensor_names(), "SCB", "bitsandbytes 8-bit", lambda m, bias: Linear8bit(
+            m.in_features, m.out_features, bias, int8, device="meta"))
 
     _fill(model, source, targets, stored is not None, device, dtype, progress)
     model.eval()
@@ -114,20 +117,18 @@ def gptq_settings(qconfig: dict | None) -> tuple[int, int] | None:
     return bits, group_size
 
 
-def _swap_gptq_linears(model, tensor_names: list[str], gptq: tuple[int, int], compute) -> None:
-    """Replace each linear whose ``qweight`` the checkpoint holds with an empty GPTQLinear."""
+def _swap_stored_linears(model, tensor_names: list[str], marker: str, what: str, shell) -> None:
+    """Replace each linear whose ``<name>.<marker>`` tensor the checkpoint holds with
+    ``shell(linear, has_bias)``, an empty quantized layer on the meta device."""
     names = set(tensor_names)
-    bits, group_size = gptq
-    layers = [n.removesuffix(".qweight") for n in tensor_names if n.endswith(".qweight")]
+    layers = [n.removesuffix(f".{marker}") for n in tensor_names if n.endswith(f".{marker}")]
     if not layers:
-        raise ValueError("the checkpoint's config declares GPTQ, but it holds no '.qweight' tensors")
+        raise ValueError(f"the checkpoint's config declares {what}, but it holds no '.{marker}' tensors")
     for name in layers:
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"the checkpoint holds GPTQ tensors for {name}, which is not a linear layer of this model")
-        shell = GPTQLinear(module.in_features, module.out_features, bits, group_size, f"{name}.bias" in names,
-                           compute, device="meta")
-        model.set_submodule(name, shell)
+            raise ValueError(f"the checkpoint holds {what} tensors for {name}, which is not a linear layer of this model")
+        model.set_submodule(name, shell(module, f"{name}.bias" in names))
 
 
 def int8_settings(qconfig: dict | None) -> float | None:
@@ -144,20 +145,6 @@ def int8_quantization_config(threshold: float = DEFAULT_THRESHOLD) -> dict:
         "load_in_4bit": False, "_load_in_4bit": False, "load_in_8bit": True, "_load_in_8bit": True,
         "llm_int8_threshold": threshold,
     }
-
-
-def _swap_int8_linears(model, tensor_names: list[str], threshold: float) -> None:
-    """Replace each linear whose ``SCB`` the checkpoint holds with an empty Linear8bit."""
-    names = set(tensor_names)
-    layers = [n.removesuffix(".SCB") for n in tensor_names if n.endswith(".SCB")]
-    if not layers:
-        raise ValueError("the checkpoint's config declares bitsandbytes 8-bit, but it holds no '.SCB' tensors")
-    for name in layers:
-        module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"the checkpoint holds 8-bit tensors for {name}, which is not a linear layer of this model")
-        model.set_submodule(name, Linear8bit(module.in_features, module.out_features, f"{name}.bias" in names,
-                                             threshold, device="meta"))
 
 
 def _bnb_4bit_settings(qconfig: dict | None) -> tuple[str, bool] | None:

@@ -61,11 +61,6 @@ class Engine:
         self._waiting.put(_Job(list(ids), sampling, adapter, out, tag))
         return out
 
-    def complete(self, ids: list[int], sampling: Sampling, adapter: str | None = None) -> Iterator[Delta | Completion]:
-        """One completion: its Deltas as decoded, then its Completion."""
-        for _, item in results(self.submit(ids, sampling, adapter), 1):
-            yield item
-
     def _work(self) -> None:
         while True:
             jobs = [self._waiting.get()]
