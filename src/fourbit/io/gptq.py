@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.groupwise import GroupQuant
+from .words import pack_words, unpack_words
 
 PACKABLE_BITS = (2, 4, 8)
 
@@ -39,8 +40,8 @@ def pack_gptq(quant: GroupQuant) -> dict[str, torch.Tensor]:
     codes = quant.codes.to("cpu", torch.int64)
     zeros = (quant.zeros.to("cpu", torch.int64) - 1) & maxq  # v1 stores zero - 1
     return {
-        "qweight": _pack(codes.T.reshape(in_features // per_word, per_word, out_features).transpose(1, 2), bits),
-        "qzeros": _pack(zeros.T.reshape(zeros.shape[1], out_features // per_word, per_word), bits),
+        "qweight": pack_words(codes.T.reshape(in_features // per_word, per_word, out_features).transpose(1, 2), bits),
+        "qzeros": pack_words(zeros.T.reshape(zeros.shape[1], out_features // per_word, per_word), bits),
         "scales": quant.scales.T.to("cpu", torch.float16).contiguous(),
         "g_idx": quant.g_idx.to("cpu", torch.int32).contiguous(),
     }
@@ -53,24 +54,11 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int) -> GroupQuant:
         raise ValueError(f"the GPTQ v1 layout is read for {PACKABLE_BITS}-bit codes, not {bits}-bit")
     maxq = 2**bits - 1
     qweight, qzeros = tensors["qweight"], tensors["qzeros"]
-    codes = _unpack(qweight, bits)  # [in / per_word, out, per_word]
+    codes = unpack_words(qweight, bits)  # [in / per_word, out, per_word]
     codes = codes.transpose(1, 2).reshape(-1, qweight.shape[1]).T  # [out, in]
-    zeros = (_unpack(qzeros, bits).reshape(qzeros.shape[0], -1) + 1) & maxq  # [groups, out]
+    zeros = (unpack_words(qzeros, bits).reshape(qzeros.shape[0], -1) + 1) & maxq  # [groups, out]
     return GroupQuant(codes.to(torch.uint8).contiguous(), tensors["scales"].T.float().contiguous(),
                       zeros.T.to(torch.int32).contiguous(), tensors["g_idx"].to(torch.int32), bits)
-
-
-def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """[..., per_word] codes (int64) -> [...] int32 words, value j at bits [bits*j, bits*j + bits)."""
-    shifts = torch.arange(values.shape[-1], dtype=torch.int64) * bits
-    words = (values << shifts).sum(dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
-
-
-def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 words [...] -> [..., 32 / bits] codes (int64)."""
-    shifts = torch.arange(32 // bits, dtype=torch.int64, device=words.device) * bits
-    return (words.to(torch.int64)[..., None] & 0xFFFFFFFF) >> shifts & (2**bits - 1)
 
 
 def gptq_quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, damp: float) -> dict:

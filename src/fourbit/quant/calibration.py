@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .gptq_model import MIN_TOKENS
+from .layerwise import MIN_TOKENS
 
 
 def calibration_tokens(tokenizer, path: str | os.PathLike | None = None, n_tokens: int = 16384,

@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 from ..nn.gptq_linear import GPTQLinear
 from .gptq import Hessian, gptq_quantize
 from .groupwise import quantize_rtn
-
-MIN_TOKENS = 128
+from .layerwise import check_calibration, decoder_layers, first_layer_inputs, output
 
 
 @dataclass
@@ -42,10 +41,6 @@ class GPTQReport:
     def format(self) -> str:
         return (f"GPTQ: {self.linears} linear layers in {self.layers} decoder layers, calibrated on "
                 f"{self.sequences} sequences ({self.tokens} tokens), {self.seconds:.1f} s")
-
-
-class _Captured(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -65,13 +60,11 @@ def quantize_model_gptq(
 
     calibration: token ids [sequences, length]; at least MIN_TOKENS tokens in all.
     """
-    if calibration.dim() != 2 or calibration.numel() < MIN_TOKENS:
-        raise ValueError(f"GPTQ needs calibration token ids [sequences, length] with at least {MIN_TOKENS} tokens, "
-                         f"got shape {tuple(calibration.shape)}")
-    layers = _decoder_layers(model)
+    check_calibration(calibration, "GPTQ")
+    layers = decoder_layers(model, "GPTQ")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     start = time.perf_counter()
-    inputs = _first_layer_inputs(model, layers[0], calibration, batch_size, device)
+    inputs = first_layer_inputs(model, layers[0], calibration, batch_size, device)
     report = GPTQReport(len(layers), 0, calibration.shape[0], calibration.numel(), 0.0)
     for index, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer", disable=not progress)):
         home = next(layer.parameters()).device
@@ -90,59 +83,17 @@ def quantize_model_gptq(
             layer.set_submodule(name, replacement.to(device))
             report.losses[f"layers.{index}.{name}"] = loss
             report.linears += 1
-        inputs = [((_output(layer(*args, **kwargs)),) + args[1:], kwargs) for args, kwargs in inputs]
+        inputs = [((output(layer(*args, **kwargs)),) + args[1:], kwargs) for args, kwargs in inputs]
         layer.to(home)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise ValueError(f"{type(model).__name__} has no model.layers: GPTQ runs on decoder-only models laid out "
-                         "like Llama (model.model.layers)")
-    return layers
-
-
-def _first_layer_inputs(model, first, calibration, batch_size, device) -> list[tuple[tuple, dict]]:
-    """What the first decoder layer is called with, per batch of sequences (positional, keyword)."""
-    captured = []
-
-    def catch(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Captured
-
-    hook = first.register_forward_pre_hook(catch, with_kwargs=True)
-    home = next(model.parameters()).device
-    try:
-        model.to(device) if home == device else _embedding_parts_to(model, device)
-        for batch in calibration.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        hook.remove()
-    return captured
-
-
-def _embedding_parts_to(model, device) -> None:
-    """What runs before the first layer (embeddings, rotary tables) onto ``device``."""
-    inner = model.model
-    for name in ("embed_tokens", "rotary_emb"):
-        if hasattr(inner, name):
-            getattr(inner, name).to(device)
-
-
-def _output(result):
-    return result[0] if isinstance(result, tuple) else result
 
 
 def quantize_model_rtn(model: nn.Module, bits: int = 4, group_size: int = 128, sym: bool = True) -> int:
     """Round-to-nearest on GPTQ's grid for every linear of the decoder layers, in place (the
     baseline, same layout); returns how many layers it quantized."""
     count = 0
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model, "round-to-nearest"):
         for name, linear in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
             quant = quantize_rtn(linear.weight.detach(), bits, group_size, sym)
             layer.set_submodule(name, GPTQLinear.from_quant(quant, linear.bias, group_size, linear.weight.dtype))
