@@ -6,7 +6,7 @@
 A starts Kaiming-uniform (bound 1/sqrt(in), as nn.Linear's default) and B at zero, so the wrapped
 model starts out exactly equal to the base. The base is any module computing ``x @ W^T + b``:
 ``nn.Linear``, :class:`~fourbit.nn.Linear4bit`, :class:`~fourbit.nn.GPTQLinear`,
-:class:`~fourbit.nn.Linear8bit` (and later the AWQ layer). It is
+:class:`~fourbit.nn.AWQLinear`, :class:`~fourbit.nn.Linear8bit`. It is
 wrapped, never subclassed, and stays frozen; the adapter is kept in its own (higher) precision
 and the input is cast to it. The gradient flows to A and B through autograd; through a 4-bit
 base it needs only dL/dx = dL/dy @ W, which Linear4bit computes from its packed bytes.
@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from ..kernels.lora import qlora_linear
+from .awq_linear import AWQLinear
 from .gptq_linear import GPTQLinear
 from .linear4bit import Linear4bit
 from .linear8bit import Linear8bit
 
-QUANTIZED_LINEAR_TYPES = (Linear4bit, GPTQLinear, Linear8bit)  # frozen, with dequantize(dtype)
+QUANTIZED_LINEAR_TYPES = (Linear4bit, GPTQLinear, AWQLinear, Linear8bit)  # frozen, with dequantize(dtype)
 LINEAR_TYPES = (nn.Linear, *QUANTIZED_LINEAR_TYPES)
 ALL_LINEAR = ("all-linear", "all")
 
