@@ -81,6 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=560,
                    help="seconds for the whole script; a variant still running when it is spent is killed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, one more generate under torch.profiler: GPU kernel time and count per token")
+    p.add_argument("--gemv", default=None, metavar="BLOCK_N,NB,WARPS,SPLIT[,pair][,bs]",
+                   help="fourbit's M = 1 launch shape (SPLIT: an int, or auto), e.g. 32,4,4,1,pair,bs")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.layers = args.layers or shape.default_layers(args.tiny)
@@ -156,6 +160,11 @@ def child(variant: str, args) -> None:
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     device = torch.device(args.device)
+    if args.gemv and variant.startswith("fourbit"):
+        from fourbit.kernels.triton import matmul_4bit as fused
+
+        fused.GEMV = gemv_config(args.gemv)
+        print(f"[{variant}] M = 1 launch shape: {fused.GEMV}", flush=True)
     t0 = time.perf_counter()
     model = load(variant, args)
     sync()
@@ -242,6 +251,9 @@ def child(variant: str, args) -> None:
         dt, out = timed(kwargs)
         times.append(dt)
         print(f"[{variant}] run {i}: {dt:.3f} s, {args.new_tokens / dt:.1f} tokens/s", flush=True)
+    profile = kernel_profile(lambda: timed(kwargs), args.new_tokens) if args.profile and cuda else None
+    if profile:
+        print(f"[{variant}] profile: {json.dumps(profile)}", flush=True)
     new = out[0, PROMPT_LEN:].tolist()
     if len(new) != args.new_tokens:
         notes.append(f"!!! generated {len(new)} tokens, expected {args.new_tokens}")
@@ -252,7 +264,35 @@ def child(variant: str, args) -> None:
         "weights_gib": weights_gib, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "generated": len(new), "first_tokens": new[:MATCH_LEN], "notes": notes,
         "device_name": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype,
+        "gemv": args.gemv if variant.startswith("fourbit") else None, "profile": profile,
     }), flush=True)
+
+
+def gemv_config(text: str):
+    from fourbit.kernels.triton.matmul_4bit import Config
+
+    fields = text.split(",")
+    block_n, nb, warps, split = fields[:4]
+    return Config("gemv", block_n=int(block_n), nb=int(nb), num_warps=int(warps),
+                  split_k=None if split == "auto" else int(split), pair="pair" in fields[4:], block_scale="bs" in fields[4:])
+
+
+def kernel_profile(run, new_tokens: int, top: int = 12) -> dict:
+    """One generate under torch.profiler: wall time, GPU kernel time and kernel count per token,
+    and the kernels that take the most time (CUDA-graph replays are traced kernel by kernel)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = run()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in kernels)
+    calls = sum(e.count for e in kernels)
+    ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+    return {"wall_ms_per_token": 1e3 * wall / new_tokens, "kernel_ms_per_token": total_us / 1e3 / new_tokens,
+            "kernels_per_token": calls / new_tokens,
+            "top": [{"name": e.key[:90], "calls_per_token": e.count / new_tokens,
+                     "us_per_token": e.self_device_time_total / new_tokens} for e in ranked]}
 
 
 # --------------------------------------------------------------------------------------- parent

@@ -86,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=560,
                    help="seconds for the whole script; a side still running when it is spent is killed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="ours: torch.compile each decoder layer (forward and backward; checkpointing kept)")
     p.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.layers = args.layers or shape.default_layers(args.tiny)
@@ -116,6 +118,10 @@ def build(side: str, args):
         if wrapped != set(TARGETS) or len(model.lora_settings["modules"]) != len(TARGETS) * args.layers:
             notes.append(f"!!! LoRA wrapped {len(model.lora_settings['modules'])} modules named {sorted(wrapped)}")
         enable_gradient_checkpointing(model)
+        if args.compile:
+            for layer in model.model.layers:
+                layer.compile()
+            notes.append("decoder layers compiled (torch.compile, default mode)")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = fourbit.optim.build_optimizer("adamw", params, lr=1e-4, weight_decay=0.0)
 

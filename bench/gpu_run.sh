@@ -68,9 +68,22 @@ final)  # after changes to the training/decode path: quick GPU checks, then both
 decode)
     run decode python3 bench/bench_decode_gpu.py --new-tokens 64 --time-budget 450
     ;;
-*)
-    echo "unknown part: $part (kernels | matmul)
-    run matmul python3 bench/bench_matmul_4bit.py --sweep
+decode-variants)  # session 2: the default M = 1 launch shape and an alternative, each profiled
+    run decode-default python3 bench/bench_decode_gpu.py --variants bnb-eager,fourbit-compile --new-tokens 64 \
+        --profile --time-budget 200
+    mv "$OUT/decode-gpu.json" "$OUT/decode-default.json"
+    run decode-alt python3 bench/bench_decode_gpu.py --variants fourbit-compile --new-tokens 64 --profile \
+        --gemv "${GEMV:-32,4,4,1,pair,bs}" --time-budget 170
+    mv "$OUT/decode-gpu.json" "$OUT/decode-alt.json"
     ;;
-model)"; exit 2 ;;
+session2)  # M = 1 kernel variants (pair table, per-block scale), then decode profiled
+    run tests python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_triton_matmul_4bit.py
+    run matmul python3 bench/bench_matmul_4bit.py --rows 1 --sweep
+    bash "$0" decode-variants
+    ;;
+train-compile)  # the training step with each decoder layer compiled, against the peer
+    run train python3 bench/bench_train_step_gpu.py --compile --time-budget 330
+    ;;
+*)
+    echo "unknown part: $part"; exit 2 ;;
 esac

@@ -49,9 +49,9 @@ def _epilogue(y, bias_ptr, out_ptr, out_index, mask, cols, first_split,
 @triton.jit
 def _gemv_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, out_ptr,
-    N, K, stride_xm, stride_om, blocks_per_split,
+    N, K, stride_xm, stride_om, blocks_per_split, pair_ptr,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr, PAIR: tl.constexpr, BLOCK_SCALE: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     m = tl.program_id(0)
@@ -63,7 +63,10 @@ def _gemv_4bit_kernel(
     jb = tl.arange(0, NB)
     jh = tl.arange(0, HALF)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_N, NB, HALF), dtype=tl.float32)
+    if BLOCK_SCALE:
+        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, NB, HALF), dtype=tl.float32)
     for kb in range(first, last, NB):
         block = kb + jb
         ok = row_ok[:, None] & (block < last)[None, :]
@@ -75,8 +78,21 @@ def _gemv_4bit_kernel(
         x_odd = tl.load(x_row + col + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
         scale = load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, ok,
                             DOUBLE_QUANT, NESTED_BLOCKSIZE)
-        acc += (tl.load(code_ptr + (codes >> 4)) * x_even + tl.load(code_ptr + (codes & 15)) * x_odd) * scale[:, :, None]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if PAIR:  # one 8-byte gather per byte: both code values, as float32 bits (low word: high nibble)
+            pair = tl.load(pair_ptr + codes)
+            even = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            odd = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+        else:
+            even = tl.load(code_ptr + (codes >> 4))
+            odd = tl.load(code_ptr + (codes & 15))
+        if BLOCK_SCALE:  # scale once per block: sum the block's products first
+            acc += tl.sum(even * x_even + odd * x_odd, axis=2) * scale
+        else:
+            acc += (even * x_even + odd * x_odd) * scale[:, :, None]
+    if BLOCK_SCALE:
+        y = tl.sum(acc, axis=1)
+    else:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
     _epilogue(y, bias_ptr, out_ptr, m.to(tl.int64) * stride_om + rows, row_ok, tl.where(row_ok, rows, 0),
               tl.program_id(2) == 0, HAS_BIAS, SPLIT)
 
@@ -132,21 +148,37 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None
+    pair: bool = False
+    block_scale: bool = False
 
 
 PROGRAMS_PER_SM = 8
+GEMV = Config("gemv", block_n=32, nb=4, num_warps=4)  # the launch shape for few rows of x
 
 
 def default_config(m: int, n: int, k: int) -> Config:
     """The launch shape chosen for an [m, k] x [k, n] product (see bench/bench_matmul_4bit.py)."""
     if m <= 4:
-        return Config("gemv", block_n=32, nb=4, num_warps=4)
+        return GEMV
     return Config("matmul", block_n=64, nb=4, block_m=16 if m <= 16 else 32 if m <= 32 else 64, num_warps=4)
 
 
 def supports(x: torch.Tensor, blocksize: int, k: int) -> bool:
     """Whether these kernels can take this product (else: dequantize, then matmul)."""
     return x.dtype in (torch.bfloat16, torch.float16) and k % blocksize == 0 and x.shape[-1] == k
+
+
+_PAIRS: dict[tuple, torch.Tensor] = {}
+
+
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """The 256 byte values' code pairs as int64: low word code[byte >> 4], high word code[byte & 15]
+    (float32 bits), built once per code table (keyed by its storage and version)."""
+    key = (code.device, code.data_ptr(), code._version)
+    if key not in _PAIRS:
+        grid = torch.stack(torch.meshgrid(code.float(), code.float(), indexing="ij"), dim=-1)  # [hi, lo, 2]
+        _PAIRS[key] = grid.reshape(256, 2).contiguous().view(torch.int64).reshape(256)
+    return _PAIRS[key]
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +238,9 @@ def matmul_4bit(
     )
     if config.kernel == "gemv":
         grid = (m, triton.cdiv(n, config.block_n), splits)
-        _gemv_4bit_kernel[grid](*args, n, k, x2.stride(0), n, per_split, BLOCK_N=config.block_n, **common)
+        pairs = code_pairs(code) if config.pair else absmax
+        _gemv_4bit_kernel[grid](*args, n, k, x2.stride(0), n, per_split, pairs, BLOCK_N=config.block_n,
+                                PAIR=config.pair, BLOCK_SCALE=config.block_scale, **common)
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), splits)
         _matmul_4bit_kernel[grid](*args, m, n, k, x2.stride(0), n, per_split,
