@@ -46,7 +46,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save; call fourbit.add_lora first")
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return {k: _whole(v).detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded by FSDP2 (a DTensor) gathered whole: a collective, every rank calls it."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
@@ -84,9 +91,13 @@ def save_adapter(
     return Path(folder)
 
 
-def write_adapter_files(model: nn.Module, folder: Path, base_model_name_or_path: str | None = None) -> None:
-    """The two PEFT files, into an existing folder (callers make the folder atomic)."""
-    save_file(adapter_state_dict(model), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+def write_adapter_files(
+    model: nn.Module, folder: Path, base_model_name_or_path: str | None = None, tensors: dict | None = None
+) -> None:
+    """The two PEFT files, into an existing folder (callers make the folder atomic); ``tensors``:
+    the adapter_state_dict when the caller already gathered it."""
+    tensors = adapter_state_dict(model) if tensors is None else tensors
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model, base_model_name_or_path), indent=2))
 
 

@@ -11,6 +11,12 @@ Each checkpoint is written into a temporary folder and renamed into place (io/at
 a crash mid-save leaves the previous checkpoints intact and never a half-written one. With the
 same data order (a pure function of seed and epoch), optimizer and RNG state, a resumed run
 repeats the uninterrupted run's losses exactly.
+
+On several ranks (train/distributed.py) every rank takes part in gathering the adapter and the
+optimizer state (under FSDP they are sharded), rank 0 alone writes, and all meet at a barrier.
+The files are the single-process ones, so a checkpoint resumes on any number of ranks. Resuming
+is two calls: the adapter into the plain model (before it is wrapped or sharded), then the
+optimizer, scheduler and RNGs into the run built around it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ import torch
 from safetensors import safe_open
 
 from ..io.atomic import atomic_dir
-from ..io.peft import WEIGHTS_FILE, load_adapter_weights, write_adapter_files
+from ..io.peft import (
+    WEIGHTS_FILE,
+    adapter_state_dict,
+    load_adapter_weights,
+    write_adapter_files,
+)
+from .distributed import SINGLE, Ranks
 
 STATE_FILE = "trainer_state.json"
 
@@ -40,27 +52,43 @@ class TrainState:
     losses: list[float] = field(default_factory=list)  # one per optimizer step
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, base_model: str | None) -> Path:
-    with atomic_dir(folder, overwrite=True) as tmp:
-        write_adapter_files(model, tmp, base_model)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(
-            {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-            tmp / "rng.pt",
-        )
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+def save_checkpoint(
+    folder: Path, model, optimizer, scheduler, state: TrainState, base_model: str | None, ranks: Ranks = SINGLE
+) -> Path:
+    adapter = adapter_state_dict(model)  # gathered whole: every rank calls these two
+    optimizer_state = ranks.full_optimizer_state(model, optimizer)
+    if ranks.is_main:
+        with atomic_dir(folder, overwrite=True) as tmp:
+            write_adapter_files(model, tmp, base_model, adapter)
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(
+                {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                tmp / "rng.pt",
+            )
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+    ranks.barrier()
     return folder
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
     """Restore adapter weights, optimizer, scheduler and RNGs from ``folder``; returns the position."""
+    load_checkpoint_adapter(folder, model)
+    return load_training_state(folder, model, optimizer, scheduler)
+
+
+def load_checkpoint_adapter(folder: Path, model) -> None:
+    """The checkpoint's adapter weights into the (not yet wrapped) model."""
     missing = [n for n in (WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE) if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete fourbit checkpoint: it lacks {missing}")
     with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
-        load_adapter_weights(model, {k: f.get_tensor(k) for k in f.keys()}, str(folder))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        load_adapter_weights(model, {k: f.get_tensor(k) for k in f.keys()}, str(folder))  # noqa: SIM118 - not a dict
+
+
+def load_training_state(folder: Path, model, optimizer, scheduler, ranks: Ranks = SINGLE) -> TrainState:
+    """Optimizer, scheduler and RNG states from ``folder``; returns the position in the data."""
+    ranks.load_optimizer_state(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng = torch.load(folder / "rng.pt", weights_only=False)  # python/numpy states are tuples; our own file
     torch.set_rng_state(rng["torch"])

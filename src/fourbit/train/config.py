@@ -23,6 +23,8 @@ from ..quant.blockwise import BLOCKSIZES
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+STRATEGIES = ("ddp", "fsdp")
+BACKENDS = ("nccl", "gloo")
 
 
 @dataclass
@@ -54,6 +56,11 @@ class TrainConfig:
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
+    global_batch_size: int | None = None  # examples per optimizer step over all ranks; None: batch x accumulation x ranks
+    # several processes (torchrun; train/distributed.py)
+    strategy: str = "ddp"  # "ddp": every rank holds the 4-bit base; "fsdp": FSDP2 shards it
+    ddp_backend: str | None = None  # None: nccl with CUDA, gloo without
+    ddp_timeout: int = 1800  # seconds a collective may wait for the other ranks
     # data
     dataset: str | None = None
     dataset_dir: str | None = None  # where dataset_info.json lives; default: the config's folder
@@ -182,6 +189,11 @@ def validate(c: TrainConfig) -> None:
     _check(c.num_train_epochs > 0 or c.max_steps > 0, "num_train_epochs", c.num_train_epochs, "> 0 (or set max_steps > 0)")
     _check(c.per_device_train_batch_size > 0, "per_device_train_batch_size", c.per_device_train_batch_size, "an integer > 0")
     _check(c.gradient_accumulation_steps > 0, "gradient_accumulation_steps", c.gradient_accumulation_steps, "an integer > 0")
+    _check(c.global_batch_size is None or (c.global_batch_size > 0 and c.global_batch_size % c.per_device_train_batch_size == 0),
+           "global_batch_size", c.global_batch_size, f"none or a positive multiple of per_device_train_batch_size ({c.per_device_train_batch_size})")
+    _check(c.strategy in STRATEGIES, "strategy", c.strategy, f"one of {STRATEGIES}")
+    _check(c.ddp_backend is None or c.ddp_backend in BACKENDS, "ddp_backend", c.ddp_backend, f"none (automatic) or one of {BACKENDS}")
+    _check(c.ddp_timeout > 0, "ddp_timeout", c.ddp_timeout, "a number of seconds > 0")
     _check(c.cutoff_len >= 8, "cutoff_len", c.cutoff_len, "an integer >= 8")
     _check(c.save_steps > 0, "save_steps", c.save_steps, "an integer > 0")
     _check(c.save_total_limit is None or c.save_total_limit > 0, "save_total_limit", c.save_total_limit, "none or an integer > 0")

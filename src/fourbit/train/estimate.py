@@ -1,67 +1,124 @@
-"""A memory estimate for a training run, from the model's config alone (nothing is loaded).
+"""A per-GPU memory estimate for a training run, from the model's config alone (nothing is loaded).
 
-For a Llama-shaped decoder with L layers, hidden H, MLP width I, vocab V, batch B, sequence T:
+For a Llama-shaped decoder with L layers, hidden H, MLP width I, vocab V, micro-batch B,
+sequence T, P_lin quantized parameters (the seven linears of every layer), P_lora = r (in + out)
+summed over the adapted linears, block size b, and N GPUs:
 
-    4-bit linears      P_lin * (4 + 8/b + 32/(256 b)) / 8 bytes      (b = block size, double quant;
-                       4 + 32/b without it; 2 bytes/param for a 16-bit base)
-    unquantized        (V H [x2 if lm_head is untied] + norms) * bytes of the compute dtype
-    LoRA               r (in + out) per adapted linear: weight + gradient in fp32 (8 bytes) and
-                       Adam's two moments (8 bytes in 32 bits, ~2 bytes in 8 bits)
-    activations        per layer ~ B T (12 H + 3 I) values kept for backward; with checkpointing
-                       only each layer's input (B T H) is kept, plus one layer's worth recomputed
-    logits             B T V float32, twice (the logits and their gradient)
+    4-bit codes            P_lin / 2 bytes                       (2 bytes/param for a 16-bit base)
+    quantization constants P_lin (8/b + 32/(256 b)) / 8 bytes    double quant (32/b bits without)
+    unquantized            (V H [x2 if lm_head is untied] + norms) * bytes of the compute dtype
+    LoRA weights           4 P_lora (float32)
+    LoRA gradients         4 P_lora; DDP adds its gradient buckets, another 4 P_lora
+    optimizer state        8 P_lora (Adam's m and v in 32 bits; ~2 P_lora in 8 bits)
+    activations            per layer ~ B T (12 H + 3 I) values kept for backward; with
+                           checkpointing only each layer's input (B T H) is kept, plus one
+                           layer's worth recomputed
+    logits                 B T V float32, twice (the logits and their gradient)
 
-It ignores allocator overhead, temporary buffers of the dequantization and framework state, so
-read it as a lower bound of the right order, not a promise.
+Strategies. ``ddp``: every GPU holds all of the above. ``fsdp`` (FSDP2): the parameters, their
+gradients and the optimizer state are sharded, so codes, unquantized weights, LoRA weights,
+gradients and optimizer state are divided by N; the quantization constants are not (fourbit
+keeps them replicated, see train/distributed.py), activations and logits are per GPU anyway,
+and two decoder layers are gathered whole at a time (the one computing and the one prefetched).
+
+It ignores allocator fragmentation, the dequantized weight of the layer being computed,
+temporary buffers and framework state (CUDA context, NCCL buffers), so read it as a lower
+bound of the right order, not a promise; the training banner prints it next to the peak torch
+measured (bench/bench_memory_estimate_gpu.py compares them for an 8B-shaped model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..io.sources import open_source
 from ..precision import native_bf16
 from .config import TrainConfig
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
 class MemoryEstimate:
     rows: dict[str, int] = field(default_factory=dict)
+    title: str = "memory estimate"
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
 
     def format(self) -> str:
-        lines = ["memory estimate (a lower bound; see fourbit/train/estimate.py):"]
-        lines += [f"  {name:<28}{nbytes / 2**20:>10.1f} MiB" for name, nbytes in self.rows.items()]
-        lines.append(f"  {'total':<28}{sum(self.rows.values()) / 2**20:>10.1f} MiB")
+        lines = [f"{self.title} (a lower bound; see fourbit/train/estimate.py):"]
+        lines += [f"  {name:<36}{nbytes / 2**20:>10.1f} MiB" for name, nbytes in self.rows.items()]
+        lines.append(f"  {'total':<36}{self.total / 2**20:>10.1f} MiB")
         return "\n".join(lines)
 
 
-def estimate_memory(config: TrainConfig, device: str = "cpu") -> MemoryEstimate:
+def estimate_memory(
+    config: TrainConfig,
+    device: str = "cpu",
+    gpus: int = 1,
+    strategy: str | None = None,
+    seq_len: int | None = None,
+    batch: int | None = None,
+) -> MemoryEstimate:
+    """Bytes per GPU (or per process) of a run of ``config``; ``strategy`` None: one process.
+    ``seq_len`` and ``batch`` default to cutoff_len and per_device_train_batch_size."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     c = open_source(config.model_name_or_path).config.get_text_config()
     H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     head_dim = getattr(c, "head_dim", None) or H // c.num_attention_heads
     q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
     linears = [(q, H), (kv, H), (kv, H), (H, q), (I, H), (I, H), (H, I)]
     per_layer = sum(o * i for o, i in linears)
-    compute_bytes = 2 if config.compute_dtype in ("bfloat16", "float16") or (
-        config.compute_dtype == "auto" and native_bf16(device)) else 4
+    compute_bytes = _compute_bytes(config.compute_dtype, device)
+    fsdp = strategy == "fsdp"
+    shard = gpus if fsdp else 1
 
     b = config.quantization_blocksize
-    if config.quantization_bit == 4:
-        bits = 4 + (8 / b + 32 / (256 * b) if config.double_quantization else 32 / b)
-        weights = per_layer * L * bits / 8
-    else:
-        weights = per_layer * L * compute_bytes
+    quantized = config.quantization_bit == 4
+    codes = per_layer * L * (0.5 if quantized else compute_bytes)
+    constants_bits = (8 / b + 32 / (256 * b) if config.double_quantization else 32 / b) if quantized else 0
+    constants = per_layer * L * constants_bits / 8
     unquantized = (V * H * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * H) * compute_bytes
-    lora_params = config.lora_rank * sum(o + i for o, i in linears) * L
+    lora_per_layer = config.lora_rank * sum(o + i for o, i in linears)
+    lora_params = lora_per_layer * L
     moments = 2 if "8bit" in config.optim else 8
-    tokens = config.per_device_train_batch_size * config.cutoff_len
+    tokens = (batch or config.per_device_train_batch_size) * (seq_len or config.cutoff_len)
     layer_acts = tokens * (12 * H + 3 * I) * compute_bytes
     activations = tokens * H * compute_bytes * L + layer_acts if config.gradient_checkpointing else layer_acts * L
-    return MemoryEstimate({
-        "4-bit linears" if config.quantization_bit == 4 else "16-bit linears": int(weights),
-        "embeddings, norms, lm_head": int(unquantized),
-        "LoRA weights + gradients": int(lora_params * 8),
-        f"optimizer state ({config.optim})": int(lora_params * moments),
-        "activations" + (" (checkpointed)" if config.gradient_checkpointing else ""): int(activations),
-        "logits + their gradient": int(tokens * V * 4 * 2),
-    })
+
+    rows = {
+        "4-bit linears (codes)" if quantized else "16-bit linears": int(codes / shard),
+        "quantization constants": int(constants),
+        "embeddings, norms, lm_head": int(unquantized / shard),
+        "LoRA weights (fp32)": int(lora_params * 4 / shard),
+        "LoRA gradients (fp32)": int(lora_params * 4 / shard),
+        f"optimizer state ({config.optim})": int(lora_params * moments / shard),
+    }
+    if not quantized:
+        del rows["quantization constants"]
+    if strategy == "ddp":
+        rows["DDP gradient buckets"] = int(lora_params * 4)
+    if fsdp and gpus > 1:  # two layers' parameters gathered whole, less the shard already counted
+        rows["FSDP gathered layers (2)"] = int(2 * (per_layer * (0.5 if quantized else compute_bytes)
+                                                    + lora_per_layer * compute_bytes) * (1 - 1 / gpus))
+    rows["activations" + (" (checkpointed)" if config.gradient_checkpointing else "")] = int(activations)
+    rows["logits + their gradient"] = int(tokens * V * 4 * 2)
+    where = f"per GPU, {gpus} x {strategy}" if strategy else "one process"
+    return MemoryEstimate(rows, f"memory estimate {where}, {tokens} tokens per micro-batch")
+
+
+def _compute_bytes(compute_dtype: str, device) -> int:
+    """Bytes per activation value; "auto" is what ``device`` computes natively, and a GPU
+    planned for from a machine without one is taken to compute bf16 (Ampere and later)."""
+    if compute_dtype != "auto":
+        return 4 if compute_dtype == "float32" else 2
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return 2
+    return 2 if native_bf16(device) else 4

@@ -25,13 +25,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..io.peft import write_adapter_files
+from ..io.peft import adapter_state_dict, write_adapter_files
 from ..memory import memory_report
 from ..nn.lora import count_parameters, lora_layers
-from ..optim import build_optimizer
-from .checkpoint import TrainState, load_checkpoint, resolve_resume, rotate, save_checkpoint
+from .checkpoint import (
+    TrainState,
+    load_checkpoint_adapter,
+    load_training_state,
+    resolve_resume,
+    rotate,
+    save_checkpoint,
+)
 from .config import TrainConfig
-from .data import IGNORE_INDEX, batches, collate, encode_dataset, load_rows, pack, resolve_dataset, steps_per_epoch
+from .data import (
+    IGNORE_INDEX,
+    batches,
+    collate,
+    encode_dataset,
+    load_rows,
+    pack,
+    resolve_dataset,
+    steps_per_epoch,
+)
+from .distributed import Ranks, clip_grad_norm, init_ranks
+from .estimate import estimate_memory
 from .evaluate import exact_match_accuracy
 from .plot import plot_loss
 from .templates import apply_template
@@ -45,26 +62,34 @@ class TrainResult:
     eval_after: dict | None = None
     steps: int = 0
     seconds: float = 0.0
+    peak_memory: int | None = None  # bytes, torch.cuda.max_memory_allocated (None on a CPU)
+    estimated_memory: int = 0  # bytes per GPU, train/estimate.py
 
 
 def train(model, tokenizer, config: TrainConfig) -> TrainResult:
-    """Fine-tune ``model``'s LoRA adapters on ``config.dataset``; returns losses and evaluations."""
+    """Fine-tune ``model``'s LoRA adapters on ``config.dataset``; returns losses and evaluations.
+
+    Under torchrun every rank calls this with the same config (train/distributed.py)."""
     # ---------------------------------------------------------------- setup
-    if not config.dataset:
-        raise ValueError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
-    if not config.output_dir:
-        raise ValueError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
-    out = Path(config.output_dir)
-    resume = resolve_resume(config.resume_from_checkpoint, out)
-    if out.is_dir() and any(out.iterdir()) and resume is None and not config.overwrite_output_dir:
-        raise FileExistsError(
-            f"output_dir {out} already holds files; set overwrite_output_dir: true, or resume_from_checkpoint: latest"
-        )
-    out.mkdir(parents=True, exist_ok=True)
+    ranks = init_ranks(config)
+    with ranks.all_or_none(config):  # a bad input on any rank stops every rank, before any other collective
+        if not config.dataset:
+            raise ValueError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
+        if not config.output_dir:
+            raise ValueError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
+        out = Path(config.output_dir)
+        resume = resolve_resume(config.resume_from_checkpoint, out)
+        if out.is_dir() and any(out.iterdir()) and resume is None and not config.overwrite_output_dir:
+            raise FileExistsError(
+                f"output_dir {out} already holds files; set overwrite_output_dir: true, or resume_from_checkpoint: latest"
+            )
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the model has no trainable parameters; call fourbit.add_lora(model, ...) before training")
+        ranks.check(config)
+    ranks.barrier()  # every rank has looked at output_dir before rank 0 writes to it
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     _seed_everything(config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters; call fourbit.add_lora(model, ...) before training")
 
     apply_template(tokenizer, config.template)
     conversations = resolve_dataset(config.dataset, config.dataset_dir)
@@ -75,48 +100,61 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         examples = pack(examples, config.cutoff_len)
     eval_set = _eval_set(config) if config.eval_dataset else None
 
+    per_step = ranks.micro_batches_per_step(config)  # over all ranks
     micro_per_epoch = steps_per_epoch(len(examples), config.per_device_train_batch_size)
-    steps_per_epoch_ = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
+    steps_per_epoch_ = math.ceil(micro_per_epoch / per_step)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch_)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
 
-    optimizer = build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    device = next(model.parameters()).device
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if resume is not None:
+        load_checkpoint_adapter(resume, model)  # before DDP or FSDP takes the model
+    estimate = estimate_memory(config, device, ranks.world_size, ranks.strategy)
+    if ranks.is_main:
+        _banner(model, config, len(examples), total_steps, resume, ranks, per_step, estimate, device)
+    engine = ranks.wrap(model)  # the module the loop calls: the model, DDP over it, or the model FSDP-sharded
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = ranks.build_optimizer(config, params)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
 
     state = TrainState()
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, scheduler)
-    _banner(model, config, len(examples), total_steps, resume)
+        state = load_training_state(resume, model, optimizer, scheduler, ranks)
 
     result = TrainResult(out, list(state.losses))
     if eval_set is not None and resume is None:
-        result.eval_before = _evaluate(model, tokenizer, eval_set, config, "before training")
+        result.eval_before = _evaluate(model, tokenizer, eval_set, config, "before training", ranks)
 
     # ---------------------------------------------------------------- train loop
     model.train()
-    metrics = open(out / "metrics.jsonl", "a" if resume else "w")
-    progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+    metrics = open(out / "metrics.jsonl", "a" if resume else "w") if ranks.is_main else None  # noqa: SIM115 - closed in finally
+    progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
+                    disable=not ranks.is_main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(p.device for p in params)
     start = time.perf_counter()
     last_checkpoint = resume
     try:
         while state.step < total_steps:
             step_start = time.perf_counter()
-            micro = [collate([examples[i] for i in idx], pad_id) for idx in _next_micro_batches(len(examples), config, state)]
-            n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            loss_sum = 0.0
-            for batch in micro:
+            mine = ranks.shard(_next_micro_batches(len(examples), config, state, per_step))  # [(indices, weight)]
+            micro = [(collate([examples[i] for i in idx], pad_id), weight) for idx, weight in mine]
+            local_targets = sum(weight * int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b, weight in micro)
+            (n_targets,) = ranks.sum(local_targets)  # the step's trained tokens on all ranks
+            loss_sum = tokens = 0.0
+            for i, (batch, weight) in enumerate(micro):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = causal_lm_loss(model, batch) / n_targets
-                loss.backward()
+                with ranks.gradient_sync(engine, enabled=i == len(micro) - 1):
+                    loss = causal_lm_loss(engine, batch) * (weight / n_targets)
+                    (loss * ranks.world_size).backward()  # DDP and FSDP average over ranks; see distributed.py
                 loss_sum += loss.item()
-            grad_norm = _clip(params, config.max_grad_norm)
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                tokens += weight * (int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
+            loss_sum, tokens = ranks.sum(loss_sum, tokens)
+            grad_norm = clip_grad_norm(params, config.max_grad_norm)
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # the same values on every rank
                 raise FloatingPointError(
                     f"loss {loss_sum} / gradient norm {grad_norm} is not finite at step {state.step + 1}; stopped "
                     f"before applying it. Last good checkpoint: {last_checkpoint or 'none (lower learning_rate?)'}"
@@ -127,36 +165,46 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
             state.step += 1
             state.losses.append(loss_sum)
 
-            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
             record = {
                 "step": state.step, "epoch": round(state.epoch + state.micro_batch / max(micro_per_epoch, 1), 4),
                 "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens_per_s": tokens / (time.perf_counter() - step_start),
             }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             progress.update(1)
             if state.step % config.logging_steps == 0:
                 progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss_sum:.4f}",
                                      lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if state.step % config.save_steps == 0 or state.step == total_steps:
                 last_checkpoint = save_checkpoint(
-                    out / f"checkpoint-{state.step}", model, optimizer, scheduler, state, _base_name(model)
+                    out / f"checkpoint-{state.step}", model, optimizer, scheduler, state, _base_name(model), ranks
                 )
-                rotate(out, config.save_total_limit)
+                if ranks.is_main:
+                    rotate(out, config.save_total_limit)
     finally:
         progress.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     result.seconds = time.perf_counter() - start
+    result.peak_memory = _peak_memory(device)
+    result.estimated_memory = estimate.total
+    if ranks.is_main:
+        print(f"memory per {'GPU' if device.type == 'cuda' else 'process'}: estimated "
+              f"{estimate.total / 2**30:.2f} GiB, measured peak "
+              + (f"{result.peak_memory / 2**30:.2f} GiB (torch.cuda.max_memory_allocated; measured/estimated "
+                 f"{result.peak_memory / max(estimate.total, 1):.2f})" if result.peak_memory is not None
+                 else "unavailable on CPU (torch measures allocations only on CUDA devices)"))
 
     # ---------------------------------------------------------------- save
     model.eval()
-    _write_adapter(model, out)
+    _write_adapter(model, out, ranks)
     result.losses, result.steps = list(state.losses), state.step
-    if config.plot_loss and state.losses:
+    if config.plot_loss and state.losses and ranks.is_main:
         plot_loss(state.losses, out / "training_loss.png")
     if eval_set is not None:
-        result.eval_after = _evaluate(model, tokenizer, eval_set, config, "after training")
+        result.eval_after = _evaluate(model, tokenizer, eval_set, config, "after training", ranks)
     return result
 
 
@@ -181,26 +229,25 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
     )
 
 
-def _next_micro_batches(n_examples: int, config: TrainConfig, state: TrainState) -> list[list[int]]:
-    """Index lists of the next optimizer step's micro-batches, advancing ``state``'s position.
+def _next_micro_batches(n_examples: int, config: TrainConfig, state: TrainState, per_step: int) -> list[list[int]]:
+    """Index lists of the next optimizer step's ``per_step`` micro-batches (over all ranks),
+    advancing ``state``'s position.
 
     An epoch's order is a pure function of (seed, epoch), so the position (epoch, micro-batch)
-    is all a checkpoint needs. A step never crosses an epoch: the last one may be shorter.
+    is all a checkpoint needs, whatever the number of ranks. A step never crosses an epoch: the
+    last one may be shorter.
     """
     per_epoch = steps_per_epoch(n_examples, config.per_device_train_batch_size)
     if state.micro_batch >= per_epoch:
         state.epoch, state.micro_batch = state.epoch + 1, 0
-    count = min(config.gradient_accumulation_steps, per_epoch - state.micro_batch)
+    count = min(per_step, per_epoch - state.micro_batch)
     order = batches(n_examples, config.per_device_train_batch_size, config.seed, state.epoch, start_step=state.micro_batch)
     state.micro_batch += count
     return [next(order) for _ in range(count)]
 
 
-def _clip(params, max_norm: float) -> float:
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+def _peak_memory(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def _seed_everything(seed: int) -> None:
@@ -213,14 +260,18 @@ def _base_name(model) -> str | None:
     return getattr(model.config, "_name_or_path", None) or None
 
 
-def _write_adapter(model, out: Path) -> None:
-    """The final adapter's two PEFT files into output_dir, each replaced atomically."""
-    staging = out / f".adapter-{os.getpid()}"
-    staging.mkdir(exist_ok=True)
-    write_adapter_files(model, staging, _base_name(model))
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()
+def _write_adapter(model, out: Path, ranks: Ranks) -> None:
+    """The final adapter's two PEFT files into output_dir, each replaced atomically (by rank 0,
+    after every rank helped gather it)."""
+    tensors = adapter_state_dict(model)
+    if ranks.is_main:
+        staging = out / f".adapter-{os.getpid()}"
+        staging.mkdir(exist_ok=True)
+        write_adapter_files(model, staging, _base_name(model), tensors)
+        for f in staging.iterdir():
+            os.replace(f, out / f.name)
+        staging.rmdir()
+    ranks.barrier()
 
 
 def _eval_set(config: TrainConfig) -> tuple[list, list | None]:
@@ -231,25 +282,30 @@ def _eval_set(config: TrainConfig) -> tuple[list, list | None]:
     return conversations, skills
 
 
-def _evaluate(model, tokenizer, eval_set, config: TrainConfig, when: str) -> dict:
+def _evaluate(model, tokenizer, eval_set, config: TrainConfig, when: str, ranks: Ranks) -> dict:
+    """Every rank evaluates (under FSDP each forward needs all ranks); rank 0 prints."""
     conversations, skills = eval_set
     result = exact_match_accuracy(model, tokenizer, conversations, skills, max_new_tokens=config.eval_max_new_tokens)
-    print(f"held-out exact match {when}: {result['accuracy']:.1%} ({result['correct']}/{result['total']})"
-          + "".join(f"  {skill} {acc:.0%}" for skill, acc in result.get("by_skill", {}).items()))
+    if ranks.is_main:
+        print(f"held-out exact match {when}: {result['accuracy']:.1%} ({result['correct']}/{result['total']})"
+              + "".join(f"  {skill} {acc:.0%}" for skill, acc in result.get("by_skill", {}).items()))
     return result
 
 
-def _banner(model, config: TrainConfig, n_examples: int, total_steps: int, resume) -> None:
+def _banner(model, config: TrainConfig, n_examples: int, total_steps: int, resume, ranks: Ranks, per_step: int,
+            estimate, device) -> None:
     trainable, total = count_parameters(model)
-    device = next(model.parameters()).device
     report = memory_report(model)
     layers = len(lora_layers(model))
+    where = f"{ranks.world_size} ranks, {ranks.strategy}" if ranks.strategy else "one process"
     print(
-        f"fourbit train | device {device} ({torch.get_num_threads()} threads) | model {report.total_bytes / 2**20:.0f} MiB "
+        f"fourbit train | {where} | device {device} ({torch.get_num_threads()} threads) | model {report.total_bytes / 2**20:.0f} MiB "
         f"| LoRA r={config.lora_rank} alpha={config.alpha:g} on {layers} modules | trainable {trainable:,} / {total:,} "
         f"({100 * trainable / max(total, 1):.2f}%)\n"
-        f"  {n_examples} examples, {total_steps} steps of {config.per_device_train_batch_size}x"
-        f"{config.gradient_accumulation_steps}, optim {config.optim}, lr {config.learning_rate:g} "
+        f"  {n_examples} examples, {total_steps} steps of {per_step * config.per_device_train_batch_size} examples "
+        f"({config.per_device_train_batch_size} per micro-batch, {per_step} micro-batches over {ranks.world_size} "
+        f"rank{'s' if ranks.world_size > 1 else ''}), optim {config.optim}, lr {config.learning_rate:g} "
         f"({config.lr_scheduler_type}), gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
         + (f" | resuming from {resume}" if resume else "")
+        + "\n" + estimate.format()
     )

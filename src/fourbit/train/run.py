@@ -17,6 +17,7 @@ from ..io.loader import load_model
 from ..nn.lora import add_lora
 from .config import TrainConfig, load_config
 from .default_task import write_default_dataset
+from .distributed import init_ranks
 from .recipe import TrainResult, train
 
 DEFAULT_OUTPUT_DIR = "fourbit-output/smollm2-default-task"
@@ -40,20 +41,23 @@ DEFAULT_RUN = {
 
 
 def run(config: TrainConfig) -> TrainResult:
-    """Load ``config.model_name_or_path`` quantized, wrap it with LoRA, and train it."""
+    """Load ``config.model_name_or_path`` quantized, wrap it with LoRA, and train it (under
+    torchrun: on this rank's device, see train/distributed.py)."""
+    ranks = init_ranks(config)
     model, tokenizer = load_model(
         config.model_name_or_path,
         quantization=config.quantization_type if config.quantization_bit == 4 else None,
         double_quant=config.double_quantization,
         blocksize=config.quantization_blocksize,
         compute_dtype=config.compute_dtype,
-        progress=True,
+        device=ranks.device,
+        progress=ranks.is_main,
     )
     if tokenizer is None:
         raise ValueError(f"{config.model_name_or_path} has no tokenizer files; training needs one")
     torch.manual_seed(config.seed)  # the adapters' initialization is part of the run's seed
     add_lora(model, r=config.lora_rank, alpha=config.alpha, target=config.targets, dropout=config.lora_dropout,
-             use_rslora=config.use_rslora, use_dora=config.use_dora)
+             use_rslora=config.use_rslora, use_dora=config.use_dora, verbose=ranks.is_main)
     return train(model, tokenizer, config)
 
 
