@@ -3,6 +3,8 @@
     fourbit train [CONFIG.yaml] [key=value ...] [--dry-run]
     fourbit quantize SRC --method nf4|fp4 [--blocksize N] [--no-double-quant] --output DIR
     fourbit memory [SRC] [--quantization nf4|fp4|int4|none] [--blocksize N] [--no-double-quant]
+    fourbit memory --model CONFIG.yaml [--gpus N] [--strategy ddp|fsdp] [--seq-len L] [--batch B]
+    torchrun --nproc-per-node N -m fourbit train CONFIG.yaml      (several GPUs; train/distributed.py)
 
 SRC is a Hugging Face folder, a .gguf file, a hub id, or omitted for the embedded
 SmolLM2-135M-Instruct. Errors in the input are printed as one line and exit with status 2.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -59,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memory", help="print where a quantized model's bytes are")
     m.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     _add_quant_args(m, ("nf4", "fp4", "int4", "none"), "--quantization")
+    m.add_argument("--model", metavar="CONFIG", help="instead: estimate per-GPU memory of training this config")
+    m.add_argument("--gpus", type=int, default=1, help="with --model: number of GPUs (default 1)")
+    m.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="with --model: default ddp")
+    m.add_argument("--seq-len", type=int, default=None, help="with --model: tokens per sequence (default cutoff_len)")
+    m.add_argument("--batch", type=int, default=None, help="with --model: sequences per GPU (default per_device_train_batch_size)")
     m.set_defaults(run=_memory)
 
     g = sub.add_parser("merge", help="merge a LoRA adapter into its base: a plain Hugging Face folder (or 4-bit)")
@@ -166,6 +174,7 @@ def _train(args) -> None:
     import yaml
 
     from .train.config import load_config
+    from .train.distributed import destroy
     from .train.estimate import estimate_memory
     from .train.run import default_config, run
 
@@ -179,6 +188,9 @@ def _train(args) -> None:
         print(estimate_memory(config).format())
         return
     result = run(config)
+    destroy()  # leave torchrun's process group, if this process joined one
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter written to {result.output_dir}")
     if result.eval_before and result.eval_after:
         print(f"held-out exact match: {result.eval_before['accuracy']:.1%} before -> {result.eval_after['accuracy']:.1%} after")
@@ -240,6 +252,13 @@ def _quantize_post_training(args) -> None:
 
 def _memory(args) -> None:
     from .memory import memory_report
+
+    if args.model is not None:
+        from .train.config import load_config
+        from .train.estimate import estimate_memory
+
+        print(estimate_memory(load_config(args.model), "cuda", args.gpus, args.strategy, args.seq_len, args.batch).format())
+        return
 
     quantization = None if args.method == "none" else args.method
     model, _, seconds = _load(args, quantization)
