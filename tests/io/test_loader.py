@@ -198,7 +198,10 @@ def test_checkpoint_missing_a_dense_tensor_is_refused(tiny_llama, tmp_path):
 @pytest.mark.parametrize("qconfig,error", [
     ({"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}, "declares bitsandbytes 8-bit, but"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32}, "declares GPTQ, but it holds no '.qweight'"),
-    ({"quant_method": "awq", "bits": 4}, "'awq' is not supported by this loader; expected bitsandbytes 4-bit or 8-bit"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "declares AWQ, but it holds no '.qweight'"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ version 'gemv' is not supported; fourbit reads the 'gemm'"),
+    ({"quant_method": "awq", "bits": 8, "version": "gemm"}, "8-bit AWQ checkpoints are not supported"),
+    ({"quant_method": "hqq"}, "'hqq' is not supported by this loader; expected bitsandbytes 4-bit or 8-bit"),
 ])
 def test_a_quantization_config_without_its_tensors_or_unknown_is_refused(tiny_llama, tmp_path, qconfig, error):
     folder, _ = tiny_llama

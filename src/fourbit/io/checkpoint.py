@@ -1,5 +1,5 @@
-"""Writing a quantized model as a Hugging Face folder: bnb-4bit, or GPTQ v1 (io/gptq.py; then
-also AutoGPTQ's quantize_config.json).
+"""Writing a quantized model as a Hugging Face folder: bnb-4bit, GPTQ v1 (io/gptq.py; then
+also AutoGPTQ's quantize_config.json), AWQ GEMM (io/awq.py) or bitsandbytes 8-bit.
 
 For bnb-4bit, the folder is what transformers + bitsandbytes write with ``save_pretrained`` for a
 model loaded with ``BitsAndBytesConfig(load_in_4bit=True, ...)``, so either stack can read it:
@@ -13,7 +13,9 @@ model loaded with ``BitsAndBytesConfig(load_in_4bit=True, ...)``, so either stac
     tokenizer files          when a tokenizer is given
 
 A GPTQ model (GPTQLinear layers, quantization_config from io/gptq.py) writes the same files, its
-layers as P.qweight, P.qzeros, P.scales, P.g_idx (and P.bias). The folder is written next to its destination and renamed into place (io/atomic.py).
+layers as P.qweight, P.qzeros, P.scales, P.g_idx (and P.bias); an AWQ model (AWQLinear layers,
+quantization_config from io/awq.py) as P.qweight, P.qzeros, P.scales (and P.bias). The folder is
+written next to its destination and renamed into place (io/atomic.py).
 """
 
 from __future__ import annotations

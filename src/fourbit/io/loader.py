@@ -10,7 +10,9 @@ A folder that is already a bnb-4bit checkpoint (config.json ``quantization_confi
 ``quant_method: bitsandbytes, load_in_4bit: true``; written by ``fourbit quantize`` or by
 transformers + bitsandbytes) is read as stored: each weight's packed bytes and state tensors
 are gathered and adopted without requantizing, and the checkpoint's quantization settings
-win over the arguments.
+win over the arguments. So are GPTQ v1 folders (GPTQLinear), AWQ GEMM folders (AWQLinear) and
+bitsandbytes 8-bit folders (Linear8bit): their layers are swapped for empty shells of the stored
+layout and filled with the stored tensors as they are.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..nn.awq_linear import AWQLinear
 from ..nn.gptq_linear import GPTQLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.linear8bit import Linear8bit
+from ..nn.packed_linear import PackedLinear
 from ..quant.int8 import DEFAULT_THRESHOLD
 from .gptq import PACKABLE_BITS
 from ..precision import parse_dtype, resolve_compute_dtype
@@ -69,10 +73,12 @@ def load_model(
     compute = resolve_compute_dtype(compute_dtype, device)
     dtype = compute if torch_dtype == "auto" else parse_dtype(torch_dtype)
     gptq = gptq_settings(source.quantization_config)
+    awq = awq_settings(source.quantization_config)
     int8 = int8_settings(source.quantization_config)
-    stored = None if gptq is not None or int8 is not None else _bnb_4bit_settings(source.quantization_config)
-    if gptq is not None or int8 is not None:
-        quantized = set()  # the quantized layers come as GPTQLinear / Linear8bit shells below
+    shells = gptq is not None or awq is not None or int8 is not None
+    stored = None if shells else _bnb_4bit_settings(source.quantization_config)
+    if shells:
+        quantized = set()  # the quantized layers come as GPTQLinear / AWQLinear / Linear8bit shells below
     elif stored is not None:
         quantization, double_quant = stored
         quantized = set(_expected_quant_keys(source.tensor_names()))
@@ -91,13 +97,16 @@ def load_model(
         bits, group_size = gptq
         _swap_stored_linears(model, source.tensor_names(), "qweight", "GPTQ", lambda m, bias: GPTQLinear(
             m.in_features, m.out_features, bits, group_size, bias, compute, device="meta"))
+    if awq is not None:
+        _swap_stored_linears(model, source.tensor_names(), "qweight", "AWQ", lambda m, bias: AWQLinear(
+            m.in_features, m.out_features, 4, awq, bias, compute, device="meta"))
     if int8 is not None:
         _swap_stored_linears(model, source.tensor_names(), "SCB", "bitsandbytes 8-bit", lambda m, bias: Linear8bit(
             m.in_features, m.out_features, bias, int8, device="meta"))
 
     _fill(model, source, targets, stored is not None, device, dtype, progress)
     model.eval()
-    if gptq is not None or int8 is not None:
+    if shells:
         model.config.quantization_config = source.quantization_config
     elif quantization is not None:
         model.config.quantization_config = bnb_quantization_config(quantization, double_quant, compute)
@@ -115,6 +124,22 @@ def gptq_settings(qconfig: dict | None) -> tuple[int, int] | None:
     if bits not in PACKABLE_BITS:
         raise ValueError(f"{bits}-bit GPTQ checkpoints are not supported; fourbit reads {PACKABLE_BITS}-bit ones")
     return bits, group_size
+
+
+def awq_settings(qconfig: dict | None) -> int | None:
+    """The group size of an AWQ GEMM checkpoint (4-bit, zero points), None for any other."""
+    if not qconfig or qconfig.get("quant_method") != "awq":
+        return None
+    version = str(qconfig.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"AWQ version {version!r} is not supported; fourbit reads the 'gemm' layout (GEMV, gemv_fast "
+                         "and llm-awq interleave their words differently)")
+    bits = int(qconfig.get("bits", qconfig.get("w_bit", 4)))
+    if bits != 4:
+        raise ValueError(f"{bits}-bit AWQ checkpoints are not supported; the GEMM layout holds 4-bit codes")
+    if not qconfig.get("zero_point", True):
+        raise ValueError("AWQ checkpoints without zero points (zero_point: false) are not supported")
+    return int(qconfig.get("group_size", qconfig.get("q_group_size", 128)))
 
 
 def _swap_stored_linears(model, tensor_names: list[str], marker: str, what: str, shell) -> None:
@@ -155,7 +180,7 @@ def _bnb_4bit_settings(qconfig: dict | None) -> tuple[str, bool] | None:
     if method != "bitsandbytes" or not qconfig.get("load_in_4bit", qconfig.get("_load_in_4bit")):
         raise ValueError(
             f"checkpoint quantization {method!r} is not supported by this loader; expected bitsandbytes 4-bit or "
-            "8-bit, GPTQ (v1 layout), or an unquantized checkpoint"
+            "8-bit, GPTQ (v1 layout), AWQ (GEMM layout), or an unquantized checkpoint"
         )
     quant_type = qconfig.get("bnb_4bit_quant_type", "fp4")
     check_quant_type(quant_type)
@@ -236,7 +261,7 @@ def _fill(model, source, targets, prequantized, device, dtype, progress) -> None
             unexpected.append(name)
             continue
         tensor = load()
-        if tensor.is_floating_point() and not isinstance(owner, GPTQLinear) and attr != "SCB":  # kept as stored
+        if tensor.is_floating_point() and not isinstance(owner, PackedLinear) and attr != "SCB":  # kept as stored
             tensor = tensor.to(dtype)
         _set_tensor(owner, attr, tensor.to(device))
     if pending:
@@ -285,10 +310,11 @@ def _finish(model, device) -> None:
     (rotary frequencies), and refuse a model with weights the checkpoint did not provide."""
     if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
-    unfilled = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, (GPTQLinear, Linear8bit))
+    unfilled = [f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, (PackedLinear, Linear8bit))
                 for b, t in m._buffers.items() if t is not None and t.is_meta]
     if unfilled:
-        raise ValueError(f"the checkpoint lacks {len(unfilled)} GPTQ tensors the model needs, e.g. {unfilled[:5]}")
+        raise ValueError(f"the checkpoint lacks {len(unfilled)} quantized-layer tensors the model needs, "
+                         f"e.g. {unfilled[:5]}")
     for module in model.modules():
         meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
         if meta:

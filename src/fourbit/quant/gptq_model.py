@@ -21,26 +21,24 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..nn.gptq_linear import GPTQLinear
 from .gptq import Hessian, gptq_quantize
 from .groupwise import quantize_rtn
-from .layerwise import check_calibration, decoder_layers, first_layer_inputs, output
+from .layerwise import (
+    LayerwiseReport,
+    check_calibration,
+    decoder_layers,
+    first_layer_inputs,
+    one_at_a_time,
+    output,
+)
 
 
 @dataclass
-class GPTQReport:
-    layers: int
-    linears: int
-    sequences: int
-    tokens: int
-    seconds: float
+class GPTQReport(LayerwiseReport):
+    method = "GPTQ"
     losses: dict[str, float] = field(default_factory=dict)  # each linear's GPTQ objective
-
-    def format(self) -> str:
-        return (f"GPTQ: {self.linears} linear layers in {self.layers} decoder layers, calibrated on "
-                f"{self.sequences} sequences ({self.tokens} tokens), {self.seconds:.1f} s")
 
 
 @torch.no_grad()
@@ -66,9 +64,7 @@ def quantize_model_gptq(
     start = time.perf_counter()
     inputs = first_layer_inputs(model, layers[0], calibration, batch_size, device)
     report = GPTQReport(len(layers), 0, calibration.shape[0], calibration.numel(), 0.0)
-    for index, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer", disable=not progress)):
-        home = next(layer.parameters()).device
-        layer.to(device)
+    for index, layer in one_at_a_time(layers, device, "GPTQ", progress):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         hessians = {n: Hessian(m.in_features, device) for n, m in linears.items()}
         hooks = [m.register_forward_hook(lambda mod, args, out, h=hessians[n]: h.add(args[0]))
@@ -84,7 +80,6 @@ def quantize_model_gptq(
             report.losses[f"layers.{index}.{name}"] = loss
             report.linears += 1
         inputs = [((output(layer(*args, **kwargs)),) + args[1:], kwargs) for args, kwargs in inputs]
-        layer.to(home)
     report.seconds = time.perf_counter() - start
     return report
 

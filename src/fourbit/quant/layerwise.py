@@ -12,10 +12,29 @@ decoder layers are ``model.model.layers`` (Llama, Mistral, Qwen2 and the like in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 MIN_TOKENS = 128
+
+
+@dataclass
+class LayerwiseReport:
+    """What a layer-by-layer quantization did; each method's report names itself and adds its findings."""
+
+    method = "layer-by-layer quantization"
+    layers: int
+    linears: int
+    sequences: int
+    tokens: int
+    seconds: float
+
+    def format(self) -> str:
+        return (f"{self.method}: {self.linears} linear layers in {self.layers} decoder layers, calibrated on "
+                f"{self.sequences} sequences ({self.tokens} tokens), {self.seconds:.1f} s")
 
 
 class _Captured(Exception):
@@ -34,6 +53,15 @@ def decoder_layers(model: nn.Module, method: str) -> nn.ModuleList:
         raise ValueError(f"{type(model).__name__} has no model.layers: {method} runs on decoder-only models laid out "
                          "like Llama (model.model.layers)")
     return layers
+
+
+def one_at_a_time(layers: nn.ModuleList, device: torch.device, desc: str, progress: bool = False):
+    """Each (index, layer), the layer on ``device`` while the caller works on it and then back where it was."""
+    for index, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        yield index, layer
+        layer.to(home)
 
 
 def first_layer_inputs(model, first, calibration, batch_size, device) -> list[tuple[tuple, dict]]:
