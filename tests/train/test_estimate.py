@@ -1,0 +1,60 @@
+"""The per-GPU memory estimate (train/estimate.py) and ``fourbit memory --model CONFIG``."""
+
+import pytest
+import yaml
+
+from fourbit.cli import main
+from fourbit.train.config import load_config
+from fourbit.train.estimate import estimate_memory
+
+SHARDED = ["4-bit linears (codes)", "embeddings, norms, lm_head", "LoRA weights (fp32)", "LoRA gradients (fp32)",
+           "optimizer state (adamw)"]
+
+
+@pytest.fixture
+def config(tiny_llama):
+    return load_config(None, {"model_name_or_path": str(tiny_llama[0]), "cutoff_len": 64, "per_device_train_batch_size": 2})
+
+
+def test_the_rows_follow_the_formulas(config):
+    rows = estimate_memory(config).rows
+    # tiny Llama: H 64, I 160, 2 layers, vocab 256, 4 heads of 16, 2 kv heads -> q 64, kv 32
+    per_layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 160 * 64
+    assert rows["4-bit linears (codes)"] == per_layer * 2 // 2
+    assert rows["quantization constants"] == int(per_layer * 2 * (8 / 64 + 32 / (256 * 64)) / 8)
+    lora = 16 * ((64 + 64) + 2 * (32 + 64) + (64 + 64) + 2 * (160 + 64) + (64 + 160)) * 2
+    assert rows["LoRA weights (fp32)"] == rows["LoRA gradients (fp32)"] == 4 * lora
+    assert rows["optimizer state (adamw)"] == 8 * lora
+    assert rows["logits + their gradient"] == 2 * 64 * 256 * 4 * 2
+
+
+def test_fsdp_divides_the_sharded_parts_by_the_number_of_gpus(config):
+    ddp = estimate_memory(config, "cuda", gpus=4, strategy="ddp").rows
+    fsdp = estimate_memory(config, "cuda", gpus=4, strategy="fsdp").rows
+    for name in SHARDED:
+        assert fsdp[name] == ddp[name] // 4, name
+    for name in ("quantization constants", "activations (checkpointed)", "logits + their gradient"):
+        assert fsdp[name] == ddp[name], name  # replicated, or per GPU anyway
+    assert "DDP gradient buckets" in ddp and "FSDP gathered layers (2)" in fsdp
+    assert estimate_memory(config, "cuda", gpus=4, strategy="fsdp").total < estimate_memory(config, "cuda", 4, "ddp").total
+
+
+def test_checkpointing_keeps_one_input_per_layer(config):
+    on = estimate_memory(config).rows["activations (checkpointed)"]
+    config.gradient_checkpointing = False
+    assert estimate_memory(config).rows["activations"] > on
+
+
+def test_bad_arguments_are_refused(config):
+    with pytest.raises(ValueError, match="gpus"):
+        estimate_memory(config, gpus=0)
+    with pytest.raises(ValueError, match="strategy"):
+        estimate_memory(config, strategy="zero3")
+
+
+def test_cli_memory_model_prints_the_per_gpu_estimate(config, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": config.model_name_or_path}))
+    assert main(["memory", "--model", str(path), "--gpus", "2", "--strategy", "fsdp", "--seq-len", "128", "--batch", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "per GPU, 2 x fsdp, 384 tokens per micro-batch" in out and "FSDP gathered layers" in out and "total" in out
