@@ -72,6 +72,29 @@ def folder_with_tokenizer(make_tiny_llama, chat_tokenizer, tmp_path):
     return folder
 
 
+def test_quantize_awq_writes_an_awq_gemm_folder_fourbit_loads(folder_with_tokenizer, tmp_path, capsys):
+    import fourbit
+    from fourbit.nn import AWQLinear
+
+    out = tmp_path / "awq"
+    argv = ["quantize", str(folder_with_tokenizer), "--method", "awq", "--group-size", "32", "--seq-len", "64",
+            "--calibration-tokens", "1024", "--output", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "calibration: 16 sequences x 64 tokens (1024 tokens) from fourbit's built-in task" in printed
+    assert "AWQ: 14 linear layers in 2 decoder layers" in printed
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "awq", "zero_point": True, "group_size": 32, "bits": 4, "version": "gemm",
+                      "modules_to_not_convert": None}
+    model, _ = fourbit.load_model(out, torch_dtype="float32")
+    assert sum(isinstance(m, AWQLinear) for m in model.modules()) == 14
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").shape == (160, 8)  # [in, out / 8]
+        assert f.get_tensor("model.layers.0.mlp.down_proj.scales").shape == (5, 64)  # [in / 32, out]
+    assert main(argv[:-2] + ["--bits", "8", "--output", str(tmp_path / "awq8")]) == 2
+    assert "4-bit codes only, not 8-bit" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_quantize_gptq_and_rtn_write_a_gptq_folder_fourbit_loads(folder_with_tokenizer, tmp_path, capsys, method):
     import fourbit
@@ -135,22 +158,24 @@ def test_quantize_int8_writes_transformers_8bit_layout(tiny_llama, tmp_path, cap
 
 
 def test_compare_prints_a_row_per_method_and_a_plot(folder_with_tokenizer, tmp_path, capsys):
-    argv = ["compare", str(folder_with_tokenizer), "--methods", "bf16,nf4-dq,int4-rtn,gptq,int8", "--group-size", "32",
+    argv = ["compare", str(folder_with_tokenizer), "--methods", "bf16,nf4-dq,int4-rtn,gptq,awq,int8", "--group-size", "32",
             "--context", "64", "--plot", str(tmp_path / "ppl.png")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    table = out[out.index("method"):].splitlines()[1:6]
+    table = out[out.index("method"):].splitlines()[1:7]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table}
-    assert list(rows) == ["bf16", "nf4-dq", "int4-rtn", "gptq", "int8"]
+    assert list(rows) == ["bf16", "nf4-dq", "int4-rtn", "gptq", "awq", "int8"]
     bits = {m: r[1] for m, r in rows.items()}
     assert bits["bf16"] == 16.0
     assert 4.12 < bits["nf4-dq"] < 4.14  # 4 + 8/64 + the nested constants
     assert 4.2 < bits["int4-rtn"] < 5.5 and abs(bits["gptq"] - bits["int4-rtn"]) < 1e-9  # same layout
+    # AWQ's layout: the same codes, zeros and scales per weight as GPTQ's, but no g_idx (32 bits per input column)
+    assert 4.2 < bits["awq"] < bits["int4-rtn"]
     assert 8.0 < bits["int8"] < 8.6  # + a float32 scale per row
     assert all(r[0] > 1 for r in rows.values())  # perplexities
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_names_methods_it_does_not_have(folder_with_tokenizer, capsys):
-    assert main(["compare", str(folder_with_tokenizer), "--methods", "nf4,awq"]) == 2
-    assert "'awq' is not implemented yet" in capsys.readouterr().err
+    assert main(["compare", str(folder_with_tokenizer), "--methods", "nf4,awq8"]) == 2
+    assert "unknown method 'awq8'; choose from bf16, nf4, nf4-dq, fp4, int4-rtn, gptq, awq, int8" in capsys.readouterr().err

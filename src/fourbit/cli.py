@@ -2,6 +2,7 @@
 
     fourbit train [CONFIG.yaml] [key=value ...] [--dry-run]
     fourbit quantize SRC --method nf4|fp4 [--blocksize N] [--no-double-quant] --output DIR
+    fourbit quantize SRC --method gptq|awq|rtn|int8 [--group-size N] [--calibration FILE] --output DIR
     fourbit memory [SRC] [--quantization nf4|fp4|int4|none] [--blocksize N] [--no-double-quant]
     fourbit memory --model CONFIG.yaml [--gpus N] [--strategy ddp|fsdp] [--seq-len L] [--batch B]
     torchrun --nproc-per-node N -m fourbit train CONFIG.yaml      (several GPUs; train/distributed.py)
@@ -42,18 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and a memory estimate, then stop")
     t.set_defaults(run=_train)
 
-    q = sub.add_parser("quantize", help="write a quantized Hugging Face folder: bnb-4bit (nf4, fp4), GPTQ (gptq, rtn) "
-                       "or LLM.int8() (int8)")
+    q = sub.add_parser("quantize", help="write a quantized Hugging Face folder: bnb-4bit (nf4, fp4), GPTQ (gptq, rtn), "
+                       "AWQ (awq) or LLM.int8() (int8)")
     q.add_argument("source", help="model folder, .gguf file, hub id, or 'default'")
-    _add_quant_args(q, ("nf4", "fp4", "gptq", "rtn", "int8"), "--method")
-    q.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="gptq/rtn: bits per weight (default 4)")
-    q.add_argument("--group-size", type=int, default=128, help="gptq/rtn: inputs per scale, -1 for one per row (default 128)")
+    _add_quant_args(q, ("nf4", "fp4", "gptq", "awq", "rtn", "int8"), "--method")
+    q.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="gptq/rtn: bits per weight (default 4; awq: 4 only)")
+    q.add_argument("--group-size", type=int, default=128, help="gptq/awq/rtn: inputs per scale, -1 for one per row (default 128)")
     q.add_argument("--act-order", action="store_true", help="gptq: quantize the most-used input columns first")
     q.add_argument("--asym", action="store_true", help="gptq/rtn: asymmetric grid (a zero point per group)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping (default 0.01)")
-    q.add_argument("--calibration", default=None, help="gptq: .txt or .jsonl file (default: fourbit's built-in task)")
-    q.add_argument("--calibration-tokens", type=int, default=16384, help="gptq: tokens of calibration (default 16384)")
-    q.add_argument("--seq-len", type=int, default=512, help="gptq: tokens per calibration sequence (default 512)")
+    q.add_argument("--calibration", default=None, help="gptq/awq: .txt or .jsonl file (default: fourbit's built-in task)")
+    q.add_argument("--calibration-tokens", type=int, default=16384, help="gptq/awq: tokens of calibration (default 16384)")
+    q.add_argument("--seq-len", type=int, default=512, help="gptq/awq: tokens per calibration sequence (default 512)")
     q.add_argument("--threshold", type=float, default=6.0, help="int8: outlier threshold (default 6.0; 0: none)")
     q.add_argument("--output", "-o", required=True, help="folder to create")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -114,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("compare", help="every quantization method on one model: perplexity, bits, size, time")
     k.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    k.add_argument("--methods", default="bf16,nf4,nf4-dq,fp4,int4-rtn,gptq,int8", help="comma-separated")
+    k.add_argument("--methods", default="bf16,nf4,nf4-dq,fp4,int4-rtn,gptq,awq,int8", help="comma-separated")
     k.add_argument("--perplexity", default=None, metavar="FILE", help="text to score (default: the built-in task's "
                    "held-out conversations)")
     k.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
-    k.add_argument("--group-size", type=int, default=128, help="int4-rtn and gptq groups (default 128)")
-    k.add_argument("--calibration", default=None, help="gptq calibration file (default: the built-in task)")
+    k.add_argument("--group-size", type=int, default=128, help="int4-rtn, gptq and awq groups (default 128)")
+    k.add_argument("--calibration", default=None, help="gptq and awq calibration file (default: the built-in task)")
     k.add_argument("--plot", default=None, metavar="PNG", help="also draw perplexity against bits per parameter")
     k.set_defaults(run=_compare)
     return parser
@@ -199,7 +200,7 @@ def _train(args) -> None:
 def _quantize(args) -> None:
     from .io.checkpoint import save_quantized
 
-    if args.method in ("gptq", "rtn", "int8"):
+    if args.method in ("gptq", "awq", "rtn", "int8"):
         return _quantize_post_training(args)
     model, tokenizer, seconds = _load(args, args.method)
     path = save_quantized(model, tokenizer, args.output, overwrite=args.overwrite)
@@ -208,23 +209,30 @@ def _quantize(args) -> None:
 
 
 def _quantize_post_training(args) -> None:
-    """gptq, rtn (GPTQ v1 folders) and int8 (transformers' 8-bit folders) from a dense model."""
+    """gptq, rtn (GPTQ v1 folders), awq (AWQ GEMM folders) and int8 (transformers' 8-bit folders) from a dense model."""
     import torch
 
+    from .io.awq import awq_quantization_config
     from .io.checkpoint import save_quantized
     from .io.gptq import gptq_quantization_config
     from .io.loader import int8_quantization_config, load_model
     from .nn.linear8bit import Linear8bit
     from .precision import parse_dtype
+    from .quant.awq_model import quantize_model_awq
     from .quant.calibration import calibration_tokens
     from .quant.gptq_model import quantize_model_gptq, quantize_model_rtn
 
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(args.source, quantization=None, torch_dtype="float32", device=device)
-    if args.method == "gptq":
-        ids, origin = calibration_tokens(tokenizer, args.calibration, args.calibration_tokens, args.seq_len)
+    if args.method in ("gptq", "awq"):
+        ids, origin = calibration_tokens(tokenizer, args.calibration, args.calibration_tokens, args.seq_len,
+                                         args.method.upper())
         print(f"calibration: {origin}", flush=True)
+    if args.method == "awq":
+        report = quantize_model_awq(model, ids, args.bits, args.group_size, progress=True)
+        done = f"{report.format()}; 4-bit, group {args.group_size}, asym"
+    elif args.method == "gptq":
         report = quantize_model_gptq(model, ids, args.bits, args.group_size, not args.asym, args.act_order, args.damp,
                                      progress=True)
         done = f"{report.format()}; {args.bits}-bit, group {args.group_size}, {'asym' if args.asym else 'sym'}"
@@ -243,6 +251,8 @@ def _quantize_post_training(args) -> None:
             module.compute_dtype = dtype
     if args.method == "int8":
         model.config.quantization_config = int8_quantization_config(args.threshold)
+    elif args.method == "awq":
+        model.config.quantization_config = awq_quantization_config(args.group_size)
     else:
         model.config.quantization_config = gptq_quantization_config(
             args.bits, args.group_size, not args.asym, args.act_order and args.method == "gptq", args.damp)

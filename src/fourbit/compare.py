@@ -1,6 +1,6 @@
 """Every quantization method on one model, side by side: perplexity, bits, size, time.
 
-    fourbit compare SRC --methods bf16,nf4,nf4-dq,fp4,int4-rtn,gptq,int8 [--perplexity FILE] [--plot PNG]
+    fourbit compare SRC --methods bf16,nf4,nf4-dq,fp4,int4-rtn,gptq,awq,int8 [--perplexity FILE] [--plot PNG]
 
 For each method the model is built from SRC as that method would ship it (the time this takes,
 loading included, is "time to quantize"), written to a temporary folder in its checkpoint
@@ -14,6 +14,7 @@ disk). Methods:
     nf4, fp4  bitsandbytes-style 4-bit, block 64, no double quantization; nf4-dq with it
     int4-rtn  4-bit round-to-nearest on GPTQ's grid, --group-size (the baseline)
     gptq      GPTQ, same bits and groups, calibrated on --calibration (default: the built-in task)
+    awq       AWQ, 4-bit with zero points, same groups and calibration (AWQ GEMM layout)
     int8      LLM.int8(), outlier threshold 6.0
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .io.awq import awq_quantization_config
 from .io.checkpoint import save_quantized
 from .io.gptq import gptq_quantization_config
 from .io.loader import int8_quantization_config, load_model
@@ -35,11 +37,11 @@ from .nn.linear8bit import Linear8bit
 from .nn.lora import QUANTIZED_LINEAR_TYPES
 from .perplexity import perplexity, read_text_tokens
 from .precision import native_bf16
+from .quant.awq_model import quantize_model_awq
 from .quant.calibration import calibration_tokens
 from .quant.gptq_model import quantize_model_gptq, quantize_model_rtn
 
-METHODS = ("bf16", "nf4", "nf4-dq", "fp4", "int4-rtn", "gptq", "int8")
-NOT_YET = ("awq",)
+METHODS = ("bf16", "nf4", "nf4-dq", "fp4", "int4-rtn", "gptq", "awq", "int8")
 
 
 @dataclass
@@ -54,8 +56,6 @@ class Row:
 def compare(source, methods: list[str], text_ids: list[int], group_size: int = 128, context: int = 512,
             calibration: str | os.PathLike | None = None, log=print) -> list[Row]:
     for method in methods:
-        if method in NOT_YET:
-            raise ValueError(f"method {method!r} is not implemented yet; available: {', '.join(METHODS)}")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     rows = []
@@ -91,11 +91,15 @@ def _build(source, method, group_size, calibration, log):
     elif method == "int4-rtn":
         quantize_model_rtn(model, 4, group_size, sym=True)
         model.config.quantization_config = gptq_quantization_config(4, group_size, True, False, 0.01)
-    elif method == "gptq":
-        ids, origin = calibration_tokens(tokenizer, calibration)
-        log(f"gptq calibration: {origin}")
-        quantize_model_gptq(model, ids, 4, group_size, sym=True)
-        model.config.quantization_config = gptq_quantization_config(4, group_size, True, False, 0.01)
+    elif method in ("gptq", "awq"):
+        ids, origin = calibration_tokens(tokenizer, calibration, method=method.upper())
+        log(f"{method} calibration: {origin}")
+        if method == "gptq":
+            quantize_model_gptq(model, ids, 4, group_size, sym=True)
+            model.config.quantization_config = gptq_quantization_config(4, group_size, True, False, 0.01)
+        else:
+            quantize_model_awq(model, ids, 4, group_size)
+            model.config.quantization_config = awq_quantization_config(group_size)
     elif method == "int8":
         for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
                              and not n.endswith("lm_head")]:

@@ -1,4 +1,4 @@
-"""Calibration data for GPTQ (and the other post-training methods): token ids [sequences, length].
+"""Calibration data for GPTQ and AWQ: token ids [sequences, length].
 
 From a file: ``.txt`` is one text; ``.jsonl`` rows give their ``text`` field, or their
 conversation (``messages``, sharegpt or alpaca fields, as training reads them) rendered with
@@ -20,14 +20,15 @@ from .layerwise import MIN_TOKENS
 
 
 def calibration_tokens(tokenizer, path: str | os.PathLike | None = None, n_tokens: int = 16384,
-                       seq_len: int = 512) -> tuple[torch.Tensor, str]:
-    """(ids [sequences, seq_len], a line saying where they came from and how many there are)."""
+                       seq_len: int = 512, method: str = "GPTQ") -> tuple[torch.Tensor, str]:
+    """(ids [sequences, seq_len], a line saying where they came from and how many there are);
+    ``method`` names who needs them in the error."""
     texts, origin = _texts(tokenizer, path)
     eos = tokenizer.eos_token or ""
     ids = tokenizer(eos.join(texts), add_special_tokens=False)["input_ids"]
     sequences = min(len(ids), n_tokens) // seq_len
     if sequences == 0 or sequences * seq_len < MIN_TOKENS:
-        raise ValueError(f"calibration data from {origin} gives {len(ids)} tokens; GPTQ needs at least one sequence of "
+        raise ValueError(f"calibration data from {origin} gives {len(ids)} tokens; {method} needs at least one sequence of "
                          f"seq_len={seq_len} and {MIN_TOKENS} tokens in all: add text or lower seq_len")
     tensor = torch.tensor(ids[: sequences * seq_len]).view(sequences, seq_len)
     return tensor, f"{sequences} sequences x {seq_len} tokens ({tensor.numel()} tokens) from {origin}"
