@@ -83,8 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="after timing, one more generate under torch.profiler: GPU kernel time and count per token")
-    p.add_argument("--gemv", default=None, metavar="BLOCK_N,NB,WARPS,SPLIT[,pair][,bs]",
-                   help="fourbit's M = 1 launch shape (SPLIT: an int, or auto), e.g. 32,4,4,1,pair,bs")
+    p.add_argument("--gemv", default=None, metavar="BLOCK_N,NB,WARPS,SPLIT",
+                   help="fourbit's M = 1 launch shape (SPLIT: an int, or auto), e.g. 32,4,4,1")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.layers = args.layers or shape.default_layers(args.tiny)
@@ -271,10 +271,9 @@ def child(variant: str, args) -> None:
 def gemv_config(text: str):
     from fourbit.kernels.triton.matmul_4bit import Config
 
-    fields = text.split(",")
-    block_n, nb, warps, split = fields[:4]
+    block_n, nb, warps, split = text.split(",")
     return Config("gemv", block_n=int(block_n), nb=int(nb), num_warps=int(warps),
-                  split_k=None if split == "auto" else int(split), pair="pair" in fields[4:], block_scale="bs" in fields[4:])
+                  split_k=None if split == "auto" else int(split))
 
 
 def kernel_profile(run, new_tokens: int, top: int = 12) -> dict:

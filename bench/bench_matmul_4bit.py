@@ -56,9 +56,6 @@ def sweep_configs():
     gemv = [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk) for bn, nb, w, sk in
             [(16, 4, 4, None), (8, 4, 4, None), (32, 4, 4, None), (16, 2, 4, None), (16, 8, 8, None),
              (32, 8, 8, None), (64, 4, 8, None), (16, 4, 4, 1), (16, 4, 4, 4), (32, 4, 4, 8)]]
-    gemv += [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk, pair=pair, block_scale=bs)
-             for bn, nb, w, sk in [(32, 4, 4, None), (16, 8, 8, None), (16, 4, 4, 1)]
-             for pair, bs in [(True, False), (False, True), (True, True)]]
     mm = [Config("matmul", block_n=bn, block_m=bm, nb=nb, num_warps=w, num_stages=s, split_k=sk)
           for bm in (16, 64) for bn, nb, w, s, sk in
           [(64, 4, 4, 3, None), (32, 4, 4, 3, None), (128, 2, 4, 3, None), (64, 2, 4, 4, None),

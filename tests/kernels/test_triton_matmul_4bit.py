@@ -74,9 +74,6 @@ def test_matmul_matches_float64(device, m, n, k, blocksize, dtype, double_quant)
     fused.Config("gemv", block_n=8, nb=1, num_warps=2, split_k=1),
     fused.Config("gemv", block_n=32, nb=4, num_warps=8, split_k=2),  # 6 blocks: splits of 4 and 2
     fused.Config("gemv", block_n=16, nb=2, split_k=6),
-    fused.Config("gemv", block_n=16, nb=2, split_k=3, pair=True),
-    fused.Config("gemv", block_n=8, nb=4, split_k=2, block_scale=True),
-    fused.Config("gemv", block_n=32, nb=2, split_k=1, pair=True, block_scale=True),
     fused.Config("matmul", block_n=16, block_m=32, nb=1, num_warps=2, split_k=1),
     fused.Config("matmul", block_n=32, block_m=16, nb=4, split_k=2),
     fused.Config("matmul", block_n=64, block_m=64, nb=2, num_warps=8, num_stages=2, split_k=3),
