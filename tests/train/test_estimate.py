@@ -1,6 +1,10 @@
 """The per-GPU memory estimate (train/estimate.py) and ``fourbit memory --model CONFIG``."""
 
+import importlib
+from pathlib import Path
+
 import pytest
+import torch
 import yaml
 
 from fourbit.cli import main
@@ -58,3 +62,24 @@ def test_cli_memory_model_prints_the_per_gpu_estimate(config, tmp_path, capsys):
     assert main(["memory", "--model", str(path), "--gpus", "2", "--strategy", "fsdp", "--seq-len", "128", "--batch", "3"]) == 0
     out = capsys.readouterr().out
     assert "per GPU, 2 x fsdp, 384 tokens per micro-batch" in out and "FSDP gathered layers" in out and "total" in out
+
+
+def test_the_gpu_benchmark_parses_its_arguments_and_compares_on_cpu(monkeypatch, tmp_path):
+    """bench/bench_memory_estimate_gpu.py runs on a GPU; its argument parsing and arithmetic run here."""
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    script = importlib.import_module("bench_memory_estimate_gpu")
+    args = script.parse_args(["--out", str(tmp_path / "m.json")])
+    assert (args.layers, args.seq, args.batch, args.device) == (32, 2048, 1, "cuda")  # the full 8B shape by default
+    with pytest.raises(SystemExit):
+        script.parse_args(["--out", "x.json", "--steps", "0"])
+    rows = {"4-bit linears (codes)": 300, "quantization constants": 10, "embeddings, norms, lm_head": 100,
+            "LoRA weights (fp32)": 90, "activations (checkpointed)": 500}
+    report = script.compare(rows, static_measured=550, peak_measured=1050)
+    assert report["static_ratio_measured_over_estimate"] == 1.1 and report["peak_ratio_measured_over_estimate"] == 1.05
+    assert report["peak_within_10_percent"] is True
+    assert script.compare(rows, 550, 1200)["peak_within_10_percent"] is False
+    assert script.compare(rows, None, None)["peak_ratio_measured_over_estimate"] is None  # a CPU measures nothing
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            script.main(["--out", str(tmp_path / "m.json")])
