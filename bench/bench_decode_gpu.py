@@ -1,7 +1,7 @@
 """Greedy decode speed at batch 1, Llama-3-8B's shapes, on a GPU: fourbit vs bitsandbytes NF4 vs bf16.
 
     python bench/bench_decode_gpu.py [--layers 32] [--new-tokens 128] [--repeats 3] [--compile-bf16]
-                                     [--variants fourbit-eager,bnb-eager,dense-eager,fourbit-compile]
+                                     [--variants fourbit-eager,bnb-eager,dense-eager,fourbit-compile,fourbit-graph]
                                      [--compile-recipe auto|manual] [--time-budget 560] [--model-dir DIR]
     OMP_NUM_THREADS=1 python bench/bench_decode_gpu.py --tiny --device cpu   # logic smoke test
 
@@ -19,6 +19,8 @@ Method
     bnb-eager        transformers + BitsAndBytesConfig(nf4, double quant, bf16 compute), generate
     dense-eager      transformers, bf16 weights, generate
     fourbit-compile  fourbit, generate(cache_implementation="static") with the forward compiled
+    fourbit-graph    fourbit's own greedy loop, fourbit.serve.graph_decode.GraphDecoder: a static
+                     cache and the decode step compiled (CUDA graph), the host syncing every 16 tokens
     dense-compile    the same recipe on bf16 weights (with --compile-bf16)
   Compile recipe "auto" (default): transformers 5's own path: with a static cache on CUDA,
   generate compiles the decode forward itself; we pass CompileConfig(mode="reduce-overhead",
@@ -59,7 +61,7 @@ from pathlib import Path
 
 import _llama_shape as shape
 
-VARIANTS = ["fourbit-eager", "bnb-eager", "dense-eager", "fourbit-compile", "dense-compile"]
+VARIANTS = ["fourbit-eager", "bnb-eager", "dense-eager", "fourbit-compile", "fourbit-graph", "dense-compile"]
 PROMPT_LEN = 16
 MATCH_LEN = 16
 
@@ -180,7 +182,7 @@ def child(variant: str, args) -> None:
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN), generator=g).to(device)
     base_kwargs = {"attention_mask": torch.ones_like(prompt), "do_sample": False,
                    "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
-    compiled = variant.endswith("compile")
+    compiled = variant.endswith(("compile", "graph"))
     notes = []
 
     def generate(kwargs, n=None):
@@ -199,7 +201,22 @@ def child(variant: str, args) -> None:
 
     kwargs = dict(base_kwargs)
     warm = []
-    if not compiled:
+    if variant == "fourbit-graph":
+        from fourbit.serve.graph_decode import GraphDecoder
+
+        decoder = GraphDecoder(model, max_length=PROMPT_LEN + args.new_tokens)
+        prompt_ids = prompt[0].tolist()
+
+        def generate(kwargs, n=None):  # noqa: F811 - this variant's own loop; the same return shape
+            new = decoder.generate(prompt_ids, n or args.new_tokens)  # no eos: exactly n tokens
+            return torch.tensor([prompt_ids + new])
+
+        for _ in range(2):  # compilation, then CUDA-graph recording
+            dt, _out = timed(kwargs)
+            warm.append(dt)
+            print(f"[{variant}] warm-up: {dt:.1f} s", flush=True)
+        notes.append("GraphDecoder (static cache, compiled step, reduce-overhead)")
+    elif not compiled:
         start = time.perf_counter()
         generate(kwargs, n=8)
         sync()
@@ -320,7 +337,8 @@ def summary(rows: dict) -> dict:
         for peer in ["bnb-eager", "dense-eager", "dense-compile"]:
             if peer in ok:
                 out[f"fourbit_best_over_{peer}"] = fourbit[best]["tokens_per_s"] / ok[peer]["tokens_per_s"]
-    for a, b in [("fourbit-eager", "bnb-eager"), ("fourbit-compile", "fourbit-eager"), ("dense-eager", "bnb-eager"),
+    for a, b in [("fourbit-eager", "bnb-eager"), ("fourbit-compile", "fourbit-eager"), ("fourbit-graph", "fourbit-eager"),
+                 ("dense-eager", "bnb-eager"),
                  ("dense-compile", "dense-eager")]:
         if a in ok and b in ok:
             out[f"match_{a}_vs_{b}"] = matches(ok[a]["first_tokens"], ok[b]["first_tokens"])

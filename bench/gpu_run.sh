@@ -81,6 +81,11 @@ session2)  # M = 1 kernel variants (pair table, per-block scale), then decode pr
     run matmul python3 bench/bench_matmul_4bit.py --rows 1 --sweep
     bash "$0" decode-variants
     ;;
+session3)  # decode with fourbit's own compiled greedy loop, profiled; then the compiled training step
+    run decode python3 bench/bench_decode_gpu.py --variants bnb-eager,fourbit-compile,fourbit-graph --new-tokens 64 \
+        --profile --time-budget 250
+    run train python3 bench/bench_train_step_gpu.py --compile --time-budget 290
+    ;;
 train-compile)  # the training step with each decoder layer compiled, against the peer
     run train python3 bench/bench_train_step_gpu.py --compile --time-budget 330
     ;;
