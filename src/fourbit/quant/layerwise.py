@@ -5,8 +5,9 @@
     for each decoder layer L: fit L's linears on inputs_L; inputs_{L+1} = L(inputs_L)
 
 The model runs until its first decoder layer is called, and that call's arguments are kept; only
-the embeddings and rotary tables need to be on ``device`` for it (the layers stay where they are,
-so a model larger than the GPU is walked one layer on the GPU at a time). Works for models whose
+the embeddings and rotary tables need to be on ``device`` for it, and they go back afterwards (the
+layers stay where they are, so a model larger than the GPU is walked one layer on the GPU at a
+time, and the model ends on the device it started on). Works for models whose
 decoder layers are ``model.model.layers`` (Llama, Mistral, Qwen2 and the like in transformers).
 """
 
@@ -75,7 +76,7 @@ def first_layer_inputs(model, first, calibration, batch_size, device) -> list[tu
     hook = first.register_forward_pre_hook(catch, with_kwargs=True)
     home = next(model.parameters()).device
     try:
-        model.to(device) if home == device else _embedding_parts_to(model, device)
+        _embedding_parts_to(model, device)
         for batch in calibration.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
@@ -83,6 +84,7 @@ def first_layer_inputs(model, first, calibration, batch_size, device) -> list[tu
                 pass
     finally:
         hook.remove()
+        _embedding_parts_to(model, home)  # the model ends where it was, wherever its layers ran
     return captured
 
 
