@@ -47,6 +47,8 @@ def main(config_path: str, results: str) -> None:
         lambda: run(load_config(config_path, {"learning_rate": 1e-3 * (rank + 1), "output_dir": str(out / "lr")})))
     report["fsdp_8bit_optimizer"] = outcome(
         lambda: run(load_config(config_path, {"strategy": "fsdp", "optim": "adamw_8bit", "output_dir": str(out / "8bit")})))
+    report["fsdp_eval"] = outcome(lambda: run(load_config(config_path, {
+        "strategy": "fsdp", "eval_dataset": fsdp.dataset, "output_dir": str(out / "eval")})))
     report["nccl_without_cuda"] = outcome(lambda: init_ranks(load_config(config_path, {"ddp_backend": "nccl"})))
     (out / f"rank-{rank}.json").write_text(json.dumps(report))
 

@@ -138,6 +138,7 @@ def test_bad_input_stops_every_rank_with_the_same_reason(worker):
         assert "different configs" in report["different_configs"]
         assert "optim 'adamw_8bit'" in report["fsdp_8bit_optimizer"] and "strategy fsdp" in report["fsdp_8bit_optimizer"]
         assert "nccl needs CUDA" in report["nccl_without_cuda"]
+        assert "eval_dataset with strategy fsdp" in report["fsdp_eval"]
     assert worker[1]["one_rank_fails"] == "ValueError: rank 1's own check failed"
     assert worker[0]["one_rank_fails"].startswith("ValueError: rank 1 refused the run, so every rank stops")
 

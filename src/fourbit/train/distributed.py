@@ -141,6 +141,11 @@ class Ranks:
                     f"x world size = {config.per_device_train_batch_size} x {self.world_size}; choose a multiple of "
                     f"{per_step} or another number of processes"
                 )
+        if self.fsdp and config.eval_dataset:
+            raise ValueError(
+                "eval_dataset with strategy fsdp: generation from a sharded model is not supported; evaluate the "
+                "written adapter in one process (fourbit eval, or fourbit.load_adapter), or use strategy ddp"
+            )
         if self.fsdp and config.optim not in FSDP_OPTIMIZERS:
             raise ValueError(
                 f"optim {config.optim!r} keeps block-wise 8-bit or paged state over whole tensors, which FSDP "

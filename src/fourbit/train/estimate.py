@@ -63,14 +63,16 @@ def estimate_memory(
     strategy: str | None = None,
     seq_len: int | None = None,
     batch: int | None = None,
+    model_config=None,
 ) -> MemoryEstimate:
     """Bytes per GPU (or per process) of a run of ``config``; ``strategy`` None: one process.
-    ``seq_len`` and ``batch`` default to cutoff_len and per_device_train_batch_size."""
+    ``seq_len`` and ``batch`` default to cutoff_len and per_device_train_batch_size; the shapes
+    come from ``model_config`` (a loaded model's) or else from config.model_name_or_path."""
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    c = open_source(config.model_name_or_path).config.get_text_config()
+    c = (model_config or open_source(config.model_name_or_path).config).get_text_config()
     H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     head_dim = getattr(c, "head_dim", None) or H // c.num_attention_heads
     q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim

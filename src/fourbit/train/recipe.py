@@ -111,7 +111,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         enable_gradient_checkpointing(model)
     if resume is not None:
         load_checkpoint_adapter(resume, model)  # before DDP or FSDP takes the model
-    estimate = estimate_memory(config, device, ranks.world_size, ranks.strategy)
+    estimate = estimate_memory(config, device, ranks.world_size, ranks.strategy, model_config=model.config)
     if ranks.is_main:
         _banner(model, config, len(examples), total_steps, resume, ranks, per_step, estimate, device)
     engine = ranks.wrap(model)  # the module the loop calls: the model, DDP over it, or the model FSDP-sharded
