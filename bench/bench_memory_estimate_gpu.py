@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
     p.add_argument("--model-dir", type=Path, default=None, help="where the random model is built once and reused")
     p.add_argument("--tiny", action="store_true", help="the tiny shape, for checking the logic")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a saved SmolLM2 tokenizer folder (default: read from the embedded GGUF)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = p.parse_args(argv)
     if args.layers is None:
@@ -144,7 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda: no CUDA GPU here (use --tiny --device cpu to check the logic)")
     work = args.out.resolve().parent / f"{args.out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = gguf_tokenizer(default_model_path())
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = gguf_tokenizer(default_model_path())
     if args.tiny:
         model_dir = build_tiny(args.model_dir or work / "tiny-model", args.layers, len(tokenizer))
     else:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -182,7 +183,10 @@ class Ranks:
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, init_sync=False, forward_sync_buffers=False)
+        # No buffer sync in forward (the model's buffers are the same frozen constants on every
+        # rank); torch 2.13 names the switch forward_sync_buffers, earlier releases broadcast_buffers.
+        no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_arguments() else "broadcast_buffers"
+        return DistributedDataParallel(model, device_ids=ids, init_sync=False, **{no_buffer_sync: False})
 
     def gradient_sync(self, engine: nn.Module, enabled: bool):
         """Reduce gradients in this backward (the step's last micro-batch) or keep accumulating."""
@@ -323,3 +327,9 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
         if getattr(m, "compute_dtype", None) is not None:
             return m.compute_dtype
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _ddp_arguments() -> set[str]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return set(inspect.signature(DistributedDataParallel.__init__).parameters)
