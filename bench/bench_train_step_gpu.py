@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds for the whole script; a side still running when it is spent is killed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
-                   help="ours: torch.compile each decoder layer (forward and backward; checkpointing kept)")
+                   help="ours: torch.compile each decoder layer (the recipe's torch_compile: true)")
     p.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.layers = args.layers or shape.default_layers(args.tiny)
@@ -106,7 +106,7 @@ def build(side: str, args):
     notes = []
     if side == "ours":
         import fourbit
-        from fourbit.train.recipe import causal_lm_loss, enable_gradient_checkpointing
+        from fourbit.train.recipe import causal_lm_loss, compile_decoder_layers, enable_gradient_checkpointing
 
         model, _ = fourbit.load_model(str(args.model_dir), quantization="nf4", double_quant=True, blocksize=64,
                                       compute_dtype=args.dtype, device=args.device)
@@ -118,10 +118,9 @@ def build(side: str, args):
         if wrapped != set(TARGETS) or len(model.lora_settings["modules"]) != len(TARGETS) * args.layers:
             notes.append(f"!!! LoRA wrapped {len(model.lora_settings['modules'])} modules named {sorted(wrapped)}")
         enable_gradient_checkpointing(model)
-        if args.compile:
-            for layer in model.model.layers:
-                layer.compile()
-            notes.append("decoder layers compiled (torch.compile, default mode)")
+        if args.compile:  # what torch_compile: true does in the recipe
+            compile_decoder_layers(model)
+            notes.append("decoder layers compiled (recipe.compile_decoder_layers)")
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = fourbit.optim.build_optimizer("adamw", params, lr=1e-4, weight_decay=0.0)
 

@@ -38,6 +38,12 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, message):
         load_config(None, [override])
 
 
+def test_torch_compile_with_fsdp_is_refused():
+    with pytest.raises(ValueError, match=r"'torch_compile': True is not allowed; expected false with strategy fsdp"):
+        load_config(None, ["strategy=fsdp", "torch_compile=true"])
+    assert load_config(None, ["torch_compile=true"]).torch_compile is True
+
+
 def test_dry_run_prints_the_resolved_config_and_an_estimate(tiny_llama, tmp_path, capsys):
     folder, _ = tiny_llama
     code = main(["train", f"model_name_or_path={folder}", "dataset=x.json", f"output_dir={tmp_path / 'o'}",

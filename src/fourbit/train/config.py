@@ -56,6 +56,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = True
+    torch_compile: bool = False  # torch.compile each decoder layer (train/recipe.py compile_decoder_layers)
     global_batch_size: int | None = None  # examples per optimizer step over all ranks; None: batch x accumulation x ranks
     # several processes (torchrun; train/distributed.py)
     strategy: str = "ddp"  # "ddp": every rank holds the 4-bit base; "fsdp": FSDP2 shards it
@@ -192,6 +193,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.global_batch_size is None or (c.global_batch_size > 0 and c.global_batch_size % c.per_device_train_batch_size == 0),
            "global_batch_size", c.global_batch_size, f"none or a positive multiple of per_device_train_batch_size ({c.per_device_train_batch_size})")
     _check(c.strategy in STRATEGIES, "strategy", c.strategy, f"one of {STRATEGIES}")
+    _check(not (c.torch_compile and c.strategy == "fsdp"), "torch_compile", c.torch_compile,
+           "false with strategy fsdp (compiling FSDP2-sharded layers is not supported yet; ddp or one process can)")
     _check(c.ddp_backend is None or c.ddp_backend in BACKENDS, "ddp_backend", c.ddp_backend, f"none (automatic) or one of {BACKENDS}")
     _check(c.ddp_timeout > 0, "ddp_timeout", c.ddp_timeout, "a number of seconds > 0")
     _check(c.cutoff_len >= 8, "cutoff_len", c.cutoff_len, "an integer >= 8")
