@@ -55,6 +55,11 @@ def test_bad_inputs_are_named_before_any_work(make_tiny_llama, tmp_path):
         quantize_model_awq(model, tokens(8, 32, seed=0), bits=8, group_size=32)
     with pytest.raises(ValueError, match="no model.layers: AWQ runs on decoder-only models"):
         quantize_model_awq(nn.Sequential(nn.Linear(4, 4)), tokens(8, 32, seed=0))
+    other = nn.Module()
+    other.model = nn.Module()
+    other.model.layers = nn.ModuleList([nn.Sequential(nn.Linear(64, 64))])
+    with pytest.raises(ValueError, match=r"AWQ knows decoder layers laid out like Llama .* lacks \['input_layernorm'"):
+        quantize_model_awq(other, tokens(8, 32, seed=0))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was folded
 
 

@@ -112,8 +112,8 @@ def quantize_model_awq(
             x.update(dict.fromkeys(group.targets, scaled))
             report.ratios[f"layers.{index}.{'+'.join(t.rsplit('.', 1)[-1] for t in group.targets)}"] = ratio
         for name, linear in linears.items():
-            clip = None if name.rsplit(".", 1)[-1] in NO_CLIP else torch.cat([a.reshape(-1, a.shape[-1]) for a in x[name]])
-            quant = clip_and_quantize(linear.weight, clip, group_size)
+            tokens = torch.cat([a.reshape(-1, a.shape[-1]) for a in x[name]])
+            quant = clip_and_quantize(linear.weight, None if name.rsplit(".", 1)[-1] in NO_CLIP else tokens, group_size)
             layer.set_submodule(name, AWQLinear.from_quant(quant, linear.bias, group_size, linear.weight.dtype))
             report.linears += 1
         inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
@@ -126,19 +126,21 @@ def groups(layer: nn.Module) -> list[ScaleGroup]:
     names = dict(layer.named_modules())
     missing = sorted({n for g in LLAMA_GROUPS for n in (g.prev, g.block, *g.targets)} - set(names))
     if missing:
-        raise ValueError(f"AWQ knows decoder layers laid out like Llama (input_layernorm, self_attn.q/k/v/o_proj, "
-                         f"post_attention_layernorm, mlp.gate/up/down_proj); this {type(layer).__name__} lacks {missing}")
+        raise ValueError("AWQ knows decoder layers laid out like Llama (input_layernorm, self_attn.q/k/v/o_proj, "
+                         "post_attention_layernorm, mlp.gate/up/down_proj); "
+                         f"this {type(layer).__name__} lacks {missing}")
     for norm in ("input_layernorm", "post_attention_layernorm"):
         _check_scales_with_weight(names[norm], norm)
     return [g for g in LLAMA_GROUPS if not _why_not(layer, g)]
 
 
 def _why_not(layer, group: ScaleGroup) -> str:
+    """Why ``group``'s scales cannot be folded into its prev ("" when they can)."""
     prev, first = layer.get_submodule(group.prev), layer.get_submodule(group.targets[0])
     channels = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
-    if channels != first.in_features:
-        return f"{group.prev} gives {channels} channels, {group.targets[0]} takes {first.in_features}: grouped-query attention"
-    return ""
+    if channels == first.in_features:
+        return ""
+    return f"{group.prev} gives {channels} channels, {group.targets[0]} takes {first.in_features}: grouped-query attention"
 
 
 def _check_scales_with_weight(norm: nn.Module, name: str) -> None:
