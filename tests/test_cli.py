@@ -176,6 +176,17 @@ def test_compare_prints_a_row_per_method_and_a_plot(folder_with_tokenizer, tmp_p
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_scores_python_documentation_by_default(chat_tokenizer):
+    from pydoc_data.topics import topics
+
+    from fourbit.compare import default_text_ids
+
+    ids, origin = default_text_ids(chat_tokenizer, n_tokens=300)
+    assert len(ids) == 300 and "documentation topics (pydoc_data), first 300 tokens" in origin
+    first = topics[sorted(topics)[0]]
+    assert chat_tokenizer.decode(ids[:40]) == chat_tokenizer.decode(chat_tokenizer(first[:400])["input_ids"][:40])
+
+
 def test_compare_names_methods_it_does_not_have(folder_with_tokenizer, capsys):
     assert main(["compare", str(folder_with_tokenizer), "--methods", "nf4,awq8"]) == 2
     assert "unknown method 'awq8'; choose from bf16, nf4, nf4-dq, fp4, int4-rtn, gptq, awq, int8" in capsys.readouterr().err

@@ -116,11 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("compare", help="every quantization method on one model: perplexity, bits, size, time")
     k.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     k.add_argument("--methods", default="bf16,nf4,nf4-dq,fp4,int4-rtn,gptq,awq,int8", help="comma-separated")
-    k.add_argument("--perplexity", default=None, metavar="FILE", help="text to score (default: the built-in task's "
-                   "held-out conversations)")
+    k.add_argument("--perplexity", default=None, metavar="FILE", help="text to score (default: the first 8192 "
+                   "tokens of Python's documentation topics)")
     k.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
     k.add_argument("--group-size", type=int, default=128, help="int4-rtn, gptq and awq groups (default 128)")
     k.add_argument("--calibration", default=None, help="gptq and awq calibration file (default: the built-in task)")
+    k.add_argument("--calibration-tokens", type=int, default=16384,
+                   help="tokens of it gptq and awq calibrate on (default 16384; AWQ's search costs ~20 forwards of each "
+                        "layer over them)")
     k.add_argument("--plot", default=None, metavar="PNG", help="also draw perplexity against bits per parameter")
     k.set_defaults(run=_compare)
     return parser
@@ -358,7 +361,7 @@ def _compare(args) -> None:
     ids, origin = text_ids(tokenizer, args.perplexity)
     print(f"perplexity on {origin} ({len(ids)} tokens, context {args.context})", flush=True)
     rows = compare(args.source, [m.strip() for m in args.methods.split(",") if m.strip()], ids, args.group_size,
-                   args.context, args.calibration, log=lambda line: print(line, flush=True))
+                   args.context, args.calibration, args.calibration_tokens, log=lambda line: print(line, flush=True))
     print(format_table(rows))
     if args.plot:
         path = plot_points([(r.bits_per_parameter, r.perplexity) for r in rows], args.plot)
