@@ -81,7 +81,7 @@ def test_quantize_awq_writes_an_awq_gemm_folder_fourbit_loads(folder_with_tokeni
             "--calibration-tokens", "1024", "--output", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "calibration: 16 sequences x 64 tokens (1024 tokens) from fourbit's built-in task" in printed
+    assert "calibration: 16 sequences x 64 tokens (1024 tokens) from Python " in printed and "documentation topics (pydoc_data, last keys first)" in printed
     assert "AWQ: 14 linear layers in 2 decoder layers" in printed
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config == {"quant_method": "awq", "zero_point": True, "group_size": 32, "bits": 4, "version": "gemm",
@@ -106,7 +106,7 @@ def test_quantize_gptq_and_rtn_write_a_gptq_folder_fourbit_loads(folder_with_tok
     assert main(argv) == 0
     printed = capsys.readouterr().out
     if method == "gptq":
-        assert "calibration: 16 sequences x 64 tokens (1024 tokens) from fourbit's built-in task" in printed
+        assert "calibration: 16 sequences x 64 tokens (1024 tokens) from Python " in printed and "documentation topics (pydoc_data, last keys first)" in printed
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["group_size"] == 32 and config["bits"] == 4
     model, _ = fourbit.load_model(out, torch_dtype="float32")

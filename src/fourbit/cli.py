@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="gptq: quantize the most-used input columns first")
     q.add_argument("--asym", action="store_true", help="gptq/rtn: asymmetric grid (a zero point per group)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq: Hessian damping (default 0.01)")
-    q.add_argument("--calibration", default=None, help="gptq/awq: .txt or .jsonl file (default: fourbit's built-in task)")
+    q.add_argument("--calibration", default=None, help="gptq/awq: .txt or .jsonl file (default: Python's documentation topics)")
     q.add_argument("--calibration-tokens", type=int, default=16384, help="gptq/awq: tokens of calibration (default 16384)")
     q.add_argument("--seq-len", type=int, default=512, help="gptq/awq: tokens per calibration sequence (default 512)")
     q.add_argument("--threshold", type=float, default=6.0, help="int8: outlier threshold (default 6.0; 0: none)")
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokens of Python's documentation topics)")
     k.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
     k.add_argument("--group-size", type=int, default=128, help="int4-rtn, gptq and awq groups (default 128)")
-    k.add_argument("--calibration", default=None, help="gptq and awq calibration file (default: the built-in task)")
+    k.add_argument("--calibration", default=None, help="gptq and awq calibration file (default: Python's documentation topics)")
     k.add_argument("--calibration-tokens", type=int, default=16384,
                    help="tokens of it gptq and awq calibrate on (default 16384; AWQ's search costs ~20 forwards of each "
                         "layer over them)")

@@ -14,16 +14,16 @@ disk). Methods:
     bf16      the weights rounded to bf16 (computed in float32 on a CPU without native bf16)
     nf4, fp4  bitsandbytes-style 4-bit, block 64, no double quantization; nf4-dq with it
     int4-rtn  4-bit round-to-nearest on GPTQ's grid, --group-size (the baseline)
-    gptq      GPTQ, same bits and groups, calibrated on --calibration (default: the built-in task),
-              --calibration-tokens of it
+    gptq      GPTQ, same bits and groups, calibrated on --calibration-tokens of --calibration
+              (default: Python's documentation topics, quant/calibration.py)
     awq       AWQ, 4-bit with zero points, same groups and calibration (AWQ GEMM layout)
     int8      LLM.int8(), outlier threshold 6.0
 
-The default text scored is English prose none of the methods saw: the first 8192 tokens of
-Python's own documentation (the reference and library topics that ship with CPython as
-pydoc_data, in the order of their keys). The built-in task, the calibration default, is a poor
-yardstick: its conversations repeat one template, so its perplexity is near 1 and 4-bit noise
-can even lower it (NF4 scored below float32 on it).
+The default text scored is English prose: the first 8192 tokens of Python's documentation
+topics (reference_text.py), which GPTQ and AWQ's default calibration, read from the other end,
+does not include. (The built-in task is a poor yardstick: its conversations repeat one template,
+so its perplexity is near 1 and 4-bit noise can even lower it; nor does it calibrate well: GPTQ
+calibrated on it scored worse than round-to-nearest on other text.)
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from .perplexity import perplexity, read_text_tokens
 from .precision import native_bf16
 from .quant.awq_model import quantize_model_awq
 from .quant.calibration import calibration_tokens
+from .reference_text import describe, documentation_topics
 from .quant.gptq_model import quantize_model_gptq, quantize_model_rtn
 
 METHODS = ("bf16", "nf4", "nf4-dq", "fp4", "int4-rtn", "gptq", "awq", "int8")
@@ -148,17 +149,9 @@ DEFAULT_TEXT_TOKENS = 8192
 
 
 def default_text_ids(tokenizer, n_tokens: int = DEFAULT_TEXT_TOKENS) -> tuple[list[int], str]:
-    """The first ``n_tokens`` of Python's documentation topics (see the module's docstring)."""
-    import platform
-
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # some distributions strip it from the standard library
-        raise ValueError("this Python has no pydoc_data (its documentation topics, compare's default text); "
-                         "pass --perplexity FILE") from e
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
-    return ids, f"Python {platform.python_version()}'s documentation topics (pydoc_data), first {len(ids)} tokens"
+    """The first ``n_tokens`` of Python's documentation topics (reference_text.py)."""
+    ids = tokenizer("\n\n".join(documentation_topics()), add_special_tokens=False)["input_ids"][:n_tokens]
+    return ids, f"{describe('first keys first')}, first {len(ids)} tokens"
 
 
 def text_ids(tokenizer, path) -> tuple[list[int], str]:

@@ -2,8 +2,10 @@
 
 From a file: ``.txt`` is one text; ``.jsonl`` rows give their ``text`` field, or their
 conversation (``messages``, sharegpt or alpaca fields, as training reads them) rendered with
-the tokenizer's chat template. Without a file: the conversations of fourbit's built-in task
-(train/default_task.py: generated, deterministic, no download), rendered the same way. The
+the tokenizer's chat template. Without a file: general English prose, Python's documentation
+topics read from the last key backwards (reference_text.py; ``fourbit compare`` scores the other
+end). Not fourbit's built-in task: its conversations repeat one template, and GPTQ calibrated on
+them did worse than round-to-nearest on any other text (bench/RESULTS.md). The
 texts are joined with the EOS token, tokenized, and cut into sequences of ``seq_len`` tokens, as
 many as ``n_tokens`` allows; fewer than one full sequence of at least MIN_TOKENS is an error.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..reference_text import describe, documentation_topics
 from .layerwise import MIN_TOKENS
 
 
@@ -36,10 +39,7 @@ def calibration_tokens(tokenizer, path: str | os.PathLike | None = None, n_token
 
 def _texts(tokenizer, path) -> tuple[list[str], str]:
     if path is None:
-        from ..train.default_task import make_default_dataset
-
-        rows, _ = make_default_dataset()
-        return _row_texts(tokenizer, rows), "fourbit's built-in task (generated)"
+        return documentation_topics(reverse=True), describe("last keys first")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {path} does not exist")
