@@ -182,7 +182,7 @@ def test_compare_scores_python_documentation_by_default(chat_tokenizer):
     from fourbit.compare import default_text_ids
 
     ids, origin = default_text_ids(chat_tokenizer, n_tokens=300)
-    assert len(ids) == 300 and "documentation topics (pydoc_data), first 300 tokens" in origin
+    assert len(ids) == 300 and "documentation topics (pydoc_data, first keys first), first 300 tokens" in origin
     first = topics[sorted(topics)[0]]
     assert chat_tokenizer.decode(ids[:40]) == chat_tokenizer.decode(chat_tokenizer(first[:400])["input_ids"][:40])
 
