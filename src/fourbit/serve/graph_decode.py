@@ -59,7 +59,8 @@ class GraphDecoder:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds this "
                              f"decoder's max_length ({self.max_length}); build one with a larger max_length")
         device = next(self.model.parameters()).device
-        eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+        stop_ids = set(eos_ids)
+        eos = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         self.cache.reset()
         positions = torch.arange(len(prompt), device=device)[None]
         token = self._forward(torch.tensor([prompt], device=device), positions)
@@ -75,5 +76,5 @@ class GraphDecoder:
             out[made:made + 1].copy_(token[0])
             made += 1
         tokens = out[:made].tolist()
-        ends = [i for i, t in enumerate(tokens) if t in set(eos.tolist())]
-        return tokens[:ends[0]] if ends else tokens
+        end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+        return tokens[:end]
