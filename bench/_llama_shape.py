@@ -232,6 +232,27 @@ def run_streaming(cmd: list[str], timeout: float) -> tuple[dict | None, int | No
     return result, proc.returncode
 
 
+def run_as_child(child, args) -> None:
+    """In a benchmark's subprocess: run ``child(name, args)``; a traceback and exit 1 if it fails."""
+    import traceback
+
+    try:
+        child(args.child, args)
+    except Exception:  # noqa: BLE001 - any failure is reported to the parent as exit 1
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.exit(1)
+
+
+def print_header(args) -> dict:
+    """Print the environment and the model's layer count; return the environment."""
+    env = environment(args.device)
+    for k, v in env.items():
+        print(f"{k:>16}: {v}")
+    print(layers_note(args.layers, args.tiny))
+    return env
+
+
 def layers_note(layers: int, tiny: bool) -> str:
     if tiny:
         return f"layers: {layers} (TINY shape: a logic smoke test, its numbers mean nothing)"

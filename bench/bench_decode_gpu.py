@@ -348,18 +348,10 @@ def summary(rows: dict) -> dict:
 def main() -> None:
     args = parse_args()
     if args.child:
-        try:
-            return child(args.child, args)
-        except Exception:
-            traceback.print_exc()
-            sys.stdout.flush()
-            sys.exit(1)
+        return shape.run_as_child(child, args)
 
     start = time.monotonic()
-    env = shape.environment(args.device)
-    for k, v in env.items():
-        print(f"{k:>16}: {v}")
-    print(shape.layers_note(args.layers, args.tiny))
+    env = shape.print_header(args)
     variants = args.variants.split(",")
     print(f"batch 1, prompt {PROMPT_LEN} random tokens, {args.new_tokens} new tokens (greedy, eos off), "
           f"median of {args.repeats}, {args.dtype}, sdpa, device {args.device}; variants {', '.join(variants)}; "

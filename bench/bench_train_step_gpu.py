@@ -57,7 +57,6 @@ import math
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -239,18 +238,10 @@ def run_child(side: str, argv: list[str], timeout: float) -> dict:
 def main() -> None:
     args = parse_args()
     if args.child:
-        try:
-            return child(args.child, args)
-        except Exception:
-            traceback.print_exc()
-            sys.stdout.flush()
-            sys.exit(1)
+        return shape.run_as_child(child, args)
 
     start = time.monotonic()
-    env = shape.environment(args.device)
-    for k, v in env.items():
-        print(f"{k:>16}: {v}")
-    print(shape.layers_note(args.layers, args.tiny))
+    env = shape.print_header(args)
     print(f"batch {args.batch} x {args.seq} random tokens, LoRA r={args.rank} alpha={args.alpha:g} dropout 0 on "
           f"{','.join(TARGETS)}, NF4 + double quant, {args.dtype} compute, sdpa, non-reentrant gradient checkpointing, "
           f"AdamW lr 1e-4 wd 0, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s), "

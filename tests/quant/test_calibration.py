@@ -40,7 +40,9 @@ def test_jsonl_text_rows_and_bad_files(chat_tokenizer, tmp_path):
     path.write_text("\n".join(json.dumps({"text": f"row {i} " + "words and more words " * 20}) for i in range(20)))
     ids, origin = calibration_tokens(chat_tokenizer, path, n_tokens=512, seq_len=128)
     assert ids.shape == (4, 128) and str(path) in origin
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b")
     with pytest.raises(ValueError, match=r"expected \.txt or \.jsonl"):
-        calibration_tokens(chat_tokenizer, tmp_path / "x.csv" if (tmp_path / "x.csv").write_text("a") else None)
+        calibration_tokens(chat_tokenizer, csv)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         calibration_tokens(chat_tokenizer, tmp_path / "missing.txt")
