@@ -77,6 +77,12 @@ def test_matmul_matches_float64(device, m, n, k, blocksize, dtype, double_quant)
     fused.Config("matmul", block_n=16, block_m=32, nb=1, num_warps=2, split_k=1),
     fused.Config("matmul", block_n=32, block_m=16, nb=4, split_k=2),
     fused.Config("matmul", block_n=64, block_m=64, nb=2, num_warps=8, num_stages=2, split_k=3),
+    # The code table read through shared memory, and the gemv's loads issued a step ahead: the
+    # last step of each K slice prefetches past the slice's end, which must stay masked.
+    fused.Config("gemv", block_n=16, nb=2, split_k=2, table="shared"),
+    fused.Config("gemv", block_n=8, nb=1, num_warps=2, split_k=1, prefetch=True),
+    fused.Config("gemv", block_n=32, nb=4, split_k=2, table="shared", prefetch=True),
+    fused.Config("matmul", block_n=32, block_m=16, nb=2, split_k=2, table="shared"),
 ])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_every_launch_shape_the_benchmark_tries_is_correct(device, config, quant_type):
@@ -84,6 +90,15 @@ def test_every_launch_shape_the_benchmark_tries_is_correct(device, config, quant
     # (which the first slice alone must add).
     x, b, packed, state, ref = problem(37, 45, 384, 64, torch.float16, device, quant_type=quant_type)
     assert relative_error(run(x, b, packed, state, config), ref) < TOLERANCE[torch.float16]
+
+
+def test_a_launch_shape_outside_the_kernels_is_refused():
+    with pytest.raises(ValueError, match="table 'texture': expected 'global' or 'shared'"):
+        fused.Config("gemv", block_n=16, table="texture")
+    with pytest.raises(ValueError, match="prefetch applies to the gemv kernel only"):
+        fused.Config("matmul", block_n=16, prefetch=True)
+    with pytest.raises(ValueError, match="kernel 'gemm': expected 'gemv' or 'matmul'"):
+        fused.Config("gemm", block_n=16)
 
 
 def test_the_default_launch_shapes_are_correct(device):

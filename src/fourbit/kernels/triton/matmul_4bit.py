@@ -17,9 +17,17 @@ K), so a block never straddles two rows; the op falls back to dequantize + matmu
   never interleaved; each block's products are summed before its scale multiplies them (once
   per block, not per weight: 11% faster at M = 1 on an H100). For M up to ~4 (programs of
   the same weight tile run side by side, so the rows after the first read W from L2).
+  Options, to be timed on a GPU (bench/bench_matmul_4bit.py --sweep; instruction counts from
+  bench/inspect_sass.py): ``prefetch`` (Triton pipelines only loads feeding ``tl.dot``, so
+  each step otherwise waits out the codes' memory latency before its arithmetic) and
+  ``table="shared"`` (one LEA + LDS a nibble instead of two LEA + LDG: 8.2 -> 7.0 loop
+  instructions a weight with both, sm_90).
 - ``matmul``: [BLOCK_M, BLOCK_N] output tiles through ``tl.dot``: each step dequantizes a
   [BLOCK_N, nb * blocksize] tile exactly as the dequantize kernel does (float32 product,
-  rounded to x's dtype) and multiplies it on the tensor cores. For larger M.
+  rounded to x's dtype) and multiplies it on the tensor cores. For larger M. With the table in
+  global memory, Triton's pipeliner turns every table read into a 4-byte ``cp.async`` into
+  shared memory (about one LDGSTS a weight in the SASS), a likely cause of this kernel's 10x gap
+  to dequantize + cuBLAS; ``table="shared"`` leaves only the codes and x to the pipeliner.
 """
 
 from __future__ import annotations
@@ -48,36 +56,71 @@ def _epilogue(y, bias_ptr, out_ptr, out_index, mask, cols, first_split,
 
 
 @triton.jit
+def _code_values(code_ptr, table, nibbles, SHARED_TABLE: tl.constexpr):
+    """code4[nibbles], as float32. From ``table`` (the 16 codes, loaded once per program) through
+    ``tl.gather``, which Triton lowers to shared-memory reads with 32-bit addresses; or straight
+    from the code table in global memory (L1-resident), one 64-bit address per nibble."""
+    if SHARED_TABLE:
+        return tl.reshape(tl.gather(table, tl.reshape(nibbles, (nibbles.numel,)), 0), nibbles.shape)
+    else:
+        return tl.load(code_ptr + nibbles)
+
+
+@triton.jit
+def _gemv_loads(x_row, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                rows, row_ok, kb, last, blocks_per_row,
+                BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NB: tl.constexpr):
+    """One gemv step's inputs: the [BLOCK_N, NB, blocksize/2] codes of blocks kb.., the matching
+    even and odd columns of x, and the blocks' scales (blocks from ``last`` on: masked)."""
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    block = kb + tl.arange(0, NB)
+    ok = row_ok[:, None] & (block < last)[None, :]
+    blocks = rows[:, None] * blocks_per_row + block[None, :]  # [BLOCK_N, NB]
+    jh = tl.arange(0, HALF)
+    codes = tl.load(packed_ptr + blocks[:, :, None] * HALF + jh[None, None, :], mask=ok[:, :, None], other=0)
+    col = block[:, None] * BLOCKSIZE + 2 * jh[None, :]  # [NB, HALF]: the even columns
+    x_ok = (block < last)[:, None]
+    x_even = tl.load(x_row + col, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+    x_odd = tl.load(x_row + col + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+    scale = load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, ok,
+                        DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    return codes, x_even, x_odd, scale
+
+
+@triton.jit
 def _gemv_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, out_ptr,
     N, K, stride_xm, stride_om, blocks_per_split,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr, SHARED_TABLE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    HALF: tl.constexpr = BLOCKSIZE // 2
     m = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     blocks_per_row = K // BLOCKSIZE
     first = tl.program_id(2) * blocks_per_split
     last = tl.minimum(first + blocks_per_split, blocks_per_row)
-    jb = tl.arange(0, NB)
-    jh = tl.arange(0, HALF)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
+    table = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    if PREFETCH:
+        codes, x_even, x_odd, scale = _gemv_loads(
+            x_row, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, row_ok, first, last,
+            blocks_per_row, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, NB)
     for kb in range(first, last, NB):
-        block = kb + jb
-        ok = row_ok[:, None] & (block < last)[None, :]
-        blocks = rows[:, None] * blocks_per_row + block[None, :]  # [BLOCK_N, NB]
-        codes = tl.load(packed_ptr + blocks[:, :, None] * HALF + jh[None, None, :], mask=ok[:, :, None], other=0)
-        col = block[:, None] * BLOCKSIZE + 2 * jh[None, :]  # [NB, HALF]: the even columns
-        x_ok = (block < last)[:, None]
-        x_even = tl.load(x_row + col, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
-        x_odd = tl.load(x_row + col + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
-        scale = load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, ok,
-                            DOUBLE_QUANT, NESTED_BLOCKSIZE)
-        products = tl.load(code_ptr + (codes >> 4)) * x_even + tl.load(code_ptr + (codes & 15)) * x_odd
-        acc += tl.sum(products, axis=2) * scale  # a block's products first, then its scale: once per block
+        if PREFETCH:  # the next step's loads go out before this step's arithmetic (masked past the end)
+            next_codes, next_x_even, next_x_odd, next_scale = _gemv_loads(
+                x_row, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, row_ok, kb + NB,
+                last, blocks_per_row, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, NB)
+        else:
+            codes, x_even, x_odd, scale = _gemv_loads(
+                x_row, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, row_ok, kb, last,
+                blocks_per_row, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, NB)
+        high = _code_values(code_ptr, table, codes >> 4, SHARED_TABLE)
+        low = _code_values(code_ptr, table, codes & 15, SHARED_TABLE)
+        acc += tl.sum(high * x_even + low * x_odd, axis=2) * scale  # a block's products first, then its scale: once per block
+        if PREFETCH:
+            codes, x_even, x_odd, scale = next_codes, next_x_even, next_x_odd, next_scale
     y = tl.sum(acc, axis=1)
     _epilogue(y, bias_ptr, out_ptr, m.to(tl.int64) * stride_om + rows, row_ok, tl.where(row_ok, rows, 0),
               tl.program_id(2) == 0, HAS_BIAS, SPLIT)
@@ -88,7 +131,7 @@ def _matmul_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, blocks_per_split,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr, SHARED_TABLE: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCKSIZE // 2
     BLOCK_K: tl.constexpr = NB * BLOCKSIZE
@@ -101,6 +144,7 @@ def _matmul_4bit_kernel(
     jb = tl.arange(0, NB)
     jh = tl.arange(0, HALF)
     x_rows = x_ptr + rows_x.to(tl.int64)[:, None] * stride_xm
+    table = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(first, last, NB):
         block = kb + jb
@@ -109,8 +153,8 @@ def _matmul_4bit_kernel(
         codes = tl.load(packed_ptr + blocks[:, :, None] * HALF + jh[None, None, :], mask=ok[:, :, None], other=0)
         scale = load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, ok,
                             DOUBLE_QUANT, NESTED_BLOCKSIZE)[:, :, None]
-        high = tl.load(code_ptr + (codes >> 4)) * scale
-        low = tl.load(code_ptr + (codes & 15)) * scale
+        high = _code_values(code_ptr, table, codes >> 4, SHARED_TABLE) * scale
+        low = _code_values(code_ptr, table, codes & 15, SHARED_TABLE) * scale
         cols = kb * BLOCKSIZE + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + cols[None, :], mask=x_ok[:, None] & (cols < last * BLOCKSIZE)[None, :], other=0.0)
         w = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K)).to(x.dtype)  # = dequant(W) tile, as the op rounds it
@@ -125,7 +169,11 @@ class Config:
     """Launch shape. ``kernel``: "gemv" (block_n weight rows x nb quantization blocks per step,
     one row of x per program) or "matmul" (block_m x block_n output tiles, nb blocks of K per
     step). ``split_k``: programs sharing one output along K (adding into a float32 buffer);
-    None picks enough for ``PROGRAMS_PER_SM`` programs per multiprocessor."""
+    None picks enough for ``PROGRAMS_PER_SM`` programs per multiprocessor. ``table``: where the
+    16 codes are read from per nibble, "global" (L1) or "shared" (see ``_code_values``).
+    ``prefetch`` (gemv): issue each step's loads one step ahead, so that the codes' memory
+    latency overlaps the previous step's arithmetic (Triton software-pipelines only loads that
+    feed ``tl.dot``)."""
 
     kernel: str
     block_n: int
@@ -134,6 +182,16 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None
+    table: str = "global"
+    prefetch: bool = False
+
+    def __post_init__(self):
+        if self.kernel not in ("gemv", "matmul"):
+            raise ValueError(f"kernel {self.kernel!r}: expected 'gemv' or 'matmul'")
+        if self.table not in ("global", "shared"):
+            raise ValueError(f"table {self.table!r}: expected 'global' or 'shared'")
+        if self.prefetch and self.kernel != "gemv":
+            raise ValueError("prefetch applies to the gemv kernel only (the matmul kernel is software-pipelined)")
 
 
 PROGRAMS_PER_SM = 8
@@ -205,11 +263,12 @@ def matmul_4bit(
     common = dict(
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize if double_quant else 1,
         DOUBLE_QUANT=double_quant, HAS_BIAS=bias is not None, NB=config.nb, SPLIT=splits > 1,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SHARED_TABLE=config.table == "shared", num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.kernel == "gemv":
         grid = (m, triton.cdiv(n, config.block_n), splits)
-        _gemv_4bit_kernel[grid](*args, n, k, x2.stride(0), n, per_split, BLOCK_N=config.block_n, **common)
+        _gemv_4bit_kernel[grid](*args, n, k, x2.stride(0), n, per_split, BLOCK_N=config.block_n,
+                                PREFETCH=config.prefetch, **common)
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), splits)
         _matmul_4bit_kernel[grid](*args, m, n, k, x2.stride(0), n, per_split,
