@@ -54,11 +54,13 @@ ROTATE_BYTES = 2 * 50 * 2**20
 def sweep_configs():
     from fourbit.kernels.triton.matmul_4bit import Config
 
-    gemv = [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk, table=t, prefetch=pf)
-            for bn, nb, w, sk in [(32, 4, 4, None), (16, 4, 4, None), (32, 2, 4, None)]
+    gemv = [Config("gemv", block_n=bn, nb=nb, num_warps=w, table=t, prefetch=pf, unpack=u)
+            for bn, nb, w, u in [(32, 4, 4, "bytes"), (16, 4, 4, "bytes"), (64, 4, 4, "words"), (32, 4, 4, "words")]
             for t in ("global", "shared") for pf in (False, True)]
     gemv += [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk) for bn, nb, w, sk in
-             [(16, 8, 8, None), (64, 4, 8, None), (16, 4, 4, 1), (32, 4, 4, 8)]]
+             [(16, 8, 8, None), (16, 4, 4, 1), (32, 4, 4, 8)]]
+    gemv += [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk, table="shared", prefetch=True, unpack="words")
+             for bn, nb, w, sk in [(64, 4, 4, 1), (64, 4, 4, 4), (32, 4, 2, None), (128, 2, 8, None)]]
     mm = [Config("matmul", block_n=bn, block_m=bm, nb=nb, num_warps=w, num_stages=s, split_k=sk, table=t)
           for bm in (16, 64) for t in ("global", "shared") for bn, nb, w, s, sk in
           [(64, 4, 4, 3, None), (32, 4, 4, 3, None), (128, 2, 4, 3, None), (64, 2, 4, 4, None),

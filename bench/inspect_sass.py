@@ -65,7 +65,7 @@ def compile_for_h100(config: fused.Config, blocksize: int, double_quant: bool = 
     signature = dict(zip(POINTERS, POINTER_TYPES)) | {name: "i32" for name in ints}
     constants = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=256, DOUBLE_QUANT=double_quant, HAS_BIAS=False,
                      BLOCK_N=config.block_n, NB=config.nb, SPLIT=False, SHARED_TABLE=config.table == "shared")
-    constants |= dict(PREFETCH=config.prefetch) if gemv else dict(BLOCK_M=config.block_m)
+    constants |= dict(PREFETCH=config.prefetch, WORDS=config.unpack == "words") if gemv else dict(BLOCK_M=config.block_m)
     signature |= {name: "constexpr" for name in constants}
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in POINTERS + sorted(ALIGNED_INTS)}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
@@ -117,7 +117,8 @@ def label(config: fused.Config) -> str:
     text = f"{config.kernel} n{config.block_n} nb{config.nb} w{config.num_warps}"
     text += f" m{config.block_m} s{config.num_stages}" if config.kernel == "matmul" else ""
     text += f" split{config.split_k}" if config.split_k else ""
-    return text + (" shared" if config.table == "shared" else "") + (" prefetch" if config.prefetch else "")
+    text += " shared" if config.table == "shared" else ""
+    return text + (" prefetch" if config.prefetch else "") + (" words" if config.unpack == "words" else "")
 
 
 def main() -> None:

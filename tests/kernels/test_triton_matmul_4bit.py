@@ -55,10 +55,20 @@ def relative_error(out, ref):
 @pytest.mark.parametrize("m,n,k,blocksize", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_gemv_matches_float64(device, m, n, k, blocksize, dtype, double_quant):
+@pytest.mark.parametrize("unpack", ["bytes", "words"])
+def test_gemv_matches_float64(device, m, n, k, blocksize, dtype, double_quant, unpack):
     x, b, packed, state, ref = problem(m, n, k, blocksize, dtype, device, double_quant=double_quant)
-    out = run(x, b, packed, state, fused.Config("gemv", block_n=16, nb=4))  # K split as the default picks
+    out = run(x, b, packed, state, fused.Config("gemv", block_n=16, nb=4, unpack=unpack))  # K split as the default picks
     assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_words_refuse_a_packed_weight_off_a_4_byte_boundary(device):
+    x, b, packed, state, ref = problem(1, 8, 128, 64, torch.float16, device)
+    shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=device)[1:].view(packed.shape)
+    shifted.copy_(packed)
+    with pytest.raises(ValueError, match="must be 4-byte aligned"):
+        run(x, b, shifted, state, fused.Config("gemv", block_n=8, unpack="words"))
+    assert relative_error(run(x, b, shifted, state, fused.Config("gemv", block_n=8)), ref) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("m,n,k,blocksize", SHAPES)
@@ -82,6 +92,8 @@ def test_matmul_matches_float64(device, m, n, k, blocksize, dtype, double_quant)
     fused.Config("gemv", block_n=16, nb=2, split_k=2, table="shared"),
     fused.Config("gemv", block_n=8, nb=1, num_warps=2, split_k=1, prefetch=True),
     fused.Config("gemv", block_n=32, nb=4, split_k=2, table="shared", prefetch=True),
+    fused.Config("gemv", block_n=16, nb=2, split_k=2, unpack="words"),
+    fused.Config("gemv", block_n=64, nb=4, split_k=2, table="shared", prefetch=True, unpack="words"),
     fused.Config("matmul", block_n=32, block_m=16, nb=2, split_k=2, table="shared"),
 ])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -95,8 +107,10 @@ def test_every_launch_shape_the_benchmark_tries_is_correct(device, config, quant
 def test_a_launch_shape_outside_the_kernels_is_refused():
     with pytest.raises(ValueError, match="table 'texture': expected 'global' or 'shared'"):
         fused.Config("gemv", block_n=16, table="texture")
-    with pytest.raises(ValueError, match="prefetch applies to the gemv kernel only"):
+    with pytest.raises(ValueError, match="prefetch and unpack='words' apply to the gemv kernel only"):
         fused.Config("matmul", block_n=16, prefetch=True)
+    with pytest.raises(ValueError, match="unpack 'nibbles': expected 'bytes' or 'words'"):
+        fused.Config("gemv", block_n=16, unpack="nibbles")
     with pytest.raises(ValueError, match="kernel 'gemm': expected 'gemv' or 'matmul'"):
         fused.Config("gemm", block_n=16)
 

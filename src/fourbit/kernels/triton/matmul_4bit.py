@@ -12,16 +12,16 @@ covering a slice of the quantization blocks, and add their partial sums into a f
 is then cast to x's dtype. Both kernels need the blocks to tile the rows (blocksize divides
 K), so a block never straddles two rows; the op falls back to dequantize + matmul otherwise.
 
-- ``gemv``: one row of x per program, CUDA cores, float32 throughout. The high nibbles meet
-  the even columns of x and the low nibbles the odd ones, so the two halves of a byte are
-  never interleaved; each block's products are summed before its scale multiplies them (once
-  per block, not per weight: 11% faster at M = 1 on an H100). For M up to ~4 (programs of
-  the same weight tile run side by side, so the rows after the first read W from L2).
-  Options, to be timed on a GPU (bench/bench_matmul_4bit.py --sweep; instruction counts from
-  bench/inspect_sass.py): ``prefetch`` (Triton pipelines only loads feeding ``tl.dot``, so
-  each step otherwise waits out the codes' memory latency before its arithmetic) and
-  ``table="shared"`` (one LEA + LDS a nibble instead of two LEA + LDG: 8.2 -> 7.0 loop
-  instructions a weight with both, sm_90).
+- ``gemv``: one row of x per program, CUDA cores, float32 throughout; each block's products
+  are summed before its scale multiplies them (once per block, not per weight: 11% faster at
+  M = 1 on an H100). For M up to ~4 (programs of the same weight tile run side by side, so
+  the rows after the first read W from L2). Options, to be timed on a GPU
+  (bench/bench_matmul_4bit.py --sweep) after bench/inspect_sass.py counted their loop
+  instructions a weight on sm_90 (the default, timed at 38.6 us for 14336x4096: 8.3): ``prefetch`` (Triton
+  pipelines only loads feeding ``tl.dot``, so each step otherwise waits out the codes' memory
+  latency before its arithmetic), ``table="shared"`` (one address + LDS a nibble instead of
+  two + LDG: 7.0 with prefetch) and ``unpack="words"`` (eight nibbles a 32-bit load, one FMA
+  each instead of a tree: 5.8 with the shared table, 64-row tiles).
 - ``matmul``: [BLOCK_M, BLOCK_N] output tiles through ``tl.dot``: each step dequantizes a
   [BLOCK_N, nb * blocksize] tile exactly as the dequantize kernel does (float32 product,
   rounded to x's dtype) and multiplies it on the tensor cores. For larger M. With the table in
@@ -67,24 +67,48 @@ def _code_values(code_ptr, table, nibbles, SHARED_TABLE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_loads(x_row, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                rows, row_ok, kb, last, blocks_per_row,
-                BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NB: tl.constexpr):
-    """One gemv step's inputs: the [BLOCK_N, NB, blocksize/2] codes of blocks kb.., the matching
-    even and odd columns of x, and the blocks' scales (blocks from ``last`` on: masked)."""
-    HALF: tl.constexpr = BLOCKSIZE // 2
+def _gemv_loads(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, row_ok, kb, last,
+                blocks_per_row, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                NB: tl.constexpr, WORDS: tl.constexpr):
+    """One gemv step's weight inputs, blocks kb.. (from ``last`` on: masked): the codes, as
+    [BLOCK_N, NB, blocksize/2] bytes or [BLOCK_N, NB, blocksize/8] int32 words, and the scales."""
+    PER_BLOCK: tl.constexpr = BLOCKSIZE // 8 if WORDS else BLOCKSIZE // 2
     block = kb + tl.arange(0, NB)
     ok = row_ok[:, None] & (block < last)[None, :]
     blocks = rows[:, None] * blocks_per_row + block[None, :]  # [BLOCK_N, NB]
-    jh = tl.arange(0, HALF)
-    codes = tl.load(packed_ptr + blocks[:, :, None] * HALF + jh[None, None, :], mask=ok[:, :, None], other=0)
-    col = block[:, None] * BLOCKSIZE + 2 * jh[None, :]  # [NB, HALF]: the even columns
-    x_ok = (block < last)[:, None]
-    x_even = tl.load(x_row + col, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
-    x_odd = tl.load(x_row + col + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+    codes_ptr = packed_ptr.to(tl.pointer_type(tl.int32)) if WORDS else packed_ptr
+    j = tl.arange(0, PER_BLOCK)
+    codes = tl.load(codes_ptr + blocks[:, :, None] * PER_BLOCK + j[None, None, :], mask=ok[:, :, None], other=0)
     scale = load_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, ok,
                         DOUBLE_QUANT, NESTED_BLOCKSIZE)
-    return codes, x_even, x_odd, scale
+    return codes, scale
+
+
+@triton.jit
+def _gemv_block_sums(x_row, code_ptr, table, codes, kb, last,
+                     BLOCKSIZE: tl.constexpr, NB: tl.constexpr, SHARED_TABLE: tl.constexpr, WORDS: tl.constexpr):
+    """[BLOCK_N, NB]: sum over each block of code4[nibble] * x[column], before the block's scale.
+
+    Bytes: the high nibbles meet the even columns of x and the low nibbles the odd ones, so the
+    two halves of a byte are never interleaved. Words (four bytes, little-endian): nibble s of a
+    word is column 2 * (s // 2) + 1 - s % 2 of its eight; the eight nibbles are taken in turn,
+    each a shift and a mask, and their products accumulate one FMA each."""
+    block = kb + tl.arange(0, NB)
+    x_ok = (block < last)[:, None]
+    if WORDS:
+        word = block[:, None] * BLOCKSIZE + 8 * tl.arange(0, BLOCKSIZE // 8)[None, :]  # [NB, words]: first columns
+        sums = tl.zeros(codes.shape, dtype=tl.float32)
+        for s in tl.static_range(8):
+            x = tl.load(x_row + word + (2 * (s // 2) + 1 - s % 2), mask=x_ok, other=0.0).to(tl.float32)
+            sums += _code_values(code_ptr, table, (codes >> (4 * s)) & 15, SHARED_TABLE) * x[None, :, :]
+    else:
+        even = block[:, None] * BLOCKSIZE + 2 * tl.arange(0, BLOCKSIZE // 2)[None, :]  # [NB, HALF]
+        x_even = tl.load(x_row + even, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+        x_odd = tl.load(x_row + even + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+        high = _code_values(code_ptr, table, codes >> 4, SHARED_TABLE)
+        low = _code_values(code_ptr, table, codes & 15, SHARED_TABLE)
+        sums = high * x_even + low * x_odd
+    return tl.sum(sums, axis=2)
 
 
 @triton.jit
@@ -93,6 +117,7 @@ def _gemv_4bit_kernel(
     N, K, stride_xm, stride_om, blocks_per_split,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT: tl.constexpr, SHARED_TABLE: tl.constexpr, PREFETCH: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
     m = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,23 +129,21 @@ def _gemv_4bit_kernel(
     table = tl.load(code_ptr + tl.arange(0, 16))
     acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
     if PREFETCH:
-        codes, x_even, x_odd, scale = _gemv_loads(
-            x_row, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, row_ok, first, last,
-            blocks_per_row, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, NB)
+        codes, scale = _gemv_loads(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, row_ok,
+                                   first, last, blocks_per_row, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, NB, WORDS)
     for kb in range(first, last, NB):
         if PREFETCH:  # the next step's loads go out before this step's arithmetic (masked past the end)
-            next_codes, next_x_even, next_x_odd, next_scale = _gemv_loads(
-                x_row, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, row_ok, kb + NB,
-                last, blocks_per_row, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, NB)
+            next_codes, next_scale = _gemv_loads(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                                 rows, row_ok, kb + NB, last, blocks_per_row, BLOCKSIZE,
+                                                 NESTED_BLOCKSIZE, DOUBLE_QUANT, NB, WORDS)
         else:
-            codes, x_even, x_odd, scale = _gemv_loads(
-                x_row, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, row_ok, kb, last,
-                blocks_per_row, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, NB)
-        high = _code_values(code_ptr, table, codes >> 4, SHARED_TABLE)
-        low = _code_values(code_ptr, table, codes & 15, SHARED_TABLE)
-        acc += tl.sum(high * x_even + low * x_odd, axis=2) * scale  # a block's products first, then its scale: once per block
+            codes, scale = _gemv_loads(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows,
+                                       row_ok, kb, last, blocks_per_row, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, NB,
+                                       WORDS)
+        # a block's products first, then its scale: once per block
+        acc += _gemv_block_sums(x_row, code_ptr, table, codes, kb, last, BLOCKSIZE, NB, SHARED_TABLE, WORDS) * scale
         if PREFETCH:
-            codes, x_even, x_odd, scale = next_codes, next_x_even, next_x_odd, next_scale
+            codes, scale = next_codes, next_scale
     y = tl.sum(acc, axis=1)
     _epilogue(y, bias_ptr, out_ptr, m.to(tl.int64) * stride_om + rows, row_ok, tl.where(row_ok, rows, 0),
               tl.program_id(2) == 0, HAS_BIAS, SPLIT)
@@ -173,7 +196,8 @@ class Config:
     16 codes are read from per nibble, "global" (L1) or "shared" (see ``_code_values``).
     ``prefetch`` (gemv): issue each step's loads one step ahead, so that the codes' memory
     latency overlaps the previous step's arithmetic (Triton software-pipelines only loads that
-    feed ``tl.dot``)."""
+    feed ``tl.dot``). ``unpack`` (gemv): read the codes as "bytes" or as int32 "words" of eight
+    nibbles (see ``_gemv_block_sums``; the packed weight must then be 4-byte aligned)."""
 
     kernel: str
     block_n: int
@@ -184,14 +208,17 @@ class Config:
     split_k: int | None = None
     table: str = "global"
     prefetch: bool = False
+    unpack: str = "bytes"
 
     def __post_init__(self):
         if self.kernel not in ("gemv", "matmul"):
             raise ValueError(f"kernel {self.kernel!r}: expected 'gemv' or 'matmul'")
         if self.table not in ("global", "shared"):
             raise ValueError(f"table {self.table!r}: expected 'global' or 'shared'")
-        if self.prefetch and self.kernel != "gemv":
-            raise ValueError("prefetch applies to the gemv kernel only (the matmul kernel is software-pipelined)")
+        if self.unpack not in ("bytes", "words"):
+            raise ValueError(f"unpack {self.unpack!r}: expected 'bytes' or 'words'")
+        if self.kernel != "gemv" and (self.prefetch or self.unpack != "bytes"):
+            raise ValueError("prefetch and unpack='words' apply to the gemv kernel only")
 
 
 PROGRAMS_PER_SM = 8
@@ -246,6 +273,8 @@ def matmul_4bit(
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     config = config or default_config(m, n, k)
+    if config.unpack == "words" and packed.data_ptr() % 4:
+        raise ValueError("unpack='words' reads the packed weight as int32: its storage must be 4-byte aligned")
     double_quant = nested_absmax is not None
     blocks_per_row = k // blocksize
     if config.kernel == "gemv":
@@ -268,7 +297,7 @@ def matmul_4bit(
     if config.kernel == "gemv":
         grid = (m, triton.cdiv(n, config.block_n), splits)
         _gemv_4bit_kernel[grid](*args, n, k, x2.stride(0), n, per_split, BLOCK_N=config.block_n,
-                                PREFETCH=config.prefetch, **common)
+                                PREFETCH=config.prefetch, WORDS=config.unpack == "words", **common)
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), splits)
         _matmul_4bit_kernel[grid](*args, m, n, k, x2.stride(0), n, per_split,
