@@ -8,6 +8,7 @@
 #   bash bench/gpu_run.sh profile    # where the training step's GPU time goes, both sides
 #   bash bench/gpu_run.sh decode     # decode at batch 1, same model
 #   bash bench/gpu_run.sh final      # quick checks + train + decode in one call
+#   bash bench/gpu_run.sh session4   # next: the new 4-bit matmul options swept, then decode with the candidate
 #
 # Peers not in the machine's image travel in .gpu/site (carry it; git-ignored): bitsandbytes
 # 0.50.2 (its cuda130 library only: the whole wheel is 43 MB) and gguf, from their PyPI wheels:
@@ -73,7 +74,7 @@ decode-variants)  # session 2: the default M = 1 launch shape and an alternative
         --profile --time-budget 200
     mv "$OUT/decode-gpu.json" "$OUT/decode-default.json"
     run decode-alt python3 bench/bench_decode_gpu.py --variants fourbit-compile --new-tokens 64 --profile \
-        --gemv "${GEMV:-32,4,4,1,pair,bs}" --time-budget 170
+        --gemv "${GEMV:-64,4,4,auto,shared,prefetch,words}" --time-budget 170
     mv "$OUT/decode-gpu.json" "$OUT/decode-alt.json"
     ;;
 session2)  # M = 1 kernel variants (pair table, per-block scale), then decode profiled
@@ -85,6 +86,11 @@ session3)  # decode with fourbit's own compiled greedy loop, profiled; then the 
     run decode python3 bench/bench_decode_gpu.py --variants bnb-eager,fourbit-compile,fourbit-graph --new-tokens 64 \
         --profile --time-budget 250
     run train python3 bench/bench_train_step_gpu.py --compile --time-budget 290
+    ;;
+session4)  # the M = 1 options counted by bench/inspect_sass.py (shared table, prefetch, words), timed; then decode
+    run tests python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_triton_matmul_4bit.py
+    run matmul python3 bench/bench_matmul_4bit.py --sweep
+    bash "$0" decode-variants
     ;;
 train-compile)  # the training step with each decoder layer compiled, against the peer
     run train python3 bench/bench_train_step_gpu.py --compile --time-budget 330

@@ -59,6 +59,8 @@ COLUMNS = ["global", "async", "shared", "fp32", "mma", "address", "nibble", "con
 
 def compile_for_h100(config: fused.Config, blocksize: int, double_quant: bool = True):
     """The kernel ``config`` launches, compiled for sm_90: (cubin bytes, Triton's metadata)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted functions; unset it to compile them")
     gemv = config.kernel == "gemv"
     kernel = fused._gemv_4bit_kernel if gemv else fused._matmul_4bit_kernel
     ints = (["N", "K"] if gemv else ["M", "N", "K"]) + ["stride_xm", "stride_om", "blocks_per_split"]
