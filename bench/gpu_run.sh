@@ -8,7 +8,8 @@
 #   bash bench/gpu_run.sh profile    # where the training step's GPU time goes, both sides
 #   bash bench/gpu_run.sh decode     # decode at batch 1, same model
 #   bash bench/gpu_run.sh final      # quick checks + train + decode in one call
-#   bash bench/gpu_run.sh session4   # next: the new 4-bit matmul options swept, then decode with the candidate
+#   bash bench/gpu_run.sh session4   # next: the new 4-bit matmul options swept at M = 1 and 16
+#   GEMV=... bash bench/gpu_run.sh session4-decode   # then decode with the sweep's best M = 1 shape
 #
 # Peers not in the machine's image travel in .gpu/site (carry it; git-ignored): bitsandbytes
 # 0.50.2 (its cuda130 library only: the whole wheel is 43 MB) and gguf, from their PyPI wheels:
@@ -87,10 +88,17 @@ session3)  # decode with fourbit's own compiled greedy loop, profiled; then the 
         --profile --time-budget 250
     run train python3 bench/bench_train_step_gpu.py --compile --time-budget 290
     ;;
-session4)  # the M = 1 options counted by bench/inspect_sass.py (shared table, prefetch, words), timed; then decode
+session4)  # the options counted by bench/inspect_sass.py (shared table, prefetch, words), timed at M = 1 and 16
     run tests python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_triton_matmul_4bit.py
-    run matmul python3 bench/bench_matmul_4bit.py --sweep
-    bash "$0" decode-variants
+    run matmul python3 bench/bench_matmul_4bit.py --rows 1,16 --sweep
+    ;;
+session4-decode)  # then decode with GraphDecoder: the default M = 1 launch shape, and $GEMV (the sweep's best)
+    run decode-default python3 bench/bench_decode_gpu.py --variants bnb-eager,fourbit-graph --new-tokens 64 \
+        --time-budget 280
+    mv "$OUT/decode-gpu.json" "$OUT/decode-default.json"
+    run decode-alt python3 bench/bench_decode_gpu.py --variants fourbit-graph --new-tokens 64 \
+        --gemv "${GEMV:-64,4,4,auto,shared,prefetch,words}" --time-budget 200
+    mv "$OUT/decode-gpu.json" "$OUT/decode-alt.json"
     ;;
 train-compile)  # the training step with each decoder layer compiled, against the peer
     run train python3 bench/bench_train_step_gpu.py --compile --time-budget 330
