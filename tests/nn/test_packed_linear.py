@@ -49,6 +49,9 @@ def test_lora_trains_on_a_packed_base(cls, lora_fit):
 @pytest.mark.parametrize("cls", LAYERS)
 def test_a_model_cast_keeps_the_stored_types(cls):
     layer, _, _ = layer_and_reference(cls)
+    stored = {name: t.clone() for name, t in layer.state_dict().items()}
     layer.to(torch.bfloat16)
     assert layer.scales.dtype == torch.float16 and layer.bias.dtype == torch.float16
     assert layer.qweight.dtype == torch.int32
+    # and the values: float16 scales rounded through bfloat16 would lose mantissa bits
+    assert all(torch.equal(stored[name], t) for name, t in layer.state_dict().items())

@@ -65,7 +65,9 @@ def test_linear8bit_layout_round_trip_and_lora():
     fresh.load_state_dict(state)
     x = torch.randn(4, 128)
     assert torch.equal(fresh(x), layer(x))
-    assert layer.to(torch.bfloat16).SCB.dtype == torch.float32  # dtype casts keep the row scales
+    scb = layer.SCB.clone()
+    assert layer.to(torch.bfloat16).SCB.dtype == torch.float32  # dtype casts keep the row scales,
+    assert torch.equal(layer.SCB, scb)  # values included (not rounded through bfloat16)
     bad = dict(state, weight_format=torch.tensor(1, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="only the row layout"):
         Linear8bit(128, 32).load_state_dict(bad)

@@ -63,10 +63,12 @@ class Linear8bit(nn.Module):
         return _Int8Matmul.apply(x, self.weight, self.SCB, self.bias, self.threshold)
 
     def _apply(self, fn, recurse=True):
-        # dtype casts of the model (.half(), .to(bfloat16)) leave the row scales in float32
+        # dtype casts of the model (.half(), .to(bfloat16)) leave the float32 row scales as they
+        # were (moved, not rounded through the new dtype)
+        before = self.SCB
         super()._apply(fn, recurse)
-        if self.SCB.dtype != torch.float32 and not self.SCB.is_meta:
-            self._buffers["SCB"] = self.SCB.float()
+        if self.SCB.dtype != before.dtype and not self.SCB.is_meta:
+            self._buffers["SCB"] = before.to(self.SCB.device)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -72,11 +72,14 @@ class PackedLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(device) moves the buffers; a dtype cast (model.half(), .to(bfloat16)) must not change
         # them: the integer words are not floats, and the formats store scales and bias in float16.
+        # Cast back from the values before the cast, not from the cast ones: a round trip through
+        # bfloat16 would round them.
+        before = {name: self._buffers[name] for name in ("scales", "bias") if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
-        for name in ("scales", "bias"):
-            tensor = self._buffers.get(name)
-            if tensor is not None and tensor.dtype != torch.float16 and not tensor.is_meta:
-                self._buffers[name] = tensor.half()
+        for name, tensor in before.items():
+            after = self._buffers[name]
+            if after.dtype != tensor.dtype and not after.is_meta:
+                self._buffers[name] = tensor.to(after.device)
         return self
 
     def extra_repr(self) -> str:
