@@ -1,6 +1,6 @@
 """Machine code of the fused 4-bit matmul kernels for an H100, read on any machine: no GPU needed.
 
-    python bench/inspect_sass.py [--shape 14336x4096] [--blocksize 64] [--configs sweep|default]
+    python bench/inspect_sass.py [--blocksize 64] [--configs sweep|default]
 
 Question: for each launch shape of ``bench_matmul_4bit.py --sweep``, how many machine
 instructions does the K loop spend per weight, of which kinds, and how many registers does a

@@ -105,6 +105,8 @@ def test_filters_keep_what_top_k_and_top_p_say():
 @pytest.mark.parametrize("kwargs,match", [
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"top_k": -2}, "top_k"), ({"stop": [""]}, "stop strings"),
+    # seeds torch.Generator.manual_seed refuses: caught here, not later inside a whole batch
+    ({"seed": 1.5}, "seed"), ({"seed": 2**70}, "seed"), ({"seed": True}, "seed"),
 ])
 def test_bad_sampling_values_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -144,6 +144,10 @@ def test_limits_413_400_and_caps(served):
         client.chat.completions.create(model="tiny", messages=MESSAGES, n=4)
     with pytest.raises(openai.BadRequestError, match="'stop'"):
         client.chat.completions.create(model="tiny", messages=MESSAGES, stop=["a", "b", "c"])
+    with pytest.raises(openai.BadRequestError, match="'max_tokens' must be a positive integer"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=0)  # not the default
+    with pytest.raises(openai.BadRequestError, match="seed must be an integer"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, seed=2**70)  # refused alone, not per batch
     assert raw(served, "POST", "/v1/chat/completions", b"{not json", auth)[0] == 400
 
 

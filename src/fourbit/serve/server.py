@@ -136,7 +136,8 @@ class OpenAIServer:
                 isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stop):
             raise APIError(400, f"'stop' takes at most {limits.max_stop} non-empty strings of up to "
                                 f"{limits.max_stop_chars} characters", param="stop")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or limits.default_max_tokens
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise APIError(400, "'max_tokens' must be a positive integer", param="max_tokens")
         longest = max(len(p) for p in prompts)
