@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat in the terminal (streaming); /adapter NAME switches adapters")
     _add_serving_args(c)
     c.add_argument("--use", default=None, metavar="NAME", help="adapter to start with (default: the first --adapter)")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--seed", type=int, default=None)
     c.set_defaults(run=_chat)
 
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)")
@@ -101,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
     v.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429 (default 64)")
     v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    v.add_argument("--max-tokens", type=int, default=256,
+                   help="new tokens for a request that gives no max_tokens (default 256); sampling is per request")
     v.set_defaults(run=_serve)
 
     e = sub.add_parser("eval", help="perplexity of a model (with an adapter) on a text file, sliding window")
@@ -142,11 +149,6 @@ def _add_serving_args(p) -> None:
                    help="a PEFT adapter to load under NAME (repeatable)")
     p.add_argument("--quantization", choices=["nf4", "fp4", "int4", "none"], default="nf4",
                    help="how to load the base (default nf4; a bnb-4bit folder keeps its own)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dense-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="keep dequantized weights in memory between tokens (default: on for a CPU, where "
                         "dequantizing at every token dominates decoding)")
@@ -309,7 +311,6 @@ def _chat(args) -> None:
 
 
 def _serve(args) -> None:
-    import os
     from pathlib import Path
 
     from .serve.engine import Engine
@@ -320,7 +321,8 @@ def _serve(args) -> None:
     api = OpenAIServer(
         Engine(model, tokenizer, adapters, max_batch=args.max_batch, dense_cache=args.dense_cache), name,
         api_key=args.api_key or os.environ.get("FOURBIT_API_KEY") or None,
-        limits=Limits(max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent),
+        limits=Limits(max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
+                      default_max_tokens=args.max_tokens),
         adapter_root=args.adapter_root,
     )
     server = make_http_server(api, args.host, args.port)

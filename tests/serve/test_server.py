@@ -211,7 +211,7 @@ def test_cli_serve_binds_locally_and_takes_the_key_from_the_environment(chat_mod
     _, _, folder = chat_model
     env = {**os.environ, "FOURBIT_API_KEY": "sk-env", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-c", "import sys; from fourbit.cli import main; sys.exit(main())",
-                                "serve", str(folder), "--port", "0", "--max-new-tokens", "4"],
+                                "serve", str(folder), "--port", "0", "--max-tokens", "3"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line = ""
@@ -224,6 +224,9 @@ def test_cli_serve_binds_locally_and_takes_the_key_from_the_environment(chat_mod
         assert [m.id for m in client.models.list().data] == [folder.name]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="nope", max_retries=0).models.list()
+        # --max-tokens is the default for a request without max_tokens (greedy: the same tokens each run)
+        answer = client.completions.create(model=folder.name, prompt="Count:")
+        assert answer.usage.completion_tokens == 3 and answer.choices[0].finish_reason == "length"
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -41,7 +41,7 @@ ATOL = 1e-4  # see the module docstring
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc-per-node 2 ARGS``; on timeout kill its whole process group."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a GPU machine
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
