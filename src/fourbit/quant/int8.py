@@ -64,14 +64,11 @@ EXACT_FP32_TERMS = 1024  # 1024 * 127^2 < 2^24: sums of this many int8 products 
 
 
 def _int_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 [m, k] @ int8 [n, k]^T, exactly: int32 through torch._int_mm on a GPU; elsewhere (the
-    CPU's int8 kernel is far slower than its float BLAS) float32 products over slices of at most
-    EXACT_FP32_TERMS columns, each exact, summed in float64."""
-    if a.is_cuda:
-        try:
-            return torch._int_mm(a, b.T.contiguous())
-        except (RuntimeError, NotImplementedError):  # shapes the int8 kernel does not take (e.g. m <= 16)
-            pass
+    """int8 [m, k] @ int8 [n, k]^T, exactly: int32 through torch._int_mm on a GPU (m > 16, k and n
+    multiples of 8); elsewhere (the CPU's int8 kernel is far slower than its float BLAS) float32
+    products over slices of at most EXACT_FP32_TERMS columns, each exact, summed in float64."""
+    if a.is_cuda and a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0:  # the shapes it takes
+        return torch._int_mm(a, b.T)  # the transposed view is the column-major layout cuBLAS reads: no copy
     total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[1], EXACT_FP32_TERMS):
         part = slice(start, start + EXACT_FP32_TERMS)
