@@ -99,6 +99,17 @@ def test_an_8bit_folder_round_trips_through_load_model(make_tiny_llama, tmp_path
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
+    # a layout other than rows (load_model sets tensors directly, not through load_state_dict)
+    from safetensors.torch import load_file, save_file
+
+    path = next((tmp_path / "int8").glob("*.safetensors"))
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("weight_format"))
+    tensors[key] = torch.tensor(1, dtype=torch.uint8)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weight_format is 1; only the row layout \(0\) is read"):
+        fourbit.load_model(tmp_path / "int8", torch_dtype="float32", compute_dtype="float32")
+
 
 def test_the_cpu_product_is_exact_beyond_float32s_integer_range():
     # 3000 products of 127 * 127 sum to 48,387,000 > 2^24: a single float32 sum would round it

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..nn.awq_linear import AWQLinear
 from ..nn.gptq_linear import GPTQLinear
 from ..nn.linear4bit import Linear4bit
-from ..nn.linear8bit import Linear8bit
+from ..nn.linear8bit import Linear8bit, layout_error
 from ..nn.packed_linear import PackedLinear
 from ..quant.int8 import DEFAULT_THRESHOLD
 from .gptq import PACKABLE_BITS
@@ -315,6 +315,9 @@ def _finish(model, device) -> None:
     if unfilled:
         raise ValueError(f"the checkpoint lacks {len(unfilled)} quantized-layer tensors the model needs, "
                          f"e.g. {unfilled[:5]}")
+    for name, module in model.named_modules():  # tensors are set directly above, not through load_state_dict
+        if isinstance(module, Linear8bit) and layout_error(module.weight_format):
+            raise ValueError(f"{name}.{layout_error(module.weight_format)}")
     for module in model.modules():
         meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
         if meta:

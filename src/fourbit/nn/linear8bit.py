@@ -34,6 +34,12 @@ class _Int8Matmul(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None
 
 
+def layout_error(weight_format: torch.Tensor) -> str | None:
+    """Why a stored ``weight_format`` cannot be read, or None for the row layout (0)."""
+    fmt = int(weight_format)
+    return None if fmt == 0 else f"weight_format is {fmt}; only the row layout (0) is read"
+
+
 class Linear8bit(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = DEFAULT_THRESHOLD,
                  device: torch.device | str | None = None):
@@ -74,8 +80,8 @@ class Linear8bit(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         fmt = state_dict.get(prefix + "weight_format")
-        if fmt is not None and int(fmt) != 0:
-            error_msgs.append(f"{prefix}weight_format is {int(fmt)}; only the row layout (0) is read")
+        if fmt is not None and layout_error(fmt):
+            error_msgs.append(prefix + layout_error(fmt))
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
