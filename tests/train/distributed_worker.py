@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc-per-node 2 distributed_worker.py CONFIG.yaml RESULTS_DIR
 
-Trains the config with strategy fsdp, then feeds the ranks bad input and records, per rank,
-the error each scenario raised (or "no error") in RESULTS_DIR/rank-R.json.
+Trains the config with strategy fsdp, evaluates with ddp (each rank answering half), then feeds
+the ranks bad input; records, per rank, the evaluation and the error each scenario raised (or
+"no error") in RESULTS_DIR/rank-R.json.
 """
 
 import json
@@ -49,6 +50,9 @@ def main(config_path: str, results: str) -> None:
         lambda: run(load_config(config_path, {"strategy": "fsdp", "optim": "adamw_8bit", "output_dir": str(out / "8bit")})))
     report["fsdp_eval"] = outcome(lambda: run(load_config(config_path, {
         "strategy": "fsdp", "eval_dataset": fsdp.dataset, "output_dir": str(out / "eval")})))
+    evaluated = run(load_config(config_path, {"eval_dataset": base.dataset, "max_steps": 1,
+                                              "output_dir": str(out / "ddp-eval")})).eval_before
+    report["ddp_eval"] = {"total": evaluated["total"], "answers": evaluated["answers"]}
     report["nccl_without_cuda"] = outcome(lambda: init_ranks(load_config(config_path, {"ddp_backend": "nccl"})))
     (out / f"rank-{rank}.json").write_text(json.dumps(report))
 

@@ -131,6 +131,13 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(setup, one_process, ddp,
     assert_same_run(out, setup / "one")
 
 
+def test_ddp_evaluation_splits_the_set_and_gathers_every_answer(worker):
+    # 10 held-out conversations, 5 answered on each rank: both ranks score all 10, the same.
+    assert worker[0]["ddp_eval"]["total"] == worker[1]["ddp_eval"]["total"] == 10
+    assert worker[0]["ddp_eval"]["answers"] == worker[1]["ddp_eval"]["answers"]
+    assert len(worker[0]["ddp_eval"]["answers"]) == 10
+
+
 def test_bad_input_stops_every_rank_with_the_same_reason(worker):
     for report in worker:
         assert "global_batch_size 6 is not divisible by per_device_train_batch_size x world size = 2 x 2" in \

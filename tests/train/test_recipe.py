@@ -188,3 +188,29 @@ def test_bad_training_inputs_are_refused(chat_model, dataset, tmp_path):
     (tmp_path / "e" / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="already holds files"):
         run(config_for(chat_model, dataset, tmp_path / "e"))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_split_over_ranks_scores_every_answer_in_order(monkeypatch, world_size):
+    # Each rank answers every world_size-th conversation; the gathered answers must line up with
+    # their conversations again. The stand-in model answers each question with its reference,
+    # so any misplaced answer scores as wrong (7 conversations: the shards are uneven).
+    conversations = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+                     for i in range(7)]
+    monkeypatch.setattr(recipe, "greedy_answers", lambda model, tokenizer, convs, **_: [c[-1]["content"] for c in convs])
+
+    def shard(r):
+        return [c[-1]["content"] for c in conversations[r::world_size]]
+
+    class OneOfRanks:  # Ranks.gather as every rank's call returns it
+        def __init__(self, rank):
+            self.rank, self.world_size, self.is_main = rank, world_size, False
+
+        def gather(self, mine):
+            assert mine == shard(self.rank)
+            return [shard(r) for r in range(world_size)]
+
+    config = load_config(None, {})
+    for rank in range(world_size):
+        result = recipe._evaluate(None, None, (conversations, None), config, "test", OneOfRanks(rank))
+        assert result["answers"] == [f"a{i}" for i in range(7)] and result["correct"] == result["total"] == 7

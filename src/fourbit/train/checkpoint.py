@@ -71,12 +71,6 @@ def save_checkpoint(
     return folder
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNGs from ``folder``; returns the position."""
-    load_checkpoint_adapter(folder, model)
-    return load_training_state(folder, model, optimizer, scheduler)
-
-
 def load_checkpoint_adapter(folder: Path, model) -> None:
     """The checkpoint's adapter weights into the (not yet wrapped) model."""
     missing = [n for n in (WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE) if not (folder / n).is_file()]

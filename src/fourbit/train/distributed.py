@@ -104,6 +104,14 @@ class Ranks:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, items: list) -> list[list]:
+        """Every rank's ``items`` (picklable), in rank order."""
+        if self.strategy is None:
+            return [items]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, items)
+        return gathered
+
     # ------------------------------------------------------------------ bad input
 
     @contextlib.contextmanager

@@ -35,9 +35,7 @@ import torch
 
 from ..io.sources import open_source
 from ..precision import native_bf16
-from .config import TrainConfig
-
-STRATEGIES = ("ddp", "fsdp")
+from .config import STRATEGIES, TrainConfig
 
 
 @dataclass
@@ -97,14 +95,12 @@ def estimate_memory(
 
     rows = {
         "4-bit linears (codes)" if quantized else "16-bit linears": int(codes / shard),
-        "quantization constants": int(constants),
+        **({"quantization constants": int(constants)} if quantized else {}),
         "embeddings, norms, lm_head": int(unquantized / shard),
         "LoRA weights (fp32)": int(lora_params * 4 / shard),
         "LoRA gradients (fp32)": int(lora_params * 4 / shard),
         f"optimizer state ({config.optim})": int(lora_params * moments / shard),
     }
-    if not quantized:
-        del rows["quantization constants"]
     if strategy == "ddp":
         rows["DDP gradient buckets"] = int(lora_params * 4)
     if fsdp and gpus > 1:  # two layers' parameters gathered whole, less the shard already counted

@@ -17,7 +17,6 @@ from ..nn.linear4bit import dense_weights
 from .default_task import exact_match
 
 
-@torch.no_grad()
 def exact_match_accuracy(
     model, tokenizer, conversations: list[list[dict]], skills: list[str] | None = None,
     max_new_tokens: int = 24, batch_size: int = 16, dense_cache: bool | None = None,
@@ -28,6 +27,14 @@ def exact_match_accuracy(
     dense_cache: dequantize the 4-bit weights once for the whole evaluation instead of at every
     decoding step (default: on CPUs, where that dequantization dominates decoding).
     """
+    answers = greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size, dense_cache)
+    return score_answers(answers, conversations, skills)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 24,
+                   batch_size: int = 16, dense_cache: bool | None = None) -> list[str]:
+    """The model's greedy answer to each conversation's last question, in order."""
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -50,6 +57,11 @@ def exact_match_accuracy(
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
+    return answers
+
+
+def score_answers(answers: list[str], conversations: list[list[dict]], skills: list[str] | None = None) -> dict:
+    """Exact match of each answer against its conversation's final assistant turn."""
     correct = [exact_match(a, c[-1]["content"]) for a, c in zip(answers, conversations)]
     result = {"accuracy": sum(correct) / max(len(correct), 1), "correct": sum(correct), "total": len(correct),
               "examples": [{"answer": a, "reference": c[-1]["content"]} for a, c in zip(answers[:5], conversations)],

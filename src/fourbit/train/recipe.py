@@ -49,7 +49,7 @@ from .data import (
 )
 from .distributed import Ranks, clip_grad_norm, decoder_layers, init_ranks
 from .estimate import estimate_memory
-from .evaluate import exact_match_accuracy
+from .evaluate import greedy_answers, score_answers
 from .plot import plot_loss
 from .templates import apply_template
 
@@ -139,6 +139,8 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     last_checkpoint = resume
+    if device.type == "cuda":  # the peak reported below is the training's, not the loading's
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         while state.step < total_steps:
             step_start = time.perf_counter()
@@ -146,14 +148,15 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
             micro = [(collate([examples[i] for i in idx], pad_id), weight) for idx, weight in mine]
             local_targets = sum(weight * int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b, weight in micro)
             (n_targets,) = ranks.sum(local_targets)  # the step's trained tokens on all ranks
-            loss_sum = tokens = 0.0
+            tokens = sum(weight * (int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel())
+                         for b, weight in micro)  # counted on the host, before the batches move
+            loss_sum = 0.0
             for i, (batch, weight) in enumerate(micro):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with ranks.gradient_sync(engine, enabled=i == len(micro) - 1):
                     loss = causal_lm_loss(engine, batch) * (weight / n_targets)
                     (loss * ranks.world_size).backward()  # DDP and FSDP average over ranks; see distributed.py
                 loss_sum += loss.item()
-                tokens += weight * (int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
             loss_sum, tokens = ranks.sum(loss_sum, tokens)
             grad_norm = clip_grad_norm(params, config.max_grad_norm)
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # the same values on every rank
@@ -295,9 +298,14 @@ def _eval_set(config: TrainConfig) -> tuple[list, list | None]:
 
 
 def _evaluate(model, tokenizer, eval_set, config: TrainConfig, when: str, ranks: Ranks) -> dict:
-    """Every rank evaluates (under FSDP each forward needs all ranks); rank 0 prints."""
+    """Each rank answers every world_size-th conversation (DDP; FSDP refuses eval_dataset), the
+    answers are gathered back into order, and every rank scores them; rank 0 prints."""
     conversations, skills = eval_set
-    result = exact_match_accuracy(model, tokenizer, conversations, skills, max_new_tokens=config.eval_max_new_tokens)
+    mine = greedy_answers(model, tokenizer, conversations[ranks.rank::ranks.world_size],
+                          max_new_tokens=config.eval_max_new_tokens)
+    shards = ranks.gather(mine)
+    answers = [shards[i % ranks.world_size][i // ranks.world_size] for i in range(len(conversations))]
+    result = score_answers(answers, conversations, skills)
     if ranks.is_main:
         print(f"held-out exact match {when}: {result['accuracy']:.1%} ({result['correct']}/{result['total']})"
               + "".join(f"  {skill} {acc:.0%}" for skill, acc in result.get("by_skill", {}).items()))
