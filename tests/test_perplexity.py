@@ -53,3 +53,13 @@ def test_bad_windows_and_files_are_named(tiny_llama, tmp_path, chat_tokenizer):
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(ValueError, match="expected .txt"):
         read_text_tokens(chat_tokenizer, tmp_path / "a.csv")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(ValueError, match="row 2 has no 'text' string"):
+        read_text_tokens(chat_tokenizer, rows)
+    rows.write_text('{"text": "one"}\n{"text": \n')
+    with pytest.raises(ValueError, match="line 2: bad JSON"):
+        read_text_tokens(chat_tokenizer, rows)
+    rows.write_text('{"text": "one"}\n\n{"text": "two"}\n')  # blank lines skipped; rows joined by EOS
+    assert read_text_tokens(chat_tokenizer, rows) == chat_tokenizer(
+        "one" + chat_tokenizer.eos_token + "two", add_special_tokens=False)["input_ids"]

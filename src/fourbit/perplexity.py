@@ -64,14 +64,17 @@ def perplexity(model, ids: list[int] | torch.Tensor, context: int = 512, stride:
 
 def read_text_tokens(tokenizer, path: str | os.PathLike) -> list[int]:
     """A text file's tokens (``.txt``; ``.jsonl`` rows' ``text`` fields joined by the EOS token)."""
-    import json
+    from .train.data import load_rows
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"perplexity file {path} does not exist")
     if path.suffix == ".jsonl":
-        texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-        text = (tokenizer.eos_token or "\n").join(texts)
+        rows = load_rows(path)
+        lacking = next((i for i, row in enumerate(rows, start=1) if not isinstance(row.get("text"), str)), None)
+        if lacking is not None:
+            raise ValueError(f"perplexity file {path}: row {lacking} has no 'text' string")
+        text = (tokenizer.eos_token or "\n").join(row["text"] for row in rows)
     elif path.suffix == ".txt":
         text = path.read_text()
     else:

@@ -25,6 +25,7 @@ Names follow PEFT's on-disk layout (``base_layer``, ``lora_A.weight``, ``lora_B.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterable
@@ -73,7 +74,8 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        device = next(iter(base_layer.state_dict(keep_vars=True).values())).device  # the weight, or a quantized layer's buffers
+        # the weight, or a quantized layer's packed tensors (parameters or buffers)
+        device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)

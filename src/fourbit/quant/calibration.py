@@ -12,13 +12,13 @@ many as ``n_tokens`` allows; fewer than one full sequence of at least MIN_TOKENS
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ..reference_text import describe, documentation_topics
+from ..train.data import load_rows
 from .layerwise import MIN_TOKENS
 
 
@@ -47,8 +47,7 @@ def _texts(tokenizer, path) -> tuple[list[str], str]:
         return [path.read_text()], str(path)
     if path.suffix != ".jsonl":
         raise ValueError(f"calibration file {path}: expected .txt or .jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return _row_texts(tokenizer, rows), str(path)
+    return _row_texts(tokenizer, load_rows(path)), str(path)
 
 
 def _row_texts(tokenizer, rows: list[dict]) -> list[str]:
