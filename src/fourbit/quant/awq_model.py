@@ -112,8 +112,9 @@ def quantize_model_awq(
             x.update(dict.fromkeys(group.targets, scaled))
             report.ratios[f"layers.{index}.{'+'.join(t.rsplit('.', 1)[-1] for t in group.targets)}"] = ratio
         for name, linear in linears.items():
-            tokens = torch.cat([a.reshape(-1, a.shape[-1]) for a in x[name]])
-            quant = clip_and_quantize(linear.weight, None if name.rsplit(".", 1)[-1] in NO_CLIP else tokens, group_size)
+            clip = name.rsplit(".", 1)[-1] not in NO_CLIP
+            tokens = torch.cat([a.reshape(-1, a.shape[-1]) for a in x[name]]) if clip else None
+            quant = clip_and_quantize(linear.weight, tokens, group_size)
             layer.set_submodule(name, AWQLinear.from_quant(quant, linear.bias, group_size, linear.weight.dtype))
             report.linears += 1
         inputs = [((out,) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]

@@ -102,7 +102,9 @@ def gptq_quantize(
         for i in range(i2 - i1):
             column = i1 + i
             if column % size == 0:  # a new group: its grid from the error-updated weights
-                group = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size]
+                group = W1[:, i : i + size]  # the group's columns: the rest of this block, then beyond it
+                if group.shape[1] < size:
+                    group = torch.cat([group, W[:, i2 : i2 + size - group.shape[1]]], dim=1)
                 scale, zero = grid(group, bits, sym)
                 scales[:, column // size], zeros[:, column // size] = scale, zero
             w, d = W1[:, i], U1[i, i]
