@@ -126,7 +126,7 @@ class Generation:
         longest = max(len(p) for p in self.prompts)
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in self.prompts], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in self.prompts], device=device)
-        cache, step_ids = None, ids
+        cache, step_ids = None, ids  # with the cache, only the newest token goes in after the prompt
         for _ in range(max(s.max_new_tokens for s in self.sampling)):
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             if self.use_cache and cache is not None:
@@ -139,18 +139,18 @@ class Generation:
             if all(f is not None for f in self.finish):
                 return
             next_ids = torch.tensor(tokens, device=device)[:, None]
-            ids = torch.cat([ids, next_ids], dim=1)
             mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
-            step_ids = next_ids if self.use_cache else ids
+            step_ids = next_ids if self.use_cache else torch.cat([step_ids, next_ids], dim=1)
         yield from self._finish_all("length")
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
+        greedy = logits.argmax(-1).tolist()  # one transfer for the batch, not one per row
         tokens = []
         for row, s in enumerate(self.sampling):
             if self.finish[row] is not None:
                 tokens.append(self.out[row][-1] if self.out[row] else 0)  # a placeholder, never emitted
             elif s.temperature == 0:
-                tokens.append(int(logits[row].argmax()))
+                tokens.append(greedy[row])
             else:
                 probs = _filtered_probs(logits[row] / s.temperature, s.top_k, s.top_p)
                 tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=self.generators[row])))
