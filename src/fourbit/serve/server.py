@@ -98,7 +98,7 @@ class OpenAIServer:
             {"id": n, "object": "model", "created": self.created, "owned_by": "fourbit",
              **({"parent": self.model_name} if n != self.model_name else {})} for n in names]}
 
-    def chat_prompts(self, body: dict) -> tuple[list[list[int]], str]:
+    def chat_prompts(self, body: dict) -> list[list[int]]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list", param="messages")
@@ -115,15 +115,15 @@ class OpenAIServer:
             conversation.append({"role": role, "content": content})
         tokenizer = self.engine.tokenizer
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        return [tokenizer(text, add_special_tokens=False)["input_ids"]], "chat"
+        return [tokenizer(text, add_special_tokens=False)["input_ids"]]
 
-    def completion_prompts(self, body: dict) -> tuple[list[list[int]], str]:
+    def completion_prompts(self, body: dict) -> list[list[int]]:
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise APIError(400, "'prompt' must be a non-empty string or a list of them", param="prompt")
         tokenizer = self.engine.tokenizer
-        return [tokenizer(p)["input_ids"] for p in prompts], "text"
+        return [tokenizer(p)["input_ids"] for p in prompts]
 
     def sampling(self, body: dict, prompts: list[list[int]]) -> tuple[Sampling, int]:
         limits = self.limits
@@ -289,10 +289,10 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.api
         chat = self.path == "/v1/chat/completions"
         with api.slot():
-            prompts, _ = api.chat_prompts(body) if chat else api.completion_prompts(body)
+            prompts = api.chat_prompts(body) if chat else api.completion_prompts(body)
             sampling, n = api.sampling(body, prompts)
             adapter = api.adapter_for(body)
-            model = body.get("model") or api.model_name
+            model = adapter or api.model_name
             ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
             meta = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()), "model": model}
