@@ -88,8 +88,8 @@ def _time_both(ours, theirs, ids, args) -> dict:
     return {"tokens_per_s": rates, "ratio": rates["fourbit"] / rates["transformers"], "same_tokens": same}
 
 
-def load(model, tokenizer, args, max_batch: int) -> dict:
-    engine = Engine(model, tokenizer, AdapterSet(model) if max_batch else None, max_batch=max_batch)
+def load(model, tokenizer, adapters, args, max_batch: int) -> dict:
+    engine = Engine(model, tokenizer, adapters, max_batch=max_batch)
     server = make_http_server(OpenAIServer(engine, "bench"), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
@@ -143,7 +143,8 @@ def main() -> None:
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     one = batch_one(model, tokenizer, ids, args)
     print(f"batch 1: {one}", flush=True)
-    loads = [load(model, tokenizer, args, 16), load(model, tokenizer, args, 1)]
+    adapters = AdapterSet(model)  # as `fourbit serve` runs (no adapter loaded): wrapped once, for both engines
+    loads = [load(model, tokenizer, adapters, args, 16), load(model, tokenizer, adapters, args, 1)]
     for row in loads:
         print(f"load: {row}", flush=True)
 

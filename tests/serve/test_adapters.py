@@ -134,6 +134,10 @@ def test_adapters_come_and_go_without_touching_the_base(two_adapters):
     wrapped = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
     assert wrapped.keys() == before.keys() and all(torch.equal(wrapped[k], before[k]) for k in before)
     assert sum(isinstance(m, MultiLoRALinear) for m in model.modules()) == 14
+    # a second set on the same model would wrap the wrapped layers' base layers again
+    with pytest.raises(ValueError, match="already wrapped for serving adapters"):
+        AdapterSet(model)
+    assert sum(isinstance(m, MultiLoRALinear) for m in model.modules()) == 14
 
 
 def test_bad_adapters_are_refused_by_name(two_adapters, make_tiny_llama, tmp_path):

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..io.peft import PREFIX, WEIGHTS_FILE, read_adapter_config
-from ..nn.lora import LINEAR_TYPES, select_targets
+from ..nn.lora import match_targets, select_targets
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 Choice = str | dict[str, float] | None
@@ -86,10 +86,11 @@ class AdapterSet:
     """The adapters loaded on ``model`` (wrapped in place, every linear layer but lm_head)."""
 
     def __init__(self, model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)):
+        if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+            raise ValueError("this model is already wrapped for serving adapters; use its existing AdapterSet")
         self.model = model
-        linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
         self.layers: dict[str, MultiLoRALinear] = {}
-        for name in select_targets(linears, "all-linear", exclude):
+        for name in match_targets(model, "all-linear", exclude):
             layer = MultiLoRALinear(model.get_submodule(name))
             model.set_submodule(name, layer)
             self.layers[name] = layer
