@@ -1,5 +1,13 @@
-"""Shared fixtures: tiny random Llama models built from a config (no download), and the
-embedded SmolLM2 tokenizer (ChatML template, EOS <|im_end|>), loaded once per session."""
+"""Shared fixtures: tiny random Llama models built from a config (no download), the embedded
+SmolLM2 tokenizer (ChatML template, EOS <|im_end|>), loaded once per session, and the peers
+(transformers + bitsandbytes) set up as exact references.
+
+The CPU kind. ``compute_dtype="auto"`` means bf16 on CPUs with native bf16 (AVX512-BF16, AMX)
+and fp32 on the others (precision.py), so the suite runs differently on the two kinds of
+machine. Run it as on the other kind with ``FOURBIT_CPU_BF16=0`` (as on an AVX2-only CPU) or
+``FOURBIT_CPU_BF16=1`` (as on an AVX512-BF16 one); the header of the run says which it is.
+Tests whose tolerance assumes fp32 compute pin ``compute_dtype="float32"``.
+"""
 
 import copy
 import os
@@ -11,6 +19,84 @@ import torch
 # before a kernel module is first imported (triton.jit reads it when decorating).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_report_header(config):
+    from fourbit.precision import CPU_BF16_ENV, resolve_compute_dtype
+
+    auto = resolve_compute_dtype("auto", "cpu")
+    how = f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]}" if os.environ.get(CPU_BF16_ENV) else "detected from /proc/cpuinfo"
+    return f"fourbit: compute_dtype 'auto' on this CPU = {str(auto).removeprefix('torch.')} ({how})"
+
+
+@pytest.fixture
+def auto_means(monkeypatch):
+    """``auto_means("bfloat16" | "float32")``: for this test, the CPU behaves as one with (without)
+    native bf16, whatever it is (the environment variable reaches child processes too)."""
+    from fourbit.precision import CPU_BF16_ENV
+
+    def pin(dtype: str) -> None:
+        monkeypatch.setenv(CPU_BF16_ENV, {"bfloat16": "1", "float32": "0"}[dtype])
+
+    return pin
+
+
+@pytest.fixture(scope="session")
+def bnb_reference():
+    """``bnb_reference(folder, **from_pretrained_kwargs)``: a transformers model with bitsandbytes
+    layers, on bitsandbytes' exact float path on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes' Linear4bit takes another path in inference (no grad,
+    eval mode): it repacks the weight for a bf16 kernel, turning the absmax into bf16 (logits
+    about 2e-2 relative off its fp32 path), and fails outright when in_features is not a multiple
+    of the block size. That path is a bitsandbytes speed-up, not the format's definition; the
+    reference we compare with is the format's dequantized weights in the compute dtype, so each
+    bitsandbytes Linear4bit is told, through its own per-module switch, that it runs on a CPU
+    without AVX512-BF16."""
+    def load(folder, **kwargs):
+        import bitsandbytes as bnb
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        if hasattr(bnb.functional, "has_avx512bf16") and not all(hasattr(m, "support_avx512bf16_for_cpu") for m in layers):
+            pytest.fail(f"bitsandbytes {bnb.__version__} has an AVX512-BF16 CPU path but no longer the per-module "
+                        "switch support_avx512bf16_for_cpu: find its new switch before trusting it as a reference")
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = False
+        return model
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def bnb_reads_partial_blocks() -> bool:
+    """Whether bitsandbytes dequantizes, on this CPU, a weight whose rows are not a whole number
+    of blocks. Blocks run over the flattened weight (its scalar CPU kernel does that); bitsandbytes
+    0.50's AVX-512 CPU kernel takes them row by row instead and gets such weights wrong (fixed in
+    bitsandbytes PR #2072). Checked here against the format written out by hand: codes 2k in the
+    high nibble, 2k+1 in the low one, value = table[code] x absmax of block (index // 64)."""
+    import bitsandbytes.functional as F
+
+    w = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))  # 6 blocks of 64: 4 straddle rows
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    codes = torch.stack([packed.flatten() >> 4, packed.flatten() & 15], dim=1).flatten().long()
+    expected = state.code[codes] * state.absmax.repeat_interleave(64)
+    return torch.equal(F.dequantize_4bit(packed, state).flatten(), expected)
+
+
+@pytest.fixture
+def bnb_layer_shapes(request, bnb_reads_partial_blocks):
+    """Parametrize a test with ``bnb_layer_shapes`` in ("aligned", "partial") (``indirect=True``):
+    config overrides for a tiny Llama whose rows are a whole number of 64-blocks, or not
+    (intermediate_size 160 feeds down_proj). Where bitsandbytes misreads partial blocks on this
+    CPU (see bnb_reads_partial_blocks), the "partial" case must fail (strict xfail): it still runs,
+    and the day bitsandbytes is fixed it passes and tells us to drop the mark. Our own reading of
+    such weights is checked against float64 on every CPU (tests/io/test_loader.py)."""
+    if request.param == "partial" and not bnb_reads_partial_blocks:
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="bitsandbytes' AVX-512 CPU kernel dequantizes rows that are not whole blocks wrongly"))
+    return {"aligned": {"intermediate_size": 192}, "partial": {"intermediate_size": 160}}[request.param]
 
 
 def tiny_llama_config(tie_word_embeddings: bool = False, **overrides):

@@ -4,11 +4,17 @@ A 4-bit weight is dequantized to the compute dtype before each matmul. On GPUs w
 support (Ampere and newer) that is bf16. A CPU without native bf16 instructions (AVX512-BF16
 or AMX) emulates bf16 matmuls in software; a QLoRA step there was measured 13x slower in bf16
 than in fp32, so "auto" picks fp32 on such CPUs.
+
+``FOURBIT_CPU_BF16=0`` (or ``1``) overrides what is read from the CPU, as ``ATEN_CPU_CAPABILITY``
+does for torch's kernels: "auto" then behaves as on a CPU without (with) native bf16. The test
+suite uses it to run as on the other kind of machine; only the choice of dtype changes, not the
+instructions the CPU runs.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -28,8 +34,20 @@ def parse_dtype(spec: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {spec!r}; expected one of {sorted(DTYPES)} or 'auto'") from None
 
 
-@functools.cache
+CPU_BF16_ENV = "FOURBIT_CPU_BF16"
+
+
 def _cpu_has_native_bf16() -> bool:
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override:
+        if override not in ("0", "1"):
+            raise ValueError(f"{CPU_BF16_ENV}={override!r}: expected 0 (no native bf16) or 1 (native bf16), or unset to detect")
+        return override == "1"
+    return _cpu_flags_have_bf16()
+
+
+@functools.cache
+def _cpu_flags_have_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

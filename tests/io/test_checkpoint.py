@@ -51,13 +51,12 @@ def test_folder_layout_is_bitsandbytes(tiny_llama_tied, tmp_path):
     assert "lm_head.weight" not in keys  # tied to the embeddings, stored once
 
 
-def test_transformers_with_bitsandbytes_reads_our_checkpoint(tiny_llama, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    folder, _ = tiny_llama
-    model, _ = load_model(folder, compute_dtype="float32")
+@pytest.mark.parametrize("bnb_layer_shapes", ["aligned", "partial"], indirect=True)
+def test_transformers_with_bitsandbytes_reads_our_checkpoint(make_tiny_llama, bnb_layer_shapes, tmp_path, bnb_reference):
+    make_tiny_llama(tmp_path / "dense", **bnb_layer_shapes)
+    model, _ = load_model(tmp_path / "dense", compute_dtype="float32")
     save_quantized(model, None, tmp_path / "out")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    theirs = bnb_reference(tmp_path / "out", dtype=torch.float32)
     assert type(theirs.model.layers[0].mlp.up_proj).__module__.startswith("bitsandbytes")
     ids = torch.randint(0, 256, (2, 10))
     with torch.no_grad():

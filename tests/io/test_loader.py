@@ -123,15 +123,17 @@ def test_loading_streams_one_tensor_at_a_time(tiny_llama, monkeypatch):
     assert most_alive <= 1
 
 
-def test_prequantized_bitsandbytes_checkpoint_loads_as_stored(tiny_llama, tmp_path):
+@pytest.mark.parametrize("bnb_layer_shapes", ["aligned", "partial"], indirect=True)
+def test_prequantized_bitsandbytes_checkpoint_loads_as_stored(make_tiny_llama, bnb_layer_shapes, tmp_path, bnb_reference):
     """A folder written by transformers + bitsandbytes: same dequantized weights, same logits."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
-    folder, _ = tiny_llama
+    folder = tmp_path / "dense"
+    make_tiny_llama(folder, **bnb_layer_shapes)
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
     )
-    theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32)
+    theirs = bnb_reference(folder, quantization_config=config, dtype=torch.float32)
     theirs.save_pretrained(tmp_path / "bnb")
     import bitsandbytes.functional as F
 

@@ -44,13 +44,14 @@ def test_peft_loads_our_adapter_on_a_dense_base(tiny_llama, tmp_path, use_dora, 
     assert not torch.allclose(logits(ours), logits(dense), atol=1e-3)  # the adapter does something
 
 
-def test_peft_loads_our_qlora_adapter_on_a_bitsandbytes_base(tiny_llama, tmp_path):
-    folder, _ = tiny_llama
-    ours, _ = load_model(folder, compute_dtype="float32")
+@pytest.mark.parametrize("bnb_layer_shapes", ["aligned", "partial"], indirect=True)
+def test_peft_loads_our_qlora_adapter_on_a_bitsandbytes_base(make_tiny_llama, bnb_layer_shapes, tmp_path, bnb_reference):
+    make_tiny_llama(tmp_path / "dense", **bnb_layer_shapes)
+    ours, _ = load_model(tmp_path / "dense", compute_dtype="float32")
     save_quantized(ours, None, tmp_path / "base-4bit")
     trained_looking(add_lora(ours, r=8, alpha=16, verbose=False))
     save_adapter(ours, tmp_path / "adapter")
-    bnb_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base-4bit", dtype=torch.float32)
+    bnb_base = bnb_reference(tmp_path / "base-4bit", dtype=torch.float32)
     theirs = PeftModel.from_pretrained(bnb_base, tmp_path / "adapter")
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
 
