@@ -1,10 +1,10 @@
 """One rank of test_distributed.py's 2-process runs, started by torchrun (gloo, CPU).
 
-    torchrun --standalone --nproc-per-node 2 distributed_worker.py CONFIG.yaml RESULTS_DIR
+    torchrun --standalone --nproc-per-node 2 distributed_worker.py CONFIG.yaml RESULTS_DIR [--train-only]
 
-Trains the config with strategy fsdp, evaluates with ddp (each rank answering half), then feeds
-the ranks bad input; records, per rank, the evaluation and the error each scenario raised (or
-"no error") in RESULTS_DIR/rank-R.json.
+Trains the config with strategy fsdp (into RESULTS_DIR/fsdp; with --train-only, nothing else),
+evaluates with ddp (each rank answering half), then feeds the ranks bad input; records, per
+rank, the evaluation and the error each scenario raised (or "no error") in RESULTS_DIR/rank-R.json.
 """
 
 import json
@@ -25,7 +25,7 @@ def outcome(fn) -> str:
     return "no error"
 
 
-def main(config_path: str, results: str) -> None:
+def main(config_path: str, results: str, *flags: str) -> None:
     rank = int(os.environ["RANK"])
     out = Path(results)
     base = load_config(config_path)
@@ -33,6 +33,8 @@ def main(config_path: str, results: str) -> None:
 
     fsdp = load_config(config_path, {"strategy": "fsdp", "output_dir": str(out / "fsdp")})
     run(fsdp)
+    if "--train-only" in flags:
+        return
 
     ranks = init_ranks(base)
 

@@ -1,8 +1,10 @@
 """QLoRA on 2 processes (torchrun, gloo, CPU) against 1 process: train/distributed.py.
 
-Two launches of ``torchrun --standalone --nproc-per-node 2`` (a free port each, a timeout so a
+Launches of ``torchrun --standalone --nproc-per-node 2`` (a free port each, a timeout so a
 hang fails instead of blocking CI): ``-m fourbit train`` with DDP, and distributed_worker.py
-with FSDP2 followed by the bad inputs. The config sets global_batch_size 8 with 2 examples per
+with FSDP2 followed by the bad inputs. Training runs at both compute dtypes, float32 and
+bfloat16 (what "auto" picks on CPUs with native bf16): every strategy computes the LoRA branch
+in the adapter's float32, so the strategy must not change the result at either. The config sets global_batch_size 8 with 2 examples per
 micro-batch: 2 ranks x accumulation 2 and 1 process x accumulation 4 take the same micro-batches
 per step. 10 examples make 5 micro-batches an epoch, so every other step has one micro-batch
 (rank 1 repeats it with weight 0).
@@ -15,6 +17,10 @@ level, and never more than lr x steps = 0.02. Measured: 9e-7 (DDP) and 4e-5 (FSD
 AdamW is torch's over DTensor shards) on weights up to 0.14. A wrong gradient (a micro-batch
 lost or counted twice, a shard of the 4-bit weights gathered wrong) moves the adapter by about
 lr = 5e-3 per step; a wrong scale of the gradient, to which Adam is blind, shows in the norms.
+At bfloat16 compute the same bounds hold: each micro-batch's forward and backward are the same
+operations on the same data in one process and on a rank, and only the float32 sums over
+micro-batches and ranks are ordered differently. (Gathering the LoRA weights in bf16 under
+FSDP2, as fourbit once did, moved the adapter 8e-3 from one process's.)
 """
 
 import json
@@ -55,14 +61,17 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, chat_tokenizer, make_tiny_llama):
-    root = tmp_path_factory.mktemp("distributed")
+    return write_setup(tmp_path_factory.mktemp("distributed"), chat_tokenizer, make_tiny_llama, "float32")
+
+
+def write_setup(root: Path, chat_tokenizer, make_tiny_llama, compute_dtype: str) -> Path:
     make_tiny_llama(root / "model", vocab_size=len(chat_tokenizer), max_position_embeddings=256, initializer_range=0.5)
     chat_tokenizer.save_pretrained(root / "model")
     words = ["apple", "river", "stone", "cloud", "maple", "ember", "harbor", "violet", "copper", "meadow"]
     (root / "echo.json").write_text(json.dumps([{"instruction": "Repeat the word.", "input": w, "output": w} for w in words]))
     settings = {
         "model_name_or_path": str(root / "model"), "dataset": str(root / "echo.json"), "output_dir": str(root / "ddp"),
-        "compute_dtype": "float32", "lora_rank": 4, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
+        "compute_dtype": compute_dtype, "lora_rank": 4, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": 2, "global_batch_size": 8, "max_steps": 4, "save_steps": 2, "cutoff_len": 64,
         "seed": 3, "gradient_checkpointing": True, "plot_loss": False, "ddp_timeout": 60,
     }
@@ -91,6 +100,19 @@ def worker(setup):
     return [json.loads((results / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory, chat_tokenizer, make_tiny_llama):
+    """The same training at bfloat16 compute: one process, DDP and FSDP2 (the worker's training alone)."""
+    root = write_setup(tmp_path_factory.mktemp("distributed-bf16"), chat_tokenizer, make_tiny_llama, "bfloat16")
+    run(load_config(root / "config.yaml", {"output_dir": str(root / "one")}))
+    result = torchrun("-m", "fourbit", "train", "config.yaml", cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:]
+    (root / "worker").mkdir()
+    result = torchrun(str(WORKER), "config.yaml", str(root / "worker"), "--train-only", cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return root
+
+
 def metrics(folder: Path, key: str) -> dict[int, float]:
     """step -> value, from the run's metrics.jsonl (a resumed run's holds only its own steps)."""
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -113,6 +135,13 @@ def test_ddp_equals_one_process_with_twice_the_accumulation(setup, one_process, 
     # A loss that starts where the 4-bit model's does, not at zero (peers' packed-weight bug).
     assert one_process.losses[0] > 1
     assert_same_run(setup / "ddp", setup / "one")
+
+
+@pytest.mark.parametrize("strategy_folder", ["ddp", "worker/fsdp"])
+def test_at_bf16_compute_every_strategy_trains_the_same_adapter(bf16_runs, strategy_folder):
+    one = load_file(bf16_runs / "one" / "adapter_model.safetensors")
+    assert next(iter(one.values())).dtype == torch.float32  # the adapter itself stays float32
+    assert_same_run(bf16_runs / strategy_folder, bf16_runs / "one")
 
 
 def test_fsdp2_equals_one_process_with_twice_the_accumulation(setup, one_process, worker):
