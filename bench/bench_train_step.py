@@ -83,15 +83,6 @@ def rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def reset_peak() -> bool:
-    try:  # "5" resets the mm's high-water RSS, which ru_maxrss reads (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def prepare() -> None:
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
@@ -163,11 +154,12 @@ def child(side: str, args) -> None:
     import torch
 
     import transformers
+    from fourbit.peak_memory import reset_peak
 
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes from inside peft/transformers
-    before, reset = rss_kib(), reset_peak()
+    before, reset = rss_kib(), reset_peak("cpu")
     model, optimizer, loss_fn, trainable = build(side, args)
     build_peak, ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kib()
     state = {id(t.untyped_storage()): t for t in model.state_dict().values()}  # shared storage once
@@ -177,7 +169,7 @@ def child(side: str, args) -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     losses, times = [], []
-    reset_peak()
+    reset_peak("cpu")
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
         loss = loss_fn(batch)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..io.peft import adapter_state_dict, write_adapter_files
 from ..memory import memory_report
+from ..peak_memory import measured_peak, reset_peak
 from ..nn.lora import count_parameters, lora_layers
 from .checkpoint import (
     TrainState,
@@ -62,7 +63,7 @@ class TrainResult:
     eval_after: dict | None = None
     steps: int = 0
     seconds: float = 0.0
-    peak_memory: int | None = None  # bytes, torch.cuda.max_memory_allocated (None on a CPU)
+    peak_memory: int | None = None  # bytes during training: GPU allocator peak, or the process's peak RSS on a CPU
     estimated_memory: int = 0  # bytes per GPU, train/estimate.py
 
 
@@ -139,8 +140,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     last_checkpoint = resume
-    if device.type == "cuda":  # the peak reported below is the training's, not the loading's
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_since_reset = reset_peak(device)  # the peak reported below is the training's, not the loading's
     try:
         while state.step < total_steps:
             step_start = time.perf_counter()
@@ -193,14 +193,14 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         if metrics is not None:
             metrics.close()
     result.seconds = time.perf_counter() - start
-    result.peak_memory = _peak_memory(device)
+    peak = measured_peak(device, peak_since_reset)
+    result.peak_memory = peak.bytes if peak else None
     result.estimated_memory = estimate.total
     if ranks.is_main:
         print(f"memory per {'GPU' if device.type == 'cuda' else 'process'}: estimated "
               f"{estimate.total / 2**30:.2f} GiB, measured peak "
-              + (f"{result.peak_memory / 2**30:.2f} GiB (torch.cuda.max_memory_allocated; measured/estimated "
-                 f"{result.peak_memory / max(estimate.total, 1):.2f})" if result.peak_memory is not None
-                 else "unavailable on CPU (torch measures allocations only on CUDA devices)"))
+              + (f"{peak.format()}; measured/estimated {peak.bytes / max(estimate.total, 1):.2f}" if peak
+                 else f"unavailable on {device.type}"))
 
     # ---------------------------------------------------------------- save
     model.eval()
@@ -259,10 +259,6 @@ def _next_micro_batches(n_examples: int, config: TrainConfig, state: TrainState,
     order = batches(n_examples, config.per_device_train_batch_size, config.seed, state.epoch, start_step=state.micro_batch)
     state.micro_batch += count
     return [next(order) for _ in range(count)]
-
-
-def _peak_memory(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def _seed_everything(seed: int) -> None:
