@@ -155,6 +155,56 @@ def test_quantize_int8_writes_transformers_8bit_layout(tiny_llama, tmp_path, cap
         assert f.get_tensor("model.layers.1.mlp.up_proj.weight_format").dtype == torch.uint8
     model, _ = fourbit.load_model(tmp_path / "int8")
     assert sum(isinstance(m, Linear8bit) for m in model.modules()) == 14
+    # config.json names the dtype the unquantized weights are stored in (--dtype, bf16 by default),
+    # which transformers' dtype="auto" reads; the tiny model's own config said float32.
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_transformers_with_bitsandbytes_reads_our_int8_folder(tiny_llama, tmp_path):
+    """The folder `fourbit quantize --method int8` writes, read by transformers + bitsandbytes'
+    own 8-bit loader: the same stored codes and row scales, and the same LLM.int8() function."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    import fourbit
+    from fourbit.nn import Linear8bit
+
+    folder, dense = tiny_llama
+    assert main(["quantize", str(folder), "--method", "int8", "--dtype", "float32", "--output", str(tmp_path / "int8")]) == 0
+    ours, _ = fourbit.load_model(tmp_path / "int8", torch_dtype="float32", compute_dtype="float32")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "int8", dtype=torch.float32)
+    their_layers = {n: m for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    our_layers = {n: m for n, m in ours.named_modules() if isinstance(m, Linear8bit)}
+    assert their_layers.keys() == our_layers.keys() and len(our_layers) == 14
+    g = torch.Generator().manual_seed(0)
+    for name, layer in our_layers.items():
+        their = their_layers[name]
+        assert torch.equal(their.weight.data, layer.weight), name
+        assert torch.equal(their.state.SCB if their.state.SCB is not None else their.weight.SCB, layer.SCB), name
+        # Activations on the int8 grid, k/127 of a row's absmax (1 here): both sides quantize them
+        # to the codes k whatever precision they round in (bitsandbytes casts to fp16 first, we do
+        # not), so LLM.int8() is the integer product, scaled: k . w_codes x SCB / 127^2, exact in
+        # float64. Ours: float32 rounding (1e-6 of the largest output). bitsandbytes' scaling
+        # rounds more (measured 1.8e-5 of the largest output): 1e-4.
+        codes = torch.randint(-127, 128, (3, layer.in_features), generator=g)
+        codes[:, 0] = 127
+        x = codes.float() / 127
+        exact = (codes.double() @ layer.weight.double().T) * layer.SCB.double() / 127**2
+        with torch.no_grad():
+            ours_out, their_out = layer(x).double(), their(x).double()
+        size = exact.abs().max()
+        assert (ours_out - exact).abs().max() < 1e-6 * size, name
+        assert (their_out - exact).abs().max() < 1e-4 * size, name
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    with torch.no_grad():
+        ours_logits, their_logits, dense_logits = ours(ids).logits, theirs(ids).logits, dense(ids).logits
+    # On real activations the two round some activations to neighbouring int8 codes (fp16 vs
+    # fp32 before rounding; one step is a row's absmax / 127): measured 1.0% of the largest
+    # logit apart, as far as either is from the dense model. 3%: a misread layout (a transposed
+    # weight, scales of other rows) moves the logits by the logits' own size.
+    scale = dense_logits.abs().max()
+    assert (ours_logits - their_logits).abs().max() < 0.03 * scale
+    assert (ours_logits - dense_logits).abs().max() < 0.03 * scale
 
 
 def test_compare_prints_a_row_per_method_and_a_plot(folder_with_tokenizer, tmp_path, capsys):

@@ -27,9 +27,25 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_install_script_never_asks_for_an_unpinned_torch():
     script = (ROOT / "scripts" / "install.sh").read_text()
-    torch_installs = [line for line in script.splitlines() if "pip install" in line and "torch" in line]
-    assert torch_installs and all('"torch==2.13.0"' in line for line in torch_installs)
-    assert 'python -c "import torch"' in script  # an installed torch (GPU builds) is kept
+    installs = [line.strip() for line in script.splitlines() if "pip install" in line]
+    named = [line for line in installs if re.search(r"[\s\"']torch\b", line)]
+    assert named == ['python -m pip install --quiet "torch==2.13.0"']  # only where none is installed
+    assert 'if ! python -c "import torch"' in script  # an installed torch (GPU builds) is kept
+    # The eager upgrade of `install.sh newest` would replace torch as a dependency of the others:
+    # it runs under a constraint that holds the installed version.
+    (eager,) = [line for line in installs if "--upgrade-strategy eager" in line]
+    assert '-c "$keep_torch"' in eager
+    assert "print('torch==' + torch.__version__)\" > \"$keep_torch\"" in script
+
+
+def test_installs_use_the_tested_versions():
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    assert 'python -m pip install --quiet -c constraints.txt -e ".[test]"' in script
+    pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[a-z0-9-]+==[^\s]+", line) for line in pins)
+    names = {line.split("==")[0] for line in pins}
+    assert {"transformers", "bitsandbytes", "peft", "safetensors", "pytest"} <= names
+    assert not names & {"torch", "triton"}  # chosen by the machine, never by this file
 
 
 def test_readme_training_config_is_valid():

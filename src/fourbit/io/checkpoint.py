@@ -20,6 +20,7 @@ written next to its destination and renamed into place (io/atomic.py).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -37,7 +38,7 @@ def save_quantized(model, tokenizer, output: str | os.PathLike, overwrite: bool 
     tensors = _unshared_state_dict(model)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
+        _config_naming_stored_dtype(model).save_pretrained(tmp)
         if model.config.quantization_config.get("quant_method") == "gptq":  # AutoGPTQ reads its own file
             (tmp / "quantize_config.json").write_text(json.dumps(model.config.quantization_config, indent=2))
         if getattr(model, "generation_config", None) is not None:
@@ -45,6 +46,14 @@ def save_quantized(model, tokenizer, output: str | os.PathLike, overwrite: bool 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(output)
+
+
+def _config_naming_stored_dtype(model):
+    """The model's config with ``dtype`` set to what the unquantized weights are stored in (the
+    embeddings'), which transformers reads for ``dtype="auto"``; the model's own is not changed."""
+    config = copy.deepcopy(model.config)
+    config.dtype = model.get_input_embeddings().weight.dtype
+    return config
 
 
 def _unshared_state_dict(model) -> dict[str, torch.Tensor]:
