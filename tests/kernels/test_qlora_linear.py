@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from fourbit.kernels.dequantize import dequantize_4bit
 from fourbit.kernels.lora import qlora_linear
 from fourbit.nn import Linear4bit
 from fourbit.nn.lora import LoRALinear
@@ -52,12 +53,25 @@ def test_fused_equals_the_module_path(compute_dtype, tolerance, bias):
         assert got.dtype == want.dtype and relative(got, want) < tolerance
 
 
-def test_frozen_adapter_and_input_get_no_gradients():
-    base = Linear4bit.from_linear(nn.Linear(64, 32))
+@pytest.mark.parametrize("x_trains", [False, True])
+def test_backward_computes_only_the_gradients_asked_for(monkeypatch, x_trains):
+    # A frozen A and an input that needs no gradient (the first layer's input) cost nothing in
+    # backward: dL/dx needs the weight dequantized again, the priciest part of the pass, so it
+    # is computed only when x requires grad. dL/dB is checked against its formula in float64.
+    import fourbit.kernels.lora as lora
+
+    calls = []
+    monkeypatch.setattr(lora, "dequantize_4bit", lambda *args: calls.append(1) or dequantize_4bit(*args))
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(nn.Linear(64, 32), compute_dtype=torch.float32)
     a, b = torch.randn(4, 64), torch.randn(32, 4, requires_grad=True)
-    x = torch.randn(2, 64)
-    qlora_linear(x, base.weight, base.quant_state, base.bias, a, b, 2.0).sum().backward()
-    assert b.grad is not None and b.grad.abs().sum() > 0
+    x = torch.randn(2, 64, requires_grad=x_trains)
+    g = torch.randn(2, 32)
+    qlora_linear(x, base.weight, base.quant_state, base.bias, a, b, 2.0).backward(g)
+    assert len(calls) == (1 if x_trains else 0)
+    expected_b = (2.0 * g.double()).T @ (x.detach().double() @ a.double().T)  # dL/dB = (s g)^T (x A^T)
+    assert relative(b.grad, expected_b) < 1e-6  # float32 products of a few dozen terms
+    assert a.grad is None and (x.grad is not None) == x_trains
 
 
 def test_a_training_bias_is_refused():

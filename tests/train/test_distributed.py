@@ -160,11 +160,15 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(setup, one_process, ddp,
     assert_same_run(out, setup / "one")
 
 
-def test_ddp_evaluation_splits_the_set_and_gathers_every_answer(worker):
-    # 10 held-out conversations, 5 answered on each rank: both ranks score all 10, the same.
+def test_ddp_evaluation_splits_the_set_and_gathers_every_answer(setup, worker, tmp_path):
+    # 10 held-out conversations, 5 answered on each rank: both ranks score all 10, the same, and
+    # in the order one process answers them (greedy on the untrained adapter, which adds exactly
+    # zero; a lost, repeated or misplaced answer shows). The split itself: test_recipe.py.
+    alone = run(load_config(setup / "config.yaml", {"eval_dataset": str(setup / "echo.json"), "max_steps": 1,
+                                                    "output_dir": str(tmp_path / "eval")})).eval_before
     assert worker[0]["ddp_eval"]["total"] == worker[1]["ddp_eval"]["total"] == 10
-    assert worker[0]["ddp_eval"]["answers"] == worker[1]["ddp_eval"]["answers"]
-    assert len(worker[0]["ddp_eval"]["answers"]) == 10
+    assert worker[0]["ddp_eval"]["answers"] == worker[1]["ddp_eval"]["answers"] == alone["answers"]
+    assert len(set(alone["answers"])) > 1  # answers that tell the conversations apart
 
 
 def test_bad_input_stops_every_rank_with_the_same_reason(worker):

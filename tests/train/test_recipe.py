@@ -97,6 +97,23 @@ def test_loss_falls_and_outputs_are_written(chat_model, dataset, chat_tokenizer,
     assert rss_now <= result.peak_memory < 16 * 2**30
 
 
+def test_the_loss_counts_each_labelled_token_once_predicted_from_the_position_before():
+    # A stand-in model with fixed logits: the loss must be the cross-entropy of logits[p - 1]
+    # against ids[p] for each position p whose label is set, summed; nothing else counts.
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 0]])
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[0, 5], labels[1, 2] = ids[0, 3], ids[0, 5], ids[1, 2]
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            return type("Output", (), {"logits": logits})
+
+    loss = recipe.causal_lm_loss(Fixed(), {"input_ids": ids, "attention_mask": ids.ne(0), "labels": labels})
+    expected = sum(-torch.log_softmax(logits[b, p - 1], -1)[ids[b, p]] for b, p in [(0, 3), (0, 5), (1, 2)])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # the loss takes float32 logits
+
+
 def test_gradient_accumulation_gives_the_same_first_step(chat_model, dataset, tmp_path):
     one = run(config_for(chat_model, dataset, tmp_path / "a", max_steps=1, per_device_train_batch_size=4))
     two = run(config_for(chat_model, dataset, tmp_path / "b", max_steps=1, per_device_train_batch_size=2,
@@ -109,10 +126,22 @@ def test_gradient_accumulation_gives_the_same_first_step(chat_model, dataset, tm
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_layers_train_like_eager_ones(chat_model, dataset, tmp_path):
+def test_compiled_layers_train_like_eager_ones(chat_model, dataset, tmp_path, monkeypatch):
     settings = dict(max_steps=3, gradient_checkpointing=True)
     eager = run(config_for(chat_model, dataset, tmp_path / "eager", **settings))
+    compiled_layers = []
+
+    def compile_and_record(model):
+        recipe_compile(model)
+        compiled_layers.extend(layer._compiled_call_impl is not None for layer in recipe.decoder_layers(model))
+
+    recipe_compile = recipe.compile_decoder_layers
+    monkeypatch.setattr(recipe, "compile_decoder_layers", compile_and_record)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = run(config_for(chat_model, dataset, tmp_path / "compiled", torch_compile=True, **settings))
+    # The compiled run did compile: each decoder layer, and the compiler made graphs for them.
+    assert compiled_layers == [True, True]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames
     # The same float32 function, with the compiler's fused kernels summing in another order
     # (~1e-6 relative per value). Adam turns each step's gradients into updates of size ~lr
     # whatever their scale, so the later losses may drift more than the first: 1e-3 relative
