@@ -165,6 +165,10 @@ def environment(device: str) -> dict:
                 break
     except OSError:
         pass
+    if device == "cpu":
+        from fourbit.precision import cpu_kind
+
+        name = f"{name} ({cpu_kind()})"
     if device == "cuda":  # nvidia-smi, so that the parent creates no CUDA context of its own
         try:
             name = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],

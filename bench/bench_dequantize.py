@@ -54,6 +54,7 @@ import torch
 
 import fourbit
 from _timing import time_per_call
+from fourbit.precision import cpu_kind, native_bf16
 
 try:
     import bitsandbytes
@@ -66,18 +67,15 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 ROTATE_BYTES = 2 * 50 * 2**20  # inputs cycled per shape: twice the H100's 50 MB L2
 
 
-def cpu_info() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or "unknown CPU", set()
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+                return value.strip()
     except OSError:
         pass
-    return model, flags
+    return platform.processor() or "unknown CPU"
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,9 +90,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def environment(device: str) -> dict:
-    cpu_model, _ = cpu_info()
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_model,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"{cpu_model()} ({cpu_kind()})",
         "torch": torch.__version__,
         "bitsandbytes": bitsandbytes.__version__ if bitsandbytes else f"not importable ({BNB_ERROR})",
         "fourbit": fourbit.__version__,
@@ -221,11 +218,10 @@ def main() -> None:
     args = parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-    _, flags = cpu_info()
-    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    bf16 = native_bf16(args.device)
     if args.dtype is None:
-        args.dtype = "bfloat16" if args.device == "cuda" or native_bf16 else "float32"
-        why = "" if args.device == "cuda" or native_bf16 else " (this CPU has no avx512_bf16/amx_bf16)"
+        args.dtype = "bfloat16" if bf16 else "float32"
+        why = "" if bf16 else " (this CPU has no avx512_bf16/amx_bf16)"
         print(f"output dtype: {args.dtype} (default on {args.device}{why})")
     else:
         print(f"output dtype: {args.dtype} (--dtype)")

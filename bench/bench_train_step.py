@@ -201,7 +201,10 @@ def environment(threads: int) -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = "not installed"
-    return {"device": cpu, "threads": threads, **versions,
+    from fourbit.precision import cpu_kind, resolve_compute_dtype
+
+    return {"device": cpu, "cpu_kind": cpu_kind(), "auto_compute_dtype": str(resolve_compute_dtype("auto", "cpu")),
+            "threads": threads, **versions,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -46,14 +46,29 @@ def _cpu_has_native_bf16() -> bool:
     return _cpu_flags_have_bf16()
 
 
-@functools.cache
 def _cpu_flags_have_bf16() -> bool:
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_kind() -> str:
+    """The kind of this CPU as far as results depend on it, for benchmark records: "AMX-BF16" or
+    "AVX512-BF16" (native bf16: "auto" means bf16), "AVX-512" or "AVX2" (bf16 emulated: "auto"
+    means fp32; bitsandbytes also takes other kernels with AVX-512), else "other"."""
+    flags = _cpu_flags()
+    for flag, kind in [("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]:
+        if flag in flags:
+            return kind
+    return "other"
 
 
 def native_bf16(device: torch.device | str) -> bool:
