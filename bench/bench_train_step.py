@@ -26,7 +26,7 @@ Method
   --rounds R the two subprocesses alternate (ours, peer, peer, ours, ...) so drift hits both
   alike; each side's figure is the median of all its timed steps. torch threads (and
   OMP_NUM_THREADS) = --threads in both children.
-- Memory: "peak added" = ru_maxrss (the kernel's high-water RSS, reset through
+- Memory: "peak added" = VmHWM (the kernel's high-water RSS, fourbit.peak_memory, reset through
   /proc/self/clear_refs just before building) minus RSS right before building the model, so the
   interpreter and imports are not counted; it includes load-time transients (and resident pages
   of memory-mapped checkpoint files). "after build" = RSS once model and optimizer are built
@@ -148,20 +148,19 @@ def truncate(model, layers: int | None) -> None:
 
 
 def child(side: str, args) -> None:
-    import resource
     import time
 
     import torch
 
     import transformers
-    from fourbit.peak_memory import reset_peak
+    from fourbit.peak_memory import measured_peak, reset_peak
 
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes from inside peft/transformers
     before, reset = rss_kib(), reset_peak("cpu")
     model, optimizer, loss_fn, trainable = build(side, args)
-    build_peak, ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rss_kib()
+    build_peak, ready = measured_peak("cpu").bytes // 1024, rss_kib()
     state = {id(t.untyped_storage()): t for t in model.state_dict().values()}  # shared storage once
     model_bytes = sum(t.untyped_storage().nbytes() for t in state.values())
 
@@ -180,7 +179,7 @@ def child(side: str, args) -> None:
         losses.append(loss.item())
         if i >= args.warmup:
             times.append(elapsed)
-    step_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step_peak = measured_peak("cpu").bytes // 1024
     print("RESULT " + json.dumps({
         "side": side, "times": times, "initial_loss": losses[0], "last_loss": losses[-1], "trainable": trainable,
         "threads": torch.get_num_threads(), "peak_added_mib": (max(build_peak, step_peak) - before) / 1024,

@@ -10,12 +10,14 @@ at the worst moment (weights, activations, gradients, optimizer state), not the 
 cache nor the CUDA context.
 
 CPU: torch keeps no count of CPU allocations, so the kernel's count is used: the high-water
-mark of the process's resident memory (``ru_maxrss``). Writing "5" to /proc/self/clear_refs
-resets that mark to the current RSS (Linux 4.0 and later), so the peak is the stretch's, not
-the loading's. It counts everything the process holds: the tensors, and the Python, torch and
-transformers code and buffers (a few hundred MiB that no estimate of tensors includes). Where
-the reset is not allowed (another OS, a locked /proc), the peak is since the process started,
-and :class:`Peak` says so.
+mark of the process's resident memory, ``VmHWM`` in /proc/self/status. Writing "5" to
+/proc/self/clear_refs resets that mark to the current RSS (Linux 4.0 and later), so the peak is
+the stretch's, not the loading's. (``getrusage``'s ru_maxrss is not reset by it: it also keeps
+the largest RSS the process had before, and at exec takes over its parent's.) It counts
+everything the process holds: the tensors, and the Python, torch and transformers code and
+buffers (a few hundred MiB that no estimate of tensors includes). Where the reset is not
+allowed (a locked /proc), the peak is since the process started; without /proc (macOS),
+ru_maxrss is read; :class:`Peak` says which.
 """
 
 from __future__ import annotations
@@ -53,9 +55,20 @@ def measured_peak(device: torch.device | str, since_reset: bool = True) -> Peak 
         return Peak(torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated")
     if device.type != "cpu":
         return None
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-    return Peak(peak, "peak RSS of the process" + ("" if since_reset else " since it started"))
+    high_water = _status_kib("VmHWM")
+    if high_water is None:  # no /proc: the process's peak since it started, whatever the reset said
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        return Peak(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit, "peak RSS of the process since it started")
+    return Peak(high_water * 1024, "peak RSS of the process" + ("" if since_reset else " since it started"))
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM, ...), or None without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
+    except OSError:
+        return None
 
 
 def _reset_rss_high_water() -> bool:
