@@ -9,6 +9,17 @@ from safetensors import safe_open
 from fourbit.cli import main
 
 
+def trained_looking(model, seed=0):
+    """Give every LoRA B non-zero values, as training would (add_lora starts B at 0: a no-op adapter)."""
+    from fourbit.nn.lora import lora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
+    return model
+
+
 def test_quantize_writes_a_bnb_folder_with_the_chosen_settings(tiny_llama, tmp_path, capsys):
     folder, _ = tiny_llama
     out = tmp_path / "fp4"
@@ -48,10 +59,12 @@ def test_invalid_choices_are_refused_by_the_parser(argv, capsys):
 
 def test_merge_writes_a_dense_folder_and_prints_the_error(tiny_llama, tmp_path, capsys):
     import fourbit
+    from fourbit.nn.lora import lora_layers
 
     folder, _ = tiny_llama
     model, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
     fourbit.add_lora(model, r=2, alpha=4, target=["q_proj"], verbose=False)
+    trained_looking(model)
     fourbit.save_adapter(model, tmp_path / "adapter")
     argv = ["merge", "--base", str(folder), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m"),
             "--dtype", "fp16"]
@@ -59,7 +72,15 @@ def test_merge_writes_a_dense_folder_and_prints_the_error(tiny_llama, tmp_path, 
     out = capsys.readouterr().out
     assert "merged 2 LoRA layers" in out and "float16" in out and "max relative difference" in out
     with safe_open(tmp_path / "m" / "model.safetensors", "pt") as f:
-        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
+        for name, layer in lora_layers(model).items():
+            # W' = dequant(W4) + (alpha / r) B A, in float64 here, rounded once to fp16. The merge
+            # sums in float32 first, which can land a value on the other side of an fp16 rounding
+            # boundary: one fp16 step apart at most (2^-10 of the value; 2^-24 for subnormals).
+            a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+            want = (layer.base_layer.dequantize(torch.float32).double() + 4 / 2 * b @ a).half()
+            stored = f.get_tensor(f"{name}.weight")
+            assert stored.dtype == torch.float16
+            torch.testing.assert_close(stored.float(), want.float(), rtol=2**-10, atol=2**-24)
     assert main(argv) == 2  # the output exists: refused, one line
     assert "already exists" in capsys.readouterr().err
 
@@ -133,9 +154,12 @@ def test_eval_prints_the_perplexity_of_a_model_and_adapter(folder_with_tokenizer
     text = tmp_path / "text.txt"
     text.write_text("The cat sat on the mat. " * 40)
     model, tokenizer = fourbit.load_model(folder_with_tokenizer)  # the CLI's defaults
-    fourbit.add_lora(model, r=2, alpha=4, target=["q_proj"], verbose=False)
+    ids = tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+    base = perplexity(model, ids, 64, 32)
+    trained_looking(fourbit.add_lora(model, r=2, alpha=4, target=["q_proj"], verbose=False))
     fourbit.save_adapter(model, tmp_path / "a")
-    want = perplexity(model, tokenizer(text.read_text(), add_special_tokens=False)["input_ids"], 64, 32)
+    want = perplexity(model, ids, 64, 32)
+    assert want.format() != base.format()  # the adapter changes the model: a CLI ignoring it would print base
     argv = ["eval", str(folder_with_tokenizer), "--adapter", str(tmp_path / "a"), "--perplexity", str(text),
             "--context", "64"]
     assert main(argv) == 0
@@ -208,21 +232,46 @@ def test_transformers_with_bitsandbytes_reads_our_int8_folder(tiny_llama, tmp_pa
 
 
 def test_compare_prints_a_row_per_method_and_a_plot(folder_with_tokenizer, tmp_path, capsys):
-    argv = ["compare", str(folder_with_tokenizer), "--methods", "bf16,nf4-dq,int4-rtn,gptq,awq,int8", "--group-size", "32",
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fourbit.compare import default_text_ids
+    from fourbit.perplexity import perplexity
+
+    methods = ["bf16", "nf4", "nf4-dq", "int4-rtn", "gptq", "awq", "int8"]
+    argv = ["compare", str(folder_with_tokenizer), "--methods", ",".join(methods), "--group-size", "32",
             "--context", "64", "--plot", str(tmp_path / "ppl.png")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    table = out[out.index("method"):].splitlines()[1:7]
+    table = out[out.index("method"):].splitlines()[1:8]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table}
-    assert list(rows) == ["bf16", "nf4-dq", "int4-rtn", "gptq", "awq", "int8"]
+    assert list(rows) == methods
     bits = {m: r[1] for m, r in rows.items()}
     assert bits["bf16"] == 16.0
-    assert 4.12 < bits["nf4-dq"] < 4.14  # 4 + 8/64 + the nested constants
+    assert 4.12 < bits["nf4-dq"] < 4.14 and bits["nf4"] == 4.5  # 4 + 8/64 + the nested constants; 4 + 32/64
     assert 4.2 < bits["int4-rtn"] < 5.5 and abs(bits["gptq"] - bits["int4-rtn"]) < 1e-9  # same layout
     # AWQ's layout: the same codes, zeros and scales per weight as GPTQ's, but no g_idx (32 bits per input column)
     assert 4.2 < bits["awq"] < bits["int4-rtn"]
     assert 8.0 < bits["int8"] < 8.6  # + a float32 scale per row
-    assert all(r[0] > 1 for r in rows.values())  # perplexities
+
+    # Perplexities against the float32 model's, scored here on the same text and windows. The
+    # tiny random model predicts nearly uniformly (perplexity ~ its 49152 tokens) and is at no
+    # loss minimum, so weight noise moves its perplexity either way (nf4 lands below float32):
+    # only the size of the move follows the precision. 8 bits (bf16 rounds to 2^-9 of a value,
+    # int8 to 1/254 of a row's range): measured 8e-5 relative, bound 3e-4 (a row scale off by
+    # 1.5x moves it 3e-3). 4 bits: measured up to 9.3e-4, bound 2e-3.
+    ids, _ = default_text_ids(AutoTokenizer.from_pretrained(folder_with_tokenizer))
+    dense = AutoModelForCausalLM.from_pretrained(folder_with_tokenizer, dtype=torch.float32)
+    fp32 = perplexity(dense, ids, 64).perplexity
+    ppl = {m: r[0] for m, r in rows.items()}
+    for method, bound in [("bf16", 3e-4), ("int8", 3e-4), ("nf4", 2e-3), ("nf4-dq", 2e-3), ("int4-rtn", 2e-3),
+                          ("gptq", 2e-3), ("awq", 2e-3)]:
+        assert abs(ppl[method] / fp32 - 1) < bound, (method, ppl[method], fp32)
+    # Double quantization moves each block's absmax by less than 1% (8-bit codes of the centred
+    # constants): measured 5e-6 apart from nf4, bound 1e-4.
+    assert abs(ppl["nf4-dq"] / ppl["nf4"] - 1) < 1e-4
+    # GPTQ's error feedback and AWQ's scales and asymmetric grid change codes that round-to-nearest
+    # picks: a different model, a different perplexity (equal would mean the method was not run).
+    assert ppl["gptq"] != ppl["int4-rtn"] and ppl["awq"] != ppl["int4-rtn"]
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

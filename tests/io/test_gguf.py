@@ -263,14 +263,24 @@ def test_smollm2_logits_equal_transformers_and_it_answers(smollm2, cache):
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_is_cached(cache):
+def test_smollm2_tokenizer_is_cached(cache, monkeypatch):
     path = default_model_path()
     first = gguf_tokenizer(path)  # converted by the test above, or here when run alone
     [cached] = (cache / "tokenizers").iterdir()  # the only tokenizer converted; no staging left
     assert cached.name == f"{path.stem}-{path.stat().st_size}"
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(os.listdir(cached))
 
+    # From now on converting from the GGUF file fails: the second load must read the cached folder.
+    from_pretrained = transformers.AutoTokenizer.from_pretrained
+
+    def cached_folders_only(name, *args, **kwargs):
+        if "gguf_file" in kwargs:
+            raise RuntimeError(f"converted {name} again instead of reading the cache")
+        return from_pretrained(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", cached_folders_only)
     second = gguf_tokenizer(path)
+    assert second.name_or_path == str(cached)
     text = "Hello <|im_start|>world, the capital of France"
     assert second(text)["input_ids"] == first(text)["input_ids"]
     assert second.eos_token == "<|im_end|>" and second.eos_token_id == 2

@@ -39,10 +39,29 @@ def test_every_linear_but_lm_head_is_4bit(tiny_llama):
     assert model.config.quantization_config["bnb_4bit_quant_type"] == "nf4"
 
 
+def code_table(quant_type):
+    """The 16 values a 4-bit code stands for, from bitsandbytes (nf4, fp4) or the QLoRA paper's
+    integer grid k/7 with code 15 unused (int4): independent of fourbit's tables."""
+    import bitsandbytes.functional as F
+
+    if quant_type == "int4":
+        return torch.cat([torch.arange(-7, 8) / 7, torch.zeros(1)])
+    return F.get_4bit_type(quant_type, device="cpu")
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 def test_logits_equal_dense_model_holding_dequantized_weights(tiny_llama, quant_type):
     folder, dense = tiny_llama
     model, _ = load_model(folder, quantization=quant_type, compute_dtype="float32")
+    table = code_table(quant_type)
+    for name, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)):
+        assert layer.quant_type == quant_type and torch.equal(layer.quant_state.code, table), name
+        # Every dequantized value is a table value times its block's absmax. The largest |w| of a
+        # block is stored as the code of +-1, so the block's largest |value| is that absmax: each
+        # value over it is a table entry, up to float32 rounding of (entry x absmax) / absmax.
+        blocks = layer.dequantize(torch.float32).flatten().view(-1, 64)
+        ratios = blocks / blocks.abs().amax(dim=1, keepdim=True)
+        assert ((ratios[..., None] - table).abs().amin(dim=-1) < 1e-6).all(), name
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, expected = model(ids).logits, dense_twin(model, dense)(ids).logits
@@ -100,6 +119,7 @@ def test_loading_streams_one_tensor_at_a_time(tiny_llama, monkeypatch):
             for name, load in self.source.tensors():
                 def tracked(load=load, name=name):
                     nonlocal most_alive
+                    read.append(name)
                     gc.collect()
                     still = [r for r in alive if r() is not None and r().is_floating_point()
                              and r().numel() >= 64 * 64 and r().data_ptr() not in kept]
@@ -110,6 +130,7 @@ def test_loading_streams_one_tensor_at_a_time(tiny_llama, monkeypatch):
                 yield name, tracked
 
     kept: set[int] = set()
+    read: list[str] = []
     monkeypatch.setattr(loader, "open_source", lambda path: Tracking(open_source(path)))
     model, _ = load_model(folder, compute_dtype="float32")
     # Dense tensors the model keeps (embeddings, lm_head) are allowed to stay alive.
@@ -121,6 +142,9 @@ def test_loading_streams_one_tensor_at_a_time(tiny_llama, monkeypatch):
     # At the moment each tensor is read, at most the embedding (kept by the model, but read
     # before `kept` is known) is alive besides it: never a second linear weight.
     assert most_alive <= 1
+    # Every tensor of the checkpoint came through the tracked reader, once: the checks above
+    # watched the whole load, not a reader the loader bypassed.
+    assert sorted(read) == sorted(load_file(folder / "model.safetensors"))
 
 
 @pytest.mark.parametrize("bnb_layer_shapes", ["aligned", "partial"], indirect=True)

@@ -1,6 +1,7 @@
 """Paged optimizer state: the Pager, paged == unpaged bit for bit, placement, exact resume."""
 
 import io
+import weakref
 
 import pytest
 import torch
@@ -8,7 +9,29 @@ import torch
 from fourbit.optim import PAGE_MIN_NUMEL, AdamW, Pager
 
 SHAPES = [(10, 10), (64, 128), (320, 320)]  # only the last (102400 elements) reaches 1e5
-PINNED = torch.cuda.is_available()  # host buffers are pinned exactly when CUDA exists
+
+
+@pytest.fixture
+def pinned(monkeypatch):
+    """``pinned(t)``: whether ``t`` is a host buffer made pinned (page-locked).
+
+    Host buffers are pinned exactly when CUDA exists. Without CUDA nothing can be pinned and the
+    parameters' device is the host, so a paged buffer and a plain device tensor would look alike:
+    there CUDA is made to look available, and the buffers created with ``pin_memory=True`` are
+    made as plain CPU tensors and remembered, so a tensor the pager did not place still shows."""
+    if torch.cuda.is_available():
+        return lambda t: t.is_pinned()
+    made, empty = {}, torch.empty
+
+    def empty_remembering_pinned(*args, pin_memory=False, **kwargs):
+        t = empty(*args, **kwargs)
+        if pin_memory:
+            made[id(t)] = weakref.ref(t)
+        return t
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "empty", empty_remembering_pinned)
+    return lambda t: (ref := made.get(id(t))) is not None and ref() is t
 
 
 def make_params(seed=0):
@@ -42,14 +65,15 @@ def spy_on_fetch(optimizer):
     return copied
 
 
-def test_pager_pages_by_size_and_copies_both_ways():
+def test_pager_pages_by_size_and_copies_both_ways(pinned):
     pager = Pager(min_numel=1000)
     big, small = torch.arange(1000.0), torch.arange(999.0)
     assert PAGE_MIN_NUMEL == 100_000 and pager.pages(big) and not pager.pages(small)
     host = pager.place(big, torch.device("cpu"))
-    assert host.device.type == "cpu" and host.is_pinned() == PINNED
+    assert host.device.type == "cpu" and pinned(host)
     assert host.data_ptr() != big.data_ptr() and torch.equal(host, big)
-    assert pager.place(small, torch.device("cpu")).data_ptr() == small.data_ptr()  # already where it belongs
+    kept = pager.place(small, torch.device("cpu"))
+    assert kept.data_ptr() == small.data_ptr() and not pinned(kept)  # already where it belongs
 
     state = {"step": 3, "big": host, "small": small}
     working = pager.fetch(state, torch.device("cpu"))
@@ -95,7 +119,7 @@ def test_paged_equals_unpaged_bit_for_bit(optim_bits):
     "optim_bits, paged_keys",
     [(32, {"exp_avg", "exp_avg_sq"}), (8, {"exp_avg_codes", "exp_avg_sq_codes"})],
 )
-def test_only_state_tensors_of_1e5_elements_are_paged(optim_bits, paged_keys):
+def test_only_state_tensors_of_1e5_elements_are_paged(optim_bits, paged_keys, pinned):
     params = make_params()
     optimizer = AdamW(params, optim_bits=optim_bits, paged=True)
     copied = spy_on_fetch(optimizer)
@@ -106,10 +130,11 @@ def test_only_state_tensors_of_1e5_elements_are_paged(optim_bits, paged_keys):
     assert copied == [set(), set(), paged_keys] * 2
     big = optimizer.state[params[2]]
     for key in paged_keys:
-        assert big[key].device.type == "cpu" and big[key].is_pinned() == PINNED
+        assert big[key].device.type == "cpu" and pinned(big[key])
         assert optimizer.pager.pages(big[key])
-    for p in params[:2]:
-        assert not any(optimizer.pager.pages(v) for v in optimizer.state[p].values() if isinstance(v, torch.Tensor))
+    others = [v for p in params for key, v in optimizer.state[p].items()
+              if isinstance(v, torch.Tensor) and not (p is params[2] and key in paged_keys)]
+    assert others and not any(optimizer.pager.pages(v) or pinned(v) for v in others)  # device tensors, used as is
 
 
 def test_paged_host_buffers_are_written_in_place_across_steps():
@@ -125,7 +150,7 @@ def test_paged_host_buffers_are_written_in_place_across_steps():
 
 @pytest.mark.parametrize("optim_bits", [32, 8])
 @pytest.mark.parametrize("resume_paged", [True, False])
-def test_paged_resume_from_state_dict_is_bit_identical(optim_bits, resume_paged):
+def test_paged_resume_from_state_dict_is_bit_identical(optim_bits, resume_paged, pinned):
     straight = make_params()
     optimizer = AdamW(straight, lr=1e-2, optim_bits=optim_bits, paged=True)
     run(optimizer, straight, 10)
@@ -145,7 +170,7 @@ def test_paged_resume_from_state_dict_is_bit_identical(optim_bits, resume_paged)
         for value in fresh.state[p].values():
             if isinstance(value, torch.Tensor):
                 paged = resume_paged and value.numel() >= PAGE_MIN_NUMEL
-                assert value.device == p.device and value.is_pinned() == (paged and PINNED)
+                assert value.device == p.device and pinned(value) == paged
     copied = spy_on_fetch(fresh)
     run(fresh, resumed, 5, start=5)
     assert all(torch.equal(p, q) for p, q in zip(straight, resumed))

@@ -52,10 +52,23 @@ def test_grid_by_hand():
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group_size", [32, -1])
 def test_rtn_error_is_at_most_half_a_step(sym, group_size):
-    w = torch.randn(16, 64)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     q = quantize_rtn(w, 4, group_size, sym)
-    step = q.scales[:, q.g_idx.long()]
-    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()  # + float32 rounding of w / scale
+    # The grid of each (row, group), from groupwise.py's definition in float64: random groups
+    # hold both signs, so lo = min w, hi = max w; sym widens the range to +-max|w| with zero 8.
+    groups = w.double().reshape(16, -1, 64 if group_size == -1 else group_size)
+    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    scale = (hi - lo) / 15
+    zero = torch.full_like(scale, 8) if sym else torch.round(-lo / scale)
+    # float32 against float64: a few ulps. The zero point is an integer (round(-lo / scale) lands
+    # on a half for none of these weights, so both precisions round it alike).
+    torch.testing.assert_close(q.scales.double(), scale, rtol=1e-6, atol=0)
+    assert torch.equal(q.zeros.double(), zero)
+    step = scale[:, q.g_idx.long()]
+    assert ((q.dequantize().double() - w.double()).abs() <= step / 2 + 1e-6).all()  # + float32 rounding of w / scale
     assert q.codes.max() <= 15 and q.scales.shape == (16, 64 // (64 if group_size == -1 else group_size))
 
 

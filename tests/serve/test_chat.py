@@ -1,5 +1,6 @@
 """The terminal chat: the conversation carries over, adapters switch, commands answer."""
 
+import contextlib
 import io
 
 import torch
@@ -7,8 +8,10 @@ from torch import nn
 
 import fourbit
 from fourbit.cli import main
+from fourbit.io.peft import load_adapter
+from fourbit.nn.linear4bit import dense_weights
 from fourbit.nn.lora import lora_layers
-from fourbit.serve import Sampling
+from fourbit.serve import Sampling, generate
 from fourbit.serve.adapters import AdapterSet
 from fourbit.serve.chat import Chat, run
 
@@ -83,14 +86,35 @@ def test_run_reads_until_exit_or_end_of_input(chat_model):
 
 
 def test_cli_chat_loads_adapters_and_talks(chat_model, tmp_path, monkeypatch, capsys):
-    _, _, folder = chat_model
+    _, tokenizer, folder = chat_model
     donor, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
-    fourbit.add_lora(donor, r=2, alpha=4, target=["q_proj"], verbose=False)
+    torch.manual_seed(0)
+    fourbit.add_lora(donor, r=4, alpha=64, target="all-linear", verbose=False)
+    for layer in lora_layers(donor).values():
+        nn.init.normal_(layer.lora_B.weight, std=0.5)  # a strong adapter: the answer must change
     fourbit.save_adapter(donor, tmp_path / "a")
+
+    # The expected replies: the model loaded as the CLI loads it (nf4, its default dtypes, the
+    # dense cache on a CPU: the same arithmetic, so the same greedy tokens), with the adapter
+    # applied by io/peft.py, and without it.
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                           tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    model, _ = fourbit.load_model(folder)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    replies = {}
+    for name in ("base", "a"):
+        if name == "a":
+            load_adapter(model, tmp_path / "a")
+        with torch.no_grad(), dense_weights(model) if on_cpu else contextlib.nullcontext():
+            replies[name] = generate(model, tokenizer, [ids], Sampling(max_new_tokens=4))[0].text
+    assert replies["a"] != replies["base"]  # else a CLI that ignored --adapter would pass
+
     lines = iter(["/adapters", "hello", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", str(folder), "--adapter", f"a={tmp_path / 'a'}", "--max-new-tokens", "4"]) == 0
-    assert "adapters: *a" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "adapters: *a\n" in out and f"\n{replies['a']}\n" in out  # answered with the adapter by default
 
 
 def test_cli_chat_refuses_a_malformed_adapter_spec(capsys):

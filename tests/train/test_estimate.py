@@ -44,9 +44,15 @@ def test_fsdp_divides_the_sharded_parts_by_the_number_of_gpus(config):
 
 
 def test_checkpointing_keeps_one_input_per_layer(config):
-    on = estimate_memory(config).rows["activations (checkpointed)"]
+    # estimate.py: a layer keeps ~ B T (12 H + 3 I) values for backward; checkpointed, each of
+    # the L layers keeps only its input (B T H) plus one layer's worth recomputed. Tiny Llama:
+    # B T = 2 x 64, H 64, I 160, L 2; float32 compute, 4 bytes a value.
+    config.compute_dtype = "float32"
+    tokens = 2 * 64
+    layer = tokens * (12 * 64 + 3 * 160) * 4
+    assert estimate_memory(config).rows["activations (checkpointed)"] == tokens * 64 * 4 * 2 + layer
     config.gradient_checkpointing = False
-    assert estimate_memory(config).rows["activations"] > on
+    assert estimate_memory(config).rows["activations"] == layer * 2
 
 
 def test_bad_arguments_are_refused(config):
@@ -64,15 +70,16 @@ def test_cli_memory_model_prints_the_per_gpu_estimate(config, tmp_path, capsys):
     assert "per GPU, 2 x fsdp, 384 tokens per micro-batch" in out and "FSDP gathered layers" in out and "total" in out
 
 
-def test_the_gpu_benchmark_parses_its_arguments_and_compares_on_cpu(monkeypatch, tmp_path):
+def test_the_gpu_benchmark_parses_its_arguments_and_compares_on_cpu(monkeypatch, tmp_path, capsys):
     """bench/bench_memory_estimate_gpu.py runs on a GPU; its argument parsing and arithmetic run here."""
     bench = Path(__file__).resolve().parents[2] / "bench"
     monkeypatch.syspath_prepend(str(bench))
     script = importlib.import_module("bench_memory_estimate_gpu")
     args = script.parse_args(["--out", str(tmp_path / "m.json")])
     assert (args.layers, args.seq, args.batch, args.device) == (32, 2048, 1, "cuda")  # the full 8B shape by default
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         script.parse_args(["--out", "x.json", "--steps", "0"])
+    assert exit_info.value.code == 2 and "error: --steps must be >= 1" in capsys.readouterr().err  # not another refusal
     rows = {"4-bit linears (codes)": 300, "quantization constants": 10, "embeddings, norms, lm_head": 100,
             "LoRA weights (fp32)": 90, "activations (checkpointed)": 500}
     report = script.compare(rows, static_measured=550, peak_measured=1050)
