@@ -21,12 +21,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_report_header(config):
-    from fourbit.precision import CPU_BF16_ENV, resolve_compute_dtype
+def cpu_kind_line() -> str:
+    from fourbit.precision import CPU_BF16_ENV, cpu_kind, resolve_compute_dtype
 
     auto = resolve_compute_dtype("auto", "cpu")
-    how = f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]}" if os.environ.get(CPU_BF16_ENV) else "detected from /proc/cpuinfo"
-    return f"fourbit: compute_dtype 'auto' on this CPU = {str(auto).removeprefix('torch.')} ({how})"
+    how = f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]}" if os.environ.get(CPU_BF16_ENV) else "detected"
+    return f"fourbit: {cpu_kind()} CPU, compute_dtype 'auto' = {str(auto).removeprefix('torch.')} ({how})"
+
+
+def pytest_report_header(config):
+    return cpu_kind_line()
+
+
+def pytest_terminal_summary(terminalreporter):  # also under -q, which hides the header
+    terminalreporter.write_line(cpu_kind_line())
 
 
 @pytest.fixture
