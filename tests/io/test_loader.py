@@ -263,5 +263,81 @@ def test_nan_in_a_weight_names_the_weight(tiny_llama, tmp_path):
         tensors[key][2, 3] = float("nan")
         return tensors, config
 
-    with pytest.raises(ValueError, match=rf"{key}: it holds 1 NaN/Inf value"):
+    with pytest.raises(ValueError, match=rf"tensor {key} holds 1 NaN or Inf values"):
         load_model(write_variant(folder, tmp_path / "bad", edit))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("model.norm.weight", float("inf")),  # outside the linear weights: no quantizer sees these
+    ("model.embed_tokens.weight", float("nan")),
+    ("model.layers.0.post_attention_layernorm.weight", float("-inf")),
+])
+@pytest.mark.parametrize("quantization", ["nf4", None])
+def test_nan_or_inf_anywhere_is_refused_by_name(tiny_llama, tmp_path, key, value, quantization):
+    folder, _ = tiny_llama
+
+    def edit(tensors, config):
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[5] = value
+        return tensors, config
+
+    with pytest.raises(ValueError, match=rf"tensor {key} holds 1 NaN or Inf values"):
+        load_model(write_variant(folder, tmp_path / "bad", edit), quantization=quantization)
+
+
+def test_nan_in_a_stored_quantization_constant_is_refused(nf4_folder, tmp_path):
+    key = "model.layers.0.mlp.up_proj.weight.nested_absmax"  # float32, the second level of double quant
+
+    def edit(tensors, config):
+        tensors[key] = tensors[key].clone()
+        tensors[key][0] = float("nan")
+        return tensors, config
+
+    with pytest.raises(ValueError, match=rf"tensor {key} holds 1 NaN or Inf values"):
+        load_model(write_variant(nf4_folder, tmp_path / "bad", edit))
+
+
+def test_a_model_that_needs_its_own_code_is_refused_and_none_is_run(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    marker = tmp_path / "the-folder's-code-ran"
+
+    def custom(tensors, config):
+        config["model_type"] = "zorbotron"
+        config["auto_map"] = {"AutoConfig": "modeling_zorbotron.ZorbotronConfig",
+                              "AutoModelForCausalLM": "modeling_zorbotron.ZorbotronForCausalLM"}
+        return tensors, config
+
+    bad = write_variant(folder, tmp_path / "custom", custom)
+    (bad / "modeling_zorbotron.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(ValueError, match=r"needs Python code that comes with it .* fourbit never runs a model's own code"):
+        load_model(bad)
+    assert not marker.exists()
+
+
+def test_a_known_architecture_with_an_auto_map_loads_with_transformers_own_classes(tiny_llama, tmp_path):
+    # auto_map alone (many hub folders carry one) does not make transformers ask or run anything
+    # when told trust_remote_code=False: the built-in Llama is used.
+    folder, dense = tiny_llama
+
+    def with_auto_map(tensors, config):
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_llama_custom.LlamaForCausalLM"}
+        return tensors, config
+
+    variant = write_variant(folder, tmp_path / "mapped", with_auto_map)
+    (variant / "modeling_llama_custom.py").write_text("raise SystemExit('the folder code ran')\n")
+    model, _ = load_model(variant, quantization=None, compute_dtype="float32")
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense(ids).logits)
+
+
+def test_a_truncated_safetensors_file_is_named(tiny_llama, tmp_path):
+    import shutil
+
+    folder, _ = tiny_llama
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=r"broken/model.safetensors is not a readable safetensors file .* truncated"):
+        load_model(broken)

@@ -145,3 +145,37 @@ def test_bad_dtype_and_requantize_values_are_named(tiny_llama, tmp_path):
         merge_adapter(folder, tmp_path / "a", tmp_path / "m", dtype="int8")
     with pytest.raises(ValueError, match="requantize must be 'nf4' or 'fp4'"):
         merge_adapter(folder, tmp_path / "a", tmp_path / "m", requantize="gptq")
+
+
+def test_an_adapter_is_merged_into_the_base_it_was_trained_on(tiny_llama, tmp_path):
+    # A 16-bit LoRA: its training_base.json says "none", so the merge adds it to the 16-bit weights,
+    # not to NF4-quantized ones (which would differ by the whole quantization error, 4e-3 relative
+    # on this model where base + adapter as trained is matched to 1e-5).
+    folder, _ = tiny_llama
+    model, _ = fourbit.load_model(folder, quantization=None, compute_dtype="float32", torch_dtype="float32")
+    torch.manual_seed(0)
+    fourbit.add_lora(model, r=4, alpha=8, target="all-linear", verbose=False)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    fourbit.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "training_base.json").read_text()) == {
+        "quantization": "none", "double_quant": None, "blocksize": None}
+    with torch.no_grad():
+        trained = model(input_ids=IDS).logits
+    report = merge_adapter(folder, tmp_path / "a", tmp_path / "merged", dtype="float32")
+    assert report.base == "16-bit (no quantization), as the adapter was trained (training_base.json)"
+    assert relative(transformers_logits(tmp_path / "merged", tmp_path), trained) < 1e-5  # see the module docstring
+    # Asked for another base than the adapter's, the merge does it and says what that means.
+    other = merge_adapter(folder, tmp_path / "a", tmp_path / "nf4", dtype="float32", base_quantization="nf4")
+    assert other.base.startswith("nf4 + double quant, block 64, as asked, but the adapter was trained on 16-bit")
+    assert relative(transformers_logits(tmp_path / "nf4", tmp_path), trained) > 1e-3
+
+
+def test_an_adapter_without_a_training_base_is_taken_as_trained_by_default(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    want = trained_adapter(folder, tmp_path / "a")  # NF4 + double quant, block 64: fourbit train's default
+    (tmp_path / "a" / "training_base.json").unlink()  # as PEFT or an older fourbit writes adapters
+    report = merge_adapter(folder, tmp_path / "a", tmp_path / "merged", dtype="float32")
+    assert report.base == ("nf4 + double quant, block 64, the adapter records no training base (training_base.json): "
+                           "taken as fourbit train's default")
+    assert relative(transformers_logits(tmp_path / "merged", tmp_path), want) < 1e-5

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from fourbit import load_model, save_quantized
 from fourbit.io.peft import load_adapter, save_adapter

@@ -56,3 +56,18 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_output_apart(output: str | os.PathLike, *sources: str | os.PathLike | None) -> None:
+    """Refuse an output folder that is, or holds, one of the ``sources`` being read: writing it
+    (with overwrite) would replace the very model or adapter the command reads. Sources that are
+    not local paths (hub ids, None for the embedded model) cannot be hit and pass."""
+    out = Path(output).expanduser().resolve()
+    for source in sources:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        src = Path(source).expanduser().resolve()
+        if out == src or out in src.parents:
+            relation = "is" if out == src else "holds"
+            raise ValueError(f"the output {output} {relation} the input {source}: writing it would replace what is being "
+                             "read; choose an output folder outside it")

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from fourbit.io.default_model import cache_dir
+from fourbit.io.no_remote_code import from_pretrained
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _PERMUTES_QK = {"llama"}
@@ -69,7 +70,17 @@ def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
 
 @functools.lru_cache(maxsize=4)
 def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
-    return gguf.GGUFReader(path)
+    """The reader, once the file is shown to hold every byte its header promises (a truncated file
+    would otherwise fail deep inside a tensor's reshape, or not at all until that tensor is read)."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises assorted errors for a damaged header; named below
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    short = next((t for t in reader.tensors if t.data.nbytes != t.n_bytes), None)
+    if short is not None:
+        raise ValueError(f"{path} is not a whole GGUF file: tensor {short.name} should have {short.n_bytes} bytes, the "
+                         f"file holds {short.data.nbytes}; is it truncated (an interrupted download or copy)?")
+    return reader
 
 
 def _field(reader: gguf.GGUFReader, key: str, default=None):
@@ -107,9 +118,9 @@ def gguf_config(path: str | os.PathLike):
 
     def convert(folder: Path) -> None:
         gguf_architecture(path)
-        AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+        from_pretrained(AutoConfig, path.parent, gguf_file=path.name, what=str(path)).save_pretrained(folder)
 
-    return AutoConfig.from_pretrained(_converted_once("configs", path, convert))
+    return from_pretrained(AutoConfig, _converted_once("configs", path, convert), what=str(path))
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -176,9 +187,9 @@ def gguf_tokenizer(path: str | os.PathLike):
     path = Path(path).resolve()
 
     def convert(folder: Path) -> None:  # tokenizer.json, tokenizer_config.json, chat_template.jinja
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+        from_pretrained(AutoTokenizer, path.parent, gguf_file=path.name, what=str(path)).save_pretrained(folder)
 
-    return AutoTokenizer.from_pretrained(_converted_once("tokenizers", path, convert))
+    return from_pretrained(AutoTokenizer, _converted_once("tokenizers", path, convert), what=f"the tokenizer of {path}")
 
 
 def _converted_once(kind: str, path: Path, convert: Callable[[Path], None]) -> Path:

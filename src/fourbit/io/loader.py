@@ -37,6 +37,7 @@ from ..precision import parse_dtype, resolve_compute_dtype
 from ..quant.blockwise import check_blocksize
 from ..quant.dtypes import check_quant_type
 from ..quant.state import QuantState
+from .no_remote_code import from_config
 from .sources import open_source
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def load_model(
 
     config = source.config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = from_config(AutoModelForCausalLM, config, what=source.description, dtype=dtype)
     targets = _swap_linears(model, quantized, skip_modules, quantization or "nf4", blocksize, double_quant, compute)
     if gptq is not None:
         bits, group_size = gptq
@@ -243,14 +244,14 @@ def _fill(model, source, targets, prequantized, device, dtype, progress) -> None
         if module_name in targets and attr.startswith("weight"):
             layer = targets[module_name]
             if prequantized:
-                pending[module_name][attr.removeprefix("weight").lstrip(".")] = load().to(device)
+                pending[module_name][attr.removeprefix("weight").lstrip(".")] = _finite(load(), name, source).to(device)
                 if set(pending[module_name]) == expected[module_name]:
                     bucket = pending.pop(module_name)
                     packed = bucket.pop("")
                     where = f"{module_name}.weight"
                     layer.load_quantized(packed, QuantState.from_dict(bucket, where=where), where)
             else:
-                layer.quantize_(load().to(device), name=name)
+                layer.quantize_(_finite(load(), name, source).to(device), name=name)
             continue
         try:
             owner = model.get_submodule(module_name)
@@ -260,7 +261,7 @@ def _fill(model, source, targets, prequantized, device, dtype, progress) -> None
         if attr not in owner._parameters and attr not in owner._buffers:
             unexpected.append(name)
             continue
-        tensor = load()
+        tensor = _finite(load(), name, source)
         if tensor.is_floating_point() and not isinstance(owner, PackedLinear) and attr != "SCB":  # kept as stored
             tensor = tensor.to(dtype)
         _set_tensor(owner, attr, tensor.to(device))
@@ -271,6 +272,17 @@ def _fill(model, source, targets, prequantized, device, dtype, progress) -> None
     if unexpected:
         log.warning("ignored %d checkpoint tensors the model does not have: %s", len(unexpected), unexpected[:5])
     _finish(model, device)
+
+
+def _finite(tensor: torch.Tensor, name: str, source) -> torch.Tensor:
+    """``tensor``, once it is shown to hold no NaN or Inf: a model with one anywhere (a norm, an
+    embedding, a scale) computes NaN, and training would only say its loss is not finite."""
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(f"{source.description}: tensor {name} holds {bad} NaN or Inf values (of {tensor.numel()}); "
+                             "the weights are damaged (a diverged run or a bad conversion); fourbit does not load them")
+    return tensor
 
 
 def _expected_quant_keys(names: list[str]) -> dict[str, set[str]]:

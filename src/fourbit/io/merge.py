@@ -5,10 +5,13 @@ For each adapted linear layer, in float32:
     W' = dequant(W4) + s * B @ A                               (LoRA, rsLoRA: s as trained)
     W' = m * (W + s B A) / ||W + s B A||_row                   (DoRA, m the learned magnitudes)
 
-W4 is the base as the adapter saw it in training: quantized the same way (``base_quantization``,
-by default what ``fourbit train`` uses: NF4, double quantization, blocks of 64) and dequantized,
-so the merged model computes what base + adapter computed, up to the rounding of W' to the
-output dtype. Every other 4-bit layer is dequantized too; the result holds no fourbit types
+W4 is the base as the adapter saw it in training: quantized the same way and dequantized, so the
+merged model computes what base + adapter computed, up to the rounding of W' to the output dtype.
+How the base was quantized is read from the adapter's training_base.json (io/peft.py), which
+``fourbit train`` writes; an adapter without one (made by PEFT, or an older fourbit) is taken to
+have been trained as ``fourbit train`` trains by default (NF4, double quantization, blocks of
+64), and the report says so. Arguments override the record, and the report says that too: an
+adapter merged into another base than its own computes something else. Every other 4-bit layer is dequantized too; the result holds no fourbit types
 and loads in transformers alone (``AutoModelForCausalLM.from_pretrained``).
 
 ``requantize`` writes W' back in 4 bits instead (a bnb-4bit folder, io/checkpoint.py). That
@@ -35,18 +38,23 @@ from ..nn.linear4bit import Linear4bit
 from ..nn.lora import QUANTIZED_LINEAR_TYPES, LoRALinear, dense_weight, lora_layers
 from ..precision import DTYPES, parse_dtype
 from ..train.templates import end_of_turn_ids
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_output_apart
 from .checkpoint import save_quantized
 from .loader import SKIP_MODULES, bnb_quantization_config, load_model
-from .peft import load_adapter, read_adapter_config
+from .peft import load_adapter, read_adapter_config, read_training_base
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")  # or bf16, fp16, fp32
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Merging must not change what the model says."
 
 
+RECORDED = "recorded"  # base_quantization: as the adapter's training_base.json says
+TRAIN_DEFAULT = {"quantization": "nf4", "double_quant": True, "blocksize": 64}  # fourbit train's
+
+
 @dataclass
 class MergeReport:
     output: Path
+    base: str  # the base the adapter was merged into, and why that one
     layers_merged: int
     dtype: torch.dtype
     requantized: str | None
@@ -55,7 +63,7 @@ class MergeReport:
     requantized_error: float | None  # the same for the requantized model
 
     def format(self) -> str:
-        lines = [f"merged {self.layers_merged} LoRA layers into {self.output} ({self.dtype_name})"]
+        lines = [f"merged {self.layers_merged} LoRA layers into {self.output} ({self.dtype_name})", f"  base: {self.base}"]
         weights = "float32" if self.requantized else self.dtype_name  # requantizing starts from the float32 merge
         lines.append(f"  logits vs the unmerged adapter on a {self.probe_tokens}-token probe: "
                      f"max relative difference {self.merged_error:.2e} ({weights} weights)")
@@ -74,17 +82,18 @@ def merge_adapter(
     adapter: str | os.PathLike,
     output: str | os.PathLike,
     dtype: str | torch.dtype = "bfloat16",
-    base_quantization: str | None = "nf4",
-    double_quant: bool = True,
-    blocksize: int = 64,
+    base_quantization: str | None = RECORDED,
+    double_quant: bool | None = None,
+    blocksize: int | None = None,
     requantize: str | None = None,
     overwrite: bool = False,
 ) -> MergeReport:
     """Merge the PEFT adapter at ``adapter`` into ``base`` and write the result to ``output``.
 
     base: what ``fourbit.load_model`` takes (folder, .gguf, hub id, None for the embedded model);
-        a bnb-4bit folder keeps its own quantization. base_quantization: how the adapter's base
-        was quantized in training ("nf4", "fp4", "int4"), or None for a 16-bit LoRA base.
+        a bnb-4bit, GPTQ, AWQ or int8 folder keeps its own quantization. base_quantization,
+        double_quant, blocksize: how the adapter's base was quantized in training ("nf4", "fp4",
+        "int4", or None for a 16-bit LoRA base); by default what the adapter records.
     dtype: dtype of the merged weights (and of every unquantized one). requantize: "nf4" or
         "fp4" to write a 4-bit folder instead of a dense one.
     """
@@ -93,11 +102,15 @@ def merge_adapter(
         raise ValueError(f"merge dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
     if requantize not in (None, "nf4", "fp4"):
         raise ValueError(f"requantize must be 'nf4' or 'fp4' (or None for a dense folder), got {requantize!r}")
+    check_output_apart(output, base, adapter)
     if Path(output).exists() and not overwrite:  # before the work, not after it (atomic_dir checks again)
         raise FileExistsError(f"{output} already exists; choose another output folder or pass overwrite")
     read_adapter_config(adapter)  # a missing or unsupported adapter fails before the base loads
+    trained_on, base_note = _training_base(adapter, base_quantization, double_quant, blocksize)
+    quantization = trained_on["quantization"] if trained_on["quantization"] in ("nf4", "fp4", "int4") else None
+    double_quant, blocksize = bool(trained_on["double_quant"]), int(trained_on["blocksize"] or 64)
     model, tokenizer = load_model(
-        base, quantization=base_quantization, double_quant=double_quant, blocksize=blocksize,
+        base, quantization=quantization, double_quant=double_quant, blocksize=blocksize,
         compute_dtype="float32", torch_dtype="float32",
     )
     load_adapter(model, adapter, dtype=torch.float32)
@@ -129,7 +142,38 @@ def merge_adapter(
         model.to(out_dtype)  # the unquantized weights; the 4-bit layers keep their bytes
         model.config.quantization_config = bnb_quantization_config(requantize, double_quant, out_dtype)
         save_quantized(model, tokenizer, output, overwrite=overwrite)
-    return MergeReport(Path(output), len(layers), out_dtype, requantize, probe.shape[1], merged_error, requantized_error)
+    return MergeReport(Path(output), base_note, len(layers), out_dtype, requantize, probe.shape[1], merged_error,
+                       requantized_error)
+
+
+def _training_base(adapter, quantization, double_quant, blocksize) -> tuple[dict, str]:
+    """The base to merge into ({"quantization", "double_quant", "blocksize"}) and a line saying why."""
+    record = read_training_base(adapter)
+    chosen = dict(record or TRAIN_DEFAULT)
+    if quantization != RECORDED:
+        chosen["quantization"] = quantization or "none"
+    chosen.update({k: v for k, v in (("double_quant", double_quant), ("blocksize", blocksize)) if v is not None})
+    if chosen["quantization"] in ("nf4", "fp4", "int4"):
+        chosen["double_quant"] = True if chosen.get("double_quant") is None else chosen["double_quant"]
+        chosen["blocksize"] = chosen.get("blocksize") or 64
+    described = _describe(chosen)
+    if record is None:
+        why = "the adapter records no training base (training_base.json): taken as fourbit train's default"
+        if chosen != TRAIN_DEFAULT:
+            why = "as asked; the adapter records no training base"
+    elif _describe(record) == described:
+        why = "as the adapter was trained (training_base.json)"
+    else:
+        why = (f"as asked, but the adapter was trained on {_describe(record)} (training_base.json): the merged model "
+               "computes something else than what was trained")
+    return chosen, f"{described}, {why}"
+
+
+def _describe(base: dict) -> str:
+    kind = base["quantization"]
+    if kind in ("nf4", "fp4", "int4"):
+        return f"{kind}{' + double quant' if base.get('double_quant') else ''}, block {base.get('blocksize') or 64}"
+    return {"none": "16-bit (no quantization)"}.get(kind, f"{kind} (as stored in the base folder)")
 
 
 def _merged_linear(layer: LoRALinear) -> nn.Linear:

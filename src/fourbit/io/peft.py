@@ -15,6 +15,13 @@ are ours too: a LoRALinear keeps PEFT's parameter names, so the file keys are ou
 keys with the ``base_model.model.`` prefix. What we do not support (rank/alpha patterns,
 modules_to_save, trained biases, layer subsets, non-LoRA PEFT types) is refused by name rather
 than silently dropped.
+
+fourbit adds a third file, which PEFT does not read: ``training_base.json``, how the base was
+quantized when the adapter was trained (``{"quantization": "nf4", "double_quant": true,
+"blocksize": 64}``; quantization "none" for a 16-bit base, or the stored format of a GPTQ, AWQ or
+int8 base). The adapter learned to correct that base's quantization error, so merging it into
+another base (16-bit weights for an adapter trained on NF4, or the reverse) changes what it
+computes; ``fourbit merge`` reads the file to rebuild the base the adapter saw.
 """
 
 from __future__ import annotations
@@ -28,12 +35,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..nn.awq_linear import AWQLinear
+from ..nn.gptq_linear import GPTQLinear
+from ..nn.linear4bit import Linear4bit
+from ..nn.linear8bit import Linear8bit
 from ..nn.lora import LoRALinear, add_lora, lora_layers
 from .atomic import atomic_dir
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+BASE_FILE = "training_base.json"
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -99,6 +111,37 @@ def write_adapter_files(
     tensors = adapter_state_dict(model) if tensors is None else tensors
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(model, base_model_name_or_path), indent=2))
+    (folder / BASE_FILE).write_text(json.dumps(training_base(model), indent=2))
+
+
+def training_base(model: nn.Module) -> dict:
+    """How the layers under the adapter are quantized: what training_base.json records."""
+    kinds = {_base_kind(layer.base_layer) for layer in lora_layers(model).values()}
+    if len(kinds) != 1:
+        raise ValueError(f"the adapted layers have bases of {len(kinds)} kinds ({sorted(map(str, kinds))}); "
+                         "an adapter is trained on one base")
+    quantization, double_quant, blocksize = kinds.pop()
+    return {"quantization": quantization, "double_quant": double_quant, "blocksize": blocksize}
+
+
+def read_training_base(folder: str | os.PathLike) -> dict | None:
+    """The adapter's training_base.json, or None where it has none (made by PEFT or an older fourbit)."""
+    path = Path(folder) / BASE_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if not isinstance(record, dict) or "quantization" not in record:
+        raise ValueError(f"{path}: expected an object with 'quantization' (nf4, fp4, int4, none, gptq, awq or int8)")
+    return record
+
+
+def _base_kind(base: nn.Module) -> tuple:
+    if isinstance(base, Linear4bit):
+        return base.quant_type, base.double_quant, base.blocksize
+    for kind, name in ((GPTQLinear, "gptq"), (AWQLinear, "awq"), (Linear8bit, "int8")):
+        if isinstance(base, kind):
+            return name, None, None
+    return "none", None, None
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict:

@@ -31,6 +31,7 @@ import torch
 
 from fourbit.io import gguf as gguf_io
 from fourbit.io.default_model import DEFAULT_MODEL_NAME, default_model_path
+from fourbit.io.no_remote_code import from_pretrained
 
 TensorStream = Iterator[tuple[str, Callable[[], torch.Tensor]]]
 
@@ -81,7 +82,7 @@ class SafetensorsSource(Source):
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} has no config.json; {_EXPECTED}")
-        self._config_json = json.loads(config_path.read_text())
+        self._config_json = _read_json(config_path)
         self._shards = _shard_names(folder)
         self._handles = {}
         quant = (self.quantization_config or {}).get("quant_method")
@@ -93,7 +94,7 @@ class SafetensorsSource(Source):
     def config(self):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.folder)
+        return from_pretrained(AutoConfig, self.folder, what=f"the model in {self.folder}")
 
     @property
     def quantization_config(self) -> dict | None:
@@ -109,10 +110,8 @@ class SafetensorsSource(Source):
                 yield name, lambda shard=shard, name=name: self._handle(shard).get_tensor(name)
 
     def _handle(self, shard: Path):
-        from safetensors import safe_open
-
         if shard not in self._handles:  # memory-mapped; stays open for the source's lifetime
-            self._handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
+            self._handles[shard] = _safe_open(shard)
         return self._handles[shard]
 
     def tokenizer(self):
@@ -120,16 +119,35 @@ class SafetensorsSource(Source):
             return None
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.folder)
+        return from_pretrained(AutoTokenizer, self.folder, what=f"the tokenizer in {self.folder}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); is it truncated?") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _safe_open(path: Path):
+    """safetensors' memory-mapped reader of ``path``; a damaged file is a ValueError that names it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); is it truncated (an interrupted download "
+                         "or copy)?") from None
 
 
 def _shard_names(folder: Path) -> dict[Path, list[str]]:
     """{safetensors file: its tensor names}, from model.safetensors or the shard index."""
-    from safetensors import safe_open
-
     single = folder / "model.safetensors"
     if single.is_file():
-        with safe_open(str(single), framework="pt") as handle:
+        with _safe_open(single) as handle:
             return {single: list(handle.keys())}
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
@@ -140,7 +158,10 @@ def _shard_names(folder: Path) -> dict[Path, list[str]]:
             f"*.bin files are pickles, which can run code when loaded, and are never loaded"
         )
     shards: dict[Path, list[str]] = {}
-    for name, file in json.loads(index.read_text())["weight_map"].items():
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: expected an object with a 'weight_map' of tensor names to shard files")
+    for name, file in weight_map.items():
         shards.setdefault(folder / file, []).append(name)
     for shard in shards:
         if not shard.is_file():

@@ -36,7 +36,7 @@ def check_blocksize(blocksize: int) -> None:
 def check_quantizable(x: torch.Tensor, what: str = "tensor") -> None:
     """Refuse what block-wise quantization cannot represent: wrong dtypes, NaN and Inf."""
     if x.dtype not in QUANTIZABLE_DTYPES:
-        raise TypeError(f"cannot quantize {what} of dtype {x.dtype}; expected one of {QUANTIZABLE_DTYPES}")
+        raise ValueError(f"cannot quantize {what} of dtype {x.dtype}; expected one of {QUANTIZABLE_DTYPES}")
     if x.numel() == 0:
         raise ValueError(f"cannot quantize {what}: it is empty")
     if not torch.isfinite(x).all():
