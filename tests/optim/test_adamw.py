@@ -125,9 +125,8 @@ def test_closure_is_called_and_its_loss_returned():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(lr=0.0), r"lr: learning rate must be > 0"),
-        (dict(lr=-1e-3), r"lr: learning rate must be > 0"),
-        (dict(lr=float("nan")), r"lr: learning rate must be > 0"),
+        (dict(lr=-1e-3), r"lr: learning rate must be >= 0"),
+        (dict(lr=float("nan")), r"lr: learning rate must be >= 0"),
         (dict(betas=(1.0, 0.999)), r"betas\[0\] must be in \[0, 1\)"),
         (dict(betas=(0.9, -0.1)), r"betas\[1\] must be in \[0, 1\)"),
         (dict(betas=(0.9,)), r"betas must be a pair"),
@@ -145,6 +144,19 @@ def test_closure_is_called_and_its_loss_returned():
 def test_bad_arguments_are_refused_naming_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdamW(make_params(SHAPES[:1]), **kwargs)
+
+
+def test_a_learning_rate_of_zero_is_allowed_and_leaves_the_weights_alone():
+    # Schedules start (warm-up) and end (cosine, linear) at 0: a state saved there must load and
+    # step. With lr 0 (and no weight decay) AdamW's update is 0 x its direction: no change at all.
+    params = make_params(SHAPES[:1])
+    before = [p.detach().clone() for p in params]
+    optimizer = AdamW(params, lr=0.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    AdamW(make_params(SHAPES[:1]), lr=1e-3).load_state_dict(optimizer.state_dict())
 
 
 def test_bad_values_in_a_param_group_are_refused_too():

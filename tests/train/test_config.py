@@ -46,7 +46,8 @@ def test_torch_compile_with_fsdp_is_refused():
 
 def test_dry_run_prints_the_resolved_config_and_an_estimate(tiny_llama, tmp_path, capsys):
     folder, _ = tiny_llama
-    code = main(["train", f"model_name_or_path={folder}", "dataset=x.json", f"output_dir={tmp_path / 'o'}",
+    (tmp_path / "x.json").write_text('[{"instruction": "a", "output": "b"}]')
+    code = main(["train", f"model_name_or_path={folder}", f"dataset={tmp_path / 'x.json'}", f"output_dir={tmp_path / 'o'}",
                  "per_device_train_batch_size=2", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0

@@ -12,35 +12,6 @@ from fourbit.train.config import load_config
 from fourbit.train.run import run
 
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, chat_tokenizer, make_tiny_llama):
-    """A tiny Llama whose vocabulary is SmolLM2's, saved with that tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    # A wide initializer gives the random lm_head rows enough norm to express a peaked output
-    # distribution; at the default 0.02 a 64-wide model cannot get far below ln(vocab).
-    make_tiny_llama(folder, vocab_size=len(chat_tokenizer), max_position_embeddings=256, initializer_range=0.5)
-    chat_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Alpaca rows: echo a few words back (learnable by a tiny model in a few dozen steps)."""
-    words = ["apple", "river", "stone", "cloud", "maple", "ember", "harbor", "violet"]
-    rows = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in words]
-    path = tmp_path_factory.mktemp("data") / "echo.json"
-    path.write_text(json.dumps(rows))
-    return path
-
-
-def config_for(chat_model, dataset, out, **overrides):
-    settings = {
-        "model_name_or_path": str(chat_model), "dataset": str(dataset), "output_dir": str(out),
-        "compute_dtype": "float32", "lora_rank": 8, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
-        "per_device_train_batch_size": 4, "max_steps": 6, "save_steps": 3, "cutoff_len": 64, "seed": 3,
-        "gradient_checkpointing": False, "plot_loss": False,
-    }
-    return load_config(None, settings | overrides)
 
 
 def reference_first_loss(chat_model, dataset, chat_tokenizer, seed, batch_size):
@@ -70,8 +41,8 @@ def reference_first_loss(chat_model, dataset, chat_tokenizer, seed, batch_size):
     return total / count
 
 
-def test_loss_falls_and_outputs_are_written(chat_model, dataset, chat_tokenizer, tmp_path, capsys):
-    result = run(config_for(chat_model, dataset, tmp_path / "out", max_steps=40, save_steps=20, plot_loss=True))
+def test_loss_falls_and_outputs_are_written(chat_model, dataset, chat_tokenizer, tmp_path, capsys, config_for):
+    result = run(config_for(tmp_path / "out", max_steps=40, save_steps=20, plot_loss=True))
     first, last = result.losses[0], sum(result.losses[-5:]) / 5
     # Guard against a loss taken over the wrong tokens (a broken mask still "goes down"): the
     # first step's loss is the base model's loss on the responses. 1e-5: the same fp32 model on
@@ -114,9 +85,9 @@ def test_the_loss_counts_each_labelled_token_once_predicted_from_the_position_be
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # the loss takes float32 logits
 
 
-def test_gradient_accumulation_gives_the_same_first_step(chat_model, dataset, tmp_path):
-    one = run(config_for(chat_model, dataset, tmp_path / "a", max_steps=1, per_device_train_batch_size=4))
-    two = run(config_for(chat_model, dataset, tmp_path / "b", max_steps=1, per_device_train_batch_size=2,
+def test_gradient_accumulation_gives_the_same_first_step(tmp_path, config_for):
+    one = run(config_for(tmp_path / "a", max_steps=1, per_device_train_batch_size=4))
+    two = run(config_for(tmp_path / "b", max_steps=1, per_device_train_batch_size=2,
                          gradient_accumulation_steps=2))
     # Token-weighted loss over the same 4 examples: equal up to fp32 summation order.
     assert one.losses[0] == pytest.approx(two.losses[0], rel=1e-5)
@@ -126,9 +97,9 @@ def test_gradient_accumulation_gives_the_same_first_step(chat_model, dataset, tm
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_layers_train_like_eager_ones(chat_model, dataset, tmp_path, monkeypatch):
+def test_compiled_layers_train_like_eager_ones(tmp_path, monkeypatch, config_for):
     settings = dict(max_steps=3, gradient_checkpointing=True)
-    eager = run(config_for(chat_model, dataset, tmp_path / "eager", **settings))
+    eager = run(config_for(tmp_path / "eager", **settings))
     compiled_layers = []
 
     def compile_and_record(model):
@@ -138,7 +109,7 @@ def test_compiled_layers_train_like_eager_ones(chat_model, dataset, tmp_path, mo
     recipe_compile = recipe.compile_decoder_layers
     monkeypatch.setattr(recipe, "compile_decoder_layers", compile_and_record)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled = run(config_for(chat_model, dataset, tmp_path / "compiled", torch_compile=True, **settings))
+    compiled = run(config_for(tmp_path / "compiled", torch_compile=True, **settings))
     # The compiled run did compile: each decoder layer, and the compiler made graphs for them.
     assert compiled_layers == [True, True]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames
@@ -150,10 +121,10 @@ def test_compiled_layers_train_like_eager_ones(chat_model, dataset, tmp_path, mo
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-3)
 
 
-def test_interrupted_run_resumes_with_identical_losses(chat_model, dataset, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch, config_for):
     settings = dict(max_steps=8, save_steps=3, lora_dropout=0.1, gradient_accumulation_steps=2,
                     per_device_train_batch_size=2, optim="paged_adamw_8bit", lr_scheduler_type="cosine")
-    straight = run(config_for(chat_model, dataset, tmp_path / "straight", **settings))
+    straight = run(config_for(tmp_path / "straight", **settings))
 
     saved = checkpoint_module.save_checkpoint
 
@@ -165,9 +136,9 @@ def test_interrupted_run_resumes_with_identical_losses(chat_model, dataset, tmp_
 
     monkeypatch.setattr(recipe, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run(config_for(chat_model, dataset, tmp_path / "resumed", **settings))
+        run(config_for(tmp_path / "resumed", **settings))
     monkeypatch.setattr(recipe, "save_checkpoint", saved)
-    resumed = run(config_for(chat_model, dataset, tmp_path / "resumed", resume_from_checkpoint="latest", **settings))
+    resumed = run(config_for(tmp_path / "resumed", resume_from_checkpoint="latest", **settings))
     # Dropout RNG, data position (mid-epoch), 8-bit paged optimizer and scheduler all restored:
     assert resumed.losses == straight.losses  # exactly, on CPU with a fixed seed
     with safe_open(tmp_path / "straight" / "adapter_model.safetensors", "pt") as a, \
@@ -175,7 +146,7 @@ def test_interrupted_run_resumes_with_identical_losses(chat_model, dataset, tmp_
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
-def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(chat_model, dataset, tmp_path, monkeypatch):
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, config_for):
     real = recipe.causal_lm_loss
     calls = {"n": 0}
 
@@ -187,13 +158,13 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(chat_mod
     monkeypatch.setattr(recipe, "causal_lm_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match=r"not finite at step 5.*Last good checkpoint: .*checkpoint-3"):
-        run(config_for(chat_model, dataset, out))
+        run(config_for(out))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["step"] == 3 and all(map(lambda x: x == x, state["losses"]))
 
 
-def test_a_failed_checkpoint_write_leaves_no_partial_folder(chat_model, dataset, tmp_path, monkeypatch):
+def test_a_failed_checkpoint_write_leaves_no_partial_folder(tmp_path, monkeypatch, config_for):
     real_save = torch.save
 
     def failing_save(obj, path, *args, **kwargs):
@@ -204,27 +175,27 @@ def test_a_failed_checkpoint_write_leaves_no_partial_folder(chat_model, dataset,
     monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
-        run(config_for(chat_model, dataset, out))
+        run(config_for(out))
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
 
 
-def test_bad_training_inputs_are_refused(chat_model, dataset, tmp_path):
+def test_bad_training_inputs_are_refused(tmp_path, config_for):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(ValueError, match="has no rows"):
-        run(config_for(chat_model, empty, tmp_path / "a"))
+        run(config_for(tmp_path / "a", empty))
     with pytest.raises(ValueError, match=r"prompt of \d+ tokens does not fit in cutoff_len 16"):
-        run(config_for(chat_model, dataset, tmp_path / "b", cutoff_len=16))
+        run(config_for(tmp_path / "b", cutoff_len=16))
     with pytest.raises(ValueError, match=r"lora_target \['qkv'\] matches no linear module"):
-        run(config_for(chat_model, dataset, tmp_path / "c", lora_target="qkv"))
+        run(config_for(tmp_path / "c", lora_target="qkv"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "x", "output": "y"}, {"instruction": "no output"}]))
     with pytest.raises(ValueError, match=r"row 1"):
-        run(config_for(chat_model, bad, tmp_path / "d"))
+        run(config_for(tmp_path / "d", bad))
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="already holds files"):
-        run(config_for(chat_model, dataset, tmp_path / "e"))
+        run(config_for(tmp_path / "e"))
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -251,3 +222,46 @@ def test_evaluation_split_over_ranks_scores_every_answer_in_order(monkeypatch, w
     for rank in range(world_size):
         result = recipe._evaluate(None, None, (conversations, None), config, "test", OneOfRanks(rank))
         assert result["answers"] == [f"a{i}" for i in range(7)] and result["correct"] == result["total"] == 7
+
+
+def test_a_cutoff_that_cuts_most_answers_refuses_to_train(tmp_path, config_for, chat_tokenizer, caplog):
+    words = "apple river stone cloud maple ember harbor violet copper meadow"
+    rows = [{"instruction": "Repeat the words.", "input": words, "output": words}] * 4
+    (tmp_path / "long.json").write_text(json.dumps(rows))
+    messages = [{"role": "user", "content": f"Repeat the words.\n{words}"}]
+    prompt_text = chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = len(chat_tokenizer(prompt_text, add_special_tokens=False).input_ids)
+    cutoff = prompt + 3  # 3 of each answer's 10+ tokens stay, none of its end-of-turn
+    with pytest.raises(ValueError, match=rf"cutoff_len {cutoff} cuts the answers of 4 of 4 examples \(12 of \d+ answer "
+                                         r"tokens are trained; 4 examples lose their final end-of-turn token.*"
+                                         r"allow_truncated_answers: true"):
+        run(config_for(tmp_path / "refused", tmp_path / "long.json", cutoff_len=cutoff))
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()  # refused before the first step
+    with caplog.at_level("WARNING"):
+        run(config_for(tmp_path / "allowed", tmp_path / "long.json", cutoff_len=cutoff, allow_truncated_answers=True,
+                       max_steps=1))
+    assert f"cutoff_len {cutoff} cuts the answers of 4 of 4 examples" in caplog.text  # trained, but not silently
+
+
+def test_the_dataset_and_output_dir_are_checked_before_the_model_loads(tmp_path, config_for, monkeypatch):
+    import sys
+
+    run_module = sys.modules["fourbit.train.run"]  # the module (fourbit.train.run is also the name of its function)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(run_module, "load_model", no_loading)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "no output"}\n')
+    with pytest.raises(ValueError, match=r"row 1"):
+        run(config_for(tmp_path / "a", bad))
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: bad JSON"):
+        bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": \n')
+        run(config_for(tmp_path / "a", bad))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        run(config_for(tmp_path / "b"))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint-N folder"):
+        run(config_for(tmp_path / "c", resume_from_checkpoint="latest"))

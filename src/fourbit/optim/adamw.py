@@ -73,8 +73,8 @@ def check_hyperparameters(group: dict) -> None:
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
         raise ValueError(f"lr: learning rate must be a Python number (tensor lr is not supported), got {lr!r}")
-    if not lr > 0:  # `not >` also refuses NaN
-        raise ValueError(f"lr: learning rate must be > 0, got {lr!r}")
+    if not lr >= 0:  # `not >=` also refuses NaN; 0 is where schedules begin (warm-up) and end (cosine, linear)
+        raise ValueError(f"lr: learning rate must be >= 0, got {lr!r}")
     betas = group["betas"]
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")

@@ -6,6 +6,12 @@
         scheduler.pt                                       the LR scheduler's state_dict()
         rng.pt                                             torch, python and numpy RNG states
         trainer_state.json                                 step, epoch, next micro-batch, losses
+        run_config.json                                    the config of the run that wrote it
+
+A checkpoint belongs to its run: resuming compares the checkpoint's config with this run's and
+refuses one written by another run (another seed, learning rate, dataset...), naming the keys
+that differ. Only what does not change the training may differ (RESUMABLE_KEYS: where and how
+often it writes and reports, how the work is spread over processes).
 
 Each checkpoint is written into a temporary folder and renamed into place (io/atomic.py), so
 a crash mid-save leaves the previous checkpoints intact and never a half-written one. With the
@@ -32,8 +38,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..io.atomic import atomic_dir
+from ..io.atomic import atomic_dir, atomic_file
 from ..io.peft import (
+    BASE_FILE,
+    CONFIG_FILE,
     WEIGHTS_FILE,
     adapter_state_dict,
     load_adapter_weights,
@@ -42,6 +50,17 @@ from ..io.peft import (
 from .distributed import SINGLE, Ranks
 
 STATE_FILE = "trainer_state.json"
+RUN_FILE = "run_config.json"
+METRICS_FILE = "metrics.jsonl"
+# What a run writes in its output_dir besides checkpoints (all of it replaced by a fresh run).
+RUN_OUTPUTS = (METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE, BASE_FILE, "training_loss.png")
+# Config keys a resumed run may change: where and how often it saves and reports, evaluation,
+# and the processes it runs on (a checkpoint resumes on any number of ranks, either strategy).
+RESUMABLE_KEYS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "save_steps", "save_total_limit",
+    "logging_steps", "plot_loss", "eval_dataset", "eval_max_new_tokens", "strategy", "ddp_backend",
+    "ddp_timeout", "dataset_dir",
+})
 
 
 @dataclass
@@ -53,7 +72,8 @@ class TrainState:
 
 
 def save_checkpoint(
-    folder: Path, model, optimizer, scheduler, state: TrainState, base_model: str | None, ranks: Ranks = SINGLE
+    folder: Path, model, optimizer, scheduler, state: TrainState, base_model: str | None, run_config: dict,
+    ranks: Ranks = SINGLE,
 ) -> Path:
     adapter = adapter_state_dict(model)  # gathered whole: every rank calls these two
     optimizer_state = ranks.full_optimizer_state(model, optimizer)
@@ -67,6 +87,7 @@ def save_checkpoint(
                 tmp / "rng.pt",
             )
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+            (tmp / RUN_FILE).write_text(json.dumps(run_config, indent=2, default=str))
     ranks.barrier()
     return folder
 
@@ -78,6 +99,28 @@ def load_checkpoint_adapter(folder: Path, model) -> None:
         raise FileNotFoundError(f"{folder} is not a complete fourbit checkpoint: it lacks {missing}")
     with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
         load_adapter_weights(model, {k: f.get_tensor(k) for k in f.keys()}, str(folder))  # noqa: SIM118 - not a dict
+
+
+def check_same_run(folder: Path, run_config: dict) -> None:
+    """Refuse a checkpoint that another run wrote: one whose config differs from ``run_config``
+    in a key outside RESUMABLE_KEYS."""
+    path = folder / RUN_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{folder} does not record the config of the run that wrote it ({RUN_FILE}; checkpoints of fourbit "
+            "an older fourbit), so it cannot be shown to belong to this run; start afresh, or write this run's "
+            f"config there as {RUN_FILE} if you are sure it is the same run"
+        )
+    theirs = json.loads(path.read_text())
+    ours = json.loads(json.dumps(run_config, default=str))  # the same normalization as the saved file
+    differ = sorted(k for k in (theirs.keys() | ours.keys()) - RESUMABLE_KEYS if theirs.get(k) != ours.get(k))
+    if differ:
+        changes = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:5])
+        raise ValueError(
+            f"{folder} belongs to another run ({changes}{'; ...' if len(differ) > 5 else ''}): resume with that run's "
+            "config, or start this one afresh (overwrite_output_dir: true without resume_from_checkpoint removes "
+            "the old run's checkpoints)"
+        )
 
 
 def load_training_state(folder: Path, model, optimizer, scheduler, ranks: Ranks = SINGLE) -> TrainState:
@@ -110,6 +153,55 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a folder")
     return path
+
+
+def check_output_dir(output_dir: Path, resume_from_checkpoint: str | None, overwrite: bool, run_config: dict) -> Path | None:
+    """The checkpoint this run resumes from (None: it starts afresh), once shown to be this run's;
+    refuses an output_dir that holds files when neither resuming nor overwriting."""
+    resume = resolve_resume(resume_from_checkpoint, output_dir)
+    if resume is not None:
+        check_same_run(resume, run_config)
+    elif output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"output_dir {output_dir} already holds files; set overwrite_output_dir: true, or resume_from_checkpoint: latest"
+        )
+    return resume
+
+
+def tidy_output_dir(output_dir: Path, fresh: bool) -> None:
+    """What an interrupted write left in ``output_dir``, cleared before a run starts: a checkpoint
+    caught between its old and new version (atomic_dir's ``.checkpoint-N.old-*``) is put back,
+    other temporary folders and files are removed. ``fresh`` (overwrite_output_dir, no resume):
+    also the previous run's outputs, so that nothing of it is resumed or mixed into this run's
+    records; files fourbit did not write are left alone."""
+    if not output_dir.is_dir():
+        return
+    for aside in output_dir.glob(".checkpoint-*.old-*"):
+        for stranded in aside.glob("checkpoint-*"):
+            if not (output_dir / stranded.name).exists():
+                stranded.replace(output_dir / stranded.name)
+    leftovers = [*output_dir.glob(".checkpoint-*.tmp-*"), *output_dir.glob(".checkpoint-*.old-*"),
+                 *output_dir.glob(".adapter-*"), *output_dir.glob(f".{METRICS_FILE}.tmp-*")]
+    if fresh:
+        leftovers += checkpoints(output_dir) + [output_dir / name for name in RUN_OUTPUTS]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+
+def trim_metrics(output_dir: Path, step: int) -> None:
+    """Keep metrics.jsonl's records up to ``step`` (a resumed run's checkpoint): the steps after
+    it are trained again and recorded again, once."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        with atomic_file(path) as f:
+            f.write("".join(line + "\n" for line in kept))
 
 
 def rotate(output_dir: Path, keep: int | None) -> None:

@@ -69,6 +69,7 @@ class TrainConfig:
     template: str = "auto"
     cutoff_len: int = 1024
     train_on_prompt: bool = False
+    allow_truncated_answers: bool = False  # train even when cutoff_len cuts most answers' end of turn
     packing: bool = False
     # output
     output_dir: str | None = None
@@ -111,7 +112,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of key: value lines, got {type(loaded).__name__}")
         values |= loaded
@@ -136,7 +142,10 @@ def parse_overrides(overrides: list[str] | dict) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: the value is not valid YAML (quote it: {key}='...')") from None
     return out
 
 

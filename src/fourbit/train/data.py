@@ -43,7 +43,10 @@ end-of-turn token that teaches the model to stop); whatever the template writes 
 newline for ChatML) and every system/user token and assistant header is ``-100``. With
 ``train_on_prompt`` every token is trained. Rows longer than ``cutoff_len`` lose their tail; a
 row whose prompt (the tokens before the first response token) leaves no room for a response
-token is an error, never a silent drop. Labels are not shifted: transformers' causal-LM loss
+token is an error, never a silent drop. What the cut costs is counted (:class:`Truncation`):
+answers that lose tokens, and their final end-of-turn token (without which the model does not
+learn to stop); when most examples lose it, training refuses to start unless
+``allow_truncated_answers`` is set, and any loss is reported. Labels are not shifted: transformers' causal-LM loss
 compares ``logits[t]`` with ``labels[t+1]``, so ``labels[0]`` is never used.
 
 **Packing.** ``pack`` puts examples first-fit into rows of at most ``max_len`` tokens, with
@@ -346,9 +349,46 @@ def _registry_entry(name: str, entry, dataset_dir: Path) -> tuple[Path, DatasetF
 # ------------------------------------------------------------------------------ encoding
 
 
+@dataclass
+class Truncation:
+    """What cutoff_len cut from a dataset's answers."""
+
+    examples: int = 0
+    answers_cut: int = 0  # examples whose answer lost tokens
+    end_lost: int = 0  # examples whose final end-of-turn token was cut
+    answer_tokens: int = 0  # trained tokens before the cut
+    kept_tokens: int = 0  # and after it
+    longest: int = 0  # the longest example, in tokens: the cutoff_len that cuts nothing
+
+    def add(self, length: int, answer_positions: list[int], cutoff_len: int) -> None:
+        kept = sum(position < cutoff_len for position in answer_positions)
+        self.examples += 1
+        self.answers_cut += kept < len(answer_positions)
+        self.end_lost += answer_positions[-1] >= cutoff_len
+        self.answer_tokens += len(answer_positions)
+        self.kept_tokens += kept
+        self.longest = max(self.longest, length)
+
+    def summary(self, cutoff_len: int) -> str:
+        return (f"cutoff_len {cutoff_len} cuts the answers of {self.answers_cut} of {self.examples} examples "
+                f"({self.kept_tokens} of {self.answer_tokens} answer tokens are trained; {self.end_lost} examples "
+                f"lose their final end-of-turn token, so the model does not learn to stop there); the longest "
+                f"example has {self.longest} tokens")
+
+    def check(self, cutoff_len: int, allow: bool) -> str | None:
+        """Refuse training that cannot learn (most examples lose their end of turn) unless
+        ``allow``; else a warning to print when anything was cut, or None."""
+        if self.end_lost * 2 > self.examples and not allow:
+            raise ValueError(f"{self.summary(cutoff_len)}: raise cutoff_len (to {self.longest} to keep every "
+                             "answer whole), or set allow_truncated_answers: true to train anyway")
+        return self.summary(cutoff_len) if self.answers_cut else None
+
+
 def encode_conversation(tokenizer, messages: Sequence[Mapping], cutoff_len: int,
-                        train_on_prompt: bool = False, *, index: int | None = None) -> dict:
-    """``{"input_ids", "labels"}`` for one conversation; see the module docstring for the rules."""
+                        train_on_prompt: bool = False, *, index: int | None = None,
+                        truncation: Truncation | None = None) -> dict:
+    """``{"input_ids", "labels"}`` for one conversation; see the module docstring for the rules.
+    ``truncation``, when given, counts what the cut costs this conversation's answers."""
     where = f"row {index}: " if index is not None else ""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
@@ -379,6 +419,8 @@ def encode_conversation(tokenizer, messages: Sequence[Mapping], cutoff_len: int,
     if prompt_len >= cutoff_len:
         raise ValueError(f"{where}prompt of {prompt_len} tokens does not fit in cutoff_len "
                          f"{cutoff_len} with room for a response; raise cutoff_len or shorten it")
+    if truncation is not None:
+        truncation.add(len(input_ids), [k for k, label in enumerate(labels) if label != IGNORE_INDEX], cutoff_len)
     if train_on_prompt:
         labels = list(input_ids)
     input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
@@ -388,16 +430,17 @@ def encode_conversation(tokenizer, messages: Sequence[Mapping], cutoff_len: int,
 
 
 def encode_dataset(tokenizer, rows_or_messages: Sequence, cutoff_len: int,
-                   train_on_prompt: bool = False, fmt: str | DatasetFormat | None = None
-                   ) -> list[dict]:
-    """Encode raw rows (format detected unless ``fmt``) or conversations; errors name the row."""
+                   train_on_prompt: bool = False, fmt: str | DatasetFormat | None = None,
+                   truncation: Truncation | None = None) -> list[dict]:
+    """Encode raw rows (format detected unless ``fmt``) or conversations; errors name the row;
+    ``truncation`` counts what cutoff_len cut."""
     items = list(rows_or_messages)
     if not items:
         raise ValueError("dataset has no rows")
     if isinstance(items[0], Mapping):
         fmt = fmt or detect_format(items)
         items = [to_messages(row, fmt, index) for index, row in enumerate(items)]
-    return [encode_conversation(tokenizer, messages, cutoff_len, train_on_prompt, index=index)
+    return [encode_conversation(tokenizer, messages, cutoff_len, train_on_prompt, index=index, truncation=truncation)
             for index, messages in enumerate(items)]
 
 

@@ -14,6 +14,7 @@ update is applied, naming the last good checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -30,16 +31,20 @@ from ..memory import memory_report
 from ..peak_memory import measured_peak, reset_peak
 from ..nn.lora import count_parameters, lora_layers
 from .checkpoint import (
+    METRICS_FILE,
     TrainState,
+    check_output_dir,
     load_checkpoint_adapter,
     load_training_state,
-    resolve_resume,
     rotate,
     save_checkpoint,
+    tidy_output_dir,
+    trim_metrics,
 )
 from .config import TrainConfig
 from .data import (
     IGNORE_INDEX,
+    Truncation,
     batches,
     collate,
     encode_dataset,
@@ -53,6 +58,8 @@ from .estimate import estimate_memory
 from .evaluate import greedy_answers, score_answers
 from .plot import plot_loss
 from .templates import apply_template
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,22 +80,23 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     Under torchrun every rank calls this with the same config (train/distributed.py)."""
     # ---------------------------------------------------------------- setup
     ranks = init_ranks(config)
+    run_config = config.to_dict()
     with ranks.all_or_none(config):  # a bad input on any rank stops every rank, before any other collective
-        if not config.dataset:
-            raise ValueError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
         if not config.output_dir:
             raise ValueError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
         out = Path(config.output_dir)
-        resume = resolve_resume(config.resume_from_checkpoint, out)
-        if out.is_dir() and any(out.iterdir()) and resume is None and not config.overwrite_output_dir:
-            raise FileExistsError(
-                f"output_dir {out} already holds files; set overwrite_output_dir: true, or resume_from_checkpoint: latest"
-            )
+        if ranks.is_main:
+            tidy_output_dir(out, fresh=False)  # what an interrupted save left behind
+    with ranks.all_or_none(config):
+        if not config.dataset:
+            raise ValueError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
+        resume = check_output_dir(out, config.resume_from_checkpoint, config.overwrite_output_dir, run_config)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters; call fourbit.add_lora(model, ...) before training")
         ranks.check(config)
     ranks.barrier()  # every rank has looked at output_dir before rank 0 writes to it
     if ranks.is_main:
+        tidy_output_dir(out, fresh=resume is None)  # overwrite_output_dir: the old run's outputs go
         out.mkdir(parents=True, exist_ok=True)
     _seed_everything(config.seed)
 
@@ -96,7 +104,11 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     conversations = resolve_dataset(config.dataset, config.dataset_dir)
     if not conversations:
         raise ValueError(f"dataset {config.dataset!r} has no rows")
-    examples = encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt)
+    truncation = Truncation()
+    examples = encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation)
+    cut = truncation.check(config.cutoff_len, config.allow_truncated_answers)  # refuses training that cannot learn
+    if cut and ranks.is_main:
+        log.warning("%s", cut)
     if config.packing:
         examples = pack(examples, config.cutoff_len)
     eval_set = _eval_set(config) if config.eval_dataset else None
@@ -129,12 +141,17 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         state = load_training_state(resume, model, optimizer, scheduler, ranks)
 
     result = TrainResult(out, list(state.losses))
+    if resume is not None and state.step >= total_steps and ranks.is_main:
+        print(f"{resume} is the end of this run ({state.step} of {total_steps} steps): nothing left to train; "
+              "writing its adapter")
     if eval_set is not None and resume is None:
         result.eval_before = _evaluate(model, tokenizer, eval_set, config, "before training", ranks)
 
     # ---------------------------------------------------------------- train loop
     model.train()
-    metrics = open(out / "metrics.jsonl", "a" if resume else "w") if ranks.is_main else None  # noqa: SIM115 - closed in finally
+    if resume is not None and ranks.is_main:
+        trim_metrics(out, state.step)  # steps recorded after the checkpoint are trained, and recorded, again
+    metrics = open(out / METRICS_FILE, "a" if resume else "w") if ranks.is_main else None  # noqa: SIM115 - closed in finally
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not ranks.is_main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -184,7 +201,8 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
                                      lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if state.step % config.save_steps == 0 or state.step == total_steps:
                 last_checkpoint = save_checkpoint(
-                    out / f"checkpoint-{state.step}", model, optimizer, scheduler, state, _base_name(model), ranks
+                    out / f"checkpoint-{state.step}", model, optimizer, scheduler, state, _base_name(model), run_config,
+                    ranks,
                 )
                 if ranks.is_main:
                     rotate(out, config.save_total_limit)

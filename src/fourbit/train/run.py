@@ -15,10 +15,13 @@ import torch
 
 from ..io.loader import load_model
 from ..nn.lora import add_lora
+from .checkpoint import check_output_dir
 from .config import TrainConfig, load_config
+from .data import Truncation, encode_dataset, resolve_dataset
 from .default_task import write_default_dataset
 from .distributed import init_ranks
 from .recipe import TrainResult, train
+from .templates import apply_template
 
 DEFAULT_OUTPUT_DIR = "fourbit-output/smollm2-default-task"
 DEFAULT_RUN = {
@@ -44,6 +47,8 @@ def run(config: TrainConfig) -> TrainResult:
     """Load ``config.model_name_or_path`` quantized, wrap it with LoRA, and train it (under
     torchrun: on this rank's device, see train/distributed.py)."""
     ranks = init_ranks(config)
+    with ranks.all_or_none(config):
+        preflight(config)  # before the model loads: a bad dataset or output_dir fails in a second, not minutes
     model, tokenizer = load_model(
         config.model_name_or_path,
         quantization=config.quantization_type if config.quantization_bit == 4 else None,
@@ -59,6 +64,28 @@ def run(config: TrainConfig) -> TrainResult:
     add_lora(model, r=config.lora_rank, alpha=config.alpha, target=config.targets, dropout=config.lora_dropout,
              use_rslora=config.use_rslora, use_dora=config.use_dora, verbose=ranks.is_main)
     return train(model, tokenizer, config)
+
+
+def preflight(config: TrainConfig, tokenizer=None) -> str | None:
+    """The run's inputs checked without loading the model: the dataset files and their rows,
+    output_dir and the checkpoint to resume. With the model's ``tokenizer`` (cheap to load on
+    its own) also the encoding: every row, and what cutoff_len cuts (returned as a warning to
+    print, or refused when it leaves most answers without their end of turn)."""
+    if not config.dataset:
+        raise ValueError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
+    if not config.output_dir:
+        raise ValueError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
+    conversations = resolve_dataset(config.dataset, config.dataset_dir)
+    if config.eval_dataset:
+        resolve_dataset(config.eval_dataset, config.dataset_dir)
+    check_output_dir(Path(config.output_dir), config.resume_from_checkpoint, config.overwrite_output_dir,
+                     config.to_dict())
+    if tokenizer is None:
+        return None
+    apply_template(tokenizer, config.template)
+    truncation = Truncation()
+    encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation)
+    return truncation.check(config.cutoff_len, config.allow_truncated_answers)
 
 
 def default_config(overrides: list[str] | None = None, write_data: bool = True) -> TrainConfig:
