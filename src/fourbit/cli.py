@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from .quant.blockwise import BLOCKSIZES
 
@@ -77,11 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="bfloat16", help="bf16 (default), fp16 or fp32: dtype of the merged weights")
     g.add_argument("--requantize", choices=["nf4", "fp4"], default=None,
                    help="write a bnb-4bit folder instead, and print the error that adds")
-    g.add_argument("--base-quantization", default="nf4", choices=["nf4", "fp4", "int4", "none"],
-                   help="how the base was quantized in training (default nf4, as `fourbit train`; none: 16-bit LoRA)")
-    g.add_argument("--blocksize", type=int, default=64, help="the base's quantization block size in training")
-    g.add_argument("--no-double-quant", dest="double_quant", action="store_false",
-                   help="the base was trained without double quantization")
+    g.add_argument("--base-quantization", default=None, choices=["nf4", "fp4", "int4", "none"],
+                   help="how the base was quantized in training (default: what the adapter's training_base.json "
+                        "records, else nf4 as `fourbit train`; none: 16-bit LoRA)")
+    g.add_argument("--blocksize", type=int, default=None, help="the base's quantization block size in training (default: recorded)")
+    g.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
+                   help="the base was trained without double quantization (default: recorded)")
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     g.set_defaults(run=_merge)
 
@@ -182,16 +184,32 @@ def _train(args) -> None:
     from .train.config import load_config
     from .train.distributed import destroy
     from .train.estimate import estimate_memory
-    from .train.run import default_config, run
+    import dataclasses
+    import tempfile
+
+    from .io.sources import open_source
+    from .train.default_task import write_default_dataset
+    from .train.run import default_config, preflight, run
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None
     config = load_config(args.config, args.overrides)
-    if args.config is None and config.dataset is None:
+    builtin = args.config is None and config.dataset is None  # the built-in run on the generated task
+    if builtin:
         config = default_config(args.overrides, write_data=not args.dry_run)
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
         print(estimate_memory(config).format())
+        # the inputs, checked as the run checks them (the tokenizer loads without the weights); the
+        # built-in task's data, written only when the run starts, is checked from a scratch copy
+        tokenizer = open_source(config.model_name_or_path).tokenizer()
+        with tempfile.TemporaryDirectory() as scratch:
+            checked = config
+            if builtin and not Path(config.dataset).exists():
+                train_file, eval_file = write_default_dataset(Path(scratch))
+                checked = dataclasses.replace(config, dataset=str(train_file), eval_dataset=str(eval_file))
+            cut = preflight(checked, tokenizer)
+        print(f"warning: {cut}" if cut else "dataset, output_dir and cutoff_len checked: the run can start")
         return
     result = run(config)
     destroy()  # leave torchrun's process group, if this process joined one
@@ -205,12 +223,32 @@ def _train(args) -> None:
 def _quantize(args) -> None:
     from .io.checkpoint import save_quantized
 
+    _check_output(args.output, args.overwrite, args.source)  # before the work, not after it
     if args.method in ("gptq", "awq", "rtn", "int8"):
         return _quantize_post_training(args)
     model, tokenizer, seconds = _load(args, args.method)
     path = save_quantized(model, tokenizer, args.output, overwrite=args.overwrite)
     print(f"quantized {args.source} to {args.method} (block {args.blocksize}, "
           f"double quant {'on' if args.double_quant else 'off'}) in {seconds:.1f} s -> {path}")
+
+
+def _tokenizer_of(source):
+    """The model's tokenizer alone (without loading the weights), or a one-line error."""
+    from .io.sources import open_source
+
+    tokenizer = open_source(source).tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer files; this command needs one to read text")
+    return tokenizer
+
+
+def _check_output(output, overwrite: bool, *sources) -> None:
+    """An output folder that exists without --overwrite, or that is or holds an input, refused up front."""
+    from .io.atomic import check_output_apart
+
+    check_output_apart(output, *sources)
+    if Path(output).exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; choose another output folder or pass --overwrite")
 
 
 def _quantize_post_training(args) -> None:
@@ -229,11 +267,11 @@ def _quantize_post_training(args) -> None:
 
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(args.source, quantization=None, torch_dtype="float32", device=device)
-    if args.method in ("gptq", "awq"):
-        ids, origin = calibration_tokens(tokenizer, args.calibration, args.calibration_tokens, args.seq_len,
-                                         args.method.upper())
+    if args.method in ("gptq", "awq"):  # read before the model loads: a bad file fails in a second
+        ids, origin = calibration_tokens(_tokenizer_of(args.source), args.calibration, args.calibration_tokens,
+                                         args.seq_len, args.method.upper())
         print(f"calibration: {origin}", flush=True)
+    model, tokenizer = load_model(args.source, quantization=None, torch_dtype="float32", device=device)
     if args.method == "awq":
         report = quantize_model_awq(model, ids, args.bits, args.group_size, progress=True)
         done = f"{report.format()}; 4-bit, group {args.group_size}, asym"
@@ -283,12 +321,12 @@ def _memory(args) -> None:
 
 
 def _merge(args) -> None:
-    from .io.merge import merge_adapter
+    from .io.merge import RECORDED, merge_adapter
 
     start = time.perf_counter()
+    quantization = {None: RECORDED, "none": None}.get(args.base_quantization, args.base_quantization)
     report = merge_adapter(
-        args.base, args.adapter, args.output, dtype=args.dtype,
-        base_quantization=None if args.base_quantization == "none" else args.base_quantization,
+        args.base, args.adapter, args.output, dtype=args.dtype, base_quantization=quantization,
         double_quant=args.double_quant, blocksize=args.blocksize, requantize=args.requantize, overwrite=args.overwrite,
     )
     print(report.format())
@@ -339,28 +377,29 @@ def _serve(args) -> None:
 
 def _eval(args) -> None:
     from .io.loader import load_model
-    from .io.peft import load_adapter
+    from .io.peft import load_adapter, read_adapter_config
     from .perplexity import perplexity, read_text_tokens
 
-    model, tokenizer = load_model(args.source, quantization=None if args.quantization == "none" else args.quantization)
+    ids = read_text_tokens(_tokenizer_of(args.source), args.perplexity)  # before the model: a bad file fails at once
+    if args.adapter:
+        read_adapter_config(args.adapter)
+    model, _ = load_model(args.source, quantization=None if args.quantization == "none" else args.quantization)
     if args.adapter:
         load_adapter(model, args.adapter)
-    if tokenizer is None:
-        raise ValueError(f"{args.source} has no tokenizer to read {args.perplexity} with")
-    result = perplexity(model, read_text_tokens(tokenizer, args.perplexity), args.context, args.stride)
+    result = perplexity(model, ids, args.context, args.stride)
     print(f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}{' + ' + args.adapter if args.adapter else ''}: "
           f"{result.format()}")
 
 
 def _compare(args) -> None:
     from .compare import compare, format_table, text_ids
-    from .io.sources import open_source
     from .train.plot import COLOURS, plot_points
 
-    tokenizer = open_source(args.source).tokenizer()
-    if tokenizer is None:
-        raise ValueError(f"{args.source} has no tokenizer to score text with")
-    ids, origin = text_ids(tokenizer, args.perplexity)
+    if args.plot:
+        from .io.atomic import check_output_apart
+
+        check_output_apart(args.plot, args.source, args.perplexity, args.calibration)
+    ids, origin = text_ids(_tokenizer_of(args.source), args.perplexity)
     print(f"perplexity on {origin} ({len(ids)} tokens, context {args.context})", flush=True)
     rows = compare(args.source, [m.strip() for m in args.methods.split(",") if m.strip()], ids, args.group_size,
                    args.context, args.calibration, args.calibration_tokens, log=lambda line: print(line, flush=True))
@@ -376,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, TypeError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ConnectionError,
+            FloatingPointError) as e:
+        # bad input, named in one line; anything else is a fault of fourbit's and keeps its traceback
         print(f"fourbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
