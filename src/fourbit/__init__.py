@@ -6,6 +6,7 @@
 """
 
 from .io.checkpoint import save_quantized
+from .io.hf_quantizer import FourbitConfig, NF4Config
 from .io.loader import load_model
 from .io.peft import load_adapter, save_adapter
 from .kernels.dequantize import dequantize_4bit
@@ -17,6 +18,6 @@ from .train.recipe import train
 
 __version__ = "0.1.0"
 __all__ = [
-    "Linear4bit", "QuantState", "TrainConfig", "add_lora", "dequantize_4bit", "load_adapter", "load_config",
+    "FourbitConfig", "Linear4bit", "NF4Config", "QuantState", "TrainConfig", "add_lora", "dequantize_4bit", "load_adapter", "load_config",
     "load_model", "quantize_4bit", "save_adapter", "save_quantized", "train",
 ]

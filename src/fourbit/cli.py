@@ -255,50 +255,27 @@ def _quantize_post_training(args) -> None:
     """gptq, rtn (GPTQ v1 folders), awq (AWQ GEMM folders) and int8 (transformers' 8-bit folders) from a dense model."""
     import torch
 
-    from .io.awq import awq_quantization_config
     from .io.checkpoint import save_quantized
-    from .io.gptq import gptq_quantization_config
-    from .io.loader import int8_quantization_config, load_model
-    from .nn.linear8bit import Linear8bit
+    from .io.loader import load_model
     from .precision import parse_dtype
-    from .quant.awq_model import quantize_model_awq
+    from .ptq import CALIBRATED, quantize_dense
     from .quant.calibration import calibration_tokens
-    from .quant.gptq_model import quantize_model_gptq, quantize_model_rtn
 
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.method in ("gptq", "awq"):  # read before the model loads: a bad file fails in a second
+    ids = None
+    if args.method in CALIBRATED:  # read before the model loads: a bad file fails in a second
         ids, origin = calibration_tokens(_tokenizer_of(args.source), args.calibration, args.calibration_tokens,
                                          args.seq_len, args.method.upper())
         print(f"calibration: {origin}", flush=True)
     model, tokenizer = load_model(args.source, quantization=None, torch_dtype="float32", device=device)
-    if args.method == "awq":
-        report = quantize_model_awq(model, ids, args.bits, args.group_size, progress=True)
-        done = f"{report.format()}; 4-bit, group {args.group_size}, asym"
-    elif args.method == "gptq":
-        report = quantize_model_gptq(model, ids, args.bits, args.group_size, not args.asym, args.act_order, args.damp,
-                                     progress=True)
-        done = f"{report.format()}; {args.bits}-bit, group {args.group_size}, {'asym' if args.asym else 'sym'}"
-    elif args.method == "rtn":
-        count = quantize_model_rtn(model, args.bits, args.group_size, not args.asym)
-        done = f"round-to-nearest: {count} linear layers; {args.bits}-bit, group {args.group_size}"
-    else:
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
-        for name, linear in layers:
-            model.set_submodule(name, Linear8bit.from_linear(linear, args.threshold))
-        done = f"LLM.int8(): {len(layers)} linear layers, outlier threshold {args.threshold}"
+    done = quantize_dense(model, args.method, ids, args.bits, args.group_size, not args.asym,
+                          args.act_order and args.method == "gptq", args.damp, args.threshold, progress=True)
     dtype = parse_dtype(args.dtype)
     model.to(dtype)  # the unquantized weights; quantized layers keep their stored types
     for module in model.modules():
         if hasattr(module, "qweight"):
             module.compute_dtype = dtype
-    if args.method == "int8":
-        model.config.quantization_config = int8_quantization_config(args.threshold)
-    elif args.method == "awq":
-        model.config.quantization_config = awq_quantization_config(args.group_size)
-    else:
-        model.config.quantization_config = gptq_quantization_config(
-            args.bits, args.group_size, not args.asym, args.act_order and args.method == "gptq", args.damp)
     path = save_quantized(model, tokenizer, args.output, overwrite=args.overwrite)
     print(f"{done} in {time.perf_counter() - start:.1f} s -> {path}")
 

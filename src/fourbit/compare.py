@@ -37,20 +37,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io.awq import awq_quantization_config
 from .io.checkpoint import save_quantized
-from .io.gptq import gptq_quantization_config
-from .io.loader import int8_quantization_config, load_model
-from .nn.linear8bit import Linear8bit
+from .io.loader import load_model
 from .nn.lora import QUANTIZED_LINEAR_TYPES
 from .perplexity import perplexity, read_text_tokens
 from .precision import native_bf16
-from .quant.awq_model import quantize_model_awq
+from .ptq import CALIBRATED, quantize_dense
 from .quant.calibration import calibration_tokens
 from .reference_text import describe, documentation_topics
-from .quant.gptq_model import quantize_model_gptq, quantize_model_rtn
 
 METHODS = ("bf16", "nf4", "nf4-dq", "fp4", "int4-rtn", "gptq", "awq", "int8")
+PTQ_METHOD = {"int4-rtn": "rtn", "gptq": "gptq", "awq": "awq", "int8": "int8"}  # ptq.py's names
 
 
 @dataclass
@@ -97,29 +94,18 @@ def _build(source, method, group_size, calibration, n_tokens, log):
     if method == "bf16":
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
-    elif method == "int4-rtn":
-        quantize_model_rtn(model, 4, group_size, sym=True)
-        model.config.quantization_config = gptq_quantization_config(4, group_size, True, False, 0.01)
-    elif method in ("gptq", "awq"):
+        return model, tokenizer
+    ids = None
+    if method in CALIBRATED:
         ids, origin = calibration_tokens(tokenizer, calibration, n_tokens, method=method.upper())
         log(f"{method} calibration: {origin}")
-        if method == "gptq":
-            quantize_model_gptq(model, ids, 4, group_size, sym=True)
-            model.config.quantization_config = gptq_quantization_config(4, group_size, True, False, 0.01)
-        else:
-            quantize_model_awq(model, ids, 4, group_size)
-            model.config.quantization_config = awq_quantization_config(group_size)
-    elif method == "int8":
-        for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                             and not n.endswith("lm_head")]:
-            model.set_submodule(name, Linear8bit.from_linear(linear))
-        model.config.quantization_config = int8_quantization_config()
+    quantize_dense(model, PTQ_METHOD[method], ids, 4, group_size)
     return model, tokenizer
 
 
 def _for_eval(model, method):
     if method == "bf16" and not native_bf16("cpu"):
-        return model.float()  # the bf16-rounded weights, computed in float32
+        return model.to(torch.float32)  # the bf16-rounded weights, computed in float32
     return model
 
 

@@ -1,6 +1,6 @@
 """Memory report: where a loaded model's bytes are, measured from its actual tensors.
 
-For the quantized linears, per weight of n parameters in blocks of B (nested blocks of 256):
+For the quantized linears (and 4-bit MoE experts, per expert matrix), per weight of n parameters in blocks of B (nested blocks of 256):
 
     4-bit codes        n / 2 bytes                               4 bits / parameter
     absmax             4 n/B bytes (1 n/B with double quant)     32/B   (8/B)
@@ -67,16 +67,24 @@ def memory_report(model: nn.Module) -> MemoryReport:
         seen.add(key)
         return True
 
+    def add_4bit(codes: torch.Tensor, state) -> None:
+        report.quantized_params += state.numel
+        rows["4-bit codes"] += _nbytes(codes)
+        rows["absmax"] += _nbytes(state.absmax)
+        rows["code tables"] += _nbytes(state.code)
+        if state.nested is not None:
+            rows["nested absmax + offset"] += _nbytes(state.nested.absmax) + _nbytes(state.nested.offset)
+            rows["code tables"] += _nbytes(state.nested.code)
+
     for module in model.modules():
+        experts = getattr(module, "experts_4bit", {})  # MoE weights, one state per expert (nn/experts4bit.py)
+        for name, states in experts.items():
+            codes = module._parameters[name]
+            first_time(codes)
+            for expert, state in enumerate(states):
+                add_4bit(codes[expert], state)
         if isinstance(module, Linear4bit) and module.quant_state is not None:
-            state = module.quant_state
-            report.quantized_params += state.numel
-            rows["4-bit codes"] += _nbytes(module.weight)
-            rows["absmax"] += _nbytes(state.absmax)
-            rows["code tables"] += _nbytes(state.code)
-            if state.nested is not None:
-                rows["nested absmax + offset"] += _nbytes(state.nested.absmax) + _nbytes(state.nested.offset)
-                rows["code tables"] += _nbytes(state.nested.code)
+            add_4bit(module.weight, module.quant_state)
             if module.bias is not None and first_time(module.bias):
                 other += _nbytes(module.bias)
                 report.other_params += module.bias.numel()

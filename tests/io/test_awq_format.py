@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fourbit.io.awq import awq_quantization_config, pack_awq, unpack_awq
+from fourbit.formats import AWQ
+from fourbit.io.awq import pack_awq, unpack_awq
 from fourbit.io.gptq import pack_gptq, unpack_gptq
 from fourbit.quant.groupwise import GroupQuant, quantize_rtn
 
@@ -68,5 +69,5 @@ def test_what_the_layout_cannot_hold_is_named():
 
 
 def test_config_is_the_transformers_form():
-    assert awq_quantization_config(128) == {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4,
+    assert AWQ.quantization_config(128) == {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4,
                                             "version": "gemm", "modules_to_not_convert": None}

@@ -10,9 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import fourbit.io.loader as loader
 from fourbit import Linear4bit, load_model
-from fourbit.io.sources import open_source
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -102,49 +100,26 @@ def test_16bit_remainder_and_bf16_compute(tiny_llama):
 
 
 def test_loading_streams_one_tensor_at_a_time(tiny_llama, monkeypatch):
-    """Peak memory is the quantized model plus one layer: no dense tensor outlives its turn."""
+    """Peak memory is the quantized model plus one layer: each dense linear weight is quantized as
+    it arrives and dropped, never two of them alive at once."""
     folder, _ = tiny_llama
-    alive: list[weakref.ref] = []
+    seen: list[weakref.ref] = []
     most_alive = 0
+    real = Linear4bit.quantize_
 
-    class Tracking:
-        def __init__(self, source):
-            self.source = source
+    def watched(self, weight, name="weight"):
+        nonlocal most_alive
+        gc.collect()
+        most_alive = max(most_alive, sum(r() is not None for r in seen))  # earlier dense weights still alive
+        seen.append(weakref.ref(weight))
+        return real(self, weight, name)
 
-        def __getattr__(self, name):
-            return getattr(self.source, name)
-
-        def tensors(self):
-            nonlocal most_alive
-            for name, load in self.source.tensors():
-                def tracked(load=load, name=name):
-                    nonlocal most_alive
-                    read.append(name)
-                    gc.collect()
-                    still = [r for r in alive if r() is not None and r().is_floating_point()
-                             and r().numel() >= 64 * 64 and r().data_ptr() not in kept]
-                    most_alive = max(most_alive, len(still))
-                    tensor = load()
-                    alive.append(weakref.ref(tensor))
-                    return tensor
-                yield name, tracked
-
-    kept: set[int] = set()
-    read: list[str] = []
-    monkeypatch.setattr(loader, "open_source", lambda path: Tracking(open_source(path)))
+    monkeypatch.setattr(Linear4bit, "quantize_", watched)
     model, _ = load_model(folder, compute_dtype="float32")
-    # Dense tensors the model keeps (embeddings, lm_head) are allowed to stay alive.
-    kept.update(p.data_ptr() for p in model.parameters() if p.is_floating_point())
     gc.collect()
-    leaked = [r() for r in alive if r() is not None and r().is_floating_point() and r().data_ptr() not in kept
-              and r().numel() >= 64 * 64]
-    assert leaked == []
-    # At the moment each tensor is read, at most the embedding (kept by the model, but read
-    # before `kept` is known) is alive besides it: never a second linear weight.
-    assert most_alive <= 1
-    # Every tensor of the checkpoint came through the tracked reader, once: the checks above
-    # watched the whole load, not a reader the loader bypassed.
-    assert sorted(read) == sorted(load_file(folder / "model.safetensors"))
+    assert most_alive == 0 and all(r() is None for r in seen)
+    # every linear weight came through the quantizer as it was read: the check watched the whole load
+    assert len(seen) == sum(isinstance(m, Linear4bit) for m in model.modules()) == 2 * len(LINEARS)
 
 
 @pytest.mark.parametrize("bnb_layer_shapes", ["aligned", "partial"], indirect=True)
@@ -341,3 +316,20 @@ def test_a_truncated_safetensors_file_is_named(tiny_llama, tmp_path):
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
     with pytest.raises(ValueError, match=r"broken/model.safetensors is not a readable safetensors file .* truncated"):
         load_model(broken)
+
+
+def test_transformers_loads_through_fourbits_quantizer_and_saves_and_reads_it_back(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import fourbit
+
+    folder, _ = tiny_llama
+    ours, _ = load_model(folder, compute_dtype="float32", torch_dtype="float32")
+    theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=fourbit.NF4Config(), dtype=torch.float32)
+    assert sum(isinstance(m, Linear4bit) for m in theirs.modules()) == 2 * len(LINEARS)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ours(ids).logits)  # the same quantizer, the same bytes
+        theirs.save_pretrained(tmp_path / "saved")  # transformers' own save: the config names fourbit's layout
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+        assert torch.equal(again(ids).logits, ours(ids).logits)

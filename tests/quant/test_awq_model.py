@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fourbit
-from fourbit.io.awq import awq_quantization_config
+from fourbit.formats import AWQ
 from fourbit.nn import AWQLinear
 from fourbit.quant.awq_model import quantize_model_awq
 from fourbit.quant.gptq_model import quantize_model_rtn
@@ -81,7 +81,7 @@ def test_a_norm_that_does_not_scale_by_its_weight_is_refused(make_tiny_llama, tm
 def test_an_awq_folder_round_trips_through_load_model(make_tiny_llama, tmp_path):
     model = make_tiny_llama(tmp_path / "m", seed=5, num_key_value_heads=4)
     quantize_model_awq(model, tokens(16, 32, seed=0), group_size=32)
-    model.config.quantization_config = awq_quantization_config(32)
+    model.config.quantization_config = AWQ.quantization_config(32)
     fourbit.save_quantized(model, None, tmp_path / "awq")
     config = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
     assert config == {"quant_method": "awq", "zero_point": True, "group_size": 32, "bits": 4, "version": "gemm",

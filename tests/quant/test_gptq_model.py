@@ -54,11 +54,11 @@ def test_a_gptq_folder_round_trips_through_load_model(make_tiny_llama, tmp_path)
     import json
 
     import fourbit
-    from fourbit.io.gptq import gptq_quantization_config
+    from fourbit.formats import GPTQ
 
     model = make_tiny_llama(tmp_path / "m", seed=5)
     quantize_model_gptq(model, tokens(16, 32, seed=0), bits=4, group_size=32, act_order=True)
-    model.config.quantization_config = gptq_quantization_config(4, 32, True, True, 0.01)
+    model.config.quantization_config = GPTQ.quantization_config(4, 32, True, True, 0.01)
     fourbit.save_quantized(model, None, tmp_path / "gptq")
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["desc_act"] is True

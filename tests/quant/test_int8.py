@@ -83,13 +83,13 @@ def test_an_8bit_folder_round_trips_through_load_model(make_tiny_llama, tmp_path
     import json
 
     import fourbit
-    from fourbit.io.loader import int8_quantization_config
+    from fourbit.formats import INT8
 
     model = make_tiny_llama(tmp_path / "m", seed=4)
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, nn.Linear):
             model.model.layers.set_submodule(name, Linear8bit.from_linear(module))
-    model.config.quantization_config = int8_quantization_config()
+    model.config.quantization_config = INT8.quantization_config()
     fourbit.save_quantized(model, None, tmp_path / "int8")
     config = json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]
     assert config["load_in_8bit"] is True and config["llm_int8_threshold"] == 6.0

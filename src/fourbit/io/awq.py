@@ -81,9 +81,3 @@ def _pack_outputs(values: torch.Tensor) -> torch.Tensor:
 def _unpack_outputs(words: torch.Tensor) -> torch.Tensor:
     """[rows, out / 8] words -> [rows, out] codes (int64), output 8c + k from slot AWQ_REVERSE_ORDER[k]."""
     return unpack_words(words, BITS)[..., list(AWQ_REVERSE_ORDER)].reshape(words.shape[0], -1)
-
-
-def awq_quantization_config(group_size: int) -> dict:
-    """config.json ``quantization_config`` of an AWQ GEMM folder, as AutoAWQ and transformers write it."""
-    return {"quant_method": "awq", "zero_point": True, "group_size": group_size, "bits": BITS, "version": "gemm",
-            "modules_to_not_convert": None}

@@ -28,6 +28,7 @@ converted once and saved with `save_pretrained` under `cache_dir()/configs/<stem
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -190,6 +191,47 @@ def gguf_tokenizer(path: str | os.PathLike):
         from_pretrained(AutoTokenizer, path.parent, gguf_file=path.name, what=str(path)).save_pretrained(folder)
 
     return from_pretrained(AutoTokenizer, _converted_once("tokenizers", path, convert), what=f"the tokenizer of {path}")
+
+
+SHARD_BYTES = 2**30  # safetensors shards of the converted folder: what is held while converting
+
+
+def gguf_folder(path: str | os.PathLike) -> Path:
+    """The GGUF file as a Hugging Face folder (config.json, float32 safetensors shards with an
+    index, tokenizer files), converted once into fourbit's cache, for transformers to load.
+
+    Streaming: tensors are dequantized one at a time and written in shards of SHARD_BYTES, so
+    the conversion holds one shard, never the dense model. The cache costs the dense float32
+    model on disk (SmolLM2-135M: 0.54 GB), once per file."""
+    from safetensors.torch import save_file
+
+    path = Path(path).resolve()
+
+    def convert(folder: Path) -> None:
+        config = gguf_config(path)
+        config.save_pretrained(folder)
+        gguf_tokenizer(path).save_pretrained(folder)
+        weight_map, shard, size, count, total = {}, {}, 0, 0, 0
+
+        def flush() -> None:
+            nonlocal shard, size, count
+            if shard:
+                count += 1
+                name = f"model-{count:05d}.safetensors"
+                save_file(shard, folder / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+                shard, size = {}, 0
+
+        for name, load in iter_gguf_tensors(path, config):
+            tensor = load().contiguous()
+            if size and size + tensor.nbytes > SHARD_BYTES:
+                flush()
+            shard[name], size, total = tensor, size + tensor.nbytes, total + tensor.nbytes
+        flush()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    return _converted_once("models", path, convert)
 
 
 def _converted_once(kind: str, path: Path, convert: Callable[[Path], None]) -> Path:

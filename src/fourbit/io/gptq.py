@@ -59,12 +59,3 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int) -> GroupQuant:
     zeros = (unpack_words(qzeros, bits).reshape(qzeros.shape[0], -1) + 1) & maxq  # [groups, out]
     return GroupQuant(codes.to(torch.uint8).contiguous(), tensors["scales"].T.float().contiguous(),
                       zeros.T.to(torch.int32).contiguous(), tensors["g_idx"].to(torch.int32), bits)
-
-
-def gptq_quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, damp: float) -> dict:
-    """config.json ``quantization_config`` for a GPTQ v1 folder, as transformers' GPTQConfig and
-    AutoGPTQ's quantize_config.json name the settings (within-layer order: not true-sequential)."""
-    return {
-        "quant_method": "gptq", "bits": bits, "group_size": group_size, "damp_percent": damp, "desc_act": act_order,
-        "sym": sym, "true_sequential": False, "static_groups": False, "checkpoint_format": "gptq", "format": "gptq",
-    }

@@ -34,13 +34,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn.experts4bit import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
+from ..nn.experts4bit import dequantize_experts_
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import QUANTIZED_LINEAR_TYPES, LoRALinear, dense_weight, lora_layers
 from ..precision import DTYPES, parse_dtype
 from ..train.templates import end_of_turn_ids
 from .atomic import atomic_dir, check_output_apart
 from .checkpoint import save_quantized
-from .loader import SKIP_MODULES, bnb_quantization_config, load_model
+from ..formats import BNB_4BIT
+from .hf_quantizer import SKIP_MODULES
+from .loader import load_model
 from .peft import load_adapter, read_adapter_config, read_training_base
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")  # or bf16, fp16, fp32
@@ -123,6 +127,8 @@ def merge_adapter(
     for name, module in list(model.named_modules()):
         if isinstance(module, QUANTIZED_LINEAR_TYPES):
             model.set_submodule(name, _dense_linear(module.dequantize(torch.float32), module.bias))
+        elif hasattr(module, "experts_4bit"):  # 4-bit MoE experts: their dense 3-D weights again
+            dequantize_experts_(module, torch.float32)
     _drop_fourbit_attributes(model)
     _set_generation_eos(model, tokenizer)
 
@@ -140,7 +146,7 @@ def merge_adapter(
         _requantize(model, requantize, double_quant, blocksize)  # from the float32 W'
         requantized_error = _relative_error(_logits(model, probe), reference)
         model.to(out_dtype)  # the unquantized weights; the 4-bit layers keep their bytes
-        model.config.quantization_config = bnb_quantization_config(requantize, double_quant, out_dtype)
+        model.config.quantization_config = BNB_4BIT.quantization_config(requantize, double_quant, out_dtype)
         save_quantized(model, tokenizer, output, overwrite=overwrite)
     return MergeReport(Path(output), base_note, len(layers), out_dtype, requantize, probe.shape[1], merged_error,
                        requantized_error)
@@ -192,9 +198,14 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def _drop_fourbit_attributes(model: nn.Module) -> None:
-    """What load_model/add_lora put on the model that a plain transformers model has not."""
-    for attr in ("lora_settings",):
-        model.__dict__.pop(attr, None)
+    """What load_model/add_lora (and transformers, for a quantized load) put on the model that a
+    plain transformers model has not: the merged model is a dense one."""
+    model.__dict__.pop("lora_settings", None)
+    if getattr(model.config, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION:
+        model.set_experts_implementation("eager")  # the dense experts' own forward
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # transformers' own undoing of a quantized load
+    model.config._is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

@@ -70,6 +70,10 @@ class Source(abc.ABC):
     def tokenizer(self):
         """The model's tokenizer, or None where the source has none."""
 
+    @abc.abstractmethod
+    def hf_folder(self) -> Path:
+        """A Hugging Face folder of the model (config.json, safetensors) that transformers loads."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"
 
@@ -120,6 +124,9 @@ class SafetensorsSource(Source):
         from transformers import AutoTokenizer
 
         return from_pretrained(AutoTokenizer, self.folder, what=f"the tokenizer in {self.folder}")
+
+    def hf_folder(self) -> Path:
+        return self.folder
 
 
 def _read_json(path: Path) -> dict:
@@ -191,6 +198,9 @@ class GGUFSource(Source):
 
     def tokenizer(self):
         return gguf_io.gguf_tokenizer(self.path)
+
+    def hf_folder(self) -> Path:
+        return gguf_io.gguf_folder(self.path)  # converted once, into fourbit's cache
 
 
 def open_source(path_or_id: str | os.PathLike | None) -> Source:

@@ -177,6 +177,8 @@ class Linear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.quant_state is None:  # an empty shell (a model being loaded): its weight alone
+            return
         for key, tensor in self._state().to_dict().items():
             destination[f"{prefix}weight.{key}"] = tensor
 
