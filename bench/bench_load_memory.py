@@ -99,7 +99,9 @@ def main() -> None:
     if args.synthetic:
         args.source, dtype = make_synthetic(), "bfloat16"
 
-    print(f"# {date.today()}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
+    from fourbit.precision import cpu_kind
+
+    print(f"# {date.today()}  {platform.processor() or platform.machine()} ({cpu_kind()})  torch {torch.__version__}  "
           f"transformers {transformers.__version__}  source: {args.source or 'SmolLM2-135M-Instruct (embedded GGUF)'}")
     rows = []
     for mode in MODES:

@@ -193,7 +193,7 @@ def gguf_tokenizer(path: str | os.PathLike):
     return from_pretrained(AutoTokenizer, _converted_once("tokenizers", path, convert), what=f"the tokenizer of {path}")
 
 
-SHARD_BYTES = 2**30  # safetensors shards of the converted folder: what is held while converting
+SHARD_BYTES = 2**28  # safetensors shards of the converted folder: what is held while converting
 
 
 def gguf_folder(path: str | os.PathLike) -> Path:

@@ -143,8 +143,12 @@ def _check_loaded(model: nn.Module, info: dict, source) -> None:
     for name, module in model.named_modules():
         if isinstance(module, Linear8bit) and layout_error(module.weight_format):
             raise ValueError(f"{name}.{layout_error(module.weight_format)}")
-    for name, tensor in model.state_dict().items():
-        check_finite(f"{name}", tensor)  # norms, embeddings, stored constants: what no quantizer looked at
+    # Norms, embeddings, lm_head, biases: what no quantizer looked at (the linear weights and stored
+    # constants were checked as they arrived). Parameters and buffers only: a state_dict would
+    # build every layer's quantization constants anew.
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            check_finite(name, tensor)
 
 
 @contextlib.contextmanager
