@@ -289,3 +289,27 @@ def test_smollm2_tokenizer_is_cached(cache, monkeypatch):
     prompt = second.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" in prompt
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_a_gguf_loads_quantized_and_computes_its_model(arch, tmp_path):
+    # llama, and two other architectures (qwen2's Q/K/V biases, qwen3's q/k norms): converted once
+    # into a cached folder, then loaded by transformers with fourbit's quantizer.
+    import copy
+
+    from fourbit import Linear4bit, load_model
+
+    model = tiny_model(arch)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_tiny_gguf(path, model, arch)
+    ours, tokenizer = load_model(path, quantization="nf4", compute_dtype="float32", torch_dtype="float32")
+    assert tokenizer is None  # the tiny file holds weights alone
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
+    assert len(layers) == 7 * model.config.num_hidden_layers
+    twin = copy.deepcopy(model)  # the model the file was written from, holding the dequantized weights
+    with torch.no_grad():
+        for name, layer in layers.items():
+            twin.get_submodule(name).weight.copy_(layer.dequantize(torch.float32))
+        ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        # Same float32 weights (F32 in the file), same operations: float32 summation order only.
+        torch.testing.assert_close(ours(ids).logits, twin(ids).logits, rtol=1e-5, atol=1e-5)

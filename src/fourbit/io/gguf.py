@@ -210,7 +210,8 @@ def gguf_folder(path: str | os.PathLike) -> Path:
     def convert(folder: Path) -> None:
         config = gguf_config(path)
         config.save_pretrained(folder)
-        gguf_tokenizer(path).save_pretrained(folder)
+        if "tokenizer.ggml.model" in open_reader(path).fields:  # a file may hold the weights alone
+            gguf_tokenizer(path).save_pretrained(folder)
         weight_map, shard, size, count, total = {}, {}, 0, 0, 0
 
         def flush() -> None:

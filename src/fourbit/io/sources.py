@@ -197,6 +197,8 @@ class GGUFSource(Source):
         return gguf_io.iter_gguf_tensors(self.path, self.config)
 
     def tokenizer(self):
+        if "tokenizer.ggml.model" not in gguf_io.open_reader(self.path).fields:
+            return None  # the weights alone
         return gguf_io.gguf_tokenizer(self.path)
 
     def hf_folder(self) -> Path:
