@@ -201,3 +201,47 @@ def test_qlora_on_a_moe_model_learns_with_checkpointing_and_a_paged_8bit_optimiz
     # A fixed batch to memorize: the loss must fall to well below where the random model starts.
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(hasattr(m, "experts_4bit") for m in model.modules() if hasattr(m, "has_gate"))
+
+
+def layer_errors(dense, quantized, calibration) -> float:
+    """How far the quantized decoder layers are from the dense ones on the dense model's own layer
+    inputs: sum of |quantized layer's update - dense layer's update|^2 over the layers, relative to
+    the dense updates' (a layer's update: its output minus its input). Measured layer by layer so
+    that one layer's error does not compound through the next (on a random tiny model the logits
+    move by their own size under any 4-bit grid, which would rank methods by noise)."""
+    from fourbit.quant.layerwise import layer_calls, output
+
+    hidden, calls = layer_calls(dense, dense.model.layers, calibration, 8, "cpu")
+    error = total = 0.0
+    with torch.no_grad():
+        for index, (ours, theirs) in enumerate(zip(quantized.model.layers, dense.model.layers)):
+            for h, (args, kwargs) in zip(hidden, calls[index]):
+                want = output(theirs(h, *args, **kwargs))
+                error += (output(ours(h, *args, **kwargs)) - want).double().square().sum().item()
+                total += (want - h).double().square().sum().item()
+            hidden = [output(theirs(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls[index])]
+    return error / total
+
+
+def test_gptq_and_awq_quantize_reload_and_beat_round_to_nearest(arch, tmp_path):
+    """GPTQ and AWQ on every architecture: each writes a folder fourbit reloads to the same logits,
+    and fits the calibration tokens closer than round-to-nearest on the same grid (group 32)."""
+    from fourbit.ptq import quantize_dense
+
+    name, folder, dense = arch
+    dense = copy.deepcopy(dense)
+    with torch.no_grad():  # a few outlier channels, as trained LLMs have: the case AWQ's scales are for
+        for n, param in dense.named_parameters():
+            if "layernorm" in n and param.dim() == 1:
+                param[:4] = 8.0
+    calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    errors = {}
+    for method in ("rtn", "gptq", "awq"):
+        model = copy.deepcopy(dense)
+        report = quantize_dense(model, method, calibration if method != "rtn" else None, 4, 32)
+        errors[method] = layer_errors(dense, model, calibration)
+        fourbit.save_quantized(model, None, tmp_path / method)
+        again, _ = fourbit.load_model(tmp_path / method, compute_dtype="float32", torch_dtype="float32")
+        assert relative(logits(again, calibration), logits(model, calibration)) < 1e-5, (method, report)
+    # measured: GPTQ 2.5-10x and AWQ 2.3-3.2x below round-to-nearest over the table
+    assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"], (name, errors)

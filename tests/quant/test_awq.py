@@ -10,7 +10,7 @@ from fourbit.quant import awq
 from fourbit.quant.awq import awq_quantize, clip_and_quantize, fold_scales, search_clip
 from fourbit.quant.awq_model import groups
 from fourbit.quant.groupwise import quantize_rtn
-from fourbit.quant.layerwise import output
+from fourbit.quant.layerwise import layer_calls, output
 
 
 def layer_updates(model, ids):
@@ -26,15 +26,17 @@ def layer_updates(model, ids):
     return torch.stack(updates)
 
 
-def fold_random_scales(model, seed, prev=True):
+def fold_random_scales(model, ids, seed, prev=True):
     generator, folded = torch.Generator().manual_seed(seed), 0
-    for layer in model.model.layers:
-        for group in groups(layer):
+    hidden, calls = layer_calls(model, model.model.layers, ids, 8, "cpu")
+    for index, layer in enumerate(model.model.layers):
+        chosen, _ = groups(layer, hidden[0], *calls[index][0])  # traced on any input of the right shape
+        for group in chosen:
             first = layer.get_submodule(group.targets[0])
             s = torch.exp(2 * torch.randn(first.in_features, generator=generator, dtype=torch.float64))  # e^±4 spread
             targets = [layer.get_submodule(t) for t in group.targets]
             if prev:
-                fold_scales(layer.get_submodule(group.prev), targets, s)
+                fold_scales(layer.get_submodule(group.prev), targets, s, group.unit_offset)
             else:  # the targets alone, a wrong fold: the control that shows the check can fail
                 for t in targets:
                     t.weight.data *= s
@@ -49,19 +51,27 @@ def fold_random_scales(model, seed, prev=True):
     # float32 (as quantization runs): the same at 6e-8 per rounding (measured 3e-7); 1e-5 leaves room
     (torch.float32, 1e-5),
 ])
-def test_folding_scales_leaves_the_full_precision_model_unchanged(make_tiny_llama, tmp_path, dtype, tolerance):
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # norms scaling by w, and by 1 + w (Gemma's)
+def test_folding_scales_leaves_the_full_precision_model_unchanged(tmp_path, dtype, tolerance, arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     # 4 key/value heads = 4 query heads: v_proj -> o_proj folds too, so all four groups are checked
-    model = make_tiny_llama(tmp_path / "m", seed=3, num_key_value_heads=4).to(dtype)
+    config = AutoConfig.for_model(arch, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=4, head_dim=16, vocab_size=256, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():
-        for layer in model.model.layers:  # norms that are not all ones, so dividing them is visible
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+        for name, param in model.named_parameters():  # norms that are not all ones, so dividing them is visible
+            if "norm" in name:
+                param.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
     wrong = copy.deepcopy(model)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     before = layer_updates(model, ids)
-    assert fold_random_scales(model, seed=1) == 8
+    assert fold_random_scales(model, ids, seed=1) == 8
+    if arch == "gemma2":  # Gemma's norms compute in float32 whatever the model's dtype: float32 rounding
+        tolerance = max(tolerance, 1e-5)
     assert ((layer_updates(model, ids) - before).norm() / before.norm()).item() < tolerance
-    fold_random_scales(wrong, seed=1, prev=False)
+    fold_random_scales(wrong, ids, seed=1, prev=False)
     assert ((layer_updates(wrong, ids) - before).norm() / before.norm()).item() > 0.1
 
 

@@ -55,27 +55,27 @@ def test_bad_inputs_are_named_before_any_work(make_tiny_llama, tmp_path):
         quantize_model_awq(model, tokens(8, 32, seed=0), bits=8, group_size=32)
     with pytest.raises(ValueError, match="no model.layers: AWQ runs on decoder-only models"):
         quantize_model_awq(nn.Sequential(nn.Linear(4, 4)), tokens(8, 32, seed=0))
-    other = nn.Module()
-    other.model = nn.Module()
-    other.model.layers = nn.ModuleList([nn.Sequential(nn.Linear(64, 64))])
-    with pytest.raises(ValueError, match=r"AWQ knows decoder layers laid out like Llama .* lacks \['input_layernorm'"):
-        quantize_model_awq(other, tokens(8, 32, seed=0))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was folded
 
 
-def test_a_norm_that_does_not_scale_by_its_weight_is_refused(make_tiny_llama, tmp_path):
-    class OnePlusWeightNorm(nn.Module):  # Gemma's RMSNorm form: x_normalized * (1 + w)
+def test_a_group_no_fold_keeps_is_quantized_unscaled_and_named(make_tiny_llama, tmp_path):
+    class SquaredWeightNorm(nn.Module):  # output w^2 * x_normalized: neither w nor 1 + w; no fold keeps it
         def __init__(self, n):
             super().__init__()
-            self.weight = nn.Parameter(torch.zeros(n))
+            self.weight = nn.Parameter(torch.ones(n))
 
         def forward(self, x):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight.square()
 
     model = make_tiny_llama(tmp_path / "m")
-    model.model.layers[1].post_attention_layernorm = OnePlusWeightNorm(64)
-    with pytest.raises(ValueError, match="cannot fold scales into post_attention_layernorm"):
-        quantize_model_awq(model, tokens(8, 32, seed=0), group_size=32)
+    model.model.layers[1].post_attention_layernorm = SquaredWeightNorm(64)
+    norm = model.model.layers[1].post_attention_layernorm.weight.clone()
+    report = quantize_model_awq(model, tokens(8, 32, seed=0), group_size=32)
+    assert any("layers.1.mlp.gate_proj+mlp.up_proj (post_attention_layernorm (SquaredWeightNorm): its output is "
+               "neither its weight nor 1 + its weight" in line for line in report.skipped), report.skipped
+    assert torch.equal(model.model.layers[1].post_attention_layernorm.weight, norm)  # not folded into
+    assert "layers.0.gate_proj+up_proj" in report.ratios and "layers.1.gate_proj+up_proj" not in report.ratios
+    assert sum(isinstance(m, AWQLinear) for m in model.modules()) == 14  # every linear quantized all the same
 
 
 def test_an_awq_folder_round_trips_through_load_model(make_tiny_llama, tmp_path):

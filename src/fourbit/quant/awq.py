@@ -104,14 +104,21 @@ def search_scale(linears: list[nn.Linear], x_mean: torch.Tensor, block_error: Ca
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, unit_offset: bool = False) -> None:
     """x / s into ``prev`` (a norm scaling by its weight, or the linear whose output is x), W · s
-    into ``linears``: in exact arithmetic the outputs of ``linears`` do not change."""
+    into ``linears``: in exact arithmetic the outputs of ``linears`` do not change.
+
+    unit_offset: ``prev`` is a norm that scales by (1 + weight) (Gemma's): its weight becomes
+    (1 + w) / s - 1, so that 1 + w' = (1 + w) / s."""
     if prev.weight.shape[0] != s.numel():
         raise ValueError(f"AWQ: {type(prev).__name__} gives {prev.weight.shape[0]} channels, the scales {s.numel()}")
-    for tensor in (prev.weight, getattr(prev, "bias", None)):
-        if tensor is not None:  # a linear's output rows, or a norm's (or bias's) channels
-            _rescale(tensor, 1 / s.view(-1, 1) if tensor.dim() == 2 else 1 / s)
+    if unit_offset:
+        wide = torch.promote_types(prev.weight.dtype, torch.float32)
+        prev.weight.data = ((1 + prev.weight.data.to(wide)) / s.to(wide) - 1).to(prev.weight.dtype)
+    else:
+        for tensor in (prev.weight, getattr(prev, "bias", None)):
+            if tensor is not None:  # a linear's output rows, or a norm's (or bias's) channels
+                _rescale(tensor, 1 / s.view(-1, 1) if tensor.dim() == 2 else 1 / s)
     for m in linears:
         _rescale(m.weight, s)
 

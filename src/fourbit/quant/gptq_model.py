@@ -10,8 +10,9 @@ so every layer is fitted to the inputs the already-quantized layers before it pr
 only one layer (plus the calibration activations) needs to be on ``device`` at a time: the
 others stay where the model is (the CPU, for a model larger than the GPU). Within a layer all
 linears see the layer's unquantized inputs in one pass (AutoGPTQ's ``true_sequential=False``).
-The embeddings and lm_head are not quantized. Works for models whose decoder layers are
-``model.model.layers`` (Llama, Mistral, Qwen2 and the like in transformers).
+The embeddings and lm_head are not quantized, nor are mixture-of-experts weights (fused 3-D
+parameters, not linear layers: they stay in 16 bits, which the report counts). Works for models
+whose decoder layers are ``model.model.layers`` (every architecture of tests/test_architectures.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from .layerwise import (
     LayerwiseReport,
     check_calibration,
     decoder_layers,
-    first_layer_inputs,
+    dense_experts,
+    layer_calls,
     one_at_a_time,
     output,
 )
@@ -62,15 +64,15 @@ def quantize_model_gptq(
     layers = decoder_layers(model, "GPTQ")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     start = time.perf_counter()
-    inputs = first_layer_inputs(model, layers[0], calibration, batch_size, device)
+    hidden, calls = layer_calls(model, layers, calibration, batch_size, device)
     report = GPTQReport(len(layers), 0, calibration.shape[0], calibration.numel(), 0.0)
     for index, layer in one_at_a_time(layers, device, "GPTQ", progress):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         hessians = {n: Hessian(m.in_features, device) for n, m in linears.items()}
         hooks = [m.register_forward_hook(lambda mod, args, out, h=hessians[n]: h.add(args[0]))
                  for n, m in linears.items()]
-        for args, kwargs in inputs:
-            layer(*args, **kwargs)
+        for h, (args, kwargs) in zip(hidden, calls[index]):
+            layer(h, *args, **kwargs)
         for hook in hooks:
             hook.remove()
         for name, linear in linears.items():
@@ -79,8 +81,9 @@ def quantize_model_gptq(
             layer.set_submodule(name, replacement.to(device))
             report.losses[f"layers.{index}.{name}"] = loss
             report.linears += 1
-        inputs = [((output(layer(*args, **kwargs)),) + args[1:], kwargs) for args, kwargs in inputs]
+        hidden = [output(layer(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls[index])]
     report.seconds = time.perf_counter() - start
+    report.dense_experts = dense_experts(layers)
     return report
 
 

@@ -1,14 +1,16 @@
 """Walking a decoder-only model one layer at a time, as the post-training methods (GPTQ, AWQ) do:
 
-    inputs_0 = what the first decoder layer receives for each batch of calibration sequences
-               (positional and keyword arguments: hidden states, position embeddings, mask)
-    for each decoder layer L: fit L's linears on inputs_L; inputs_{L+1} = L(inputs_L)
+    calls_L  = what decoder layer L is called with for each batch of calibration sequences, all
+               but the hidden states (position embeddings, its attention mask), and the first
+               layer's hidden states
+    for each decoder layer L: fit L's linears on its inputs; hidden_{L+1} = L(hidden_L, calls_L)
 
-The model runs until its first decoder layer is called, and that call's arguments are kept; only
-the embeddings and rotary tables need to be on ``device`` for it, and they go back afterwards (the
-layers stay where they are, so a model larger than the GPU is walked one layer on the GPU at a
-time, and the model ends on the device it started on). Works for models whose
-decoder layers are ``model.model.layers`` (Llama, Mistral, Qwen2 and the like in transformers).
+Each layer keeps its own call arguments: models that alternate attention types (sliding and
+full: Mistral, Gemma 2/3, GPT-OSS) give each layer the mask of its type. They are recorded in
+one forward of the model over the calibration batches, each layer moved to ``device`` for its
+call and back after it, stopping after the last layer (the final norm and lm_head do not run).
+So a model larger than the GPU is walked one layer on the GPU at a time, and the model ends on
+the device it started on. Works for models whose decoder layers are ``model.model.layers``.
 """
 
 from __future__ import annotations
@@ -33,9 +35,17 @@ class LayerwiseReport:
     tokens: int
     seconds: float
 
+    dense_experts: int = 0  # mixture-of-experts 3-D weights, which these methods leave in 16 bits
+
     def format(self) -> str:
+        experts = f"; {self.dense_experts} expert weight tensors left in 16 bits" if self.dense_experts else ""
         return (f"{self.method}: {self.linears} linear layers in {self.layers} decoder layers, calibrated on "
-                f"{self.sequences} sequences ({self.tokens} tokens), {self.seconds:.1f} s")
+                f"{self.sequences} sequences ({self.tokens} tokens), {self.seconds:.1f} s{experts}")
+
+
+def dense_experts(layers: nn.ModuleList) -> int:
+    """How many fused 3-D expert weights the layers hold (not linear layers: GPTQ and AWQ skip them)."""
+    return sum(1 for layer in layers for p in layer.parameters() if p.dim() == 3)
 
 
 class _Captured(Exception):
@@ -65,15 +75,25 @@ def one_at_a_time(layers: nn.ModuleList, device: torch.device, desc: str, progre
         layer.to(home)
 
 
-def first_layer_inputs(model, first, calibration, batch_size, device) -> list[tuple[tuple, dict]]:
-    """What the first decoder layer is called with, per batch of sequences (positional, keyword)."""
-    captured = []
+def layer_calls(model, layers: nn.ModuleList, calibration: torch.Tensor, batch_size: int,
+                device) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """(the first layer's hidden states per batch, per layer the (other args, kwargs) per batch)."""
+    first_hidden: list[torch.Tensor] = []
+    rest: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+    hooks = []
+    for index, layer in enumerate(layers):
+        def before(module, args, kwargs, index=index):
+            module.to(device)
+            if index == 0:
+                first_hidden.append(args[0])
+            rest[index].append((args[1:], kwargs))
 
-    def catch(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Captured
+        def after(module, args, result, index=index, home=next(layer.parameters()).device):
+            module.to(home)
+            if index == len(layers) - 1:
+                raise _Captured  # the final norm and lm_head are not needed
 
-    hook = first.register_forward_pre_hook(catch, with_kwargs=True)
+        hooks += [layer.register_forward_pre_hook(before, with_kwargs=True), layer.register_forward_hook(after)]
     home = next(model.parameters()).device
     try:
         _embedding_parts_to(model, device)
@@ -83,17 +103,17 @@ def first_layer_inputs(model, first, calibration, batch_size, device) -> list[tu
             except _Captured:
                 pass
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         _embedding_parts_to(model, home)  # the model ends where it was, wherever its layers ran
-    return captured
+    return first_hidden, rest
 
 
 def _embedding_parts_to(model, device) -> None:
-    """What runs before the first layer (embeddings, rotary tables) onto ``device``."""
-    inner = model.model
-    for name in ("embed_tokens", "rotary_emb"):
-        if hasattr(inner, name):
-            getattr(inner, name).to(device)
+    """What the decoder runs besides its layers (embeddings, rotary tables, the final norm) onto ``device``."""
+    for name, child in model.model.named_children():
+        if name != "layers":
+            child.to(device)
 
 
 def output(result):
