@@ -39,7 +39,7 @@ from torch import nn
 
 from .io.checkpoint import save_quantized
 from .io.loader import load_model
-from .nn.lora import QUANTIZED_LINEAR_TYPES
+from .nn.frozen_linear import FrozenLinear
 from .perplexity import perplexity, read_text_tokens
 from .precision import native_bf16
 from .ptq import CALIBRATED, quantize_dense
@@ -119,7 +119,7 @@ def _save(model, tokenizer, folder: Path, method: str) -> None:
 def _bits_per_parameter(model) -> float:
     stored, weights = 0, 0
     for module in model.modules():
-        if isinstance(module, QUANTIZED_LINEAR_TYPES):
+        if isinstance(module, FrozenLinear):
             # per-weight storage only: not the bias, nor the shared code tables or the JSON blob
             tensors = {k: t for k, t in module.state_dict().items()
                        if k != "bias" and "quant_map" not in k and "quant_state." not in k}

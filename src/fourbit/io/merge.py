@@ -37,7 +37,8 @@ from torch import nn
 from ..nn.experts4bit import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
 from ..nn.experts4bit import dequantize_experts_
 from ..nn.linear4bit import Linear4bit
-from ..nn.lora import QUANTIZED_LINEAR_TYPES, LoRALinear, dense_weight, lora_layers
+from ..nn.frozen_linear import FrozenLinear
+from ..nn.lora import LoRALinear, dense_weight, lora_layers
 from ..precision import DTYPES, parse_dtype
 from ..train.templates import end_of_turn_ids
 from .atomic import atomic_dir, check_output_apart
@@ -125,7 +126,7 @@ def merge_adapter(
     for name, layer in layers.items():
         model.set_submodule(name, _merged_linear(layer))
     for name, module in list(model.named_modules()):
-        if isinstance(module, QUANTIZED_LINEAR_TYPES):
+        if isinstance(module, FrozenLinear):
             model.set_submodule(name, _dense_linear(module.dequantize(torch.float32), module.bias))
         elif hasattr(module, "experts_4bit"):  # 4-bit MoE experts: their dense 3-D weights again
             dequantize_experts_(module, torch.float32)

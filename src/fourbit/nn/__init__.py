@@ -1,8 +1,9 @@
 """Modules: the quantized linear layers (NF4/FP4, GPTQ, AWQ, LLM.int8()) and the LoRA wrapper."""
 
 from .awq_linear import AWQLinear
+from .frozen_linear import FrozenLinear
 from .gptq_linear import GPTQLinear
 from .linear4bit import Linear4bit
 from .linear8bit import Linear8bit
 
-__all__ = ["AWQLinear", "GPTQLinear", "Linear4bit", "Linear8bit"]
+__all__ = ["AWQLinear", "FrozenLinear", "GPTQLinear", "Linear4bit", "Linear8bit"]

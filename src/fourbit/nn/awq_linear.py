@@ -20,6 +20,8 @@ from .packed_linear import PackedLinear
 
 class AWQLinear(PackedLinear):
     pack = staticmethod(pack_awq)
+    unpack = staticmethod(unpack_awq)
+    stored_names = ("qweight", "qzeros", "scales")
 
     def __init__(self, in_features: int, out_features: int, bits: int = BITS, group_size: int = 128,
                  bias: bool = False, compute_dtype: torch.dtype | None = None,
@@ -34,8 +36,3 @@ class AWQLinear(PackedLinear):
         self.register_buffer("qzeros", torch.zeros(groups, out_features // PER_WORD, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight [out, in] these codes represent."""
-        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}
-        return unpack_awq(tensors).dequantize(dtype or self.compute_dtype or torch.float32)

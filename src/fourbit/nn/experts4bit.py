@@ -16,8 +16,8 @@ dispatches their forward through the ``ExpertsInterface`` registry, where this f
         out[T_e] += w * y
 
 Each expert matrix is stored in the [out, in] orientation (a transposed layout is transposed
-once, when quantized), so every product is Linear4bit's: the backward dequantizes again instead
-of keeping the dense matrix (nn/linear4bit.py). Storage per 3-D parameter P: ``P`` becomes the
+once, when quantized), so every product is a frozen 4-bit one: the backward dequantizes again instead
+of keeping the dense matrix (nn/frozen_linear.py). Storage per 3-D parameter P: ``P`` becomes the
 uint8 codes [E, ceil(n/2), 1] of the E matrices of n values, and ``experts_4bit[P]`` their E
 quantization states; a memory report counts them as Linear4bit's (4.127 bits a weight with
 double quantization at blocks of 64).
@@ -31,9 +31,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.dequantize import dequantize_4bit
+from ..kernels.matmul_4bit import matmul_4bit
 from ..quant.four_bit import quantize_4bit
 from ..quant.state import QuantState
-from .linear4bit import _Linear4bitMatmul
+from .frozen_linear import frozen_product
 
 IMPLEMENTATION = "fourbit"
 EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
@@ -74,8 +76,6 @@ def quantize_experts_(module: nn.Module, name: str, weight: torch.Tensor, quant_
 @torch.no_grad()
 def dequantize_experts_(module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
     """Put the dense 3-D expert weights back (in their stored orientation), in ``dtype``."""
-    from ..kernels.dequantize import dequantize_4bit
-
     for name, states in module.experts_4bit.items():
         codes = module._parameters[name]
         matrices = [dequantize_4bit(codes[e], state, dtype) for e, state in enumerate(states)]
@@ -84,13 +84,29 @@ def dequantize_experts_(module: nn.Module, dtype: torch.dtype = torch.float32) -
     del module.experts_4bit, module.experts_compute_dtype
 
 
+class _ExpertMatrix:
+    """One expert's 4-bit matrix, as frozen_product multiplies with it (nn/frozen_linear.py)."""
+
+    def __init__(self, packed: torch.Tensor, state: QuantState):
+        self.packed, self.state = packed, state
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        return (self.packed,)
+
+    def product(self, x, bias, stored):
+        return matmul_4bit(x, stored[0], self.state, bias)
+
+    def weight_from(self, stored, dtype):
+        return dequantize_4bit(stored[0], self.state, dtype)
+
+
 def _product(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
     """``x @ W(expert)^T (+ bias)``, W dequantized from its 4 bits in the compute dtype."""
     dtype = module.experts_compute_dtype or x.dtype
     bias = getattr(module, f"{name}_bias", None) if module.has_bias else None
     bias = bias[expert].to(dtype) if bias is not None else None
-    state: QuantState = module.experts_4bit[name][expert]
-    return _Linear4bitMatmul.apply(x.to(dtype), module._parameters[name][expert], state, bias).to(x.dtype)
+    matrix = _ExpertMatrix(module._parameters[name][expert], module.experts_4bit[name][expert])
+    return frozen_product(matrix, x.to(dtype), bias).to(x.dtype)
 
 
 def experts_forward_4bit(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

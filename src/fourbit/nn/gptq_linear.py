@@ -18,6 +18,7 @@ from .packed_linear import PackedLinear
 
 class GPTQLinear(PackedLinear):
     pack = staticmethod(pack_gptq)
+    stored_names = ("qweight", "qzeros", "scales", "g_idx")
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128, bias: bool = False,
                  compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -33,7 +34,5 @@ class GPTQLinear(PackedLinear):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight [out, in] these codes represent."""
-        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
-        return unpack_gptq(tensors, self.bits).dequantize(dtype or self.compute_dtype or torch.float32)
+    def unpack(self, tensors: dict[str, torch.Tensor]):
+        return unpack_gptq(tensors, self.bits)

@@ -3,13 +3,9 @@
     y = x @ dequant(W4)^T + b,      computed in ``compute_dtype``, returned in x's dtype
 
 The packed codes live in ``weight`` (uint8 [(out*in + 1)//2, 1], requires_grad=False) and the
-scales in ``quant_state``. The weight is frozen, so backward needs only the input gradient
-
-    dL/dx = dL/dy @ dequant(W4)
-
-which dequantizes again instead of keeping the dense weight alive between forward and
-backward: the autograd graph holds the 4-bit bytes, never a 16-bit copy (the QLoRA memory
-saving). A trainable bias, if any, gets its gradient too. The forward product goes through
+scales in ``quant_state``. The weight is frozen: backward dequantizes it again for dL/dx instead
+of keeping a 16-bit copy (FrozenLinear, nn/frozen_linear.py: the QLoRA memory saving); a trainable
+bias, if any, gets its gradient too. The forward product goes through
 the ``fourbit::matmul_4bit`` op (kernels/matmul_4bit.py), which on a GPU reads the packed
 weight directly for a few rows of x (decoding) and dequantizes, then calls cuBLAS, otherwise.
 
@@ -29,25 +25,7 @@ from ..kernels.dequantize import dequantize_4bit
 from ..kernels.matmul_4bit import matmul_4bit
 from ..quant.four_bit import quantize_4bit
 from ..quant.state import QuantState
-
-
-class _Linear4bitMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None):
-        ctx.state = state
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(packed)
-        return matmul_4bit(x, packed, state, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (packed,) = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_4bit(packed, ctx.state, grad_out.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias
+from .frozen_linear import FrozenLinear, frozen_product
 
 
 @contextlib.contextmanager
@@ -69,7 +47,7 @@ def dense_weights(model: nn.Module, dtype: torch.dtype | None = None):
             layer.__dict__.pop("_dense", None)
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(FrozenLinear):
     """A 4-bit frozen replacement for ``nn.Linear``. Build it with :meth:`from_linear`."""
 
     def __init__(
@@ -138,8 +116,17 @@ class Linear4bit(nn.Module):
         return self
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight [out, in] this layer represents."""
+        """The dense weight [out, in] this layer represents (by default in the original weight's dtype)."""
         return dequantize_4bit(self.weight, self._state(), dtype)
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
+
+    def product(self, x, bias, stored):
+        return matmul_4bit(x, stored[0], self._state(), bias)
+
+    def weight_from(self, stored, dtype):
+        return dequantize_4bit(stored[0], self._state(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
@@ -147,11 +134,7 @@ class Linear4bit(nn.Module):
         dense = self.__dict__.get("_dense")
         if dense is not None and dense.dtype == dtype:  # inside dense_weights(): no dequantization
             return nn.functional.linear(x.to(dtype), dense, bias).to(x.dtype)
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            out = _Linear4bitMatmul.apply(x.to(dtype), self.weight, self._state(), bias)
-        else:  # inference: no autograd node to build
-            out = matmul_4bit(x.to(dtype), self.weight, self._state(), bias)
-        return out.to(x.dtype)
+        return frozen_product(self, x.to(dtype), bias).to(x.dtype)
 
     def _state(self) -> QuantState:
         if self.quant_state is None:

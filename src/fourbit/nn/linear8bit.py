@@ -8,7 +8,7 @@ bitsandbytes store 8-bit layers (../shared/REFERENCE.md §3):
 Forward: the int8 product with outlier decomposition at ``threshold`` (default 6.0, as
 transformers' llm_int8_threshold). As a LoRA base, backward needs only dL/dx, computed with the
 int8-dequantized weight (the activation rounding passes the gradient straight through, as in
-bitsandbytes).
+bitsandbytes): FrozenLinear's (nn/frozen_linear.py).
 """
 
 from __future__ import annotations
@@ -17,21 +17,7 @@ import torch
 from torch import nn
 
 from ..quant.int8 import DEFAULT_THRESHOLD, dequantize_weight_int8, int8_matmul, quantize_weight_int8
-
-
-class _Int8Matmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cb, scb, bias, threshold):
-        ctx.save_for_backward(cb, scb)
-        ctx.has_bias = bias is not None
-        return int8_matmul(x, cb, scb, bias, threshold).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        cb, scb = ctx.saved_tensors
-        grad_x = grad_out @ dequantize_weight_int8(cb, scb, grad_out.dtype) if ctx.needs_input_grad[0] else None
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_bias, None
+from .frozen_linear import FrozenLinear, frozen_product
 
 
 def layout_error(weight_format: torch.Tensor) -> str | None:
@@ -40,7 +26,9 @@ def layout_error(weight_format: torch.Tensor) -> str | None:
     return None if fmt == 0 else f"weight_format is {fmt}; only the row layout (0) is read"
 
 
-class Linear8bit(nn.Module):
+class Linear8bit(FrozenLinear):
+    stored_dtypes = ("SCB",)  # the float32 row scales: a model cast moves them, never rounds them
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = DEFAULT_THRESHOLD,
                  device: torch.device | str | None = None):
         super().__init__()
@@ -62,20 +50,17 @@ class Linear8bit(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_weight_int8(self.weight, self.SCB, dtype or torch.float32)
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight, self.SCB)
+
+    def product(self, x, bias, stored):
+        return int8_matmul(x, stored[0], stored[1], bias, self.threshold).to(x.dtype)
+
+    def weight_from(self, stored, dtype):
+        return dequantize_weight_int8(stored[0], stored[1], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Int8Matmul.apply(x, self.weight, self.SCB, self.bias, self.threshold)
-
-    def _apply(self, fn, recurse=True):
-        # dtype casts of the model (.half(), .to(bfloat16)) leave the float32 row scales as they
-        # were (moved, not rounded through the new dtype)
-        before = self.SCB
-        super()._apply(fn, recurse)
-        if self.SCB.dtype != before.dtype and not self.SCB.is_meta:
-            self._buffers["SCB"] = before.to(self.SCB.device)
-        return self
+        return frozen_product(self, x, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

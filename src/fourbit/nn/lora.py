@@ -34,13 +34,10 @@ import torch
 from torch import nn
 
 from ..kernels.lora import qlora_linear
-from .awq_linear import AWQLinear
-from .gptq_linear import GPTQLinear
+from .frozen_linear import FrozenLinear
 from .linear4bit import Linear4bit
-from .linear8bit import Linear8bit
 
-QUANTIZED_LINEAR_TYPES = (Linear4bit, GPTQLinear, AWQLinear, Linear8bit)  # frozen, with dequantize(dtype)
-LINEAR_TYPES = (nn.Linear, *QUANTIZED_LINEAR_TYPES)
+LINEAR_TYPES = (nn.Linear, FrozenLinear)  # what LoRA wraps: dense linears and every quantized one
 ALL_LINEAR = ("all-linear", "all")
 
 

@@ -5,10 +5,9 @@
 
 A subclass registers the checkpoint's tensors as buffers under their stored names (so
 ``state_dict()`` is the layer's part of the folder) and says how to rebuild W: ``dequantize``.
-The forward dequantizes W in the compute dtype and multiplies (the torch path, on every device; a
-fused GPU kernel is issue 6's business). As a LoRA base it behaves as Linear4bit does: backward
-needs only dL/dx = g @ W, for which it dequantizes again rather than keeping W between forward
-and backward. Dtype casts of the model leave the stored tensors as the formats store them.
+The forward dequantizes W in the compute dtype and multiplies (the torch path, on every device).
+Backward and dtype casts are FrozenLinear's (nn/frozen_linear.py): dL/dx dequantizes again
+rather than keeping W, and casts of the model leave the stored tensors as the formats store them.
 """
 
 from __future__ import annotations
@@ -16,31 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from ..quant.groupwise import GroupQuant
+from .frozen_linear import FrozenLinear, frozen_product
 
 
-class _FrozenLinear(torch.autograd.Function):
-    """x @ weight(dtype)^T + b for a frozen weight rebuilt by ``weight`` when needed."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.weight = weight
-        ctx.has_bias = bias is not None
-        return nn.functional.linear(x, weight(x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x = grad_out @ ctx.weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias
-
-
-class PackedLinear(nn.Module):
+class PackedLinear(FrozenLinear):
     """Subclasses take ``(in_features, out_features, bits, group_size, bias, compute_dtype, device)``,
-    register the buffers (with ``scales`` and ``bias``), name their format's ``pack`` (GroupQuant
-    -> the stored tensors) and define ``dequantize(dtype) -> [out, in]``."""
+    register the buffers (with ``scales`` and ``bias``), list the ones the codes live in
+    (``stored_names``) and name their format's ``pack`` (GroupQuant -> the stored tensors) and
+    ``unpack`` (the stored tensors -> GroupQuant)."""
 
     in_features: int
     out_features: int
@@ -48,6 +32,7 @@ class PackedLinear(nn.Module):
     group_size: int
     compute_dtype: torch.dtype | None
     pack: Callable[[GroupQuant], dict[str, torch.Tensor]]
+    unpack: Callable[[dict[str, torch.Tensor]], GroupQuant]
 
     @classmethod
     def from_quant(cls, quant: GroupQuant, bias: torch.Tensor | None = None, group_size: int = 128,
@@ -61,26 +46,23 @@ class PackedLinear(nn.Module):
             layer.bias.copy_(bias.detach())
         return layer.to(quant.codes.device)
 
+    stored_dtypes = ("scales", "bias")  # float16, as the formats store them: a model cast must not round them
+    stored_names: tuple[str, ...]  # the buffers the weight is stored in, in the order weight_from reads them
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.stored_names)
+
+    def weight_from(self, stored, dtype):
+        return self.unpack(dict(zip(self.stored_names, stored))).dequantize(dtype)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The dense weight [out, in] these codes represent."""
+        return self.weight_from(self.stored(), dtype or self.compute_dtype or torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        return _FrozenLinear.apply(x.to(dtype), self.dequantize, bias).to(x.dtype)
-
-    def _apply(self, fn, recurse=True):
-        # .to(device) moves the buffers; a dtype cast (model.half(), .to(bfloat16)) must not change
-        # them: the integer words are not floats, and the formats store scales and bias in float16.
-        # Cast back from the values before the cast, not from the cast ones: a round trip through
-        # bfloat16 would round them.
-        before = {name: self._buffers[name] for name in ("scales", "bias") if self._buffers.get(name) is not None}
-        super()._apply(fn, recurse)
-        for name, tensor in before.items():
-            after = self._buffers[name]
-            if after.dtype != tensor.dtype and not after.is_meta:
-                self._buffers[name] = tensor.to(after.device)
-        return self
+        return frozen_product(self, x.to(dtype), bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
