@@ -11,9 +11,9 @@ model's tensors as loaded: what the weights cost in memory. bitsandbytes quantiz
 layers only; transformers 5 keeps each layer's experts as fused 3-D parameters, which stay in
 16 bits there. fourbit quantizes each expert matrix too (nn/experts4bit.py).
 
-Then fourbit trains a LoRA (r=8 on every attention linear, AdamW lr 2e-3, gradient
-checkpointing, batch 4 x 64 tokens) for --steps steps on a fixed random batch it must learn to
-predict (memorization: the loss must fall), and reports the first and last losses and the peak
+Then fourbit trains a LoRA (r=8 on every attention linear and on every expert of both expert
+weights, PEFT's target_parameters; AdamW lr 2e-3, gradient checkpointing, batch 4 x 64 tokens)
+for --steps steps on a fixed random batch it must learn to predict (memorization: the loss must fall), and reports the first and last losses and the peak
 RSS of the run. Figures go to bench/RESULTS.md with the device (CPU kind) and versions.
 """
 
@@ -63,7 +63,8 @@ if side == "fourbit":
     result["report"] = report.format()
     if steps:
         from fourbit.train.recipe import enable_gradient_checkpointing
-        fourbit.add_lora(model, r=8, alpha=16, target=["q_proj", "k_proj", "v_proj", "o_proj"], verbose=False)
+        fourbit.add_lora(model, r=8, alpha=16, target=["q_proj", "k_proj", "v_proj", "o_proj"], verbose=False,
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
         enable_gradient_checkpointing(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

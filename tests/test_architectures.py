@@ -10,7 +10,8 @@ CPU dequantization is exact on every CPU kind (see conftest.bnb_reads_partial_bl
   16 bits; and equal a dense twin holding fourbit's dequantized weights with the experts in 4 bits;
 - at most 5% of the dense weight bytes stay unquantized, embeddings and lm_head aside (norms,
   routers and biases; MoE experts are quantized too);
-- one QLoRA step gives every LoRA parameter a gradient;
+- one QLoRA step gives every LoRA parameter a gradient (on MoE rows LoRA is on every expert too,
+  PEFT's target_parameters);
 - PEFT loads the adapter onto the dense twin and computes what fourbit computes;
 - ``merge_adapter`` writes a folder that transformers alone loads to the same function.
 
@@ -34,6 +35,7 @@ import fourbit
 from fourbit.io.merge import merge_adapter
 from fourbit.kernels.dequantize import dequantize_4bit
 from fourbit.nn.lora import lora_layers
+from fourbit.nn.lora_experts import expert_lora_layers
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
@@ -96,11 +98,17 @@ def dense_twin(model_4bit, dense):
     return twin
 
 
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # PEFT's target_parameters
+
+
 def with_adapter(model, seed=0):
+    """All-linear LoRA, and on MoE rows LoRA on every expert too."""
     torch.manual_seed(seed)
-    fourbit.add_lora(model, r=4, alpha=8, target="all-linear", verbose=False)
+    moe = any(hasattr(m, "experts_4bit") for m in model.modules())
+    fourbit.add_lora(model, r=4, alpha=8, target="all-linear", verbose=False,
+                     target_parameters=EXPERT_TARGETS if moe else None)
     with torch.no_grad():
-        for layer in lora_layers(model).values():
+        for layer in [*lora_layers(model).values(), *expert_lora_layers(model).values()]:
             layer.lora_B.weight.normal_(std=0.05)  # as after training: B is no longer 0
     return model
 
@@ -143,6 +151,7 @@ def test_one_qlora_step_gives_every_adapter_a_gradient(arch):
     model.train()
     out = model(IDS, labels=IDS)
     out.loss.backward()
+    assert len(expert_lora_layers(model)) == (2 * 2 if name in MOE else 0)  # both expert weights of both layers
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert params and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n, _ in params)
     no_grad = [n for n, p in params if p.grad is None or not p.grad.abs().sum() > 0]

@@ -7,6 +7,8 @@
   computed for more rows at once).
 """
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -161,6 +163,13 @@ def test_bad_adapters_are_refused_by_name(two_adapters, make_tiny_llama, tmp_pat
         adapters.add("nan", nan)
     with pytest.raises(ValueError, match="DoRA"):
         adapters.add("dora", make_adapter(folder, tmp_path / "dora", seed=4, use_dora=True))
+    (tmp_path / "experts").mkdir()
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "experts" / file).write_bytes((a / file).read_bytes())
+    config = json.loads((a / "adapter_config.json").read_text()) | {"target_parameters": ["mlp.experts.down_proj"]}
+    (tmp_path / "experts" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mixture-of-experts weights \(target_parameters\) cannot be served"):
+        adapters.add("experts", tmp_path / "experts")
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "adapter_config.json").write_text((a / "adapter_config.json").read_text())
     with pytest.raises(FileNotFoundError, match="only safetensors"):

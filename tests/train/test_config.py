@@ -38,6 +38,14 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, message):
         load_config(None, [override])
 
 
+def test_lora_on_expert_weights_is_a_list_of_names_without_dropout():
+    assert load_config(None, ["lora_target_parameters=mlp.experts.gate_up_proj, mlp.experts.down_proj"]).target_parameters \
+        == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert load_config(None).target_parameters is None
+    with pytest.raises(ValueError, match=r"'lora_target_parameters': .* expected LoRA on expert weights without lora_dropout"):
+        load_config(None, ["lora_target_parameters=mlp.experts.down_proj", "lora_dropout=0.1"])
+
+
 def test_torch_compile_with_fsdp_is_refused():
     with pytest.raises(ValueError, match=r"'torch_compile': True is not allowed; expected false with strategy fsdp"):
         load_config(None, ["strategy=fsdp", "torch_compile=true"])

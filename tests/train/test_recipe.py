@@ -265,3 +265,32 @@ def test_the_dataset_and_output_dir_are_checked_before_the_model_loads(tmp_path,
         run(config_for(tmp_path / "b"))
     with pytest.raises(FileNotFoundError, match="holds no checkpoint-N folder"):
         run(config_for(tmp_path / "c", resume_from_checkpoint="latest"))
+
+
+def test_lora_on_the_experts_of_a_moe_model_trains_and_saves_what_peft_reads(tmp_path, chat_tokenizer, dataset, config_for):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    import fourbit
+    from fourbit.nn.lora_experts import expert_lora_layers
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(chat_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256, initializer_range=0.5, tie_word_embeddings=False)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    chat_tokenizer.save_pretrained(tmp_path / "moe")
+    experts = "mlp.experts.gate_up_proj,mlp.experts.down_proj"
+    result = run(config_for(tmp_path / "out", model_name_or_path=str(tmp_path / "moe"), max_steps=30, save_steps=30,
+                            lora_target="q_proj,v_proj", lora_target_parameters=experts))
+    assert sum(result.losses[-5:]) / 5 < 0.3 * result.losses[0]  # the echo task is being learned
+    adapter = tmp_path / "out"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1)
+                                          for w in ("down_proj", "gate_up_proj")]
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:  # PEFT's nesting: gate_up_proj innermost
+        assert "base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight" in f.keys()
+        trained = f.get_tensor("base_model.model.model.layers.1.mlp.experts.lora_B.weight")
+    assert trained.abs().max() > 0  # B starts at zero: down_proj's experts trained
+    model, _ = fourbit.load_model(tmp_path / "moe", compute_dtype="float32")
+    fourbit.load_adapter(model, adapter)
+    assert len(expert_lora_layers(model)) == 4

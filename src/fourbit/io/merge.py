@@ -5,6 +5,9 @@ For each adapted linear layer, in float32:
     W' = dequant(W4) + s * B @ A                               (LoRA, rsLoRA: s as trained)
     W' = m * (W + s B A) / ||W + s B A||_row                   (DoRA, m the learned magnitudes)
 
+and for each expert e of an adapted MoE expert weight W_e' = dequant(W4_e) + s * B_e @ A_e
+(nn/lora_experts.py).
+
 W4 is the base as the adapter saw it in training: quantized the same way and dequantized, so the
 merged model computes what base + adapter computed, up to the rounding of W' to the output dtype.
 How the base was quantized is read from the adapter's training_base.json (io/peft.py), which
@@ -39,6 +42,7 @@ from ..nn.experts4bit import dequantize_experts_
 from ..nn.linear4bit import Linear4bit
 from ..nn.frozen_linear import FrozenLinear
 from ..nn.lora import LoRALinear, dense_weight, lora_layers
+from ..nn.lora_experts import expert_lora_layers
 from ..precision import DTYPES, parse_dtype
 from ..train.templates import end_of_turn_ids
 from .atomic import atomic_dir, check_output_apart
@@ -122,7 +126,7 @@ def merge_adapter(
     probe = probe_ids(tokenizer, model.config.vocab_size)
     reference = _logits(model, probe)
 
-    layers = lora_layers(model)
+    layers, experts = lora_layers(model), expert_lora_layers(model)
     for name, layer in layers.items():
         model.set_submodule(name, _merged_linear(layer))
     for name, module in list(model.named_modules()):
@@ -130,6 +134,8 @@ def merge_adapter(
             model.set_submodule(name, _dense_linear(module.dequantize(torch.float32), module.bias))
         elif hasattr(module, "experts_4bit"):  # 4-bit MoE experts: their dense 3-D weights again
             dequantize_experts_(module, torch.float32)
+    for key, adapter in experts.items():
+        _merge_experts(model, key, adapter)
     _drop_fourbit_attributes(model)
     _set_generation_eos(model, tokenizer)
 
@@ -149,7 +155,7 @@ def merge_adapter(
         model.to(out_dtype)  # the unquantized weights; the 4-bit layers keep their bytes
         model.config.quantization_config = BNB_4BIT.quantization_config(requantize, double_quant, out_dtype)
         save_quantized(model, tokenizer, output, overwrite=overwrite)
-    return MergeReport(Path(output), base_note, len(layers), out_dtype, requantize, probe.shape[1], merged_error,
+    return MergeReport(Path(output), base_note, len(layers) + len(experts), out_dtype, requantize, probe.shape[1], merged_error,
                        requantized_error)
 
 
@@ -188,6 +194,19 @@ def _merged_linear(layer: LoRALinear) -> nn.Linear:
     if layer.use_dora:
         weight = layer.lora_magnitude_vector.float()[:, None] * weight / weight.norm(dim=1, keepdim=True)
     return _dense_linear(weight, getattr(layer.base_layer, "bias", None))
+
+
+@torch.no_grad()
+def _merge_experts(model: nn.Module, key: str, adapter) -> None:
+    """W_e' = W_e + s * B_e @ A_e for every expert of the (dense by now) expert weight ``key``."""
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    weight = module._parameters[name]
+    delta = adapter.delta_weight(torch.float32)  # [E, out, in]
+    weight.copy_(weight.float() + (delta.transpose(1, 2) if module.is_transposed else delta))
+    del module.experts_lora[name]
+    if not len(module.experts_lora):
+        del module.experts_lora
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -10,6 +10,12 @@ A PEFT LoRA adapter is a folder with two files:
                                base_model.model.<module path>.lora_magnitude_vector  [out] (DoRA)
                                metadata {"format": "pt"}
 
+LoRA on mixture-of-experts weights (``target_parameters`` in the config, full parameter names)
+keeps each 3-D expert weight's factors under its experts module, one ``base_layer.`` deeper per
+targeted weight registered after it: ``<experts>.base_layer.lora_A.weight`` [r*E, in] and
+``<experts>.lora_B.weight`` [out, r*E] for Mixtral's gate_up_proj and down_proj (layout:
+nn/lora_experts.py).
+
 Module paths are those of the transformers model (``model.layers.0.self_attn.q_proj``), which
 are ours too: a LoRALinear keeps PEFT's parameter names, so the file keys are our state-dict
 keys with the ``base_model.model.`` prefix. What we do not support (rank/alpha patterns,
@@ -39,7 +45,8 @@ from ..nn.awq_linear import AWQLinear
 from ..nn.gptq_linear import GPTQLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.linear8bit import Linear8bit
-from ..nn.lora import LoRALinear, add_lora, lora_layers
+from ..nn.lora import add_lora, lora_layers
+from ..nn.lora_experts import expert_lora_layers, peft_key
 from .atomic import atomic_dir
 
 PREFIX = "base_model.model."
@@ -50,15 +57,24 @@ BASE_FILE = "training_base.json"
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys."""
+    return {k: _whole(v).detach().contiguous().cpu() for k, v in _adapter_parameters(model).items()}
+
+
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's parameters, by PEFT's keys."""
     tensors = {}
     for name, layer in lora_layers(model).items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
         if layer.use_dora:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    for key, experts in expert_lora_layers(model).items():
+        where = peft_key(model, key)
+        tensors[f"{PREFIX}{where}.lora_A.weight"] = experts.lora_A.weight
+        tensors[f"{PREFIX}{where}.lora_B.weight"] = experts.lora_B.weight
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save; call fourbit.add_lora first")
-    return {k: _whole(v).detach().contiguous().cpu() for k, v in tensors.items()}
+    return tensors
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +96,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "lora_dropout": settings["dropout"],
         "bias": "none",
         "target_modules": sorted(settings["modules"]),
+        "target_parameters": sorted(settings.get("parameters", [])) or None,
         "exclude_modules": None,
         "modules_to_save": None,
         "use_rslora": settings["use_rslora"],
@@ -117,6 +134,7 @@ def write_adapter_files(
 def training_base(model: nn.Module) -> dict:
     """How the layers under the adapter are quantized: what training_base.json records."""
     kinds = {_base_kind(layer.base_layer) for layer in lora_layers(model).values()}
+    kinds |= {_experts_kind(model, key) for key in expert_lora_layers(model)}
     if len(kinds) != 1:
         raise ValueError(f"the adapted layers have bases of {len(kinds)} kinds ({sorted(map(str, kinds))}); "
                          "an adapter is trained on one base")
@@ -142,6 +160,14 @@ def _base_kind(base: nn.Module) -> tuple:
         if isinstance(base, kind):
             return name, None, None
     return "none", None, None
+
+
+def _experts_kind(model: nn.Module, key: str) -> tuple:
+    module_name, _, name = key.rpartition(".")
+    states = getattr(model.get_submodule(module_name), "experts_4bit", {}).get(name)
+    if states is None:
+        return "none", None, None
+    return states[0].quant_type, states[0].nested is not None, states[0].blocksize
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict:
@@ -187,38 +213,34 @@ def load_adapter(
             model, r=config["r"], alpha=config.get("lora_alpha", 8), target=config["target_modules"],
             dropout=config.get("lora_dropout", 0.0), use_rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora", False), dtype=dtype or file_dtype, verbose=False,
+            target_parameters=config.get("target_parameters"),
         )
     except ValueError as e:
         raise ValueError(f"adapter {folder} does not fit this model: {e}") from None
     load_adapter_weights(model, tensors, str(folder))
-    for layer in lora_layers(model).values():
-        for p in (layer.lora_A.weight, layer.lora_B.weight, *([layer.lora_magnitude_vector] if layer.use_dora else [])):
-            p.requires_grad_(is_trainable)
+    for p in _adapter_parameters(model).values():
+        p.requires_grad_(is_trainable)
     return model
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Copy PEFT-keyed tensors into the model's existing LoRA layers; all must match exactly."""
-    expected = adapter_state_dict(model).keys()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    targets = _adapter_parameters(model)
+    missing = sorted(set(targets) - set(tensors))
+    extra = sorted(set(tensors) - set(targets))
     if missing or extra:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise ValueError(f"{where} does not fit this model ({len(missing)} missing, {len(extra)} unexpected tensors: {detail})")
-    for name, layer in lora_layers(model).items():
-        _copy(layer, "lora_A.weight", tensors[f"{PREFIX}{name}.lora_A.weight"], name)
-        _copy(layer, "lora_B.weight", tensors[f"{PREFIX}{name}.lora_B.weight"], name)
-        if layer.use_dora:
-            _copy(layer, "lora_magnitude_vector", tensors[f"{PREFIX}{name}.lora_magnitude_vector"], name)
+    for key, target in targets.items():
+        _copy(target, tensors[key], key.removeprefix(PREFIX))
 
 
-def _copy(layer: LoRALinear, attr: str, tensor: torch.Tensor, name: str) -> None:
-    target = layer.get_parameter(attr)
+def _copy(target: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
     if tuple(target.shape) != tuple(tensor.shape):
         raise ValueError(
-            f"adapter tensor {name}.{attr} has shape {tuple(tensor.shape)}; this model's layer needs {tuple(target.shape)}"
+            f"adapter tensor {name} has shape {tuple(tensor.shape)}; this model's layer needs {tuple(target.shape)}"
         )
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"adapter tensor {name}.{attr} holds NaN/Inf values")
+        raise ValueError(f"adapter tensor {name} holds NaN/Inf values")
     with torch.no_grad():
         target.copy_(tensor)

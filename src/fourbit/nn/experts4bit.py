@@ -22,8 +22,9 @@ uint8 codes [E, ceil(n/2), 1] of the E matrices of n values, and ``experts_4bit[
 quantization states; a memory report counts them as Linear4bit's (4.127 bits a weight with
 double quantization at blocks of 64).
 
-What it leaves out: LoRA on the experts themselves (the adapters go on attention and the dense
-linears), and saving the 4-bit experts in a folder (bitsandbytes' format has no 3-D weights).
+The same forward serves experts that carry LoRA updates (nn/lora_experts.py), 4-bit or left in
+16 bits. What it leaves out: saving the 4-bit experts in a folder (bitsandbytes' format has no
+3-D weights).
 """
 
 from __future__ import annotations
@@ -101,18 +102,29 @@ class _ExpertMatrix:
 
 
 def _product(module: nn.Module, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W(expert)^T (+ bias)``, W dequantized from its 4 bits in the compute dtype."""
-    dtype = module.experts_compute_dtype or x.dtype
+    """``x @ W(expert)^T (+ bias)``: W dequantized from its 4 bits in the compute dtype (or the
+    dense weight, for experts left in 16 bits), plus the expert's LoRA update where it has one
+    (nn/lora_experts.py)."""
     bias = getattr(module, f"{name}_bias", None) if module.has_bias else None
-    bias = bias[expert].to(dtype) if bias is not None else None
-    matrix = _ExpertMatrix(module._parameters[name][expert], module.experts_4bit[name][expert])
-    return frozen_product(matrix, x.to(dtype), bias).to(x.dtype)
+    bias = bias[expert] if bias is not None else None
+    states = getattr(module, "experts_4bit", {}).get(name)
+    if states is not None:
+        dtype = module.experts_compute_dtype or x.dtype
+        matrix = _ExpertMatrix(module._parameters[name][expert], states[expert])
+        y = frozen_product(matrix, x.to(dtype), bias.to(dtype) if bias is not None else None).to(x.dtype)
+    else:
+        weight = module._parameters[name][expert]
+        y = nn.functional.linear(x, weight.T if module.is_transposed else weight, bias)
+    adapters = getattr(module, "experts_lora", None)
+    if adapters is not None and name in adapters:
+        y = y + adapters[name].update(x, expert).to(y.dtype)
+    return y
 
 
 def experts_forward_4bit(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' experts forward (hidden [tokens, H], top-k expert ids and weights [tokens, k])
-    over 4-bit experts; see the module docstring."""
+    over 4-bit experts (or dense ones with LoRA); see the module docstring."""
     out = torch.zeros_like(hidden_states)
     num_experts = self._parameters["down_proj"].shape[0]
     with torch.no_grad():

@@ -36,6 +36,7 @@ from torch import nn
 from ..kernels.lora import qlora_linear
 from .frozen_linear import FrozenLinear
 from .linear4bit import Linear4bit
+from .lora_experts import add_expert_lora, expert_lora_layers, match_expert_weights
 
 LINEAR_TYPES = (nn.Linear, FrozenLinear)  # what LoRA wraps: dense linears and every quantized one
 ALL_LINEAR = ("all-linear", "all")
@@ -187,33 +188,47 @@ def add_lora(
     init: str = "kaiming",
     exclude: Iterable[str] = ("lm_head",),
     verbose: bool = True,
+    target_parameters: str | Iterable[str] | None = None,
 ) -> nn.Module:
     """Freeze ``model`` and wrap the targeted linear layers with LoRA adapters (in place).
 
-    Returns the model; prints trainable / total parameters when ``verbose``.
+    ``target_parameters``: fused mixture-of-experts weights to adapt too, one update per expert
+    (PEFT's ``target_parameters``, e.g. ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``;
+    nn/lora_experts.py); ``target=[]`` adapts those alone. Returns the model; prints trainable /
+    total parameters when ``verbose``.
     """
-    if lora_layers(model):
+    if lora_layers(model) or expert_lora_layers(model):
         raise ValueError("this model already has LoRA adapters; load or merge them instead of adding a second set")
-    names = match_targets(model, target, exclude)
+    target = target if isinstance(target, str) else list(target)
+    names = match_targets(model, target, exclude) if target != [] else []
+    experts = match_expert_weights(model, target_parameters) if target_parameters else []
+    if not names and not experts:
+        raise ValueError("lora_target selects no module and no lora_target_parameters are given: nothing to adapt")
+    if experts and (dropout or use_dora):
+        raise ValueError(f"LoRA on expert weights ({experts[0]}, ...) works without dropout and DoRA (as in PEFT, "
+                         f"which cannot save them): got lora_dropout={dropout}, use_dora={use_dora}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout, use_rslora, use_dora, dtype, init))
+    if experts:
+        add_expert_lora(model, experts, r, alpha, use_rslora, dtype, init)
     model.lora_settings = {
         "r": r, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "use_dora": use_dora,
-        "target": target if isinstance(target, str) else list(target), "modules": names,
+        "target": target, "modules": names, "parameters": experts,
     }
     if verbose:
         trainable, total = count_parameters(model)
-        print(f"LoRA r={r} alpha={alpha} on {len(names)} modules: trainable {trainable:,} / {total:,} "
+        where = f"{len(names)} modules" + (f" and {len(experts)} expert weights" if experts else "")
+        print(f"LoRA r={r} alpha={alpha} on {where}: trainable {trainable:,} / {total:,} "
               f"parameters ({100 * trainable / total:.3f}%)")
     return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; a 4-bit weight counts its original element count."""
+    """(trainable, total) parameters; a 4-bit weight (linear or experts) counts its original element count."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total, seen = 0, set()
     for module in model.modules():
@@ -223,6 +238,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             seen.add(id(p))
             if isinstance(module, Linear4bit) and name == "weight" and module.quant_state is not None:
                 total += module.quant_state.numel
+            elif name in getattr(module, "experts_4bit", {}):  # 4-bit MoE experts
+                total += sum(state.numel for state in module.experts_4bit[name])
             else:
                 total += p.numel()
     return trainable, total

@@ -111,6 +111,9 @@ class AdapterSet:
         config = read_adapter_config(folder)
         if config.get("use_dora"):
             raise ValueError(f"{folder}: DoRA adapters cannot be served side by side; merge it (fourbit merge) instead")
+        if config.get("target_parameters"):
+            raise ValueError(f"{folder}: adapters on mixture-of-experts weights (target_parameters) cannot be served side "
+                             "by side yet; merge it (fourbit merge) instead")
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (only safetensors adapters are loaded)")

@@ -41,6 +41,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # None: 2 * lora_rank, as LLaMA-Factory
     lora_dropout: float = 0.0
     lora_target: str | list[str] = "all"
+    lora_target_parameters: str | list[str] | None = None  # MoE expert weights (PEFT's target_parameters)
     use_rslora: bool = False
     use_dora: bool = False
     # optimization
@@ -97,6 +98,13 @@ class TrainConfig:
         if "," in self.lora_target or self.lora_target.isidentifier():
             return [t.strip() for t in self.lora_target.split(",") if t.strip()]
         return self.lora_target  # a regular expression
+
+    @property
+    def target_parameters(self) -> list[str] | None:
+        """lora_target_parameters as add_lora takes it: a list of names (or None)."""
+        if isinstance(self.lora_target_parameters, str):
+            return [t.strip() for t in self.lora_target_parameters.split(",") if t.strip()]
+        return self.lora_target_parameters
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -189,6 +197,11 @@ def validate(c: TrainConfig) -> None:
     _check(c.lora_rank > 0, "lora_rank", c.lora_rank, "a positive integer")
     _check(c.alpha > 0, "lora_alpha", c.lora_alpha, "a positive number")
     _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "a number in [0, 1)")
+    experts = c.lora_target_parameters
+    _check(experts is None or isinstance(experts, str) or (isinstance(experts, list) and all(isinstance(t, str) for t in experts)),
+           "lora_target_parameters", experts, "expert weight names, a list or comma-separated (mlp.experts.gate_up_proj,...)")
+    _check(not experts or (c.lora_dropout == 0 and not c.use_dora), "lora_target_parameters", experts,
+           "LoRA on expert weights without lora_dropout and use_dora (as in PEFT)")
     _check(c.optim in OPTIMIZERS, "optim", c.optim, f"one of {OPTIMIZERS}")
     _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "a number > 0")
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "a number >= 0")

@@ -30,6 +30,7 @@ from ..io.peft import adapter_state_dict, write_adapter_files
 from ..memory import memory_report
 from ..peak_memory import measured_peak, reset_peak
 from ..nn.lora import count_parameters, lora_layers
+from ..nn.lora_experts import expert_lora_layers
 from .checkpoint import (
     METRICS_FILE,
     TrainState,
@@ -330,11 +331,12 @@ def _banner(model, config: TrainConfig, n_examples: int, total_steps: int, resum
             estimate, device) -> None:
     trainable, total = count_parameters(model)
     report = memory_report(model)
-    layers = len(lora_layers(model))
+    experts = len(expert_lora_layers(model))
+    layers = f"{len(lora_layers(model))} modules" + (f" and {experts} expert weights" if experts else "")
     where = f"{ranks.world_size} ranks, {ranks.strategy}" if ranks.strategy else "one process"
     print(
         f"fourbit train | {where} | device {device} ({torch.get_num_threads()} threads) | model {report.total_bytes / 2**20:.0f} MiB "
-        f"| LoRA r={config.lora_rank} alpha={config.alpha:g} on {layers} modules | trainable {trainable:,} / {total:,} "
+        f"| LoRA r={config.lora_rank} alpha={config.alpha:g} on {layers} | trainable {trainable:,} / {total:,} "
         f"({100 * trainable / max(total, 1):.2f}%)\n"
         f"  {n_examples} examples, {total_steps} steps of {per_step * config.per_device_train_batch_size} examples "
         f"({config.per_device_train_batch_size} per micro-batch, {per_step} micro-batches over {ranks.world_size} "

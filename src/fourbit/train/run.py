@@ -62,7 +62,8 @@ def run(config: TrainConfig) -> TrainResult:
         raise ValueError(f"{config.model_name_or_path} has no tokenizer files; training needs one")
     torch.manual_seed(config.seed)  # the adapters' initialization is part of the run's seed
     add_lora(model, r=config.lora_rank, alpha=config.alpha, target=config.targets, dropout=config.lora_dropout,
-             use_rslora=config.use_rslora, use_dora=config.use_dora, verbose=ranks.is_main)
+             use_rslora=config.use_rslora, use_dora=config.use_dora, verbose=ranks.is_main,
+             target_parameters=config.target_parameters)
     return train(model, tokenizer, config)
 
 
