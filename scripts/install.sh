@@ -18,12 +18,17 @@ case "$mode" in
     *) echo "usage: bash scripts/install.sh [test|newest]  (got '$mode')" >&2; exit 2 ;;
 esac
 
+# llama-cpp-python (a test dependency: llama.cpp reads our GGUF files) is built from its source
+# release, 10-20 minutes on 2 cores, once per machine (pip keeps the wheel): portable code
+# (GGML_NATIVE=OFF, so a wheel built on an AVX-512 machine runs on an AVX2 one) and no libcurl.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_CURL=OFF}"
+
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet "torch==2.13.0"
 fi
 case "$mode" in
     "")   python -m pip install --quiet -c constraints.txt -e . ;;
-    test) python -m pip install --quiet -c constraints.txt -e ".[test]" ;;
+    test) python -m pip install --quiet -c constraints.txt -e ".[test]" ;;  # CMAKE_ARGS: see above
     newest)
         # Every requirement by name alone, upgraded with what it needs; torch excluded.
         python -m pip install --quiet --no-deps -e .

@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     g.set_defaults(run=_merge)
 
+    x = sub.add_parser("export", help="write a GGUF file for llama.cpp, Ollama and LM Studio (and an Ollama Modelfile)")
+    x.add_argument("source", nargs="?", default=None, help="model folder, .gguf file or hub id (default: the embedded model)")
+    x.add_argument("--adapter", default=None, help="PEFT adapter folder, merged into the model first")
+    x.add_argument("--format", default="gguf", choices=["gguf", "gguf-lora"],
+                   help="gguf: the model (adapter merged); gguf-lora: the adapter alone, for llama.cpp's --lora")
+    x.add_argument("--quant", default="q8_0", help="f16, bf16, q8_0 (default), q4_0, q4_k_m, q5_k_m or q6_k: type of the weights")
+    x.add_argument("--output", "-o", required=True, help="the .gguf file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    x.set_defaults(run=_export)
+
     c = sub.add_parser("chat", help="chat in the terminal (streaming); /adapter NAME switches adapters")
     _add_serving_args(c)
     c.add_argument("--use", default=None, metavar="NAME", help="adapter to start with (default: the first --adapter)")
@@ -306,6 +316,20 @@ def _merge(args) -> None:
         args.base, args.adapter, args.output, dtype=args.dtype, base_quantization=quantization,
         double_quant=args.double_quant, blocksize=args.blocksize, requantize=args.requantize, overwrite=args.overwrite,
     )
+    print(report.format())
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+def _export(args) -> None:
+    from .io.gguf_export import export_gguf, export_gguf_lora
+
+    start = time.perf_counter()
+    if args.format == "gguf-lora":
+        if args.adapter is None:
+            raise ValueError("--format gguf-lora writes an adapter: name it with --adapter DIR")
+        report = export_gguf_lora(args.source, args.adapter, args.output, overwrite=args.overwrite)
+    else:
+        report = export_gguf(args.source, args.output, args.quant, adapter=args.adapter, overwrite=args.overwrite)
     print(report.format())
     print(f"done in {time.perf_counter() - start:.1f} s")
 

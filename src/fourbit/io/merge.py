@@ -129,11 +129,7 @@ def merge_adapter(
     layers, experts = lora_layers(model), expert_lora_layers(model)
     for name, layer in layers.items():
         model.set_submodule(name, _merged_linear(layer))
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FrozenLinear):
-            model.set_submodule(name, _dense_linear(module.dequantize(torch.float32), module.bias))
-        elif hasattr(module, "experts_4bit"):  # 4-bit MoE experts: their dense 3-D weights again
-            dequantize_experts_(module, torch.float32)
+    _dequantize_layers(model)
     for key, adapter in experts.items():
         _merge_experts(model, key, adapter)
     _drop_fourbit_attributes(model)
@@ -215,6 +211,22 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
     return linear
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Every quantized layer of ``model`` (and 4-bit MoE experts) back to dense float32 weights, and
+    the model a plain transformers one again (in place)."""
+    _dequantize_layers(model)
+    _drop_fourbit_attributes(model)
+    return model
+
+
+def _dequantize_layers(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FrozenLinear):
+            model.set_submodule(name, _dense_linear(module.dequantize(torch.float32), module.bias))
+        elif hasattr(module, "experts_4bit"):  # 4-bit MoE experts: their dense 3-D weights again
+            dequantize_experts_(module, torch.float32)
 
 
 def _drop_fourbit_attributes(model: nn.Module) -> None:

@@ -1,0 +1,295 @@
+"""GGUF export (io/gguf_export.py), read back by llama.cpp itself through llama-cpp-python.
+
+References: the transformers model the file was written from (float32), and for quantized files
+that model holding the weights gguf-py dequantizes from the file; llama.cpp's own quantizer
+(``llama_model_quantize``) for which type each tensor gets, and for the bytes of Q8_0/Q4_0/Q5_x
+tensors (K-quant tensors: their error against the weights).
+
+Tolerances, as max |difference| / max |logit| over a 16-token prompt, on tiny random models
+(transformers' default initialization):
+- f16 file vs the float32 model: 1e-2. The weights are rounded to float16 (2^-11 relative) and
+  llama.cpp's CPU matmul also rounds the activations to float16 before its f16 dot products;
+  measured 7e-4. A misplaced tensor or a wrong Q/K permutation moves the logits by their size.
+- quantized files vs the model holding the file's own dequantized weights: 2e-2. llama.cpp's
+  quantized matmuls quantize the activations too, to 8 bits per block (Q8_0, Q8_K); measured
+  8e-3 to 1.1e-2. (The quantized weights themselves move the logits 1% at q8_0, 7-21% at 4 bits.)
+"""
+
+import json
+
+import gguf
+import llama_cpp  # a test dependency, built from its source release (pyproject.toml's test extra)
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import fourbit
+from fourbit.cli import main
+from fourbit.io.gguf_export import export_gguf, permute_rotary
+from fourbit.io.gguf_vocab import CHECK_TEXT, pre_tokenizer
+
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False)
+ARCHITECTURES = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}}
+PROMPT = "The quick brown fox jumps over the lazy dog, and then it naps."
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def arch(request, tmp_path_factory, chat_tokenizer):
+    """(name, folder of a tiny random model saved with SmolLM2's tokenizer, that model, the
+    tokenizer as transformers loads it from the folder: for qwen2, Qwen2Tokenizer, which splits
+    text with Qwen's expression over SmolLM2's vocabulary)."""
+    name = request.param
+    config = AutoConfig.for_model(name, vocab_size=len(chat_tokenizer), **COMMON, **ARCHITECTURES[name])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
+    return name, folder, model, AutoTokenizer.from_pretrained(folder)
+
+
+def llama_logits(path, ids) -> torch.Tensor:
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+def hf_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def relative(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it(chat_tokenizer):
+    from fourbit.io.default_model import default_model_path
+
+    # SmolLM2's GGUF, written by llama.cpp's converter, records its pre-tokenizer: ours agrees
+    field = gguf.GGUFReader(default_model_path()).fields["tokenizer.ggml.pre"]
+    assert pre_tokenizer(chat_tokenizer) == bytes(field.parts[-1]).decode() == "smollm"
+    assert "🦙" in CHECK_TEXT
+
+
+def test_f16_runs_in_llama_cpp_with_the_models_logits(arch, tmp_path):
+    name, folder, model, tokenizer = arch
+    report = export_gguf(folder, tmp_path / "m.gguf", "f16")
+    assert report.architecture == ("llama" if name in ("llama", "mistral") else name)
+    ids = tokenizer.encode(PROMPT)
+    assert relative(llama_logits(tmp_path / "m.gguf", ids), hf_logits(model, ids)) < 1e-2  # see the module docstring
+
+
+def test_llama_cpp_tokenizes_and_stops_as_the_tokenizer_does(arch, tmp_path):
+    _, folder, _, tokenizer = arch
+    export_gguf(folder, tmp_path / "m.gguf", "f16")
+    assert_same_tokens(tmp_path / "m.gguf", tokenizer)
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fields["tokenizer.ggml.eot_token_id"].parts[-1][0] == im_end
+    assert bytes(fields["tokenizer.chat_template"].parts[-1]).decode() == tokenizer.chat_template
+    modelfile = (tmp_path / "m.Modelfile").read_text()
+    assert modelfile.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def assert_same_tokens(path, tokenizer):
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False, vocab_only=True)
+    for text in (PROMPT, CHECK_TEXT, "<|im_start|>user\nHi 12345<|im_end|>\n"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
+
+
+def test_a_known_splitting_over_another_vocabulary_is_named_by_its_expression(tmp_path, chat_tokenizer):
+    """Llama 3's expression (digits in threes) over SmolLM2's vocabulary: no known hash, so the
+    pre-tokenizer is named by its Split expression, and llama.cpp splits as transformers does."""
+    from fourbit.io.gguf_vocab import SPLIT_PATTERNS
+
+    spec = json.loads(chat_tokenizer.backend_tokenizer.to_str())
+    llama3 = next(p for p, n in SPLIT_PATTERNS.items() if n == "llama-bpe")
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    folder = tmp_path / "llama3-split"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)).save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.encode(CHECK_TEXT) != chat_tokenizer.encode(CHECK_TEXT)  # the splitting took effect
+    assert pre_tokenizer(tokenizer) == "llama-bpe"
+    export_gguf(folder, tmp_path / "m.gguf", "f16")
+    assert_same_tokens(tmp_path / "m.gguf", tokenizer)
+
+
+def dequantized_twin(model, path):
+    """A copy of ``model`` holding the weights gguf-py dequantizes from the GGUF file at ``path``."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if model.config.model_type in ("llama", "mistral")
+                                     else {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[
+                                         model.config.model_type], model.config.num_hidden_layers)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    with torch.no_grad():
+        for hf_name, param in twin.state_dict().items():
+            if hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
+                continue  # the embedding's storage
+            tensor = tensors[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
+            values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).reshape(param.shape)
+            if model.config.model_type in ("llama", "mistral") and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = model.config.num_attention_heads if "q_proj" in hf_name else model.config.num_key_value_heads
+                values = unpermute(values, heads)
+            param.copy_(values)
+    return twin
+
+
+def unpermute(weight, heads):
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+QUANTIZED = ["q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+K_QUANTS = {"Q4_K", "Q5_K", "Q6_K"}
+
+
+def llama_cpp_quantize(source, output, quant):
+    """llama.cpp's own quantizer (llama-quantize) on our f16 file."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(output).encode(), params) == 0
+
+
+def tensors(path):
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def values(tensor) -> np.ndarray:
+    return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+
+
+@pytest.mark.parametrize("quant", QUANTIZED)
+def test_quantized_files_compute_their_weights_and_match_llama_cpps_quantizer(arch, tmp_path, quant):
+    name, folder, model, tokenizer = arch
+    export_gguf(folder, tmp_path / "f16.gguf", "f16")
+    export_gguf(folder, tmp_path / "ours.gguf", quant)
+    ids = tokenizer.encode(PROMPT)
+    twin = dequantized_twin(model, tmp_path / "ours.gguf")
+    assert relative(llama_logits(tmp_path / "ours.gguf", ids), hf_logits(twin, ids)) < 2e-2  # see the docstring
+    assert 1e-3 < relative(hf_logits(twin, ids), hf_logits(model, ids))  # the weights were quantized
+
+    llama_cpp_quantize(tmp_path / "f16.gguf", tmp_path / "theirs.gguf", quant)
+    ours, theirs = tensors(tmp_path / "ours.gguf"), tensors(tmp_path / "theirs.gguf")
+    assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
+    for n in ours:  # gguf-py's quantizers are llama.cpp's, to the byte (K-quants: see the next test)
+        assert ours[n].tensor_type.name in K_QUANTS or bytes(ours[n].data) == bytes(theirs[n].data), n
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_k_quants_are_as_close_to_the_weights_as_llama_cpps(tmp_path, chat_tokenizer, quant):
+    """Rows of whole 256-blocks (hidden 256): the K-quant tensors are fourbit's own quantizer's.
+    Each tensor's squared error against the f16 weights, ours over llama.cpp's: at most 1.1
+    (measured: Q4_K 0.99-1.00, Q5_K 1.01-1.02, Q6_K 1.04-1.05; llama.cpp minimises an error
+    weighted toward large values, we the plain one)."""
+    config = AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **(COMMON | dict(
+        hidden_size=256, intermediate_size=512, head_dim=64, tie_word_embeddings=True)))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "wide")
+    chat_tokenizer.save_pretrained(tmp_path / "wide")
+    export_gguf(tmp_path / "wide", tmp_path / "f16.gguf", "f16")
+    export_gguf(tmp_path / "wide", tmp_path / "ours.gguf", quant)
+    llama_cpp_quantize(tmp_path / "f16.gguf", tmp_path / "theirs.gguf", quant)
+    weights, ours, theirs = tensors(tmp_path / "f16.gguf"), tensors(tmp_path / "ours.gguf"), tensors(tmp_path / "theirs.gguf")
+    assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
+    kinds = {t.tensor_type.name for t in ours.values()}
+    assert kinds & K_QUANTS == ({"Q6_K"} if quant == "q6_k" else {quant[:2].upper() + "_K", "Q6_K"})
+    ratios = {}
+    for n, t in ours.items():
+        if t.tensor_type.name in K_QUANTS:
+            w = values(weights[n])
+            ratios[n] = ((values(t) - w) ** 2).sum() / ((values(theirs[n]) - w) ** 2).sum()
+    assert max(ratios.values()) < 1.1, ratios
+    ids = chat_tokenizer.encode(PROMPT)
+    assert relative(llama_logits(tmp_path / "ours.gguf", ids), hf_logits(dequantized_twin(model, tmp_path / "ours.gguf"), ids)) < 2e-2
+
+
+def test_the_adapter_is_merged_first(tmp_path, chat_tokenizer):
+    from fourbit.io.merge import merge_adapter
+    from fourbit.nn.lora import lora_layers
+
+    config = AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    chat_tokenizer.save_pretrained(tmp_path / "base")
+    model, _ = fourbit.load_model(tmp_path / "base", compute_dtype="float32", torch_dtype="float32")
+    fourbit.add_lora(model, r=4, alpha=8, verbose=False)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(std=0.05)
+    fourbit.save_adapter(model, tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                             "--quant", "f16", "-o", str(tmp_path / "out.gguf")]) == 0
+    merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    ids = chat_tokenizer.encode(PROMPT)
+    ours = llama_logits(tmp_path / "out.gguf", ids)
+    assert relative(ours, hf_logits(merged, ids)) < 1e-2
+    assert relative(ours, hf_logits(base, ids)) > 5e-2  # the adapter is in the file
+
+
+def test_what_cannot_be_exported_is_refused_and_nothing_written(tmp_path, chat_tokenizer):
+    folder = tmp_path / "llama"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)).save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
+    config = AutoConfig.for_model("gemma2", vocab_size=len(chat_tokenizer), **COMMON, query_pre_attn_scalar=16)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(ValueError, match=r"cannot write 'gemma2' models to GGUF yet; it writes llama, mistral"):
+        export_gguf(tmp_path / "gemma2", tmp_path / "out.gguf")
+    with pytest.raises(ValueError, match=r"quant type 'q3_k' is not supported; choose one of f16, bf16, q8_0, q4_0"):
+        export_gguf(folder, tmp_path / "out.gguf", "q3_k")
+    with pytest.raises(ValueError, match="must be a .gguf file"):
+        export_gguf(folder, tmp_path / "out.bin")
+    assert list(tmp_path.glob("out*")) == []
+    (tmp_path / "out.gguf").write_text("keep me")
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_gguf(folder, tmp_path / "out.gguf")
+    assert (tmp_path / "out.gguf").read_text() == "keep me"
+    assert main(["export", str(tmp_path / "gemma2"), "-o", str(tmp_path / "g.gguf")]) == 2
+    assert not (tmp_path / "g.gguf").exists()
+
+
+def test_rotary_permutation_pairs_neighbouring_dimensions():
+    # head of 4 dims: transformers rotates (0, 2) and (1, 3); llama.cpp rotates (0, 1) and (2, 3)
+    rows = torch.arange(8.0).reshape(8, 1)  # two heads
+    assert permute_rotary(rows, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert json.dumps(unpermute(permute_rotary(rows, 2), 2).flatten().tolist()) == json.dumps(rows.flatten().tolist())
+
+
+def test_an_adapter_as_a_llama_cpp_lora_file_adds_what_the_merge_adds(tmp_path, chat_tokenizer):
+    from fourbit.io.merge import merge_adapter
+    from fourbit.nn.lora import lora_layers
+
+    config = AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)  # llama: Q/K rows permuted
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    chat_tokenizer.save_pretrained(tmp_path / "base")
+    model, _ = fourbit.load_model(tmp_path / "base", quantization=None, compute_dtype="float32", torch_dtype="float32")
+    fourbit.add_lora(model, r=4, alpha=8, use_rslora=True, verbose=False)  # rsLoRA: alpha rewritten for llama.cpp
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(std=0.05)
+    fourbit.save_adapter(model, tmp_path / "adapter")
+    assert main(["export", str(tmp_path / "base"), "--quant", "f16", "-o", str(tmp_path / "base.gguf")]) == 0
+    assert main(["export", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--format", "gguf-lora",
+                 "-o", str(tmp_path / "lora.gguf")]) == 0
+    merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype="float32", base_quantization=None)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = chat_tokenizer.encode(PROMPT)
+    llm = llama_cpp.Llama(str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "lora.gguf"), n_ctx=64,
+                          logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    assert relative(theirs, hf_logits(merged, ids)) < 1e-2  # as the f16 file: see the module docstring
+    assert relative(llama_logits(tmp_path / "base.gguf", ids), hf_logits(merged, ids)) > 5e-2  # the LoRA counts
