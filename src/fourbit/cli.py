@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocksize", type=int, default=None, help="the base's quantization block size in training (default: recorded)")
     g.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
                    help="the base was trained without double quantization (default: recorded)")
+    g.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
+                   help="add the update to the base as trained on, dequantized (default), or to its original "
+                        "16-bit weights (bench/RESULTS.md compares them)")
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     g.set_defaults(run=_merge)
 
@@ -94,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: the model (adapter merged); gguf-lora: the adapter alone, for llama.cpp's --lora")
     x.add_argument("--quant", default="q8_0", help="f16, bf16, q8_0 (default), q4_0, q4_k_m, q5_k_m or q6_k: type of the weights")
     x.add_argument("--output", "-o", required=True, help="the .gguf file to write")
+    x.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
+                   help="with --adapter: merge into the dequantized base it was trained on (default) or the original weights")
     x.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     x.set_defaults(run=_export)
 
@@ -315,6 +320,7 @@ def _merge(args) -> None:
     report = merge_adapter(
         args.base, args.adapter, args.output, dtype=args.dtype, base_quantization=quantization,
         double_quant=args.double_quant, blocksize=args.blocksize, requantize=args.requantize, overwrite=args.overwrite,
+        into=args.into,
     )
     print(report.format())
     print(f"done in {time.perf_counter() - start:.1f} s")
@@ -329,7 +335,8 @@ def _export(args) -> None:
             raise ValueError("--format gguf-lora writes an adapter: name it with --adapter DIR")
         report = export_gguf_lora(args.source, args.adapter, args.output, overwrite=args.overwrite)
     else:
-        report = export_gguf(args.source, args.output, args.quant, adapter=args.adapter, overwrite=args.overwrite)
+        report = export_gguf(args.source, args.output, args.quant, adapter=args.adapter, overwrite=args.overwrite,
+                             into=args.into)
     print(report.format())
     print(f"done in {time.perf_counter() - start:.1f} s")
 

@@ -293,3 +293,16 @@ def test_an_adapter_as_a_llama_cpp_lora_file_adds_what_the_merge_adds(tmp_path, 
     theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
     assert relative(theirs, hf_logits(merged, ids)) < 1e-2  # as the f16 file: see the module docstring
     assert relative(llama_logits(tmp_path / "base.gguf", ids), hf_logits(merged, ids)) > 5e-2  # the LoRA counts
+
+
+@pytest.mark.slow
+def test_the_default_model_chats_in_llama_cpp_and_stops_at_its_end_of_turn(tmp_path):
+    """The embedded SmolLM2 exported at q8_0: llama.cpp's own chat handler (the template read from
+    the file) answers and stops at <|im_end|>, not at the token limit."""
+    export_gguf(None, tmp_path / "smollm2.gguf", "q8_0")
+    llm = llama_cpp.Llama(str(tmp_path / "smollm2.gguf"), n_ctx=512, verbose=False, n_threads=2)
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                     max_tokens=64, temperature=0.0, seed=0)
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    assert "Paris" in choice["message"]["content"] and "<|im_end|>" not in choice["message"]["content"]

@@ -179,3 +179,29 @@ def test_an_adapter_without_a_training_base_is_taken_as_trained_by_default(tiny_
     assert report.base == ("nf4 + double quant, block 64, the adapter records no training base (training_base.json): "
                            "taken as fourbit train's default")
     assert relative(transformers_logits(tmp_path / "merged", tmp_path), want) < 1e-5
+
+
+def test_into_original_adds_the_update_to_the_16_bit_weights(tiny_llama, tmp_path):
+    """An adapter trained on NF4, merged --into original: W + s B A from the dense folder's own
+    weights (the reference: transformers' dense model with the update added by hand, float64)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    folder, dense = tiny_llama
+    trained_adapter(folder, tmp_path / "a")
+    report = merge_adapter(folder, tmp_path / "a", tmp_path / "original", dtype="float32", into="original")
+    assert report.base.startswith("16-bit (no quantization), as asked, but the adapter was trained on nf4")
+    expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
+    with safe_open(tmp_path / "a" / "adapter_model.safetensors", "pt") as f, torch.no_grad():
+        for key in f.keys():
+            if key.endswith("lora_A.weight"):
+                module = expected.get_submodule(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
+                b = f.get_tensor(key.replace("lora_A", "lora_B")).double()
+                module.weight += 8 / 4 * b @ f.get_tensor(key).double()  # alpha / r
+    with torch.no_grad():
+        want = expected(input_ids=IDS).logits.float()
+    assert relative(transformers_logits(tmp_path / "original", tmp_path), want) < 1e-5  # float32 vs float64 sums
+    merge_adapter(folder, tmp_path / "a", tmp_path / "dequantized", dtype="float32")  # the default
+    assert relative(transformers_logits(tmp_path / "dequantized", tmp_path), want) > 1e-3  # NF4's error
+    with pytest.raises(ValueError, match=r"into must be one of \('dequantized', 'original'\)"):
+        merge_adapter(folder, tmp_path / "a", tmp_path / "x", into="raw")

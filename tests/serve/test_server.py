@@ -230,3 +230,76 @@ def test_cli_serve_binds_locally_and_takes_the_key_from_the_environment(chat_mod
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def reference_logprobs(s, ids):
+    """log-softmax of the served model's own logits on ``ids`` (transformers' forward, one row,
+    no adapter): position i gives token i + 1's log-probability. The server batches and pads, so
+    its float32 sums run in another order: 1e-5 absolute on log-probabilities of magnitude ~10."""
+    with s["engine"].lock, s["adapters"].use(None), torch.no_grad():
+        return torch.log_softmax(s["model"](input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_completions_echo_the_prompt_with_the_models_log_probabilities(served):
+    tokenizer = served["tokenizer"]
+    ids = tokenizer("The colour of the sky is")["input_ids"]
+    out = served["client"].completions.create(model="tiny", prompt=ids, max_tokens=2, logprobs=3, echo=True,
+                                              temperature=0)
+    choice = out.choices[0]
+    generated = tokenizer(choice.text[len(tokenizer.decode(ids)):], add_special_tokens=False)["input_ids"]
+    lp = reference_logprobs(served, ids + generated)
+    got = choice.logprobs
+    assert choice.text.startswith(tokenizer.decode(ids)) and len(got.tokens) == len(ids) + 2
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None  # nothing predicts the first token
+    for i, token in enumerate((ids + generated)[1:], start=1):
+        assert got.token_logprobs[i] == pytest.approx(lp[i - 1, token].item(), abs=1e-5)
+        assert len(got.top_logprobs[i]) == 3
+        assert max(got.top_logprobs[i].values()) == pytest.approx(lp[i - 1].max().item(), abs=1e-5)
+    assert got.tokens == [tokenizer.decode([t]) for t in ids + generated]
+    assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+    # greedy: each generated token is its position's most likely one
+    assert [lp[len(ids) - 1 + k].argmax().item() for k in range(2)] == generated
+
+
+def test_prompts_as_strings_or_token_ids_in_lists(served):
+    tokenizer = served["tokenizer"]
+    texts = ["Once upon a time", "The end"]
+    by_text = served["client"].completions.create(model="tiny", prompt=texts, max_tokens=3)
+    by_ids = served["client"].completions.create(model="tiny", prompt=[tokenizer(t)["input_ids"] for t in texts],
+                                                 max_tokens=3)
+    assert [c.text for c in by_text.choices] == [c.text for c in by_ids.choices] and len(by_ids.choices) == 2
+    with pytest.raises(openai.BadRequestError, match="vocabulary size"):
+        served["client"].completions.create(model="tiny", prompt=[[1, len(tokenizer) + 5]], max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="'logprobs' must be an integer from 0 to 20"):
+        served["client"].completions.create(model="tiny", prompt="x", max_tokens=1, logprobs=21)
+
+
+def test_chat_log_probabilities_in_openais_shape(served):
+    tokenizer = served["tokenizer"]
+    out = served["client"].chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, logprobs=True,
+                                                   top_logprobs=2)
+    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    content = out.choices[0].logprobs.content
+    generated = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(c.token)) for c in content]
+    lp = reference_logprobs(served, prompt + [t[0] for t in generated])
+    for k, entry in enumerate(content):
+        assert entry.logprob == pytest.approx(lp[len(prompt) - 1 + k].max().item(), abs=1e-5)  # greedy
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert bytes(entry.bytes).decode() == entry.token
+    with pytest.raises(openai.BadRequestError, match="'top_logprobs' needs logprobs true"):
+        served["client"].chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1, top_logprobs=2)
+
+
+def test_tokenize_and_detokenize_in_vllms_shape(served):
+    tokenizer = served["tokenizer"]
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    status, body = raw(served, "POST", "/tokenize", json.dumps({"prompt": "Hello there"}).encode(), auth)
+    answer = json.loads(body)
+    assert status == 200 and answer["tokens"] == tokenizer("Hello there")["input_ids"] and answer["count"] == len(answer["tokens"])
+    status, body = raw(served, "POST", "/detokenize", json.dumps({"tokens": answer["tokens"]}).encode(), auth)
+    assert status == 200 and json.loads(body) == {"prompt": tokenizer.decode(answer["tokens"])}
+    status, body = raw(served, "POST", "/tokenize", json.dumps({"messages": MESSAGES}).encode(), auth)
+    chat_text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert json.loads(body)["tokens"] == tokenizer(chat_text, add_special_tokens=False)["input_ids"]
+    assert raw(served, "POST", "/detokenize", json.dumps({"tokens": [-1]}).encode(), auth)[0] == 400

@@ -88,10 +88,11 @@ class ExportReport:
 
 
 def export_gguf(source: str | os.PathLike | None, output: str | os.PathLike, quant: str = "q8_0",
-                adapter: str | os.PathLike | None = None, overwrite: bool = False) -> ExportReport:
+                adapter: str | os.PathLike | None = None, overwrite: bool = False,
+                into: str = "dequantized") -> ExportReport:
     """``fourbit export``: the model at ``source`` (what load_model takes; a quantized folder is
-    dequantized), with the PEFT ``adapter`` merged first if given (io/merge.py, float32), as a
-    GGUF file at ``output``."""
+    dequantized), with the PEFT ``adapter`` merged first if given (io/merge.py, float32, ``into``
+    the dequantized base it was trained on or the original weights), as a GGUF file at ``output``."""
     from transformers import AutoConfig
 
     from .loader import load_model
@@ -104,7 +105,7 @@ def export_gguf(source: str | os.PathLike | None, output: str | os.PathLike, qua
         check_exportable(AutoConfig.from_pretrained(source), quant)
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         if adapter is not None:
-            merge_adapter(source, adapter, Path(tmp) / "merged", dtype="float32")
+            merge_adapter(source, adapter, Path(tmp) / "merged", dtype="float32", into=into)
             source = Path(tmp) / "merged"
         model, tokenizer = load_model(source, quantization=None, compute_dtype="float32", torch_dtype="float32")
         check_exportable(model.config, quant)

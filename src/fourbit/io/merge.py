@@ -57,6 +57,7 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Merging must not chan
 
 
 RECORDED = "recorded"  # base_quantization: as the adapter's training_base.json says
+INTO = ("dequantized", "original")  # what the update is added to
 TRAIN_DEFAULT = {"quantization": "nf4", "double_quant": True, "blocksize": 64}  # fourbit train's
 
 
@@ -96,6 +97,7 @@ def merge_adapter(
     blocksize: int | None = None,
     requantize: str | None = None,
     overwrite: bool = False,
+    into: str = "dequantized",
 ) -> MergeReport:
     """Merge the PEFT adapter at ``adapter`` into ``base`` and write the result to ``output``.
 
@@ -105,7 +107,15 @@ def merge_adapter(
         "int4", or None for a 16-bit LoRA base); by default what the adapter records.
     dtype: dtype of the merged weights (and of every unquantized one). requantize: "nf4" or
         "fp4" to write a 4-bit folder instead of a dense one.
+    into: "dequantized" (the base as the adapter saw it in training, dequantized: the merged
+        model computes what base + adapter computed) or "original" (the base's own 16-bit
+        weights, without the quantization error the adapter learned around; the same as
+        base_quantization=None). bench/RESULTS.md measures both on the main job.
     """
+    if into not in INTO:
+        raise ValueError(f"into must be one of {INTO}, got {into!r}")
+    if into == "original":
+        base_quantization = None
     out_dtype = parse_dtype(dtype) if dtype in DTYPES or isinstance(dtype, torch.dtype) else None
     if out_dtype not in {parse_dtype(d) for d in OUTPUT_DTYPES}:
         raise ValueError(f"merge dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")

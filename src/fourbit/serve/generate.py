@@ -15,6 +15,12 @@ One loop serves every caller (the chat, the server, evaluation):
               template's end of turn), at a stop string (the text is cut before it), or at
               max_new_tokens; finished rows keep a slot in the batch but no longer emit
 
+Log-probabilities, when a Sampling asks: each generated token's (``logprobs``: with that many
+most likely alternatives) and each prompt token's given the ones before it (``prompt_logprobs``,
+what OpenAI's ``echo`` returns; the prefill then keeps the logits of every position, [batch,
+prompt, vocabulary] floats, instead of the last). Both are the log-softmax of the raw logits,
+before temperature and cuts: what the model assigns, whatever was sampled.
+
 Streaming: :func:`stream` yields each row's new text as it is decoded, holding back only the
 characters that could still turn into a stop string (and incomplete UTF-8 at the end).
 ``use_cache=False`` recomputes the whole sequence at each step: slower, the same function, and
@@ -41,8 +47,12 @@ class Sampling:
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # per generated token: its log-probability and this many alternatives
+    prompt_logprobs: bool = False  # the same for every prompt token after the first (OpenAI's echo)
 
     def __post_init__(self):
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not 0 <= self.temperature <= 100:
@@ -58,12 +68,27 @@ class Sampling:
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+
+@dataclass
+class TokenLogprob:
+    """A token, its log-probability under the model (log-softmax of the raw logits, before any
+    temperature or cut), and the ``top`` most likely tokens at its position as (id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first)
 
 
 @dataclass
@@ -118,6 +143,9 @@ class Generation:
         self.emitted = [0] * len(prompts)  # characters of each row's text already yielded
         self.finish: list[str | None] = [None] * len(prompts)
         self.text = [""] * len(prompts)
+        self.logprobs = [[] if s.logprobs is not None else None for s in self.sampling]
+        self.prompt_logprobs: list[list | None] = [None] * len(prompts)
+        self._step_logprobs: torch.Tensor | None = None  # log-softmax of the last step's logits
 
     @torch.no_grad()
     def steps(self) -> Iterator[Delta]:
@@ -127,14 +155,21 @@ class Generation:
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in self.prompts], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in self.prompts], device=device)
         cache, step_ids = None, ids  # with the cache, only the newest token goes in after the prompt
-        for _ in range(max(s.max_new_tokens for s in self.sampling)):
+        echo = any(s.prompt_logprobs for s in self.sampling)
+        for step in range(max(s.max_new_tokens for s in self.sampling)):
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             if self.use_cache and cache is not None:
                 positions = positions[:, -1:]
+            every = echo and step == 0  # the prefill's logits at every position, for prompt logprobs
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=self.use_cache, logits_to_keep=1)
+                             past_key_values=cache, use_cache=self.use_cache, logits_to_keep=0 if every else 1)
             cache = out.past_key_values if self.use_cache else None
-            tokens = self._choose(out.logits[:, -1].float())
+            if every:
+                self._record_prompt_logprobs(out.logits, longest)
+            last = out.logits[:, -1].float()
+            if any(lp is not None for lp in self.logprobs):
+                self._step_logprobs = torch.log_softmax(last, dim=-1)
+            tokens = self._choose(last)
             yield from self._advance(tokens)
             if all(f is not None for f in self.finish):
                 return
@@ -165,6 +200,8 @@ class Generation:
                 yield from self._end(row, "stop")
                 continue
             self.out[row].append(token)
+            if self.logprobs[row] is not None:
+                self.logprobs[row].append(_token_logprob(self._step_logprobs[row], token, s.logprobs))
             self.text[row] = self.tokenizer.decode(self.out[row], skip_special_tokens=True) if self.tokenizer else ""
             cut = _first_stop(self.text[row], s.stop)
             if cut is not None:
@@ -188,11 +225,29 @@ class Generation:
             if self.finish[row] is None:
                 yield from self._end(row, reason)
 
+    def _record_prompt_logprobs(self, logits: torch.Tensor, longest: int) -> None:
+        """Each prompt token's log-probability given the tokens before it (rows are left-padded)."""
+        for row, s in enumerate(self.sampling):
+            if not s.prompt_logprobs:
+                continue
+            prompt, offset = self.prompts[row], longest - len(self.prompts[row])
+            lp = torch.log_softmax(logits[row, offset:-1].float(), dim=-1)  # position i predicts token i + 1
+            self.prompt_logprobs[row] = [None] + [_token_logprob(lp[i], prompt[i + 1], s.logprobs or 0)
+                                                  for i in range(len(prompt) - 1)]
+
     def completion(self, row: int) -> Completion:
-        return Completion(self.text[row], self.out[row], self.finish[row], len(self.prompts[row]))
+        return Completion(self.text[row], self.out[row], self.finish[row], len(self.prompts[row]),
+                          self.logprobs[row], self.prompt_logprobs[row])
 
     def completions(self) -> list[Completion]:
         return [self.completion(row) for row in range(len(self.prompts))]
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s entry of one position's log-softmax, with the ``top`` most likely tokens."""
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
 def _generator(seed: int | None) -> torch.Generator:

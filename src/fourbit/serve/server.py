@@ -6,8 +6,13 @@ Routes (the OpenAI shapes, as vLLM and llama.cpp's server answer them):
 
     GET  /health                   200 once the model is loaded; never needs the key
     GET  /v1/models                the base (its served name) and every loaded adapter
-    POST /v1/chat/completions      messages -> the chat template -> an answer; stream: SSE chunks
-    POST /v1/completions           a prompt (or a list) -> its continuation; stream: SSE chunks
+    POST /v1/chat/completions      messages -> the chat template -> an answer; stream: SSE chunks;
+                                   logprobs / top_logprobs (OpenAI's shape)
+    POST /v1/completions           a prompt (a string, token ids, or a list of either) -> its
+                                   continuation; stream: SSE chunks; echo and logprobs (the legacy
+                                   shape: tokens, token_logprobs, top_logprobs, text_offset), what
+                                   lm-evaluation-harness's local-completions model reads
+    POST /tokenize, /detokenize    text or chat messages <-> token ids (vLLM's shapes)
     POST /v1/load_lora_adapter     {"lora_name", "lora_path"}: only with --adapter-root, only a
     POST /v1/unload_lora_adapter   folder under that root, only safetensors (vLLM's routes)
 
@@ -39,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .engine import Engine, results
-from .generate import Completion, Sampling
+from .generate import MAX_LOGPROBS, Completion, Sampling
 
 
 @dataclass
@@ -118,14 +123,23 @@ class OpenAIServer:
         return [tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     def completion_prompts(self, body: dict) -> list[list[int]]:
+        """``prompt``: a string, a list of strings, token ids, or a list of token-id lists."""
         prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise APIError(400, "'prompt' must be a non-empty string or a list of them", param="prompt")
+        vocab = len(self.engine.tokenizer)
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+            prompts = [prompt]
+        else:
+            prompts = prompt
+        ok = isinstance(prompts, list) and prompts and all(
+            (isinstance(p, str) and p) or (isinstance(p, list) and p and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p)) for p in prompts)
+        if not ok:
+            raise APIError(400, "'prompt' must be a non-empty string, a list of them, token ids (each below the "
+                                f"vocabulary size {vocab}), or a list of token-id lists", param="prompt")
         tokenizer = self.engine.tokenizer
-        return [tokenizer(p)["input_ids"] for p in prompts]
+        return [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
 
-    def sampling(self, body: dict, prompts: list[list[int]]) -> tuple[Sampling, int]:
+    def sampling(self, body: dict, prompts: list[list[int]], chat: bool = False) -> tuple[Sampling, int]:
         limits = self.limits
         n = body.get("n", 1)
         if not isinstance(n, int) or not 1 <= n <= limits.max_n:
@@ -144,10 +158,11 @@ class OpenAIServer:
         if longest + max_tokens > self.context:
             raise APIError(400, f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                                 f"context of {self.context} tokens", param="max_tokens", code="context_length_exceeded")
+        logprobs, echo = _logprob_request(body, chat)
         try:
             sampling = Sampling(max_new_tokens=max_tokens, temperature=float(body.get("temperature", 1.0 if n > 1 else 0.0)),
                                 top_p=float(body.get("top_p", 1.0)), top_k=int(body.get("top_k", 0)),
-                                seed=body.get("seed"), stop=stop)
+                                seed=body.get("seed"), stop=stop, logprobs=logprobs, prompt_logprobs=echo)
         except (TypeError, ValueError) as e:
             raise APIError(400, str(e)) from None
         return sampling, n
@@ -171,6 +186,28 @@ class OpenAIServer:
                 self.engine.submit(prompt, settings, adapter, out=out, tag=index)
                 index += 1
         return results(out, index)
+
+    def tokenize(self, body: dict) -> dict:
+        """vLLM's /tokenize: a ``prompt`` string (``add_special_tokens``, default true) or chat
+        ``messages`` (``add_generation_prompt``, default true) -> its token ids."""
+        tokenizer = self.engine.tokenizer
+        if "messages" in body:
+            ids = self.chat_prompts(body)[0] if body.get("add_generation_prompt", True) else tokenizer(
+                tokenizer.apply_chat_template(body["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+        elif isinstance(body.get("prompt"), str):
+            ids = tokenizer(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"]
+        else:
+            raise APIError(400, "/tokenize takes a 'prompt' string or chat 'messages'", param="prompt")
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+
+    def detokenize(self, body: dict) -> dict:
+        """vLLM's /detokenize: ``tokens`` (ids) -> the text."""
+        tokens = body.get("tokens")
+        vocab = len(self.engine.tokenizer)
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                   for t in tokens):
+            raise APIError(400, f"'tokens' must be a list of token ids below {vocab}", param="tokens")
+        return {"prompt": self.engine.tokenizer.decode(tokens)}
 
     def load_adapter(self, body: dict) -> dict:
         if self.adapter_root is None:
@@ -219,6 +256,59 @@ class _Release:
         return False
 
 
+def _logprob_request(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(alternatives per token or None, echo) from a request: chat's ``logprobs: true`` and
+    ``top_logprobs: N``, or completions' ``logprobs: N`` and ``echo``."""
+    if chat:
+        wanted, top = body.get("logprobs"), body.get("top_logprobs")
+        if wanted not in (None, True, False) or (top is not None and not wanted):
+            raise APIError(400, "'logprobs' is true or false; 'top_logprobs' needs logprobs true", param="logprobs")
+        top = 0 if top is None else top
+        if wanted and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+            raise APIError(400, f"'top_logprobs' must be an integer from 0 to {MAX_LOGPROBS}", param="top_logprobs")
+        return (top if wanted else None), False
+    top, echo = body.get("logprobs"), body.get("echo", False)
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+        raise APIError(400, f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS}", param="logprobs")
+    if not isinstance(echo, bool):
+        raise APIError(400, "'echo' must be true or false", param="echo")
+    if echo and body.get("stream"):
+        raise APIError(400, "'echo' is not supported with 'stream'", param="echo")
+    return top, echo and top is not None  # echo alone returns the prompt's text, not its log-probabilities
+
+
+def completion_logprobs(tokenizer, completion: Completion, prompt: list[int]) -> dict | None:
+    """The legacy completions ``logprobs`` object: ``tokens``, ``token_logprobs``, ``top_logprobs``
+    (token -> log-probability) and ``text_offset``, over the echoed prompt tokens (the first has
+    no log-probability: null) and then the generated ones."""
+    if completion.logprobs is None:
+        return None
+    entries = list(zip(prompt, completion.prompt_logprobs)) if completion.prompt_logprobs is not None else []
+    entries += [(e.token, e) for e in completion.logprobs]
+    tokens, token_logprobs, top_logprobs, offsets, offset = [], [], [], [], 0
+    for token, entry in entries:
+        text = tokenizer.decode([token])
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        token_logprobs.append(entry.logprob if entry is not None else None)
+        top_logprobs.append({tokenizer.decode([t]): lp for t, lp in entry.top} if entry is not None else None)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, completion: Completion) -> dict | None:
+    """Chat's ``logprobs``: ``content``, one {token, logprob, bytes, top_logprobs} per generated token."""
+    if completion.logprobs is None:
+        return None
+
+    def item(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in completion.logprobs]}
+
+
 def _usage(completions: list[Completion]) -> dict:
     prompt = sum(c.prompt_tokens for c in completions)
     completion = sum(len(c.token_ids) for c in completions)
@@ -252,7 +342,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, api.models())
             routes = {"/v1/chat/completions": self._completion, "/v1/completions": self._completion,
                       "/v1/load_lora_adapter": lambda body: self._json(200, api.load_adapter(body)),
-                      "/v1/unload_lora_adapter": lambda body: self._json(200, api.unload_adapter(body))}
+                      "/v1/unload_lora_adapter": lambda body: self._json(200, api.unload_adapter(body)),
+                      "/tokenize": lambda body: self._json(200, api.tokenize(body)),
+                      "/detokenize": lambda body: self._json(200, api.detokenize(body))}
             if method != "POST" or self.path not in routes:
                 self._drain()
                 raise APIError(404, f"no route {method} {self.path}", code="not_found")
@@ -290,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
         chat = self.path == "/v1/chat/completions"
         with api.slot():
             prompts = api.chat_prompts(body) if chat else api.completion_prompts(body)
-            sampling, n = api.sampling(body, prompts)
+            sampling, n = api.sampling(body, prompts, chat)
             adapter = api.adapter_for(body)
             model = adapter or api.model_name
             ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -307,11 +399,15 @@ class _Handler(BaseHTTPRequestHandler):
             choices = []
             for index in sorted(results):
                 c = results[index]
+                tokenizer = api.engine.tokenizer
                 if chat:
                     choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
-                                    "finish_reason": c.finish_reason, "logprobs": None})
+                                    "finish_reason": c.finish_reason, "logprobs": chat_logprobs(tokenizer, c)})
                 else:
-                    choices.append({"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None})
+                    prompt = prompts[index // n]
+                    text = (tokenizer.decode(prompt) + c.text) if body.get("echo") is True else c.text
+                    choices.append({"index": index, "text": text, "finish_reason": c.finish_reason,
+                                    "logprobs": completion_logprobs(tokenizer, c, prompt)})
             self._json(200, {**meta, "choices": choices, "usage": _usage(list(results.values()))})
 
     def _stream(self, events, meta: dict, chat: bool, include_usage: bool) -> None:
