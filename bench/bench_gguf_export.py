@@ -49,9 +49,9 @@ class LlamaCppLogits:
 def llama_cpp_answers(llm, tokenizer, conversations, max_new_tokens: int = 24) -> list[str]:
     answers = []
     for conversation in conversations:
-        ids = tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
-        out = llm.create_completion(prompt=list(ids), max_tokens=max_new_tokens, temperature=0.0, top_k=1)
+        text = tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # as train/evaluate.py renders it
+        out = llm.create_completion(prompt=ids, max_tokens=max_new_tokens, temperature=0.0, top_k=1)
         answers.append(out["choices"][0]["text"])
     return answers
 

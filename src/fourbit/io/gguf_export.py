@@ -103,6 +103,7 @@ def export_gguf(source: str | os.PathLike | None, output: str | os.PathLike, qua
         raise ValueError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
     if source is not None and Path(source).is_dir():  # refused before any loading or merging
         check_exportable(AutoConfig.from_pretrained(source), quant)
+    name = Path(str(source)).name.removesuffix(".gguf") if source is not None else "SmolLM2-135M-Instruct"
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         if adapter is not None:
             merge_adapter(source, adapter, Path(tmp) / "merged", dtype="float32", into=into)
@@ -110,7 +111,7 @@ def export_gguf(source: str | os.PathLike | None, output: str | os.PathLike, qua
         model, tokenizer = load_model(source, quantization=None, compute_dtype="float32", torch_dtype="float32")
         check_exportable(model.config, quant)
         dequantize_model(model)
-        return write_gguf(model, tokenizer, output, quant)
+        return write_gguf(model, tokenizer, output, quant, name=name)
 
 
 def export_gguf_lora(source: str | os.PathLike | None, adapter: str | os.PathLike, output: str | os.PathLike,
