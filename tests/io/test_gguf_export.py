@@ -26,13 +26,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import fourbit
 from fourbit.cli import main
+from fourbit.io.gguf_export import ARCHITECTURES as GGUF_ARCHITECTURES
 from fourbit.io.gguf_export import export_gguf, permute_rotary
 from fourbit.io.gguf_vocab import CHECK_TEXT, pre_tokenizer
 
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False)
-ARCHITECTURES = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}}
+ARCHITECTURES = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "phi3": dict(pad_token_id=0),
+                 "gemma2": dict(query_pre_attn_scalar=16, tie_word_embeddings=True),
+                 "gemma3_text": dict(query_pre_attn_scalar=16, tie_word_embeddings=True,
+                                     layer_types=["sliding_attention", "full_attention"])}
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it naps."
 
 
@@ -42,10 +46,12 @@ def arch(request, tmp_path_factory, chat_tokenizer):
     tokenizer as transformers loads it from the folder: for qwen2, Qwen2Tokenizer, which splits
     text with Qwen's expression over SmolLM2's vocabulary)."""
     name = request.param
-    config = AutoConfig.for_model(name, vocab_size=len(chat_tokenizer), **COMMON, **ARCHITECTURES[name])
+    config = AutoConfig.for_model(name, vocab_size=len(chat_tokenizer), **(COMMON | ARCHITECTURES[name]))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    folder = tmp_path_factory.mktemp(name)
+    # not named after the architecture: the file's general.name is the folder's, and llama.cpp
+    # looks for Phi-3's <|end|> token (absent from SmolLM2's vocabulary) in a model named "phi..."
+    folder = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(folder)
     chat_tokenizer.save_pretrained(folder)
     return name, folder, model, AutoTokenizer.from_pretrained(folder)
@@ -78,7 +84,7 @@ def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it(chat_tokenizer):
 def test_f16_runs_in_llama_cpp_with_the_models_logits(arch, tmp_path):
     name, folder, model, tokenizer = arch
     report = export_gguf(folder, tmp_path / "m.gguf", "f16")
-    assert report.architecture == ("llama" if name in ("llama", "mistral") else name)
+    assert report.architecture == GGUF_ARCHITECTURES[name]
     ids = tokenizer.encode(PROMPT)
     assert relative(llama_logits(tmp_path / "m.gguf", ids), hf_logits(model, ids)) < 1e-2  # see the module docstring
 
@@ -127,19 +133,22 @@ def dequantized_twin(model, path):
     import copy
 
     twin = copy.deepcopy(model)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if model.config.model_type in ("llama", "mistral")
-                                     else {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[
-                                         model.config.model_type], model.config.num_hidden_layers)
+    config = model.config
+    arch = GGUF_ARCHITECTURES[config.model_type]
+    enum = next(e for e, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    names = gguf.get_tensor_name_map(enum, config.num_hidden_layers)
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     with torch.no_grad():
         for hf_name, param in twin.state_dict().items():
-            if hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
+            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # the embedding's storage
             tensor = tensors[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))]
             values = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).reshape(param.shape)
-            if model.config.model_type in ("llama", "mistral") and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-                heads = model.config.num_attention_heads if "q_proj" in hf_name else model.config.num_key_value_heads
+            if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
                 values = unpermute(values, heads)
+            if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+                values = values - 1  # Gemma's norms scale by 1 + w; the file holds 1 + w
             param.copy_(values)
     return twin
 
@@ -243,9 +252,13 @@ def test_what_cannot_be_exported_is_refused_and_nothing_written(tmp_path, chat_t
     folder = tmp_path / "llama"
     AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)).save_pretrained(folder)
     chat_tokenizer.save_pretrained(folder)
+    config = AutoConfig.for_model("olmo2", vocab_size=len(chat_tokenizer), **COMMON)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "olmo2")
+    with pytest.raises(ValueError, match=r"cannot write 'olmo2' models to GGUF yet; it writes gemma2, gemma3_text, llama"):
+        export_gguf(tmp_path / "olmo2", tmp_path / "out.gguf")
     config = AutoConfig.for_model("gemma2", vocab_size=len(chat_tokenizer), **COMMON, query_pre_attn_scalar=16)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
-    with pytest.raises(ValueError, match=r"cannot write 'gemma2' models to GGUF yet; it writes llama, mistral"):
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")  # COMMON: an untied lm_head
+    with pytest.raises(ValueError, match=r"llama.cpp's gemma2 reuses the embedding as the LM head"):
         export_gguf(tmp_path / "gemma2", tmp_path / "out.gguf")
     with pytest.raises(ValueError, match=r"quant type 'q3_k' is not supported; choose one of f16, bf16, q8_0, q4_0"):
         export_gguf(folder, tmp_path / "out.gguf", "q3_k")
@@ -256,7 +269,7 @@ def test_what_cannot_be_exported_is_refused_and_nothing_written(tmp_path, chat_t
     with pytest.raises(FileExistsError, match="already exists"):
         export_gguf(folder, tmp_path / "out.gguf")
     assert (tmp_path / "out.gguf").read_text() == "keep me"
-    assert main(["export", str(tmp_path / "gemma2"), "-o", str(tmp_path / "g.gguf")]) == 2
+    assert main(["export", str(tmp_path / "olmo2"), "-o", str(tmp_path / "g.gguf")]) == 2
     assert not (tmp_path / "g.gguf").exists()
 
 

@@ -23,12 +23,15 @@ our f16 file. The K-quants are fourbit's own quantizer (the bytes differ from ll
 errors are compared in tests/io/test_gguf_export.py).
 
 Architectures (transformers ``model_type`` -> GGUF ``general.architecture``): llama and mistral
--> llama, qwen2 -> qwen2, qwen3 -> qwen3. For ``llama`` llama.cpp's rotary embedding pairs
-neighbouring dimensions where transformers pairs dimension i with i + d/2, so the rows of Q and K
-are permuted per head, [h, 2, d/2] -> [h, d/2, 2] (io/gguf.py undoes it when reading). A tied
-LM head writes no ``output`` tensor (llama.cpp reuses ``token_embd``). An architecture, rope
-scaling or quant type not listed is refused by name before anything is written; the file appears
-whole or not at all (a temporary file, then a rename).
+-> llama, qwen2, qwen3, phi3 (its fused qkv_proj and gate_up_proj as they are), gemma2 and
+gemma3_text -> gemma3. For ``llama`` llama.cpp's rotary embedding pairs neighbouring dimensions
+where transformers pairs dimension i with i + d/2, so the rows of Q and K are permuted per head,
+[h, 2, d/2] -> [h, d/2, 2] (io/gguf.py undoes it when reading). Gemma's norms compute
+x * (1 + w) where llama.cpp multiplies by the stored weight, so 1 + w is stored; Gemma writes its
+soft-capping, sliding window (and Gemma 3 its per-layer pattern and local rotary base). A tied LM
+head writes no ``output`` tensor (llama.cpp reuses ``token_embd``; Gemma must be tied). An
+architecture, rope scaling or quant type not listed is refused by name before anything is
+written; the file appears whole or not at all (a temporary file, then a rename).
 
 Beside the file, ``<stem>.Modelfile`` for Ollama: FROM the file, the chat format as an Ollama
 (Go) TEMPLATE for the families it knows (ChatML, Llama 3), and a ``stop`` for the end-of-turn
@@ -52,8 +55,11 @@ from ..quant.kquants import QK_K, quantize_q4_k, quantize_q5_k, quantize_q6_k
 from .atomic import check_output_apart
 from .gguf_vocab import add_tokenizer
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                 "gemma2": "gemma2", "gemma3_text": "gemma3"}
 PERMUTES_QK = {"llama"}
+PLUS_ONE_NORMS = {"gemma2", "gemma3"}  # norms computing x * (1 + w): llama.cpp's multiply by the stored weight
+TIED_ONLY = {"gemma2", "gemma3"}  # no output tensor: the embedding is the LM head
 T = gguf.GGMLQuantizationType
 QUANT_TYPES = {  # --quant -> (the type of most 2-D weights, the file type)
     "f16": (T.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -202,9 +208,13 @@ def check_exportable(config, quant: str) -> str:
     if model_type not in ARCHITECTURES:
         raise ValueError(f"fourbit cannot write {model_type!r} models to GGUF yet; it writes "
                          f"{', '.join(sorted(ARCHITECTURES))}")
-    scaling = _rope_parameters(config).get("rope_type", "default")
+    scaling = {_rope_parameters(config, t).get("rope_type", "default") for t in ("full_attention", "sliding_attention")}
+    scaling = next((t for t in scaling if t not in ("default", None)), "default")
     if scaling not in ("default", None):
         raise ValueError(f"{model_type} with rope scaling {scaling!r} cannot be written to GGUF yet (plain rotary only)")
+    if ARCHITECTURES[model_type] in TIED_ONLY and not getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"llama.cpp's {ARCHITECTURES[model_type]} reuses the embedding as the LM head; this "
+                         f"{model_type} model has its own lm_head, which the file cannot hold")
     return ARCHITECTURES[model_type]
 
 
@@ -233,9 +243,12 @@ def write_gguf(model: nn.Module, tokenizer, output: str | os.PathLike, quant: st
     return ExportReport(output, modelfile, arch, quant, len(types), counts, output.stat().st_size)
 
 
-def _rope_parameters(config) -> dict:
-    """rope_theta and rope_type, wherever this transformers version keeps them."""
+def _rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    """rope_theta and rope_type, wherever this transformers version keeps them (per layer type
+    for models with sliding and full attention layers, Gemma 3)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type in params or "full_attention" in params:
+        params = dict(params.get(layer_type) or params["full_attention"])
     scaling = getattr(config, "rope_scaling", None) or {}
     params.setdefault("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if "rope_theta" not in params and getattr(config, "rope_theta", None) is not None:
@@ -259,9 +272,17 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config, arch: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads or arch == "qwen3":
+    if head_dim != config.hidden_size // config.num_attention_heads or arch in ("qwen3", "gemma2", "gemma3"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping or 0.0)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping or 0.0)
+    if arch in ("gemma2", "gemma3"):
+        writer.add_sliding_window(config.sliding_window)
+    if arch == "gemma3":
+        writer.add_rope_freq_base_swa(float(_rope_parameters(config, "sliding_attention").get("rope_theta", 10000.0)))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
 
 
 def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch: str, weight_type) -> dict[str, str]:
@@ -279,6 +300,8 @@ def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch: str, weight_ty
         if arch in PERMUTES_QK and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             data = permute_rotary(data, heads)
+        if arch in PLUS_ONE_NORMS and hf_name.endswith("norm.weight"):
+            data = data + 1
         kind = tensor_type(name, data.shape, weight_type, config.num_hidden_layers, has_output=not tied)
         writer.add_tensor(name, encode(data, kind), raw_dtype=kind)
         types[name] = kind.name
@@ -292,8 +315,9 @@ def tensor_type(name: str, shape: tuple[int, ...], weight_type, layers: int, has
     - 1-D tensors (norms, biases): F32; f16/bf16 files: every 2-D weight in that type.
     - The LM head (``output``, or ``token_embd`` when the head is tied to it): Q6_K in q4_0 and
       K-quant files, Q8_0 where its rows are not whole 256-blocks; Q8_0 in q8_0 files.
-    - q4_k_m / q5_k_m: ``attn_v`` and ``ffn_down`` of the first and last eighth of the layers and
-      of every third layer between them: Q6_K (more bits where the error costs most).
+    - q4_k_m / q5_k_m: ``attn_v`` (or a fused ``attn_qkv``) and ``ffn_down`` of the first and last
+      eighth of the layers and of every third layer between them: Q6_K (more bits where the error
+      costs most).
     - A K-quant weight whose rows are not whole 256-blocks: Q5_0 for Q4_K, Q5_1 for Q5_K, Q8_0
       for Q6_K; a Q4_0/Q8_0 weight whose rows are not whole 32-blocks: F16.
     """
@@ -306,7 +330,7 @@ def tensor_type(name: str, shape: tuple[int, ...], weight_type, layers: int, has
     head = name == "output.weight" or (not has_output and name == "token_embd.weight")
     if head and weight_type != T.Q8_0:
         kind = T.Q6_K if columns % QK_K == 0 else T.Q8_0
-    elif weight_type in (T.Q4_K, T.Q5_K) and name.endswith(("attn_v.weight", "ffn_down.weight")):
+    elif weight_type in (T.Q4_K, T.Q5_K) and name.endswith(("attn_v.weight", "attn_qkv.weight", "ffn_down.weight")):
         layer = int(name.split(".")[1])
         if layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2:
             kind = T.Q6_K
