@@ -7,7 +7,8 @@ What llama.cpp reads (GGUF keys, written through gguf-py's GGUFWriter):
     tokenizer.ggml.tokens       every token's text, by id
     tokenizer.ggml.token_type   1 normal, 3 control (special tokens), 4 user-defined (added, not special)
     tokenizer.ggml.merges       the BPE merges, "a b" per line
-    tokenizer.ggml.{bos,eos,eot,padding,unknown}_token_id, tokenizer.ggml.add_bos_token
+    tokenizer.ggml.{bos,eos,eot,padding,unknown}_token_id
+    tokenizer.ggml.add_{bos,eos}_token   whether encoding text adds them, as the tokenizer does
     tokenizer.chat_template     the Jinja chat template, as in tokenizer_config.json
 
 The pre-tokenizer name is found as llama.cpp's own converter finds it: the tokenizer encodes a
@@ -130,6 +131,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> dict[s
         raise ValueError("the tokenizer has no BPE merges to write")
     if tokenizer.chat_template and not special.chat_template:
         special.chat_template = tokenizer.chat_template
+    # whether encoding adds BOS/EOS, as the tokenizer does it (transformers 5 may not write the flags)
+    plain, special_ids = tokenizer.encode("a", add_special_tokens=False), tokenizer.encode("a")
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and special_ids[:1] == [tokenizer.bos_token_id] \
+        and special_ids[:1] != plain[:1]
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and special_ids[-1:] == [tokenizer.eos_token_id] \
+        and special_ids[-1:] != plain[-1:]
     stops = end_of_turn_ids(tokenizer)  # EOS first, then the template's end-of-turn token, if another
     if stops:
         special.special_token_ids["eot"] = stops[-1]
