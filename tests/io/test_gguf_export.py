@@ -129,8 +129,9 @@ def test_a_known_splitting_over_another_vocabulary_is_named_by_its_expression(tm
     assert_same_tokens(tmp_path / "m.gguf", tokenizer)
 
 
-def dequantized_twin(model, path):
-    """A copy of ``model`` holding the weights gguf-py dequantizes from the GGUF file at ``path``."""
+def dequantized_twin(model, path, read=None):
+    """A copy of ``model`` holding the weights gguf-py dequantizes from the GGUF file at ``path``
+    (``read``: its tensors, when already read)."""
     import copy
 
     twin = copy.deepcopy(model)
@@ -138,7 +139,7 @@ def dequantized_twin(model, path):
     arch = GGUF_ARCHITECTURES[config.model_type]
     enum = next(e for e, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(enum, config.num_hidden_layers)
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    tensors = read if read is not None else {t.name: t for t in gguf.GGUFReader(path).tensors}
     with torch.no_grad():
         for hf_name, param in twin.state_dict().items():
             if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -177,11 +178,11 @@ def values(tensor) -> np.ndarray:
     return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
 
-# every architecture at q4_0 (gguf-py's quantizers, byte for byte) and q4_k_m (the K-quant mix and
-# its per-tensor rules, attn_qkv's on phi3); the other types on llama: their rules do not depend
-# on the architecture
-PAIRS = [(a, q) for a in sorted(ARCHITECTURES) for q in ("q4_0", "q4_k_m")] + [
-    ("llama", "q8_0"), ("llama", "q5_k_m"), ("llama", "q6_k")]
+# every architecture at q4_0 (gguf-py's quantizer, byte for byte, and the LM head's rule); the
+# K-quant mix where its per-tensor rules differ: llama (attn_v, ffn_down), phi3 (a fused attn_qkv),
+# gemma2 (a tied head); q8_0 and q6_k on llama (q5_k_m: the next test, with K-quant rows)
+PAIRS = [(a, "q4_0") for a in sorted(ARCHITECTURES)] + [(a, "q4_k_m") for a in ("gemma2", "llama", "phi3")] + [
+    ("llama", "q8_0"), ("llama", "q6_k")]
 
 
 @pytest.mark.parametrize("arch,quant", PAIRS, indirect=["arch"])
@@ -189,12 +190,13 @@ def test_quantized_files_compute_their_weights_and_match_llama_cpps_quantizer(ar
     name, folder, model, tokenizer = arch
     export_gguf(folder, tmp_path / "ours.gguf", quant)
     ids = tokenizer.encode(PROMPT)
-    twin = dequantized_twin(model, tmp_path / "ours.gguf")
+    ours = tensors(tmp_path / "ours.gguf")
+    twin = dequantized_twin(model, tmp_path / "ours.gguf", ours)
     assert relative(llama_logits(tmp_path / "ours.gguf", ids), hf_logits(twin, ids)) < 2e-2  # see the docstring
     assert 1e-3 < relative(hf_logits(twin, ids), hf_logits(model, ids))  # the weights were quantized
 
     llama_cpp_quantize(folder / "f16.gguf", tmp_path / "theirs.gguf", quant)
-    ours, theirs = tensors(tmp_path / "ours.gguf"), tensors(tmp_path / "theirs.gguf")
+    theirs = tensors(tmp_path / "theirs.gguf")
     assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
     for n in ours:  # gguf-py's quantizers are llama.cpp's, to the byte (K-quants: see the next test)
         assert ours[n].tensor_type.name in K_QUANTS or bytes(ours[n].data) == bytes(theirs[n].data), n
@@ -226,7 +228,7 @@ def test_k_quants_are_as_close_to_the_weights_as_llama_cpps(tmp_path, chat_token
             ratios[n] = ((values(t) - w) ** 2).sum() / ((values(theirs[n]) - w) ** 2).sum()
     assert max(ratios.values()) < 1.1, ratios
     ids = chat_tokenizer.encode(PROMPT)
-    assert relative(llama_logits(tmp_path / "ours.gguf", ids), hf_logits(dequantized_twin(model, tmp_path / "ours.gguf"), ids)) < 2e-2
+    assert relative(llama_logits(tmp_path / "ours.gguf", ids), hf_logits(dequantized_twin(model, tmp_path / "ours.gguf", ours), ids)) < 2e-2
 
 
 def test_the_adapter_is_merged_first(tmp_path, chat_tokenizer):
