@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from ..quant.kquants import QK_K, quantize_q4_k, quantize_q5_k, quantize_q6_k
-from .atomic import check_output_apart
+from .atomic import atomic_file, check_output_apart
 from .gguf_vocab import add_tokenizer
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
@@ -236,7 +236,8 @@ def write_gguf(model: nn.Module, tokenizer, output: str | os.PathLike, quant: st
         special = add_tokenizer(writer, tokenizer, config.vocab_size)
         types = _add_tensors(writer, model, arch, weight_type)
     modelfile = output.with_suffix(".Modelfile")
-    _write_atomic(modelfile, ollama_modelfile(output.name, tokenizer, special))
+    with atomic_file(modelfile) as f:
+        f.write(ollama_modelfile(output.name, tokenizer, special))
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
@@ -396,10 +397,3 @@ def ollama_modelfile(gguf_name: str, tokenizer, special: dict[str, int]) -> str:
         lines.append("# no TEMPLATE: Ollama reads the chat template from the GGUF file")
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
