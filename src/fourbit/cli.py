@@ -127,14 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new tokens for a request that gives no max_tokens (default 256); sampling is per request")
     v.set_defaults(run=_serve)
 
-    e = sub.add_parser("eval", help="perplexity of a model (with an adapter) on a text file, sliding window")
+    e = sub.add_parser("eval", help="lm-evaluation-harness tasks (--tasks), or perplexity on a text file (--perplexity)")
     e.add_argument("source", nargs="?", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     e.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT adapter to apply")
-    e.add_argument("--perplexity", required=True, metavar="FILE", help=".txt, or .jsonl with a 'text' field per row")
-    e.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context / 2)")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tasks", metavar="NAMES|FILE.yaml",
+                      help="lm-evaluation-harness tasks, comma-separated: names (mmlu, hellaswag, arc_easy, "
+                           "truthfulqa_mc2, ...) or YAML task files; needs the eval extra")
+    what.add_argument("--perplexity", metavar="FILE", help=".txt, or .jsonl with a 'text' field per row")
+    e.add_argument("--num-fewshot", type=int, default=None, metavar="N", help="--tasks: examples in each prompt "
+                   "(default: the task's own)")
+    e.add_argument("--limit", type=float, default=None, metavar="N",
+                   help="--tasks: documents per task (a fraction below 1); for trying a task, not for numbers to quote")
+    e.add_argument("--batch-size", type=int, default=1, metavar="N", help="--tasks: requests per forward (default 1)")
+    e.add_argument("--apply-chat-template", action="store_true",
+                   help="--tasks: wrap prompts in the model's chat template (for instruct models)")
+    e.add_argument("--output", default=None, metavar="FILE.json",
+                   help="--tasks: write the harness's results as JSON (with --log-samples, per-document samples "
+                        "beside it)")
+    e.add_argument("--log-samples", action="store_true", help="--tasks: keep every document's requests and scores")
+    e.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    e.add_argument("--context", type=int, default=512, help="--perplexity: tokens per window (default 512)")
+    e.add_argument("--stride", type=int, default=None,
+                   help="--perplexity: tokens between window starts (default: context / 2)")
     e.add_argument("--quantization", choices=["nf4", "fp4", "int4", "none"], default="nf4",
                    help="how to load a dense SRC (default nf4; quantized folders keep their own)")
+    e.add_argument("--compute-dtype", default="auto", help="bfloat16, float16, float32 or auto (default: bf16 where "
+                   "the device computes it natively, else float32)")
     e.set_defaults(run=_eval)
 
     k = sub.add_parser("compare", help="every quantization method on one model: perplexity, bits, size, time")
@@ -386,17 +405,41 @@ def _serve(args) -> None:
 def _eval(args) -> None:
     from .io.loader import load_model
     from .io.peft import load_adapter, read_adapter_config
-    from .perplexity import perplexity, read_text_tokens
 
-    ids = read_text_tokens(_tokenizer_of(args.source), args.perplexity)  # before the model: a bad file fails at once
+    if args.tasks:
+        from .harness import check_settings, select_tasks
+
+        # a missing extra, bad settings, an unknown task or an output in the way: refused before the model loads
+        check_settings(args.num_fewshot, args.limit, args.batch_size)
+        if args.output:
+            _check_output(args.output, args.overwrite, args.source, args.adapter)
+        tasks = select_tasks(args.tasks)  # the harness indexes its thousands of tasks: seconds
+    else:
+        from .perplexity import read_text_tokens
+
+        ids = read_text_tokens(_tokenizer_of(args.source), args.perplexity)  # before the model: a bad file fails at once
     if args.adapter:
         read_adapter_config(args.adapter)
-    model, _ = load_model(args.source, quantization=None if args.quantization == "none" else args.quantization)
+    model, tokenizer = load_model(args.source, quantization=None if args.quantization == "none" else args.quantization,
+                                  compute_dtype=args.compute_dtype)
     if args.adapter:
         load_adapter(model, args.adapter)
-    result = perplexity(model, ids, args.context, args.stride)
-    print(f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}{' + ' + args.adapter if args.adapter else ''}: "
-          f"{result.format()}")
+    name = f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}{' + ' + args.adapter if args.adapter else ''}"
+    if not args.tasks:
+        from .perplexity import perplexity
+
+        print(f"{name}: {perplexity(model, ids, args.context, args.stride).format()}")
+        return
+    from .harness import evaluate_tasks, results_table, write_results
+
+    results = evaluate_tasks(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                             batch_size=args.batch_size, apply_chat_template=args.apply_chat_template,
+                             log_samples=args.log_samples)
+    print(f"{name}:")
+    print(results_table(results))
+    if args.output:
+        for path in write_results(results, args.output):
+            print(f"wrote {path}")
 
 
 def _compare(args) -> None:
@@ -424,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ConnectionError,
-            FloatingPointError) as e:
+            FloatingPointError, ModuleNotFoundError) as e:
         # bad input, named in one line; anything else is a fault of fourbit's and keeps its traceback
         print(f"fourbit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -303,3 +303,7 @@ def test_tokenize_and_detokenize_in_vllms_shape(served):
     chat_text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert json.loads(body)["tokens"] == tokenizer(chat_text, add_special_tokens=False)["input_ids"]
     assert raw(served, "POST", "/detokenize", json.dumps({"tokens": [-1]}).encode(), auth)[0] == 400
+    status, body = raw(served, "GET", "/tokenizer_info", None, auth)
+    info = json.loads(body)
+    assert status == 200 and info["eos_token"] == tokenizer.eos_token == "<|im_end|>"
+    assert info["chat_template"] == tokenizer.chat_template and info["model_max_length"] == served["api"].context

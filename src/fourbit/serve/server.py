@@ -13,6 +13,8 @@ Routes (the OpenAI shapes, as vLLM and llama.cpp's server answer them):
                                    shape: tokens, token_logprobs, top_logprobs, text_offset), what
                                    lm-evaluation-harness's local-completions model reads
     POST /tokenize, /detokenize    text or chat messages <-> token ids (vLLM's shapes)
+    GET  /tokenizer_info           the special tokens and the chat template (vLLM's shape), so
+                                   that lm-evaluation-harness tokenizes through the server
     POST /v1/load_lora_adapter     {"lora_name", "lora_path"}: only with --adapter-root, only a
     POST /v1/unload_lora_adapter   folder under that root, only safetensors (vLLM's routes)
 
@@ -200,6 +202,14 @@ class OpenAIServer:
             raise APIError(400, "/tokenize takes a 'prompt' string or chat 'messages'", param="prompt")
         return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
 
+    def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as the server does (the special
+        tokens and the chat template); lm-evaluation-harness's API models then need no local copy."""
+        tokenizer = self.engine.tokenizer
+        return {"tokenizer_class": type(tokenizer).__name__, "bos_token": tokenizer.bos_token,
+                "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
+                "chat_template": tokenizer.chat_template, "model_max_length": self.context}
+
     def detokenize(self, body: dict) -> dict:
         """vLLM's /detokenize: ``tokens`` (ids) -> the text."""
         tokens = body.get("tokens")
@@ -340,6 +350,8 @@ class _Handler(BaseHTTPRequestHandler):
                                kind="authentication_error", code="invalid_api_key")
             if method == "GET" and self.path == "/v1/models":
                 return self._json(200, api.models())
+            if method == "GET" and self.path == "/tokenizer_info":
+                return self._json(200, api.tokenizer_info())
             routes = {"/v1/chat/completions": self._completion, "/v1/completions": self._completion,
                       "/v1/load_lora_adapter": lambda body: self._json(200, api.load_adapter(body)),
                       "/v1/unload_lora_adapter": lambda body: self._json(200, api.unload_adapter(body)),
