@@ -59,8 +59,8 @@ def arch(request, tmp_path_factory, chat_tokenizer):
     return name, folder, model, AutoTokenizer.from_pretrained(folder)
 
 
-def llama_logits(path, ids) -> torch.Tensor:
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+def llama_logits(path, ids, n_ctx: int = 64) -> torch.Tensor:
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0)
     llm.eval(ids)
     return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
 
@@ -256,6 +256,77 @@ def test_the_adapter_is_merged_first(tmp_path, chat_tokenizer):
     assert relative(ours, hf_logits(base, ids)) > 5e-2  # the adapter is in the file
 
 
+SENTENCEPIECE_TEXTS = (PROMPT, CHECK_TEXT, "def f(x):\n    return x  + 1\n\n\tdone", "  two  spaces ", "a", "</s> inside")
+
+
+@pytest.mark.parametrize("name,space_prefix", [("llama", True), ("gemma2", False)])
+def test_a_sentencepiece_style_tokenizer_tokenizes_in_llama_cpp_as_in_transformers(tmp_path, name, space_prefix):
+    """Llama 2 / Mistral (a leading "▁") and Gemma (none): the vocabulary as GGUF's "llama" model,
+    scores from the merge ranks, byte tokens for the characters without a token (CHECK_TEXT's
+    emoji, Khmer and Chinese); llama.cpp's SentencePiece tokenizer gives transformers' ids."""
+    from sentencepiece_style import sentencepiece_style
+
+    config = AutoConfig.for_model(name, vocab_size=len(sentencepiece_style(space_prefix)),
+                                  **(COMMON | ARCHITECTURES[name]))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    sentencepiece_style(space_prefix).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    export_gguf(folder, tmp_path / "m.gguf", "f16")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    assert bool(fields["tokenizer.ggml.add_space_prefix"].parts[-1][0]) is space_prefix
+    assert any(len(tokenizer.tokenize(t)) > len(t.split()) + 1 for t in SENTENCEPIECE_TEXTS)  # merges had work to do
+    assert "<0xF0>" in tokenizer.tokenize(CHECK_TEXT)  # and so had byte fallback
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    for text in SENTENCEPIECE_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer.encode(text), text
+    ids = tokenizer.encode(PROMPT)
+    assert relative(llama_logits(tmp_path / "m.gguf", ids), hf_logits(model, ids)) < 1e-2  # see the module docstring
+
+
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)
+ROPE_SCALING = {  # a small rotary base, so that within 100 tokens the scaled low frequencies turn far enough to matter
+    "llama3 on llama": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
+    "linear on llama": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=100.0, factor=4.0))),
+    "linear on gemma3 global layers": ("gemma3_text", dict(rope_parameters={
+        "full_attention": dict(rope_type="linear", rope_theta=100.0, factor=4.0),
+        "sliding_attention": dict(rope_type="default", rope_theta=50.0)})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_SCALING))
+def test_rope_scaling_runs_in_llama_cpp_as_in_transformers(tmp_path, chat_tokenizer, case):
+    """Llama 3.1-3.3's scaling (per-frequency divisors as the rope_freqs tensor) and linear
+    scaling (Gemma 3's global layers): f16 logits over 100 tokens within the f16 bound, where the
+    same model without its scaling is far outside it."""
+    name, rope = ROPE_SCALING[case]
+    settings = COMMON | ARCHITECTURES[name] | rope
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(name, vocab_size=len(chat_tokenizer), **settings),
+                                             dtype=torch.float32).eval()
+    with torch.no_grad():  # sharper attention than the default initialization's: positions matter more
+        for module_name, weight in model.named_parameters():
+            if module_name.endswith(("q_proj.weight", "k_proj.weight")):
+                weight.mul_(6)
+    model.save_pretrained(tmp_path / "tiny")
+    chat_tokenizer.save_pretrained(tmp_path / "tiny")
+    export_gguf(tmp_path / "tiny", tmp_path / "m.gguf", "f16")
+    ids = chat_tokenizer.encode(" ".join([PROMPT] * 8))[:100]
+    got, want = llama_logits(tmp_path / "m.gguf", ids, n_ctx=128), hf_logits(model, ids)
+    assert relative(got, want) < 1e-2  # see the module docstring
+    plain = {k: {**v, "rope_type": "default"} if isinstance(v, dict) else v for k, v in rope["rope_parameters"].items()}
+    plain = plain if "full_attention" in plain else {"rope_type": "default", "rope_theta": 100.0}
+    unscaled = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        name, vocab_size=len(chat_tokenizer), **(settings | {"rope_parameters": plain})), dtype=torch.float32).eval()
+    unscaled.load_state_dict(model.state_dict())
+    without = relative(hf_logits(unscaled, ids), want)
+    assert relative(got, want) < without / 4, without  # the file carries the scaling: far closer than without it
+
+
 def test_what_cannot_be_exported_is_refused_and_nothing_written(tmp_path, chat_tokenizer):
     folder = tmp_path / "llama"
     AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)).save_pretrained(folder)
@@ -268,6 +339,11 @@ def test_what_cannot_be_exported_is_refused_and_nothing_written(tmp_path, chat_t
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")  # COMMON: an untied lm_head
     with pytest.raises(ValueError, match=r"llama.cpp's gemma2 reuses the embedding as the LM head"):
         export_gguf(tmp_path / "gemma2", tmp_path / "out.gguf")
+    config = AutoConfig.for_model("qwen2", vocab_size=len(chat_tokenizer), **COMMON, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=64))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "yarn")
+    with pytest.raises(ValueError, match=r"rope scaling 'yarn' cannot be written to GGUF yet; fourbit writes linear"):
+        export_gguf(tmp_path / "yarn", tmp_path / "out.gguf")
     with pytest.raises(ValueError, match=r"quant type 'q3_k' is not supported; choose one of f16, bf16, q8_0, q4_0"):
         export_gguf(folder, tmp_path / "out.gguf", "q3_k")
     with pytest.raises(ValueError, match="must be a .gguf file"):

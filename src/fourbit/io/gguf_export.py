@@ -29,8 +29,9 @@ where transformers pairs dimension i with i + d/2, so the rows of Q and K are pe
 [h, 2, d/2] -> [h, d/2, 2] (io/gguf.py undoes it when reading). Gemma's norms compute
 x * (1 + w) where llama.cpp multiplies by the stored weight, so 1 + w is stored; Gemma writes its
 soft-capping, sliding window (and Gemma 3 its per-layer pattern and local rotary base). A tied LM
-head writes no ``output`` tensor (llama.cpp reuses ``token_embd``; Gemma must be tied). An
-architecture, rope scaling or quant type not listed is refused by name before anything is
+head writes no ``output`` tensor (llama.cpp reuses ``token_embd``; Gemma must be tied). Rope
+scaling: linear (``rope.scaling.*``) and Llama 3's (the ``rope_freqs`` tensor: :func:`rope_scaling`).
+An architecture, rope scaling or quant type not listed is refused by name before anything is
 written; the file appears whole or not at all (a temporary file, then a rename).
 
 Beside the file, ``<stem>.Modelfile`` for Ollama: FROM the file, the chat format as an Ollama
@@ -208,10 +209,7 @@ def check_exportable(config, quant: str) -> str:
     if model_type not in ARCHITECTURES:
         raise ValueError(f"fourbit cannot write {model_type!r} models to GGUF yet; it writes "
                          f"{', '.join(sorted(ARCHITECTURES))}")
-    scaling = {_rope_parameters(config, t).get("rope_type", "default") for t in ("full_attention", "sliding_attention")}
-    scaling = next((t for t in scaling if t not in ("default", None)), "default")
-    if scaling not in ("default", None):
-        raise ValueError(f"{model_type} with rope scaling {scaling!r} cannot be written to GGUF yet (plain rotary only)")
+    rope_scaling(config, ARCHITECTURES[model_type])  # refuses a kind it cannot write
     if ARCHITECTURES[model_type] in TIED_ONLY and not getattr(config, "tie_word_embeddings", False):
         raise ValueError(f"llama.cpp's {ARCHITECTURES[model_type]} reuses the embedding as the LM head; this "
                          f"{model_type} model has its own lm_head, which the file cannot hold")
@@ -257,6 +255,37 @@ def _rope_parameters(config, layer_type: str = "full_attention") -> dict:
     return params
 
 
+def rope_scaling(config, arch: str) -> str:
+    """The rope scaling of ``config`` that the file can carry: "default" (none), "linear" (every
+    position divided by ``factor``: ``rope.scaling.type`` and ``.factor``; on Gemma 3 its global
+    layers alone, as Gemma 3 has it) or "llama3" (Llama 3.1-3.3: a per-frequency divisor, written
+    as the ``rope_freqs`` tensor, which llama.cpp's llama architecture reads). Others (yarn,
+    dynamic, longrope) are refused by name."""
+    full = _rope_parameters(config, "full_attention").get("rope_type") or "default"
+    sliding = _rope_parameters(config, "sliding_attention").get("rope_type") or "default"
+    allowed = {"default", "linear"} | ({"llama3"} if arch == "llama" else set())
+    if full not in allowed or (sliding != full and not (arch == "gemma3" and sliding == "default")):
+        kind = full if full not in allowed else sliding
+        raise ValueError(f"a {config.model_type} model with rope scaling {kind!r} cannot be written to GGUF yet; "
+                         f"fourbit writes {', '.join(sorted(allowed - {'default'}))} scaling for {arch}")
+    return full
+
+
+def rope_frequency_divisors(config) -> torch.Tensor:
+    """Llama 3 rope scaling as llama.cpp's ``rope_freqs``: for each rotary frequency, the number
+    the plain frequency 1 / theta^(2i/d) is divided by (1 for high frequencies, ``factor`` for
+    low ones, a blend between), taken from transformers' own definition of the scaling."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dim = _head_dim(config)
+    theta = float(_rope_parameters(config).get("rope_theta", 10000.0))
+    plain = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    scaled, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    if attention_factor != 1.0:
+        raise ValueError(f"llama3 rope scaling with an attention factor of {attention_factor} cannot be written to GGUF")
+    return (plain / scaled.double()).float()
+
+
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -273,6 +302,9 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config, arch: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
+    if rope_scaling(config, arch) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(_rope_parameters(config)["factor"]))
     if head_dim != config.hidden_size // config.num_attention_heads or arch in ("qwen3", "gemma2", "gemma3"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -306,6 +338,10 @@ def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch: str, weight_ty
         kind = tensor_type(name, data.shape, weight_type, config.num_hidden_layers, has_output=not tied)
         writer.add_tensor(name, encode(data, kind), raw_dtype=kind)
         types[name] = kind.name
+    if rope_scaling(config, arch) == "llama3":
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        writer.add_tensor(name, rope_frequency_divisors(config).numpy(), raw_dtype=T.F32)
+        types[name] = T.F32.name
     return types
 
 

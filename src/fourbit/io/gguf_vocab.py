@@ -2,33 +2,49 @@
 
 What llama.cpp reads (GGUF keys, written through gguf-py's GGUFWriter):
 
-    tokenizer.ggml.model        "gpt2" for byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2)
-    tokenizer.ggml.pre          the pre-tokenizer (how text is split before BPE), by name
+    tokenizer.ggml.model        "gpt2": byte-level BPE (Llama 3, Qwen, SmolLM, GPT-2);
+                                "llama": SentencePiece-style BPE with byte fallback (Llama 2,
+                                Mistral 7B, Gemma, Phi-3)
+    tokenizer.ggml.pre          gpt2 only: the pre-tokenizer (how text is split before BPE), by name
     tokenizer.ggml.tokens       every token's text, by id
-    tokenizer.ggml.token_type   1 normal, 3 control (special tokens), 4 user-defined (added, not special)
-    tokenizer.ggml.merges       the BPE merges, "a b" per line
+    tokenizer.ggml.token_type   1 normal, 2 unknown, 3 control (special), 4 user-defined (added, not
+                                special), 5 unused (ids the tokenizer lacks), 6 byte (<0x00>..<0xFF>)
+    tokenizer.ggml.merges       gpt2 only: the BPE merges, "a b" per line
+    tokenizer.ggml.scores       llama only: each token's score (below)
+    tokenizer.ggml.add_space_prefix   llama only: whether text gets a leading "▁" before splitting
     tokenizer.ggml.{bos,eos,eot,padding,unknown}_token_id
     tokenizer.ggml.add_{bos,eos}_token   whether encoding text adds them, as the tokenizer does
     tokenizer.chat_template     the Jinja chat template, as in tokenizer_config.json
 
-The pre-tokenizer name is found as llama.cpp's own converter finds it: the tokenizer encodes a
-fixed check text (mixed whitespace, emoji, digits, scripts and contractions) and the SHA-256 of
-the printed list of ids names the pre-tokenizer (``PRE_TOKENIZERS``: the families fourbit
-exports); failing that (a known splitting over another vocabulary), the regular expression the
-tokenizer splits with (``SPLIT_PATTERNS``). An unknown one is refused: llama.cpp would split text
-another way than training did.
-The end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ...: what the chat
-template closes a turn with, train/templates.py) is written as ``eot`` so that llama.cpp's
-generation stops there.
+Byte-level BPE. The pre-tokenizer name is found as llama.cpp's own converter finds it: the
+tokenizer encodes a fixed check text (mixed whitespace, emoji, digits, scripts and contractions)
+and the SHA-256 of the printed list of ids names the pre-tokenizer (``PRE_TOKENIZERS``: the
+families fourbit exports); failing that (a known splitting over another vocabulary), the regular
+expression the tokenizer splits with (``SPLIT_PATTERNS``). An unknown one is refused: llama.cpp
+would split text another way than training did.
 
-What it leaves out: SentencePiece-style tokenizers (Mistral v0.1-v0.3, Gemma, Phi-3: GGUF's
-``llama`` tokenizer model with scores) are refused by name.
+SentencePiece-style BPE. llama.cpp tokenizes as SentencePiece does: spaces become "▁" (and one
+leads the text where ``add_space_prefix``), the text is cut into characters, and the adjacent
+pair whose concatenation is a token with the highest score is merged, again and again; a
+character with no token becomes its UTF-8 bytes' <0xXX> tokens. A Hugging Face tokenizer.json
+holds the same model as BPE merges ranked by that score (transformers' converter from
+SentencePiece lists, for every token, each pair that concatenates to it, best score first), so
+
+    score(token) = -(rank of the first merge that makes it)     (0 for tokens no merge makes)
+
+lets llama.cpp pick the merges Hugging Face picks. Whether a leading "▁" is added is read from the
+tokenizer's behaviour ("a" encodes to "▁a" or to "a").
+
+The end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ...: what the
+chat template closes a turn with, train/templates.py) is written as ``eot`` so that llama.cpp's
+generation stops there. Other tokenizer models (Unigram, WordPiece) are refused by name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -88,46 +104,69 @@ def _split_patterns(node: dict) -> list[str]:
 
 
 def tokenizer_kind(tokenizer) -> str:
-    """"gpt2" for a byte-level BPE tokenizer; SentencePiece-style ones are refused by name."""
+    """GGUF's tokenizer model: "gpt2" (byte-level BPE) or "llama" (byte-fallback BPE, SentencePiece-style)."""
+    model = _model_json(tokenizer)
+    if model.get("type") == "BPE":
+        return "llama" if model.get("byte_fallback") else "gpt2"
+    raise ValueError(f"the tokenizer is a {model.get('type')} model; fourbit's GGUF export writes BPE tokenizers: "
+                     "byte-level (Llama 3, Qwen, SmolLM, GPT-2) and SentencePiece-style (Llama 2, Mistral, Gemma, Phi-3)")
+
+
+def _model_json(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"{type(tokenizer).__name__} is not a fast (tokenizer.json) tokenizer; GGUF export reads one")
-    model = json.loads(backend.to_str())["model"]
-    if model.get("type") == "BPE" and not model.get("byte_fallback"):
-        return "gpt2"
-    kind = "SentencePiece-style (byte-fallback BPE)" if model.get("type") == "BPE" else model.get("type")
-    raise ValueError(f"the tokenizer is {kind}; fourbit's GGUF export writes byte-level BPE tokenizers (Llama 3, "
-                     "Qwen, SmolLM, GPT-2 style) only so far")
+    return json.loads(backend.to_str())["model"]
+
+
+def merge_scores(tokenizer) -> dict[str, float]:
+    """SentencePiece-style scores from the BPE merges: -(rank of the first merge making a token)."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(_model_json(tokenizer).get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def adds_space_prefix(tokenizer) -> bool:
+    """Whether the tokenizer turns "a" into "▁a" (Llama 2, Mistral) or keeps it "a" (Gemma)."""
+    first = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))[0]
+    return first.startswith("\u2581")
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> dict[str, int]:
     """Write ``tokenizer`` into ``writer``; returns the special token ids written (bos, eos, eot, ...)."""
     kind = tokenizer_kind(tokenizer)
-    pre = pre_tokenizer(tokenizer)
+    pre = pre_tokenizer(tokenizer) if kind == "gpt2" else None
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is {vocab_size}")
     by_id = {i: text for text, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
+    scores = merge_scores(tokenizer) if kind == "llama" else {}
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif i in added:
+        elif i in added and not (kind == "llama" and i == tokenizer.unk_token_id):
             tokens.append(added[i].content)
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
+            types.append(_type_of(kind, by_id[i], i, tokenizer.unk_token_id))
     writer.add_tokenizer_model(kind)
-    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
+    if kind == "gpt2":
+        writer.add_tokenizer_pre(pre)
+    else:
+        writer.add_token_scores([scores.get(t, 0.0) if y == gguf.TokenType.NORMAL else 0.0 for t, y in zip(tokens, types)])
+        writer.add_add_space_prefix(adds_space_prefix(tokenizer))
     with tempfile.TemporaryDirectory() as tmp:  # merges, special ids and the template, as the files hold them
         tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
+        special = gguf.SpecialVocab(Path(tmp), load_merges=kind == "gpt2", n_vocab=vocab_size)
+    if kind == "gpt2" and not special.merges:
         raise ValueError("the tokenizer has no BPE merges to write")
     if tokenizer.chat_template and not special.chat_template:
         special.chat_template = tokenizer.chat_template
@@ -142,3 +181,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> dict[s
         special.special_token_ids["eot"] = stops[-1]
     special.add_to_gguf(writer, quiet=True)
     return dict(special.special_token_ids)
+
+
+def _type_of(kind: str, text: str, i: int, unk_id: int | None) -> gguf.TokenType:
+    """SentencePiece-style vocabularies mark <unk> and the byte tokens as llama.cpp's converter does."""
+    if kind == "llama" and i == unk_id:
+        return gguf.TokenType.UNKNOWN
+    if kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
