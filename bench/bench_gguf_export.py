@@ -69,7 +69,7 @@ def main() -> None:
     from fourbit.io.gguf_export import export_gguf
     from fourbit.perplexity import perplexity
     from fourbit.precision import cpu_kind
-    from fourbit.train.default_task import make_default_dataset
+    from fourbit.demo.task import make_default_dataset
     from fourbit.train.evaluate import greedy_answers, score_answers
 
     versions = {n: md.version(n) for n in ("torch", "transformers", "gguf", "llama-cpp-python", "fourbit")}

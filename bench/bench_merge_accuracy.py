@@ -26,9 +26,9 @@ import torch
 import transformers
 
 import fourbit
+from fourbit.io.datasets import load_rows, resolve_dataset
 from fourbit.io.merge import merge_adapter
 from fourbit.precision import native_bf16
-from fourbit.train.data import load_rows, resolve_dataset
 from fourbit.train.evaluate import exact_match_accuracy
 
 

@@ -44,7 +44,7 @@ def main() -> None:
     from fourbit.compare import default_text_ids
     from fourbit.io.merge import merge_adapter
     from fourbit.precision import cpu_kind
-    from fourbit.train.default_task import make_default_dataset
+    from fourbit.demo.task import make_default_dataset
     from fourbit.train.evaluate import exact_match_accuracy
 
     versions = {n: md.version(n) for n in ("torch", "transformers", "fourbit")}

@@ -218,7 +218,7 @@ def layer_errors(dense, quantized, calibration) -> float:
     the dense updates' (a layer's update: its output minus its input). Measured layer by layer so
     that one layer's error does not compound through the next (on a random tiny model the logits
     move by their own size under any 4-bit grid, which would rank methods by noise)."""
-    from fourbit.quant.layerwise import layer_calls, output
+    from fourbit.ptq.layerwise import layer_calls, output
 
     hidden, calls = layer_calls(dense, dense.model.layers, calibration, 8, "cpu")
     error = total = 0.0

@@ -213,17 +213,18 @@ def _load(args, quantization):
 
 
 def _train(args) -> None:
-    import yaml
-
-    from .train.config import load_config
-    from .train.distributed import destroy
-    from .train.estimate import estimate_memory
     import dataclasses
     import tempfile
 
+    import yaml
+
+    from .demo.config import default_config
+    from .demo.task import write_default_dataset
     from .io.sources import open_source
-    from .train.default_task import write_default_dataset
-    from .train.run import default_config, preflight, run
+    from .train.config import load_config
+    from .train.distributed import destroy
+    from .train.estimate import estimate_memory
+    from .train.run import preflight, run
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None
@@ -293,7 +294,7 @@ def _quantize_post_training(args) -> None:
     from .io.loader import load_model
     from .precision import parse_dtype
     from .ptq import CALIBRATED, quantize_dense
-    from .quant.calibration import calibration_tokens
+    from .ptq.calibration import calibration_tokens
 
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"

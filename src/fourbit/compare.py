@@ -15,7 +15,7 @@ disk). Methods:
     nf4, fp4  bitsandbytes-style 4-bit, block 64, no double quantization; nf4-dq with it
     int4-rtn  4-bit round-to-nearest on GPTQ's grid, --group-size (the baseline)
     gptq      GPTQ, same bits and groups, calibrated on --calibration-tokens of --calibration
-              (default: Python's documentation topics, quant/calibration.py)
+              (default: Python's documentation topics, ptq/calibration.py)
     awq       AWQ, 4-bit with zero points, same groups and calibration (AWQ GEMM layout)
     int8      LLM.int8(), outlier threshold 6.0
 
@@ -43,11 +43,11 @@ from .nn.frozen_linear import FrozenLinear
 from .perplexity import perplexity, read_text_tokens
 from .precision import native_bf16
 from .ptq import CALIBRATED, quantize_dense
-from .quant.calibration import calibration_tokens
+from .ptq.calibration import calibration_tokens
 from .reference_text import describe, documentation_topics
 
 METHODS = ("bf16", "nf4", "nf4-dq", "fp4", "int4-rtn", "gptq", "awq", "int8")
-PTQ_METHOD = {"int4-rtn": "rtn", "gptq": "gptq", "awq": "awq", "int8": "int8"}  # ptq.py's names
+PTQ_METHOD = {"int4-rtn": "rtn", "gptq": "gptq", "awq": "awq", "int8": "int8"}  # fourbit.ptq's names
 
 
 @dataclass

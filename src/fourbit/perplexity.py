@@ -64,7 +64,7 @@ def perplexity(model, ids: list[int] | torch.Tensor, context: int = 512, stride:
 
 def read_text_tokens(tokenizer, path: str | os.PathLike) -> list[int]:
     """A text file's tokens (``.txt``; ``.jsonl`` rows' ``text`` fields joined by the EOS token)."""
-    from .train.data import load_rows
+    from .io.datasets import load_rows
 
     path = Path(path)
     if not path.is_file():

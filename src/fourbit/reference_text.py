@@ -3,7 +3,7 @@ the language reference and library that ``help()`` shows), about 465,000 charact
 
 fourbit reads it where it needs general prose rather than one task's conversations:
 
-    GPTQ and AWQ calibration (quant/calibration.py)   the topics from the last key backwards
+    GPTQ and AWQ calibration (ptq/calibration.py)   the topics from the last key backwards
     fourbit compare's perplexity text (compare.py)    the topics from the first key forwards
 
 so calibration and evaluation do not share text unless together they take more tokens than the

@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
+from fourbit.ptq.awq_model import groups
+from fourbit.ptq.layerwise import layer_calls, output
 from fourbit.quant import awq
 from fourbit.quant.awq import awq_quantize, clip_and_quantize, fold_scales, search_clip
-from fourbit.quant.awq_model import groups
 from fourbit.quant.groupwise import quantize_rtn
-from fourbit.quant.layerwise import layer_calls, output
 
 
 def layer_updates(model, ids):

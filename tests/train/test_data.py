@@ -9,18 +9,15 @@ import json
 import pytest
 import torch
 
+from fourbit.io.datasets import detect_format, load_rows, resolve_dataset, to_messages
 from fourbit.train.data import (
     IGNORE_INDEX,
     batches,
     collate,
-    detect_format,
     encode_conversation,
     encode_dataset,
-    load_rows,
     pack,
-    resolve_dataset,
     steps_per_epoch,
-    to_messages,
 )
 
 SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -1,6 +1,6 @@
 """AutoAWQ's GEMM checkpoint layout: AWQLinear.
 
-Per layer P: P.qweight, P.qzeros, P.scales, P.bias (io/awq.py packs and unpacks them, in the
+Per layer P: P.qweight, P.qzeros, P.scales, P.bias (quant/awq_layout.py packs and unpacks them, in the
 GEMM layout's interleaved order). config.json: ``quant_method: awq, bits: 4, group_size,
 zero_point: true, version: gemm``. The other AWQ versions (GEMV, gemv_fast, llm-awq) interleave
 their words differently and are refused by name.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..io.awq import BITS
 from ..nn.awq_linear import AWQLinear
+from ..quant.awq_layout import BITS
 from .base import Format
 
 

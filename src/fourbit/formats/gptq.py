@@ -1,6 +1,6 @@
 """GPTQ's v1 checkpoint layout (AutoGPTQ's; GPTQModel and transformers read it): GPTQLinear.
 
-Per layer P: P.qweight, P.qzeros, P.scales, P.g_idx, P.bias (io/gptq.py packs and unpacks
+Per layer P: P.qweight, P.qzeros, P.scales, P.g_idx, P.bias (quant/gptq_layout.py packs and unpacks
 them). config.json: ``quant_method: gptq, bits, group_size, desc_act, sym, checkpoint_format:
 gptq``. Round-to-nearest folders are the same layout; their config says so (``method: rtn``,
 no damping), since nothing about them was calibrated.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..io.gptq import PACKABLE_BITS
 from ..nn.gptq_linear import GPTQLinear
+from ..quant.gptq_layout import PACKABLE_BITS
 from .base import Format
 
 

@@ -1,5 +1,5 @@
-"""Writing a quantized model as a Hugging Face folder: bnb-4bit, GPTQ v1 (io/gptq.py; then
-also AutoGPTQ's quantize_config.json), AWQ GEMM (io/awq.py) or bitsandbytes 8-bit.
+"""Writing a quantized model as a Hugging Face folder: bnb-4bit, GPTQ v1 (quant/gptq_layout.py; then
+also AutoGPTQ's quantize_config.json), AWQ GEMM (quant/awq_layout.py) or bitsandbytes 8-bit.
 
 For bnb-4bit, the folder is what transformers + bitsandbytes write with ``save_pretrained`` for a
 model loaded with ``BitsAndBytesConfig(load_in_4bit=True, ...)``, so either stack can read it:
@@ -12,9 +12,9 @@ model loaded with ``BitsAndBytesConfig(load_in_4bit=True, ...)``, so either stac
     generation_config.json   when the model has one
     tokenizer files          when a tokenizer is given
 
-A GPTQ model (GPTQLinear layers, quantization_config from io/gptq.py) writes the same files, its
+A GPTQ model (GPTQLinear layers, quantization_config from quant/gptq_layout.py) writes the same files, its
 layers as P.qweight, P.qzeros, P.scales, P.g_idx (and P.bias); an AWQ model (AWQLinear layers,
-quantization_config from io/awq.py) as P.qweight, P.qzeros, P.scales (and P.bias). The folder is
+quantization_config from quant/awq_layout.py) as P.qweight, P.qzeros, P.scales (and P.bias). The folder is
 written next to its destination and renamed into place (io/atomic.py).
 """
 

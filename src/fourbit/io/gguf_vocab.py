@@ -36,7 +36,7 @@ lets llama.cpp pick the merges Hugging Face picks. Whether a leading "▁" is ad
 tokenizer's behaviour ("a" encodes to "▁a" or to "a").
 
 The end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ...: what the
-chat template closes a turn with, train/templates.py) is written as ``eot`` so that llama.cpp's
+chat template closes a turn with, chat_templates.py) is written as ``eot`` so that llama.cpp's
 generation stops there. Other tokenizer models (Unigram, WordPiece) are refused by name.
 """
 
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import gguf
 
-from ..train.templates import end_of_turn_ids
+from ..chat_templates import end_of_turn_ids
 
 # llama.cpp's check text (its converter, get_vocab_base_pre): its ids hash to a pre-tokenizer name
 CHECK_TEXT = (

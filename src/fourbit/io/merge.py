@@ -37,17 +37,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..chat_templates import end_of_turn_ids
+from ..formats import BNB_4BIT
 from ..nn.experts4bit import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
 from ..nn.experts4bit import dequantize_experts_
-from ..nn.linear4bit import Linear4bit
 from ..nn.frozen_linear import FrozenLinear
+from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoRALinear, dense_weight, lora_layers
 from ..nn.lora_experts import expert_lora_layers
 from ..precision import DTYPES, parse_dtype
-from ..train.templates import end_of_turn_ids
 from .atomic import atomic_dir, check_output_apart
 from .checkpoint import save_quantized
-from ..formats import BNB_4BIT
 from .hf_quantizer import SKIP_MODULES
 from .loader import load_model
 from .peft import load_adapter, read_adapter_config, read_training_base

@@ -1,4 +1,4 @@
-"""AWQLinear: a frozen linear layer stored in AWQ's GEMM checkpoint layout (io/awq.py).
+"""AWQLinear: a frozen linear layer stored in AWQ's GEMM checkpoint layout (quant/awq_layout.py).
 
     y = x @ W^T + b,    W[o, i] = (code[o, i] - zero[i // G, o]) * scales[i // G, o]
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..io.awq import BITS, PER_WORD, check_awq_shape, pack_awq, unpack_awq
+from ..quant.awq_layout import BITS, PER_WORD, check_awq_shape, pack_awq, unpack_awq
 from .packed_linear import PackedLinear
 
 

@@ -1,4 +1,4 @@
-"""GPTQLinear: a frozen linear layer stored in GPTQ's v1 checkpoint layout (io/gptq.py).
+"""GPTQLinear: a frozen linear layer stored in GPTQ's v1 checkpoint layout (quant/gptq_layout.py).
 
     y = x @ W^T + b,    W[o, i] = scales[g_idx[i], o] * (code[o, i] - zero[g_idx[i], o])
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..io.gptq import pack_gptq, unpack_gptq
+from ..quant.gptq_layout import pack_gptq, unpack_gptq
 from .packed_linear import PackedLinear
 
 

@@ -1,5 +1,5 @@
 """AWQ: activation-aware weight quantization of linear layers that share an input (Lin et al.
-2023; AutoAWQ; ../shared/REFERENCE.md §6). quant/awq_model.py runs it over a whole model.
+2023; AutoAWQ; ../shared/REFERENCE.md §6). ptq/awq_model.py runs it over a whole model.
 
 A scale s_i > 0 per input channel changes nothing in exact arithmetic,
 
@@ -32,7 +32,7 @@ group g of the scaled W, with m0 = max |W[o, g]|,
     W[o, g] ← clamp(W[o, g], -m*, m*)    with m* the bound of the smallest err
 
 and last the clipped W is quantized on the asymmetric group grid, the codes AWQ's GEMM layout
-stores (io/awq.py). Left out or different: the tokens for the clip search are every
+stores (quant/awq_layout.py). Left out or different: the tokens for the clip search are every
 ceil(n/512)-th calibration token (AutoAWQ strides by floor(n/512), which can keep up to 1023);
 the grid keeps 0 inside each group's range (groupwise.py, GPTQ's rule) where AutoAWQ uses the
 group's min..max with the zero point clamped to [0, 15]: the same grid whenever a group has

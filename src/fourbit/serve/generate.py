@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..train.templates import end_of_turn_ids
+from ..chat_templates import end_of_turn_ids
 
 
 @dataclass

@@ -3,18 +3,18 @@
 For each conversation the prompt is every message before the final assistant turn, rendered
 with the chat template and its generation prompt; the model answers greedily (batched, left
 padded so every row's answer starts at the same column) and the answer is compared with the
-reference by ``default_task.exact_match`` (whitespace, case and trailing punctuation ignored).
+reference by :func:`exact_match` (whitespace, case and trailing punctuation ignored).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import defaultdict
 
 import torch
 
 from ..nn.linear4bit import dense_weights
-from .default_task import exact_match
 
 
 def exact_match_accuracy(
@@ -72,3 +72,12 @@ def score_answers(answers: list[str], conversations: list[list[dict]], skills: l
             by_skill[skill].append(ok)
         result["by_skill"] = {s: sum(v) / len(v) for s, v in sorted(by_skill.items())}
     return result
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Equal after collapsing whitespace, ignoring case, and dropping trailing punctuation."""
+    return _normalize(prediction) == _normalize(reference)
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"[\s.,;:!?]+$", "", " ".join(text.split()).casefold())

@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..chat_templates import apply_template
+from ..io.datasets import load_rows, resolve_dataset
 from ..io.peft import adapter_state_dict, write_adapter_files
 from ..memory import memory_report
-from ..peak_memory import measured_peak, reset_peak
 from ..nn.lora import count_parameters, lora_layers
 from ..nn.lora_experts import expert_lora_layers
+from ..peak_memory import measured_peak, reset_peak
 from .checkpoint import (
     METRICS_FILE,
     TrainState,
@@ -49,16 +51,13 @@ from .data import (
     batches,
     collate,
     encode_dataset,
-    load_rows,
     pack,
-    resolve_dataset,
     steps_per_epoch,
 )
 from .distributed import Ranks, clip_grad_norm, decoder_layers, init_ranks
 from .estimate import estimate_memory
 from .evaluate import greedy_answers, score_answers
 from .plot import plot_loss
-from .templates import apply_template
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..nn.gptq_linear import GPTQLinear
-from .gptq import Hessian, gptq_quantize
-from .groupwise import quantize_rtn
+from ..quant.gptq import Hessian, gptq_quantize
+from ..quant.groupwise import quantize_rtn
 from .layerwise import (
     LayerwiseReport,
     check_calibration,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fourbit.nn import GPTQLinear
-from fourbit.quant.gptq_model import quantize_model_gptq
+from fourbit.ptq.gptq_model import quantize_model_gptq
 from fourbit.quant.groupwise import quantize_rtn
 
 

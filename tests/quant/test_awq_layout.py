@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fourbit.formats import AWQ
-from fourbit.io.awq import pack_awq, unpack_awq
-from fourbit.io.gptq import pack_gptq, unpack_gptq
+from fourbit.quant.awq_layout import pack_awq, unpack_awq
+from fourbit.quant.gptq_layout import pack_gptq, unpack_gptq
 from fourbit.quant.groupwise import GroupQuant, quantize_rtn
 
 

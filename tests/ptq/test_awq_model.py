@@ -10,8 +10,8 @@ from torch import nn
 import fourbit
 from fourbit.formats import AWQ
 from fourbit.nn import AWQLinear
-from fourbit.quant.awq_model import quantize_model_awq
-from fourbit.quant.gptq_model import quantize_model_rtn
+from fourbit.ptq.awq_model import quantize_model_awq
+from fourbit.ptq.gptq_model import quantize_model_rtn
 
 
 def tokens(n, length, seed):

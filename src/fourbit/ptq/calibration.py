@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..io.datasets import load_rows
 from ..reference_text import describe, documentation_topics
-from ..train.data import load_rows
 from .layerwise import MIN_TOKENS
 
 
@@ -52,7 +52,7 @@ def _texts(tokenizer, path) -> tuple[list[str], str]:
 
 def _row_texts(tokenizer, rows: list[dict]) -> list[str]:
     """Each row's ``text``, or its conversation through the chat template."""
-    from ..train.data import detect_format, to_messages
+    from ..io.datasets import detect_format, to_messages
 
     if rows and all(isinstance(row.get("text"), str) for row in rows):
         return [row["text"] for row in rows]

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..io.awq import check_awq_shape
 from ..nn.awq_linear import AWQLinear
-from .awq import N_GRID, clip_and_quantize, fold_scales, search_scale
+from ..quant.awq import N_GRID, clip_and_quantize, fold_scales, search_scale
+from ..quant.awq_layout import check_awq_shape
 from .layerwise import (
     LayerwiseReport,
     check_calibration,

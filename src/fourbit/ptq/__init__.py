@@ -5,9 +5,9 @@
 
 Methods and the format each writes (formats/):
 
-    gptq   GPTQ (quant/gptq_model.py), calibrated: the GPTQ v1 layout
+    gptq   GPTQ (ptq/gptq_model.py), calibrated: the GPTQ v1 layout
     rtn    round-to-nearest on GPTQ's grid: the same layout, its config saying ``method: rtn``
-    awq    AWQ (quant/awq_model.py), calibrated: the AWQ GEMM layout, 4-bit with zero points
+    awq    AWQ (ptq/awq_model.py), calibrated: the AWQ GEMM layout, 4-bit with zero points
     int8   LLM.int8() (quant/int8.py): bitsandbytes' 8-bit layout, every linear but lm_head
 
 The model's config gets the format's ``quantization_config``, so the folder says what it holds.
@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .formats import AWQ, GPTQ, INT8
-from .nn.linear8bit import Linear8bit
-from .quant.awq_model import quantize_model_awq
-from .quant.gptq_model import quantize_model_gptq, quantize_model_rtn
-from .quant.int8 import DEFAULT_THRESHOLD
+from ..formats import AWQ, GPTQ, INT8
+from ..nn.linear8bit import Linear8bit
+from ..quant.int8 import DEFAULT_THRESHOLD
+from .awq_model import quantize_model_awq
+from .gptq_model import quantize_model_gptq, quantize_model_rtn
 
 METHODS = ("gptq", "rtn", "awq", "int8")
 CALIBRATED = ("gptq", "awq")

@@ -1,6 +1,6 @@
 """Integer codes packed into int32 words, least significant first: the word is
-sum_j value_j << (bits * j), stored as the signed int32 with the same 32 bits. The GPTQ (io/gptq.py)
-and AWQ (io/awq.py) layouts both pack this way; they differ in which codes share a word."""
+sum_j value_j << (bits * j), stored as the signed int32 with the same 32 bits. The GPTQ (quant/gptq_layout.py)
+and AWQ (quant/awq_layout.py) layouts both pack this way; they differ in which codes share a word."""
 
 from __future__ import annotations
 

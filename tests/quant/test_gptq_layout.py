@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fourbit.io.gptq import pack_gptq, unpack_gptq
+from fourbit.quant.gptq_layout import pack_gptq, unpack_gptq
 from fourbit.quant.groupwise import GroupQuant, quantize_rtn
 
 

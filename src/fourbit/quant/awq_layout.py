@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.groupwise import GroupQuant
+from .groupwise import GroupQuant
 from .words import pack_words, unpack_words
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.groupwise import GroupQuant
+from .groupwise import GroupQuant
 from .words import pack_words, unpack_words
 
 PACKABLE_BITS = (2, 4, 8)

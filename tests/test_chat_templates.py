@@ -2,8 +2,8 @@
 
 import pytest
 
+from fourbit.chat_templates import ALLOWED, apply_template
 from fourbit.train.data import IGNORE_INDEX, encode_conversation
-from fourbit.train.templates import ALLOWED, apply_template
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},

@@ -30,10 +30,9 @@ import datetime
 import json
 import os
 import random
-import re
 from pathlib import Path
 
-from fourbit.io.atomic import atomic_file
+from ..io.atomic import atomic_file
 
 SYSTEM_PROMPT = "Reply with the answer only."
 SKILLS = ("dates", "units", "product")
@@ -179,15 +178,6 @@ def make_default_dataset(seed: int = 0, n_train: int = 1200, n_eval: int = 90
     rng.shuffle(train)
     rng.shuffle(held)
     return train, held
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Equal after collapsing whitespace, ignoring case, and dropping trailing punctuation."""
-    return _normalize(prediction) == _normalize(reference)
-
-
-def _normalize(text: str) -> str:
-    return re.sub(r"[\s.,;:!?]+$", "", " ".join(text.split()).casefold())
 
 
 def write_default_dataset(folder: str | os.PathLike, seed: int = 0, n_train: int = 1200,

@@ -7,13 +7,9 @@ from fractions import Fraction
 
 import pytest
 
-from fourbit.train.data import detect_format, load_rows, resolve_dataset
-from fourbit.train.default_task import (
-    PRODUCT_FACTS,
-    exact_match,
-    make_default_dataset,
-    write_default_dataset,
-)
+from fourbit.demo.task import PRODUCT_FACTS, make_default_dataset, write_default_dataset
+from fourbit.io.datasets import detect_format, load_rows, resolve_dataset
+from fourbit.train.evaluate import exact_match
 
 
 @pytest.fixture(scope="module")

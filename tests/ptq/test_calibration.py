@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fourbit.compare import default_text_ids
-from fourbit.quant.calibration import calibration_tokens
+from fourbit.ptq.calibration import calibration_tokens
 
 
 def test_default_is_python_documentation_disjoint_from_compares_text(chat_tokenizer):
