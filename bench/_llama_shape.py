@@ -181,7 +181,7 @@ def environment(device: str) -> dict:
         import fourbit
 
         fourbit_version = f"{fourbit.__version__} ({Path(fourbit.__file__).parent})"
-    except Exception as e:  # noqa: BLE001 - reported, not fatal here
+    except Exception as e:
         fourbit_version = f"not importable ({type(e).__name__}: {e})"
     return {
         "device": name, "python": platform.python_version(), **versions(), "fourbit": fourbit_version,
@@ -242,7 +242,7 @@ def run_as_child(child, args) -> None:
 
     try:
         child(args.child, args)
-    except Exception:  # noqa: BLE001 - any failure is reported to the parent as exit 1
+    except Exception:
         traceback.print_exc()
         sys.stdout.flush()
         sys.exit(1)

@@ -139,7 +139,7 @@ def dynamo_graphs() -> int:
         from torch._dynamo.utils import counters
 
         return int(counters["stats"]["unique_graphs"])
-    except Exception:  # noqa: BLE001 - private API; report "unknown" as -1
+    except Exception:
         return -1
 
 
@@ -152,7 +152,7 @@ def child(variant: str, args) -> None:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-    except Exception:  # noqa: BLE001 - cosmetic only
+    except Exception:
         pass
     if variant == "bnb-eager":
         try:
@@ -208,7 +208,7 @@ def child(variant: str, args) -> None:
         decoder = GraphDecoder(model, max_length=PROMPT_LEN + args.new_tokens)
         prompt_ids = prompt[0].tolist()
 
-        def generate(kwargs, n=None):  # noqa: F811 - this variant's own loop; the same return shape
+        def generate(kwargs, n=None):
             new = decoder.generate(prompt_ids, n or args.new_tokens)  # no eos: exactly n tokens
             return torch.tensor([prompt_ids + new])
 
@@ -246,7 +246,7 @@ def child(variant: str, args) -> None:
                     dt, _out = timed(kwargs)
                     warm.append(dt)
                     print(f"[{variant}] warm-up ({label}): {dt:.1f} s", flush=True)
-            except Exception as e:  # noqa: BLE001 - report it and try the next recipe
+            except Exception as e:
                 traceback.print_exc()
                 notes.append(f"{label} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
                 print(f"[{variant}] !!! {notes[-1]}", flush=True)
@@ -405,7 +405,8 @@ def main() -> None:
                   for peer in ["bnb-eager", "dense-eager", "dense-compile"] if f"fourbit_best_over_{peer}" in s]
         if ratios:
             print("   ".join(ratios) + "   (>1: we are faster)")
-    found = [f"{k.removeprefix('match_').replace('_vs_', ' vs ')} {v}/{MATCH_LEN}" for k, v in s.items() if k.startswith("match_")]
+    found = [f"{k.removeprefix('match_').replace('_vs_', ' vs ')} {v}/{MATCH_LEN}"
+             for k, v in s.items() if k.startswith("match_")]
     if found:
         print("first-token agreement: " + ", ".join(found))
     errors = [v for v, r in rows.items() if "error" in r and not r["error"].startswith("skipped")]

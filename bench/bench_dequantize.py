@@ -26,10 +26,11 @@ Method
   over all the input copies, ours and bnb alternating each repeat so drift hits both alike.
   CUDA: the pass is captured in a CUDA graph and replayed between CUDA events (bench/_timing.py),
   so Python and launch overhead stay out and GPU time is measured; ``--sweep`` also times our
-  kernel's other launch shapes (values per program x warps) and reports the fastest. Each call reads the next of several copies of the
-  inputs, together more than 2 x 50 MB (the H100's L2), so no call finds its input in cache. Both ops allocate their
-  output (and ours its temporaries) on every call, as a model's forward does; on a CPU VM the
-  first touch of freshly mapped pages is a large share of the time (see bench/RESULTS.md).
+  kernel's other launch shapes (values per program x warps) and reports the fastest. Each call
+  reads the next of several copies of the inputs, together more than 2 x 50 MB (the H100's L2),
+  so no call finds its input in cache. Both ops allocate their output (and ours its temporaries)
+  on every call, as a model's forward does; on a CPU VM the first touch of freshly mapped pages
+  is a large share of the time (see bench/RESULTS.md).
 - Bytes moved, per call:  read    = packed bytes (numel/2) + absmax bytes (nblocks, uint8)
                                     + nested bytes (nested absmax float32 + 256 + 16 float32 tables)
                           written = numel * element size of the output dtype
@@ -51,9 +52,9 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import time_per_call
 
 import fourbit
-from _timing import time_per_call
 from fourbit.precision import cpu_kind, native_bf16
 
 try:

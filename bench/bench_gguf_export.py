@@ -66,10 +66,10 @@ def main() -> None:
 
     import fourbit
     from fourbit.compare import default_text_ids
+    from fourbit.demo.task import make_default_dataset
     from fourbit.io.gguf_export import export_gguf
     from fourbit.perplexity import perplexity
     from fourbit.precision import cpu_kind
-    from fourbit.demo.task import make_default_dataset
     from fourbit.train.evaluate import greedy_answers, score_answers
 
     versions = {n: md.version(n) for n in ("torch", "transformers", "gguf", "llama-cpp-python", "fourbit")}

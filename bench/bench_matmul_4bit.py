@@ -35,11 +35,10 @@ import os
 from pathlib import Path
 
 import torch
+from _timing import time_per_call
 
 import fourbit
 from fourbit.kernels.dequantize import state_args
-
-from _timing import time_per_call
 
 try:
     import bitsandbytes
@@ -107,17 +106,17 @@ def main() -> None:
             ref = x.double() @ w64.T
             io_bytes = (m * k + m * n) * 2
             methods = {
-                "ours": (lambda c: fourbit.kernels.matmul_4bit(x, c[0], c[1]), quant, qbytes),
-                "bf16": (lambda c: torch.matmul(x, c.T), dense_copies, 2 * n * k),
+                "ours": (lambda c, x=x: fourbit.kernels.matmul_4bit(x, c[0], c[1]), quant, qbytes),
+                "bf16": (lambda c, x=x: torch.matmul(x, c.T), dense_copies, 2 * n * k),
             }
             if bnbf:
-                methods["bnb"] = (lambda c: bitsandbytes.matmul_4bit(x, c[0].t(), quant_state=c[1]),
+                methods["bnb"] = (lambda c, x=x: bitsandbytes.matmul_4bit(x, c[0].t(), quant_state=c[1]),
                                   list(zip([q[0] for q in quant], bnb_states)), qbytes)
             for cfg in gemv_configs + mm_configs:
                 if (cfg.kernel == "gemv" and m > 4) or (cfg.kernel == "matmul" and cfg.block_m > 16 and m <= 16):
                     continue
                 methods[f"sweep {cfg}"] = (
-                    lambda c, cfg=cfg: fused.matmul_4bit(x, c[0], *state_args(c[1]), None, config=cfg), quant, qbytes)
+                    lambda c, cfg=cfg, x=x: fused.matmul_4bit(x, c[0], *state_args(c[1]), None, config=cfg), quant, qbytes)
             row = {"shape": name, "n": n, "k": k, "m": m}
             for key, (fn, inputs, wbytes) in methods.items():
                 try:

@@ -43,7 +43,9 @@ from pathlib import Path
 import _llama_shape as shape
 
 STATIC_ROWS = ("4-bit linears (codes)", "quantization constants", "embeddings, norms, lm_head", "LoRA weights (fp32)")
-WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"]
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike",
+         "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee",
+         "zulu"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,9 +42,9 @@ def main() -> None:
 
     import fourbit
     from fourbit.compare import default_text_ids
+    from fourbit.demo.task import make_default_dataset
     from fourbit.io.merge import merge_adapter
     from fourbit.precision import cpu_kind
-    from fourbit.demo.task import make_default_dataset
     from fourbit.train.evaluate import exact_match_accuracy
 
     versions = {n: md.version(n) for n in ("torch", "transformers", "fourbit")}

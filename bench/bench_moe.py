@@ -13,8 +13,9 @@ layers only; transformers 5 keeps each layer's experts as fused 3-D parameters, 
 
 Then fourbit trains a LoRA (r=8 on every attention linear and on every expert of both expert
 weights, PEFT's target_parameters; AdamW lr 2e-3, gradient checkpointing, batch 4 x 64 tokens)
-for --steps steps on a fixed random batch it must learn to predict (memorization: the loss must fall), and reports the first and last losses and the peak
-RSS of the run. Figures go to bench/RESULTS.md with the device (CPU kind) and versions.
+for --steps steps on a fixed random batch it must learn to predict (memorization: the loss must
+fall), and reports the first and last losses and the peak RSS of the run. Figures go to
+bench/RESULTS.md with the device (CPU kind) and versions.
 """
 
 from __future__ import annotations

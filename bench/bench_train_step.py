@@ -31,8 +31,8 @@ Method
   interpreter and imports are not counted; it includes load-time transients (and resident pages
   of memory-mapped checkpoint files). "after build" = RSS once model and optimizer are built
   (what the load left behind), "step peak" = the high-water mark over the training steps only;
-  both minus the same baseline, so step peak - after build is what a step itself adds. "model" = bytes of the model's state (parameters, buffers,
-  4-bit quant states, LoRA), shared storage counted once.
+  both minus the same baseline, so step peak - after build is what a step itself adds. "model" =
+  bytes of the model's state (parameters, buffers, 4-bit quant states, LoRA), shared storage counted once.
 - Reading it: ratio time = peer s/step / ours (>1: we are faster); ratio peak = peer peak / ours
   (>1: we use less). --layers N keeps only the first N decoder layers (after loading, on both
   sides): a smoke test only, its numbers mean nothing. The table goes to
@@ -151,8 +151,8 @@ def child(side: str, args) -> None:
     import time
 
     import torch
-
     import transformers
+
     from fourbit.peak_memory import measured_peak, reset_peak
 
     torch.set_num_threads(args.threads)
@@ -183,7 +183,8 @@ def child(side: str, args) -> None:
     print("RESULT " + json.dumps({
         "side": side, "times": times, "initial_loss": losses[0], "last_loss": losses[-1], "trainable": trainable,
         "threads": torch.get_num_threads(), "peak_added_mib": (max(build_peak, step_peak) - before) / 1024,
-        "ready_added_mib": (ready - before) / 1024, "step_peak_added_mib": (step_peak - before) / 1024, "model_mib": model_bytes / 2**20, "peak_reset": reset,
+        "ready_added_mib": (ready - before) / 1024, "step_peak_added_mib": (step_peak - before) / 1024,
+        "model_mib": model_bytes / 2**20, "peak_reset": reset,
     }), flush=True)
 
 
@@ -268,7 +269,8 @@ def main() -> None:
         print(f"{side:<6}{row['median_s']:>9.3f}{row['tokens_per_s']:>10.1f}{row['peak_added_mib']:>16.0f}"
               f"{row['ready_added_mib']:>13.0f}{row['step_peak_added_mib']:>11.0f}{row['model_mib']:>11.1f}"
               f"{row['initial_loss']:>12.4f}")
-    print(f"ratio time peer/ours {ratio_time:.2f}x (>1: we are faster)   ratio peak peer/ours {ratio_peak:.2f}x (>1: we use less)")
+    print(f"ratio time peer/ours {ratio_time:.2f}x (>1: we are faster)   "
+          f"ratio peak peer/ours {ratio_peak:.2f}x (>1: we use less)")
     if not all(res["peak_reset"] for results in runs.values() for res in results):
         print("note: /proc/self/clear_refs was not writable: peaks are since process start, step peak = overall peak")
     if gap > 0.02:

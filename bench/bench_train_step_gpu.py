@@ -169,7 +169,7 @@ def child(side: str, args) -> None:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
-    except Exception:  # noqa: BLE001 - cosmetic only
+    except Exception:
         pass
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -35,12 +35,11 @@ import tempfile
 from pathlib import Path
 
 import triton
+from bench_matmul_4bit import sweep_configs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fourbit.kernels.triton import matmul_4bit as fused
-
-from bench_matmul_4bit import sweep_configs
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 TARGET = GPUTarget("cuda", 90, 32)

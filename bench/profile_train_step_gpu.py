@@ -13,10 +13,9 @@ from __future__ import annotations
 import collections
 import sys
 
-import torch
-
 import _llama_shape as shape
 import bench_train_step_gpu as train_bench
+import torch
 
 CATEGORIES = [  # first match wins; names as CUDA kernels are called by cuBLAS, Triton, bnb, torch
     ("4-bit dequantize", ("dequantize", "kdequant")),

@@ -23,7 +23,8 @@ def trained_looking(model, seed=0):
 def test_quantize_writes_a_bnb_folder_with_the_chosen_settings(tiny_llama, tmp_path, capsys):
     folder, _ = tiny_llama
     out = tmp_path / "fp4"
-    assert main(["quantize", str(folder), "--method", "fp4", "--blocksize", "128", "--no-double-quant", "--output", str(out)]) == 0
+    argv = ["quantize", str(folder), "--method", "fp4", "--blocksize", "128", "--no-double-quant", "--output", str(out)]
+    assert main(argv) == 0
     assert "fp4" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["bnb_4bit_quant_type"] == "fp4" and config["bnb_4bit_use_double_quant"] is False
@@ -102,7 +103,8 @@ def test_quantize_awq_writes_an_awq_gemm_folder_fourbit_loads(folder_with_tokeni
             "--calibration-tokens", "1024", "--output", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "calibration: 16 sequences x 64 tokens (1024 tokens) from Python " in printed and "documentation topics (pydoc_data, last keys first)" in printed
+    assert "calibration: 16 sequences x 64 tokens (1024 tokens) from Python " in printed
+    assert "documentation topics (pydoc_data, last keys first)" in printed
     assert "AWQ: 14 linear layers in 2 decoder layers" in printed
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config == {"quant_method": "awq", "zero_point": True, "group_size": 32, "bits": 4, "version": "gemm",
@@ -127,7 +129,8 @@ def test_quantize_gptq_and_rtn_write_a_gptq_folder_fourbit_loads(folder_with_tok
     assert main(argv) == 0
     printed = capsys.readouterr().out
     if method == "gptq":
-        assert "calibration: 16 sequences x 64 tokens (1024 tokens) from Python " in printed and "documentation topics (pydoc_data, last keys first)" in printed
+        assert "calibration: 16 sequences x 64 tokens (1024 tokens) from Python " in printed
+    assert "documentation topics (pydoc_data, last keys first)" in printed
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["group_size"] == 32 and config["bits"] == 4
     model, _ = fourbit.load_model(out, torch_dtype="float32")
@@ -289,3 +292,21 @@ def test_compare_scores_python_documentation_by_default(chat_tokenizer):
 def test_compare_names_methods_it_does_not_have(folder_with_tokenizer, capsys):
     assert main(["compare", str(folder_with_tokenizer), "--methods", "nf4,awq8"]) == 2
     assert "unknown method 'awq8'; choose from bf16, nf4, nf4-dq, fp4, int4-rtn, gptq, awq, int8" in capsys.readouterr().err
+
+
+def test_only_input_errors_exit_2_and_faults_keep_their_traceback(monkeypatch, capsys):
+    import fourbit.cli as cli
+    from fourbit.errors import InputError
+
+    def raising(error):
+        def run(args):
+            raise error
+        return run
+
+    monkeypatch.setattr(cli, "_memory", raising(InputError("the thing is wrong; give one of a, b")))
+    assert main(["memory"]) == 2
+    assert capsys.readouterr().err == "fourbit memory: error: the thing is wrong; give one of a, b\n"
+    for fault in (TypeError("a bug"), ValueError("raised by a library under fourbit"), KeyError("k")):
+        monkeypatch.setattr(cli, "_memory", raising(fault))
+        with pytest.raises(type(fault)):
+            main(["memory"])

@@ -38,7 +38,8 @@ def test_merge_never_writes_over_its_base_or_adapter(model_copy, tmp_path, capsy
     fourbit.save_adapter(model, tmp_path / "adapter")
     before = snapshot(tmp_path / "adapter")
     for output in (tmp_path / "adapter", model_copy):
-        argv = ["merge", "--base", str(model_copy), "--adapter", str(tmp_path / "adapter"), "--output", str(output), "--overwrite"]
+        argv = ["merge", "--base", str(model_copy), "--adapter", str(tmp_path / "adapter"), "--output", str(output),
+                "--overwrite"]
         assert main(argv) == 2
         assert "writing it would replace what is being read" in capsys.readouterr().err
     assert snapshot(tmp_path / "adapter") == before

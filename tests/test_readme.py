@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,3 +59,41 @@ def test_readme_training_config_is_valid():
 
     config = load_config(None, yaml.safe_load(block))
     assert config.optim == "paged_adamw_8bit" and config.resume_from_checkpoint == "latest"
+
+
+def readme_command_lines() -> list[tuple[str, str]]:
+    """(subcommand, its options) for each ``fourbit SUB ...`` line of the README's command list
+    (continuation lines joined, trailing comments dropped)."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if b.startswith("fourbit train"))
+    commands: list[str] = []
+    for line in block.splitlines():
+        line = line.split("  #", 1)[0]
+        if line.startswith("fourbit "):
+            commands.append(line)
+        elif line.startswith(" ") and commands:
+            commands[-1] += " " + line.strip()
+    return [(c.split()[1], c) for c in commands]
+
+
+def help_text(capsys, *argv) -> str:
+    from fourbit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_readme_lists_every_subcommand_with_options_the_parser_has(capsys):
+    import fourbit.cli
+
+    listed = readme_command_lines()
+    choices = re.search(r"\{([a-z,]+)\}", help_text(capsys)).group(1).split(",")
+    assert sorted({sub for sub, _ in listed}) == sorted(choices)  # every subcommand, and only those
+    for sub in choices:
+        assert f"fourbit {sub}" in fourbit.cli.__doc__, sub
+    for sub, line in listed:
+        options = set(re.findall(r"--[a-z][a-z0-9-]*", help_text(capsys, sub)))
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line):
+            assert flag in options, f"README: `{line}` has {flag}, which `fourbit {sub}` does not take"

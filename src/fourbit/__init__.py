@@ -18,6 +18,6 @@ from .train.recipe import train
 
 __version__ = "0.1.0"
 __all__ = [
-    "FourbitConfig", "Linear4bit", "NF4Config", "QuantState", "TrainConfig", "add_lora", "dequantize_4bit", "load_adapter", "load_config",
-    "load_model", "quantize_4bit", "save_adapter", "save_quantized", "train",
+    "FourbitConfig", "Linear4bit", "NF4Config", "QuantState", "TrainConfig", "add_lora", "dequantize_4bit", "load_adapter",
+    "load_config", "load_model", "quantize_4bit", "save_adapter", "save_quantized", "train",
 ]

@@ -29,6 +29,8 @@ tokenizer that lacks them gets an error suggesting ``alpaca``, which needs only 
 
 from __future__ import annotations
 
+from .errors import InputError
+
 CHATML = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
@@ -87,7 +89,7 @@ def apply_template(tokenizer, name: str | None):
     """
     if name is None or name == "auto":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise InputError(
                 "template 'auto' uses the tokenizer's own chat template, but this tokenizer has "
                 "none (a base model?); set `template: chatml` (or llama3, alpaca)"
             )
@@ -95,11 +97,11 @@ def apply_template(tokenizer, name: str | None):
         _default_pad(tokenizer)
         return tokenizer
     if name not in BUILTIN:
-        raise ValueError(f"unknown template {name!r}; allowed: {', '.join(ALLOWED)}")
+        raise InputError(f"unknown template {name!r}; allowed: {', '.join(ALLOWED)}")
     source, end_of_turn, writes = BUILTIN[name]
     for token in writes:
         if not _is_single_token(tokenizer, token):
-            raise ValueError(
+            raise InputError(
                 f"template {name!r} writes {token}, which this tokenizer does not have as a single "
                 "token (fourbit does not add tokens, which would resize the embeddings); use "
                 "`template: auto` if the model has its own chat template, or `template: alpaca`"
@@ -118,7 +120,7 @@ def _is_single_token(tokenizer, token: str) -> bool:
 
 def _require_eos(tokenizer, name: str) -> None:
     if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise InputError(
             f"template {name!r}: the tokenizer has no EOS token, so an assistant turn has no token "
             "that ends it; set `template: chatml` or `template: llama3` if the vocabulary has "
             "their end-of-turn token"

@@ -1,14 +1,20 @@
-"""The ``fourbit`` command: one entry point, one subcommand per job.
+"""The ``fourbit`` command: one entry point, one subcommand per job (``fourbit SUB --help`` for each;
+README.md lists them with their options, checked against this parser by tests/test_readme.py).
 
-    fourbit train [CONFIG.yaml] [key=value ...] [--dry-run]
-    fourbit quantize SRC --method nf4|fp4 [--blocksize N] [--no-double-quant] --output DIR
-    fourbit quantize SRC --method gptq|awq|rtn|int8 [--group-size N] [--calibration FILE] --output DIR
-    fourbit memory [SRC] [--quantization nf4|fp4|int4|none] [--blocksize N] [--no-double-quant]
-    fourbit memory --model CONFIG.yaml [--gpus N] [--strategy ddp|fsdp] [--seq-len L] [--batch B]
+    fourbit train [CONFIG.yaml] [key=value ...]        QLoRA fine-tuning (no config: the built-in demo)
+    fourbit quantize SRC --method ... --output DIR     bnb 4-bit, GPTQ, RTN, AWQ or int8 folders
+    fourbit memory [SRC] | --model CONFIG.yaml         where a quantized model's bytes go; a training estimate
+    fourbit merge --base SRC --adapter DIR --output DIR   an adapter merged into its base
+    fourbit export [SRC] [--adapter DIR] --output FILE.gguf   GGUF for llama.cpp, Ollama, LM Studio
+    fourbit chat [SRC] [--adapter NAME=DIR ...]        chat in the terminal
+    fourbit serve [SRC] [--adapter NAME=DIR ...]       an OpenAI-compatible HTTP server
+    fourbit eval [SRC] --tasks ... | --perplexity FILE   lm-evaluation-harness tasks, or perplexity
+    fourbit compare [SRC] [--methods ...]              every quantization method on one model
     torchrun --nproc-per-node N -m fourbit train CONFIG.yaml      (several GPUs; train/distributed.py)
 
 SRC is a Hugging Face folder, a .gguf file, a hub id, or omitted for the embedded
-SmolLM2-135M-Instruct. Errors in the input are printed as one line and exit with status 2.
+SmolLM2-135M-Instruct. This module parses arguments and calls the library; input errors
+(``USER_ERRORS``) are printed as one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import InputError
 from .quant.blockwise import BLOCKSIZES
 
 
@@ -68,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gpus", type=int, default=1, help="with --model: number of GPUs (default 1)")
     m.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="with --model: default ddp")
     m.add_argument("--seq-len", type=int, default=None, help="with --model: tokens per sequence (default cutoff_len)")
-    m.add_argument("--batch", type=int, default=None, help="with --model: sequences per GPU (default per_device_train_batch_size)")
+    m.add_argument("--batch", type=int, default=None,
+                   help="with --model: sequences per GPU (default per_device_train_batch_size)")
     m.set_defaults(run=_memory)
 
     g = sub.add_parser("merge", help="merge a LoRA adapter into its base: a plain Hugging Face folder (or 4-bit)")
@@ -81,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-quantization", default=None, choices=["nf4", "fp4", "int4", "none"],
                    help="how the base was quantized in training (default: what the adapter's training_base.json "
                         "records, else nf4 as `fourbit train`; none: 16-bit LoRA)")
-    g.add_argument("--blocksize", type=int, default=None, help="the base's quantization block size in training (default: recorded)")
+    g.add_argument("--blocksize", type=int, default=None,
+                   help="the base's quantization block size in training (default: recorded)")
     g.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
                    help="the base was trained without double quantization (default: recorded)")
     g.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
@@ -273,7 +282,7 @@ def _tokenizer_of(source):
 
     tokenizer = open_source(source).tokenizer()
     if tokenizer is None:
-        raise ValueError(f"{source} has no tokenizer files; this command needs one to read text")
+        raise InputError(f"{source} has no tokenizer files; this command needs one to read text")
     return tokenizer
 
 
@@ -328,7 +337,8 @@ def _memory(args) -> None:
     quantization = None if args.method == "none" else args.method
     model, _, seconds = _load(args, quantization)
     dq = "+ double quant" if args.double_quant and quantization else ""
-    title = f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}: {args.method} {dq} block {args.blocksize}, loaded in {seconds:.1f} s"
+    title = (f"{args.source or 'SmolLM2-135M-Instruct (embedded)'}: {args.method} {dq} block {args.blocksize}, "
+             f"loaded in {seconds:.1f} s")
     print(memory_report(model).format(title))
 
 
@@ -352,7 +362,7 @@ def _export(args) -> None:
     start = time.perf_counter()
     if args.format == "gguf-lora":
         if args.adapter is None:
-            raise ValueError("--format gguf-lora writes an adapter: name it with --adapter DIR")
+            raise InputError("--format gguf-lora writes an adapter: name it with --adapter DIR")
         report = export_gguf_lora(args.source, args.adapter, args.output, overwrite=args.overwrite)
     else:
         report = export_gguf(args.source, args.output, args.quant, adapter=args.adapter, overwrite=args.overwrite,
@@ -462,14 +472,18 @@ def _compare(args) -> None:
         print(f"plot: perplexity (y) against bits per parameter (x) -> {path}; {legend}")
 
 
+# What exits with status 2 and one line: fourbit's own input errors, files that are missing, in
+# the way or not readable, a hub that cannot be reached, a training run whose loss diverged.
+USER_ERRORS = (InputError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, ConnectionError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ConnectionError,
-            FloatingPointError, ModuleNotFoundError) as e:
-        # bad input, named in one line; anything else is a fault of fourbit's and keeps its traceback
+    except USER_ERRORS as e:  # bad input, named in one line; anything else keeps its traceback
         print(f"fourbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

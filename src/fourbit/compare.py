@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError
 from .io.checkpoint import save_quantized
 from .io.loader import load_model
 from .nn.frozen_linear import FrozenLinear
@@ -63,7 +64,7 @@ def compare(source, methods: list[str], text_ids: list[int], group_size: int = 1
             calibration: str | os.PathLike | None = None, n_calibration: int = 16384, log=print) -> list[Row]:
     for method in methods:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     rows = []
     for method in methods:
         start = time.perf_counter()

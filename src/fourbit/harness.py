@@ -21,19 +21,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
 from .io.atomic import atomic_file
 
 INSTALL_HINT = "pip install 'fourbit[eval]'  (lm-evaluation-harness with its hf extra)"
 
 
 def require_harness() -> None:
-    """A ModuleNotFoundError that says how to install the harness, where it is missing."""
+    """An InputError that says how to install the harness, where it is missing."""
     try:
         import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401
     except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(f"--tasks runs lm-evaluation-harness, which is not installed ({e}); "
-                                  f"run: {INSTALL_HINT}", name=e.name) from None
+        raise InputError(f"--tasks runs lm-evaluation-harness, which is not installed ({e}); run: {INSTALL_HINT}") from None
 
 
 @dataclass
@@ -91,11 +91,11 @@ def _quiet(name: str):
 
 def check_settings(num_fewshot: int | None, limit: float | None, batch_size: int) -> None:
     if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
+        raise InputError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
     if limit is not None and not limit > 0:
-        raise ValueError(f"--limit must be above 0 (documents per task, or a fraction below 1), got {limit}")
+        raise InputError(f"--limit must be above 0 (documents per task, or a fraction below 1), got {limit}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be 1 or more, got {batch_size}")
+        raise InputError(f"--batch-size must be 1 or more, got {batch_size}")
 
 
 def results_table(results: dict) -> str:

@@ -1,6 +1,7 @@
 """Memory report: where a loaded model's bytes are, measured from its actual tensors.
 
-For the quantized linears (and 4-bit MoE experts, per expert matrix), per weight of n parameters in blocks of B (nested blocks of 256):
+For the quantized linears (and 4-bit MoE experts, per expert matrix), per weight of n parameters in
+blocks of B (nested blocks of 256):
 
     4-bit codes        n / 2 bytes                               4 bits / parameter
     absmax             4 n/B bytes (1 n/B with double quant)     32/B   (8/B)

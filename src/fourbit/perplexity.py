@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
 
 @dataclass
 class Perplexity:
@@ -39,10 +41,10 @@ def perplexity(model, ids: list[int] | torch.Tensor, context: int = 512, stride:
     """Sliding-window perplexity of ``model`` on the token ids ``ids``."""
     stride = stride or max(1, context // 2)
     if context < 2 or not 1 <= stride <= context:
-        raise ValueError(f"need context >= 2 and 1 <= stride <= context, got context={context}, stride={stride}")
+        raise InputError(f"need context >= 2 and 1 <= stride <= context, got context={context}, stride={stride}")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     if ids.numel() < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
+        raise InputError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
     device = next(model.parameters()).device
     total, scored, done = 0.0, 0, 1  # done: tokens [0, done) are scored or are the unscorable first one
     for begin in range(0, ids.numel() - 1, stride):
@@ -73,10 +75,10 @@ def read_text_tokens(tokenizer, path: str | os.PathLike) -> list[int]:
         rows = load_rows(path)
         lacking = next((i for i, row in enumerate(rows, start=1) if not isinstance(row.get("text"), str)), None)
         if lacking is not None:
-            raise ValueError(f"perplexity file {path}: row {lacking} has no 'text' string")
+            raise InputError(f"perplexity file {path}: row {lacking} has no 'text' string")
         text = (tokenizer.eos_token or "\n").join(row["text"] for row in rows)
     elif path.suffix == ".txt":
         text = path.read_text()
     else:
-        raise ValueError(f"perplexity file {path}: expected .txt, or .jsonl with a 'text' field per row")
+        raise InputError(f"perplexity file {path}: expected .txt, or .jsonl with a 'text' field per row")
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from .errors import InputError
+
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -31,7 +33,7 @@ def parse_dtype(spec: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[spec]
     except KeyError:
-        raise ValueError(f"unknown dtype {spec!r}; expected one of {sorted(DTYPES)} or 'auto'") from None
+        raise InputError(f"unknown dtype {spec!r}; expected one of {sorted(DTYPES)} or 'auto'") from None
 
 
 CPU_BF16_ENV = "FOURBIT_CPU_BF16"
@@ -41,7 +43,7 @@ def _cpu_has_native_bf16() -> bool:
     override = os.environ.get(CPU_BF16_ENV, "").strip()
     if override:
         if override not in ("0", "1"):
-            raise ValueError(f"{CPU_BF16_ENV}={override!r}: expected 0 (no native bf16) or 1 (native bf16), or unset to detect")
+            raise InputError(f"{CPU_BF16_ENV}={override!r}: expected 0 (no native bf16) or 1 (native bf16), or unset to detect")
         return override == "1"
     return _cpu_flags_have_bf16()
 

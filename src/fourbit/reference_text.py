@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import platform
 
+from .errors import InputError
+
 
 def documentation_topics(reverse: bool = False) -> list[str]:
     """The topics' texts in the order of their keys (or the reverse)."""
     try:
         from pydoc_data.topics import topics
     except ImportError as e:  # some distributions strip it from the standard library
-        raise ValueError("this Python has no pydoc_data (its documentation topics, fourbit's default text for "
+        raise InputError("this Python has no pydoc_data (its documentation topics, fourbit's default text for "
                          "calibration and compare); pass a text file instead") from e
     return [topics[key] for key in sorted(topics, reverse=reverse)]
 

@@ -17,7 +17,8 @@ def quantized_layers(model):
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
 def test_save_then_load_is_bit_identical(tiny_llama_tied, tmp_path, quant_type, double_quant):
     folder, _ = tiny_llama_tied
-    model, tokenizer = load_model(folder, quantization=quant_type, double_quant=double_quant, blocksize=128, compute_dtype="float32")
+    model, tokenizer = load_model(folder, quantization=quant_type, double_quant=double_quant, blocksize=128,
+                                  compute_dtype="float32")
     save_quantized(model, tokenizer, tmp_path / "out")
     again, _ = load_model(tmp_path / "out", compute_dtype="float32")
     ours, theirs = quantized_layers(model), quantized_layers(again)

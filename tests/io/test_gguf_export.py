@@ -30,7 +30,6 @@ from fourbit.io.gguf_export import ARCHITECTURES as GGUF_ARCHITECTURES
 from fourbit.io.gguf_export import export_gguf, permute_rotary
 from fourbit.io.gguf_vocab import CHECK_TEXT, pre_tokenizer
 
-
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=False)
 ARCHITECTURES = {"llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "phi3": dict(pad_token_id=0),
@@ -119,7 +118,8 @@ def test_a_known_splitting_over_another_vocabulary_is_named_by_its_expression(tm
         {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     folder = tmp_path / "llama3-split"
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)).save_pretrained(folder)
+    config = AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     chat_tokenizer.save_pretrained(folder)
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -228,7 +228,8 @@ def test_k_quants_are_as_close_to_the_weights_as_llama_cpps(tmp_path, chat_token
             ratios[n] = ((values(t) - w) ** 2).sum() / ((values(theirs[n]) - w) ** 2).sum()
     assert max(ratios.values()) < 1.1, ratios
     ids = chat_tokenizer.encode(PROMPT)
-    assert relative(llama_logits(tmp_path / "ours.gguf", ids), hf_logits(dequantized_twin(model, tmp_path / "ours.gguf", ours), ids)) < 2e-2
+    twin = dequantized_twin(model, tmp_path / "ours.gguf", ours)
+    assert relative(llama_logits(tmp_path / "ours.gguf", ids), hf_logits(twin, ids)) < 2e-2
 
 
 def test_the_adapter_is_merged_first(tmp_path, chat_tokenizer):
@@ -329,7 +330,8 @@ def test_rope_scaling_runs_in_llama_cpp_as_in_transformers(tmp_path, chat_tokeni
 
 def test_what_cannot_be_exported_is_refused_and_nothing_written(tmp_path, chat_tokenizer):
     folder = tmp_path / "llama"
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)).save_pretrained(folder)
+    config = AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     chat_tokenizer.save_pretrained(folder)
     config = AutoConfig.for_model("olmo2", vocab_size=len(chat_tokenizer), **COMMON)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "olmo2")

@@ -139,7 +139,8 @@ def test_prequantized_bitsandbytes_checkpoint_loads_as_stored(make_tiny_llama, b
     ours, _ = load_model(tmp_path / "bnb", quantization="fp4", compute_dtype="float32")  # stored nf4 wins
     layer, their_layer = ours.model.layers[1].mlp.down_proj, theirs.model.layers[1].mlp.down_proj
     assert layer.quant_type == "nf4" and layer.double_quant
-    assert torch.equal(layer.dequantize(torch.float32), F.dequantize_4bit(their_layer.weight, their_layer.weight.quant_state).float())
+    theirs = F.dequantize_4bit(their_layer.weight, their_layer.weight.quant_state).float()
+    assert torch.equal(layer.dequantize(torch.float32), theirs)
     ids = torch.randint(0, 256, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
@@ -176,7 +177,8 @@ def test_checkpoint_missing_a_quantization_tensor_is_refused(nf4_folder, tmp_pat
 def test_checkpoint_with_misshaped_quantization_tensor_is_refused(nf4_folder, tmp_path):
     key = "model.layers.1.mlp.up_proj.weight.absmax"
     bad = write_variant(nf4_folder, tmp_path / "bad", lambda t, c: (t | {key: t[key][:-3].clone()}, c))
-    with pytest.raises(ValueError, match=r"up_proj.weight.absmax has dtype torch.uint8 and shape \(157,\); expected torch.uint8 and \(160,\)"):
+    with pytest.raises(ValueError, match=r"up_proj.weight.absmax has dtype torch.uint8 and shape \(157,\); "
+                                         r"expected torch.uint8 and \(160,\)"):
         load_model(bad)
 
 

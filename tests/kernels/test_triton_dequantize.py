@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fourbit.kernels import dequantize_4bit
-from fourbit.quant import dequantize_4bit_reference, quantize_4bit
 from fourbit.kernels.dequantize import state_args
+from fourbit.quant import dequantize_4bit_reference, quantize_4bit
 
 ON_GPU = torch.cuda.is_available()
 triton_dequantize = pytest.importorskip("fourbit.kernels.triton.dequantize")

@@ -150,7 +150,8 @@ def test_mismatched_checkpoint_tensors_are_refused():
     with pytest.raises(RuntimeError, match=r"weight.nested_absmax is missing"):
         Linear4bit(96, 40, device="meta").load_state_dict(broken, assign=True)
     broken = dict(state, **{"weight.absmax": state["weight.absmax"][:-1]})
-    with pytest.raises(RuntimeError, match=r"weight.absmax has dtype torch.uint8 and shape \(59,\); expected torch.uint8 and \(60,\)"):
+    with pytest.raises(RuntimeError, match=r"weight.absmax has dtype torch.uint8 and shape \(59,\); "
+                                           r"expected torch.uint8 and \(60,\)"):
         Linear4bit(96, 40, device="meta").load_state_dict(broken, assign=True)
 
 

@@ -110,7 +110,7 @@ def test_add_lora_all_linear_freezes_the_rest_and_skips_lm_head(tiny_4bit, capsy
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     n_trainable, total = count_parameters(model)
-    assert n_trainable == sum(4 * (l.in_features + l.out_features) for l in layers.values())
+    assert n_trainable == sum(4 * (layer.in_features + layer.out_features) for layer in layers.values())
     assert f"trainable {n_trainable:,}" in capsys.readouterr().out
 
 

@@ -1,4 +1,4 @@
-"""The code tables against their published constants (REFERENCE.md §1) and definitions."""
+"""The code tables against their published constants (docs/formats.md §1) and definitions."""
 
 import bitsandbytes.functional as F  # test-only peer, the reference for byte compatibility
 import pytest
@@ -13,7 +13,7 @@ NF4_PUBLISHED = [
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ]
-# FP4 raw magnitudes by bit pattern 0b000..0b111 (REFERENCE.md §1), normalized by 12.
+# FP4 raw magnitudes by bit pattern 0b000..0b111 (docs/formats.md §1), normalized by 12.
 FP4_RAW = [0, 0.0625, 8, 12, 4, 6, 2, 3]
 
 

@@ -117,7 +117,7 @@ def test_fp4_against_int4_depends_on_block_size(blocksize):
 
 def test_nibble_order_and_padding():
     # Element 2k goes to the high nibble: x0=+1, x1=-1 -> NF4 codes 15, 0 -> byte 0xF0;
-    # FP4 codes 0b0011 (+1) and 0b1011 (-1) -> byte 0x3B (REFERENCE.md §1).
+    # FP4 codes 0b0011 (+1) and 0b1011 (-1) -> byte 0x3B (docs/formats.md §1).
     x = torch.tensor([1.0, -1.0])
     assert quantize_4bit(x, "nf4", 64, False)[0].flatten().tolist() == [0xF0]
     assert quantize_4bit(x, "fp4", 64, False)[0].flatten().tolist() == [0x3B]

@@ -44,7 +44,8 @@ def test_stops_before_the_first_end_of_sequence_id(chat_model):
 def test_bad_lengths_are_refused(chat_model):
     model, _, _ = chat_model
     decoder = GraphDecoder(model, max_length=16, compile=False)
-    with pytest.raises(ValueError, match=r"prompt \(7 tokens\) \+ max_new_tokens \(10\) exceeds this decoder's max_length \(16\)"):
+    with pytest.raises(ValueError,
+                       match=r"prompt \(7 tokens\) \+ max_new_tokens \(10\) exceeds this decoder's max_length \(16\)"):
         decoder.generate(PROMPT, 10)
     with pytest.raises(ValueError, match="at least one token"):
         decoder.generate([], 3)

@@ -20,7 +20,7 @@ from fourbit.train.run import run
 def outcome(fn) -> str:
     try:
         fn()
-    except Exception as e:  # noqa: BLE001 - the message is the result
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
     return "no error"
 

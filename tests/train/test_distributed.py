@@ -4,10 +4,10 @@ Launches of ``torchrun --standalone --nproc-per-node 2`` (a free port each, a ti
 hang fails instead of blocking CI): ``-m fourbit train`` with DDP, and distributed_worker.py
 with FSDP2 followed by the bad inputs. Training runs at both compute dtypes, float32 and
 bfloat16 (what "auto" picks on CPUs with native bf16): every strategy computes the LoRA branch
-in the adapter's float32, so the strategy must not change the result at either. The config sets global_batch_size 8 with 2 examples per
-micro-batch: 2 ranks x accumulation 2 and 1 process x accumulation 4 take the same micro-batches
-per step. 10 examples make 5 micro-batches an epoch, so every other step has one micro-batch
-(rank 1 repeats it with weight 0).
+in the adapter's float32, so the strategy must not change the result at either. The config sets
+global_batch_size 8 with 2 examples per micro-batch: 2 ranks x accumulation 2 and 1 process x
+accumulation 4 take the same micro-batches per step. 10 examples make 5 micro-batches an epoch,
+so every other step has one micro-batch (rank 1 repeats it with weight 0).
 
 Tolerances. Losses and gradient norms: rel 1e-5, float32 summation order (the ranks' partial
 sums are added in another order). Adapters: atol 1e-4. Adam divides each gradient element by

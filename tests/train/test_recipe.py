@@ -12,8 +12,6 @@ from fourbit.train.config import load_config
 from fourbit.train.run import run
 
 
-
-
 def reference_first_loss(chat_model, dataset, chat_tokenizer, seed, batch_size):
     """The first step's loss computed independently of the recipe's data path and loss: the same
     NF4 base the run loads (LoRA starts as a no-op), the first batch of the data order, one

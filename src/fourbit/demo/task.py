@@ -32,6 +32,7 @@ import os
 import random
 from pathlib import Path
 
+from ..errors import InputError
 from ..io.atomic import atomic_file
 
 SYSTEM_PROMPT = "Reply with the answer only."
@@ -149,7 +150,7 @@ def make_default_dataset(seed: int = 0, n_train: int = 1200, n_eval: int = 90
     product rows of training cycle through its 90 training questions.
     """
     if n_train < 3 or not 3 <= n_eval <= 90:
-        raise ValueError(f"make_default_dataset needs n_train >= 3 and 3 <= n_eval <= 90 "
+        raise InputError(f"make_default_dataset needs n_train >= 3 and 3 <= n_eval <= 90 "
                          f"(the product skill has 30 held-out questions); got {n_train}, {n_eval}")
     per_train, per_eval = n_train // 3, n_eval // 3
     rng = random.Random(seed)

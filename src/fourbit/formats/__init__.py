@@ -13,6 +13,7 @@ refused by name. Adding a format is one file here and one entry in FORMATS.
 
 from __future__ import annotations
 
+from ..errors import InputError
 from .awq import AWQ
 from .base import Format, StoredFormat
 from .bnb4bit import BNB_4BIT
@@ -31,7 +32,7 @@ def stored_format(qconfig: dict | None) -> StoredFormat | None:
         settings = fmt.detect(qconfig)
         if settings is not None:
             return StoredFormat(fmt, settings)
-    raise ValueError(
+    raise InputError(
         f"checkpoint quantization {qconfig.get('quant_method')!r} is not supported by this loader; expected "
         "bitsandbytes 4-bit or 8-bit, GPTQ (v1 layout), AWQ (GEMM layout), or an unquantized checkpoint"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..nn.awq_linear import AWQLinear
 from ..quant.awq_layout import BITS
 from .base import Format
@@ -26,13 +27,13 @@ class Awq(Format):
             return None
         version = str(qconfig.get("version", "gemm")).lower()
         if version != "gemm":
-            raise ValueError(f"AWQ version {version!r} is not supported; fourbit reads the 'gemm' layout (GEMV, "
+            raise InputError(f"AWQ version {version!r} is not supported; fourbit reads the 'gemm' layout (GEMV, "
                              "gemv_fast and llm-awq interleave their words differently)")
         bits = int(qconfig.get("bits", qconfig.get("w_bit", 4)))
         if bits != BITS:
-            raise ValueError(f"{bits}-bit AWQ checkpoints are not supported; the GEMM layout holds 4-bit codes")
+            raise InputError(f"{bits}-bit AWQ checkpoints are not supported; the GEMM layout holds 4-bit codes")
         if not qconfig.get("zero_point", True):
-            raise ValueError("AWQ checkpoints without zero points (zero_point: false) are not supported")
+            raise InputError("AWQ checkpoints without zero points (zero_point: false) are not supported")
         return {"group_size": int(qconfig.get("group_size", qconfig.get("q_group_size", 128)))}
 
     def layer(self, linear: nn.Module, settings: dict, compute_dtype: torch.dtype) -> AWQLinear:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..nn.gptq_linear import GPTQLinear
 from ..quant.gptq_layout import PACKABLE_BITS
 from .base import Format
@@ -26,10 +27,10 @@ class Gptq(Format):
             return None
         layout = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
         if layout != "gptq":
-            raise ValueError(f"GPTQ checkpoint_format {layout!r} is not supported; fourbit reads the 'gptq' (v1) layout")
+            raise InputError(f"GPTQ checkpoint_format {layout!r} is not supported; fourbit reads the 'gptq' (v1) layout")
         bits, group_size = int(qconfig.get("bits", 4)), int(qconfig.get("group_size", -1))
         if bits not in PACKABLE_BITS:
-            raise ValueError(f"{bits}-bit GPTQ checkpoints are not supported; fourbit reads {PACKABLE_BITS}-bit ones")
+            raise InputError(f"{bits}-bit GPTQ checkpoints are not supported; fourbit reads {PACKABLE_BITS}-bit ones")
         return {"bits": bits, "group_size": group_size}
 
     def layer(self, linear: nn.Module, settings: dict, compute_dtype: torch.dtype) -> GPTQLinear:

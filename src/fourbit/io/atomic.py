@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
@@ -98,5 +100,5 @@ def check_output_apart(output: str | os.PathLike, *sources: str | os.PathLike | 
         src = Path(source).expanduser().resolve()
         if out == src or out in src.parents:
             relation = "is" if out == src else "holds"
-            raise ValueError(f"the output {output} {relation} the input {source}: writing it would replace what is being "
+            raise InputError(f"the output {output} {relation} the input {source}: writing it would replace what is being "
                              "read; choose an output folder outside it")

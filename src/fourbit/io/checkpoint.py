@@ -28,15 +28,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import InputError
 from .atomic import atomic_dir
 
 
 def save_quantized(model, tokenizer, output: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model`` (from :func:`fourbit.load_model`) and ``tokenizer`` to ``output``."""
     if getattr(model.config, "quantization_config", None) is None:
-        raise ValueError("the model holds no quantized layers to save; load it with quantization='nf4' or 'fp4'")
+        raise InputError("the model holds no quantized layers to save; load it with quantization='nf4' or 'fp4'")
     if any(hasattr(m, "experts_4bit") for m in model.modules()):
-        raise ValueError("the model's mixture-of-experts weights are in 4 bits, which no checkpoint format holds yet "
+        raise InputError("the model's mixture-of-experts weights are in 4 bits, which no checkpoint format holds yet "
                          "(bitsandbytes' has no 3-D weights); load it with quantize_experts=False to save a bnb-4bit "
                          "folder, or merge an adapter into a dense one")
     tensors = _unshared_state_dict(model)

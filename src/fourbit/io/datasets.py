@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
+
 FORMATS = ("alpaca", "sharegpt", "openai")
 _DETECT_KEYS = {"messages": "openai", "conversations": "sharegpt", "instruction": "alpaca"}
 
@@ -69,17 +71,17 @@ class DatasetFormat:
     @classmethod
     def of(cls, formatting: str, columns: Mapping | None = None, tags: Mapping | None = None):
         if formatting not in FORMATS:
-            raise ValueError(f"unknown formatting {formatting!r}; allowed: {', '.join(FORMATS)}")
+            raise InputError(f"unknown formatting {formatting!r}; allowed: {', '.join(FORMATS)}")
         columns, tags = dict(columns or {}), dict(tags or {})
         allowed = _DEFAULT_COLUMNS[formatting]
         for key in columns:
             if key not in allowed:
-                raise ValueError(f"column {key!r} is not supported for {formatting} data; "
+                raise InputError(f"column {key!r} is not supported for {formatting} data; "
                                  f"supported: {', '.join(allowed)}")
         allowed_tags = _DEFAULT_TAGS.get(formatting, {})
         for key in tags:
             if key not in allowed_tags and not (allowed_tags and key in _IGNORED_TAGS):
-                raise ValueError(f"tag {key!r} is not supported for {formatting} data; "
+                raise InputError(f"tag {key!r} is not supported for {formatting} data; "
                                  f"supported: {', '.join(allowed_tags) or 'none'}")
         tags = {k: v for k, v in tags.items() if k not in _IGNORED_TAGS}
         return cls(formatting, allowed | columns, allowed_tags | tags)
@@ -92,7 +94,7 @@ def load_rows(path: str | os.PathLike) -> list[dict]:
     """The rows of a ``.json`` (a list of objects) or ``.jsonl`` (an object per line) file."""
     path = Path(path)
     if path.suffix not in (".json", ".jsonl"):
-        raise ValueError(f"dataset file {path} must end in .json or .jsonl")
+        raise InputError(f"dataset file {path} must end in .json or .jsonl")
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -104,37 +106,37 @@ def load_rows(path: str | os.PathLike) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number}: bad JSON ({e.msg})") from e
+                raise InputError(f"{path} line {number}: bad JSON ({e.msg})") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{path} line {number}: expected a JSON object, "
+                raise InputError(f"{path} line {number}: expected a JSON object, "
                                  f"got {type(row).__name__}")
             rows.append(row)
     else:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {e.lineno}: bad JSON ({e.msg})") from e
+            raise InputError(f"{path} line {e.lineno}: bad JSON ({e.msg})") from e
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+            raise InputError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
         for index, row in enumerate(rows):
             if not isinstance(row, dict):
-                raise ValueError(f"{path} row {index}: expected a JSON object, "
+                raise InputError(f"{path} row {index}: expected a JSON object, "
                                  f"got {type(row).__name__}")
     if not rows:
-        raise ValueError(f"dataset {path} has no rows")
+        raise InputError(f"dataset {path} has no rows")
     return rows
 
 
 def detect_format(rows: Sequence[Mapping], name: str = "dataset") -> str:
     """``openai``, ``sharegpt`` or ``alpaca``, from the keys of the first row."""
     if not rows:
-        raise ValueError(f"dataset {name} has no rows")
+        raise InputError(f"dataset {name} has no rows")
     first = rows[0]
     for key, fmt in _DETECT_KEYS.items():
         if isinstance(first, Mapping) and key in first:
             return fmt
     keys = sorted(first) if isinstance(first, Mapping) else type(first).__name__
-    raise ValueError(
+    raise InputError(
         f"dataset {name}: cannot tell the format of row 0 (keys {keys}); expected 'messages' "
         "(openai), 'conversations' (sharegpt) or 'instruction' + 'output' (alpaca), or register "
         "the file in dataset_info.json with its columns"
@@ -145,15 +147,15 @@ def to_messages(row: Mapping, fmt: str | DatasetFormat, index: int) -> list[dict
     """Row ``index`` as ``[{"role", "content"}, ...]``; ValueError naming the row if malformed."""
     fmt = fmt if isinstance(fmt, DatasetFormat) else DatasetFormat.of(fmt)
     if not isinstance(row, Mapping):
-        raise ValueError(f"row {index} ({fmt.formatting} format): expected an object, "
+        raise InputError(f"row {index} ({fmt.formatting} format): expected an object, "
                          f"got {type(row).__name__}")
     if fmt.formatting == "alpaca":
         return _alpaca_messages(row, fmt, index)
     return _conversation_messages(row, fmt, index)
 
 
-def _fail(index: int, fmt: DatasetFormat, problem: str, expected: str) -> ValueError:
-    return ValueError(f"row {index} ({fmt.formatting} format): {problem}; expected {expected}")
+def _fail(index: int, fmt: DatasetFormat, problem: str, expected: str) -> InputError:
+    return InputError(f"row {index} ({fmt.formatting} format): {problem}; expected {expected}")
 
 
 def _alpaca_messages(row: Mapping, fmt: DatasetFormat, index: int) -> list[dict]:
@@ -245,7 +247,7 @@ def resolve_dataset(spec: str | os.PathLike, dataset_dir: str | os.PathLike | No
     """Conversations of ``spec``: comma-separated registered names or file paths, in order."""
     parts = [part.strip() for part in str(spec).split(",") if part.strip()]
     if not parts:
-        raise ValueError("no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
+        raise InputError("no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
     registry = _read_registry(dataset_dir) if dataset_dir is not None else None
     conversations = []
     for part in parts:
@@ -259,14 +261,14 @@ def resolve_dataset(spec: str | os.PathLike, dataset_dir: str | os.PathLike | No
             where = (f"registered in {Path(dataset_dir) / 'dataset_info.json'}: "
                      f"{', '.join(sorted(registry)) or 'none'}" if registry is not None
                      else "no dataset_dir was given to look names up in")
-            raise ValueError(f"dataset {part!r} is neither a file nor a registered name ({where})")
+            raise InputError(f"dataset {part!r} is neither a file nor a registered name ({where})")
         rows = load_rows(path)
         fmt = fmt or DatasetFormat.of(detect_format(rows, str(path)))
         for index, row in enumerate(rows):
             try:
                 conversations.append(to_messages(row, fmt, index))
             except ValueError as e:
-                raise ValueError(f"dataset {part!r} ({path}) {e}") from e
+                raise InputError(f"dataset {part!r} ({path}) {e}") from e
     return conversations
 
 
@@ -277,27 +279,27 @@ def _read_registry(dataset_dir: str | os.PathLike) -> dict:
     try:
         registry = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {e.lineno}: bad JSON ({e.msg})") from e
+        raise InputError(f"{path} line {e.lineno}: bad JSON ({e.msg})") from e
     if not isinstance(registry, dict):
-        raise ValueError(f"{path}: expected an object mapping dataset names to entries")
+        raise InputError(f"{path}: expected an object mapping dataset names to entries")
     return registry
 
 
 def _registry_entry(name: str, entry, dataset_dir: Path) -> tuple[Path, DatasetFormat]:
     where = f"dataset {name!r} in {dataset_dir / 'dataset_info.json'}"
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object with file_name, formatting, columns, tags")
+        raise InputError(f"{where}: expected an object with file_name, formatting, columns, tags")
     for key, value in entry.items():
         if key == "ranking" and not value:
             continue
         if key not in _ENTRY_KEYS:
-            raise ValueError(f"{where}: key {key!r} is not supported; fourbit reads local files "
+            raise InputError(f"{where}: key {key!r} is not supported; fourbit reads local files "
                              f"with {', '.join(_ENTRY_KEYS)}")
     if not isinstance(entry.get("file_name"), str):
-        raise ValueError(f"{where}: needs 'file_name', a .json/.jsonl file in {dataset_dir}")
+        raise InputError(f"{where}: needs 'file_name', a .json/.jsonl file in {dataset_dir}")
     try:
         fmt = DatasetFormat.of(entry.get("formatting", "alpaca"), entry.get("columns"),
                                entry.get("tags"))
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+        raise InputError(f"{where}: {e}") from e
     return dataset_dir / entry["file_name"], fmt

@@ -42,6 +42,8 @@ import torch
 from fourbit.io.default_model import cache_dir
 from fourbit.io.no_remote_code import from_pretrained
 
+from ..errors import InputError
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _PERMUTES_QK = {"llama"}
 
@@ -75,11 +77,11 @@ def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
     would otherwise fail deep inside a tensor's reshape, or not at all until that tensor is read)."""
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - gguf raises assorted errors for a damaged header; named below
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise InputError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     short = next((t for t in reader.tensors if t.data.nbytes != t.n_bytes), None)
     if short is not None:
-        raise ValueError(f"{path} is not a whole GGUF file: tensor {short.name} should have {short.n_bytes} bytes, the "
+        raise InputError(f"{path} is not a whole GGUF file: tensor {short.name} should have {short.n_bytes} bytes, the "
                          f"file holds {short.data.nbytes}; is it truncated (an interrupted download or copy)?")
     return reader
 
@@ -93,7 +95,7 @@ def gguf_architecture(path: str | os.PathLike) -> str:
     """`general.architecture`, checked against the ones fourbit can map (ValueError otherwise)."""
     arch = _field(open_reader(path), "general.architecture", "<missing>")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise InputError(
             f"{path}: GGUF architecture {arch!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
@@ -134,7 +136,7 @@ def hf_name(gguf_name: str) -> str | None:
         return f"{_TOP_LEVEL[base]}.{suffix}"
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_LEAVES:
         return f"model.layers.{parts[1]}.{_BLOCK_LEAVES[parts[2]]}.{suffix}"
-    raise ValueError(
+    raise InputError(
         f"GGUF tensor {gguf_name!r} has no Hugging Face name; known leaves: "
         f"{', '.join([*_TOP_LEVEL, *_BLOCK_LEAVES])} (mixture-of-experts files are not supported)"
     )
@@ -150,7 +152,7 @@ def undo_rotary_permutation(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of llama.cpp's Q/K row permutation: rows [h, d/2, 2] back to HF's [h, 2, d/2]."""
     rows = weight.shape[0]
     if rows % (2 * n_heads):
-        raise ValueError(f"cannot split {rows} rows into {n_heads} heads of rotary pairs")
+        raise InputError(f"cannot split {rows} rows into {n_heads} heads of rotary pairs")
     split = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
     return split.transpose(1, 2).reshape(weight.shape)
 

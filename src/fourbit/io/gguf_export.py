@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..quant.kquants import QK_K, quantize_q4_k, quantize_q5_k, quantize_q6_k
 from .atomic import atomic_file, check_output_apart
 from .gguf_vocab import add_tokenizer
@@ -107,7 +108,7 @@ def export_gguf(source: str | os.PathLike | None, output: str | os.PathLike, qua
 
     output = _checked_output(output, overwrite, source, adapter)
     if quant not in QUANT_TYPES:
-        raise ValueError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
+        raise InputError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
     if source is not None and Path(source).is_dir():  # refused before any loading or merging
         check_exportable(AutoConfig.from_pretrained(source), quant)
     name = Path(str(source)).name.removesuffix(".gguf") if source is not None else "SmolLM2-135M-Instruct"
@@ -143,7 +144,7 @@ def export_gguf_lora(source: str | os.PathLike | None, adapter: str | os.PathLik
     settings = read_adapter_config(adapter)
     for key, why in (("use_dora", "DoRA"), ("target_parameters", "LoRA on MoE expert weights")):
         if settings.get(key):
-            raise ValueError(f"{adapter}: {why} adapters have no llama.cpp LoRA form; export the merged model instead")
+            raise InputError(f"{adapter}: {why} adapters have no llama.cpp LoRA form; export the merged model instead")
     config = AutoConfig.from_pretrained(open_source(source).hf_folder())
     arch = check_exportable(config, "f16")
     names = gguf.get_tensor_name_map(_arch_enum(arch), config.num_hidden_layers)
@@ -161,7 +162,7 @@ def export_gguf_lora(source: str | os.PathLike | None, adapter: str | os.PathLik
                 module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
                 name = names.get_name(module + ".weight", try_suffixes=(".weight",))
                 if name is None:
-                    raise ValueError(f"{adapter}: {module} has no GGUF tensor for {arch}")
+                    raise InputError(f"{adapter}: {module} has no GGUF tensor for {arch}")
                 a, b = f.get_tensor(key).float(), f.get_tensor(key.replace(".lora_A.", ".lora_B.")).float()
                 if arch in PERMUTES_QK and module.endswith(("q_proj", "k_proj")):
                     b = permute_rotary(b, config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads)
@@ -174,7 +175,7 @@ def export_gguf_lora(source: str | os.PathLike | None, adapter: str | os.PathLik
 def _checked_output(output, overwrite: bool, *inputs) -> Path:
     output = Path(output)
     if output.suffix != ".gguf":
-        raise ValueError(f"the output must be a .gguf file, got {output}")
+        raise InputError(f"the output must be a .gguf file, got {output}")
     check_output_apart(output, *inputs)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; choose another output or pass --overwrite")
@@ -204,14 +205,14 @@ def gguf_file(output: Path, arch: str):
 def check_exportable(config, quant: str) -> str:
     """The GGUF architecture of a transformers ``config``; a ValueError names what cannot be written."""
     if quant not in QUANT_TYPES:
-        raise ValueError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
+        raise InputError(f"GGUF quant type {quant!r} is not supported; choose one of {', '.join(QUANT_TYPES)}")
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"fourbit cannot write {model_type!r} models to GGUF yet; it writes "
+        raise InputError(f"fourbit cannot write {model_type!r} models to GGUF yet; it writes "
                          f"{', '.join(sorted(ARCHITECTURES))}")
     rope_scaling(config, ARCHITECTURES[model_type])  # refuses a kind it cannot write
     if ARCHITECTURES[model_type] in TIED_ONLY and not getattr(config, "tie_word_embeddings", False):
-        raise ValueError(f"llama.cpp's {ARCHITECTURES[model_type]} reuses the embedding as the LM head; this "
+        raise InputError(f"llama.cpp's {ARCHITECTURES[model_type]} reuses the embedding as the LM head; this "
                          f"{model_type} model has its own lm_head, which the file cannot hold")
     return ARCHITECTURES[model_type]
 
@@ -224,7 +225,7 @@ def write_gguf(model: nn.Module, tokenizer, output: str | os.PathLike, quant: st
     config = model.config
     arch = check_exportable(config, quant)
     if tokenizer is None:
-        raise ValueError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+        raise InputError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
     weight_type, file_type = QUANT_TYPES[quant]
     with gguf_file(output, arch) as writer:
         writer.add_name(name or Path(getattr(config, "_name_or_path", "") or "model").name or "model")
@@ -266,7 +267,7 @@ def rope_scaling(config, arch: str) -> str:
     allowed = {"default", "linear"} | ({"llama3"} if arch == "llama" else set())
     if full not in allowed or (sliding != full and not (arch == "gemma3" and sliding == "default")):
         kind = full if full not in allowed else sliding
-        raise ValueError(f"a {config.model_type} model with rope scaling {kind!r} cannot be written to GGUF yet; "
+        raise InputError(f"a {config.model_type} model with rope scaling {kind!r} cannot be written to GGUF yet; "
                          f"fourbit writes {', '.join(sorted(allowed - {'default'}))} scaling for {arch}")
     return full
 
@@ -282,7 +283,7 @@ def rope_frequency_divisors(config) -> torch.Tensor:
     plain = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     scaled, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     if attention_factor != 1.0:
-        raise ValueError(f"llama3 rope scaling with an attention factor of {attention_factor} cannot be written to GGUF")
+        raise InputError(f"llama3 rope scaling with an attention factor of {attention_factor} cannot be written to GGUF")
     return (plain / scaled.double()).float()
 
 
@@ -328,7 +329,7 @@ def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch: str, weight_ty
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ValueError(f"{hf_name} has no GGUF tensor name for {arch}; the file would be incomplete")
+            raise InputError(f"{hf_name} has no GGUF tensor name for {arch}; the file would be incomplete")
         data = tensor.detach().float()
         if arch in PERMUTES_QK and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads

@@ -51,6 +51,7 @@ from pathlib import Path
 import gguf
 
 from ..chat_templates import end_of_turn_ids
+from ..errors import InputError
 
 # llama.cpp's check text (its converter, get_vocab_base_pre): its ids hash to a pre-tokenizer name
 CHECK_TEXT = (
@@ -91,7 +92,7 @@ def pre_tokenizer(tokenizer) -> str:
     patterns = _split_patterns(json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {})
     if len(patterns) == 1 and patterns[0] in SPLIT_PATTERNS:
         return SPLIT_PATTERNS[patterns[0]]
-    raise ValueError(f"this tokenizer's pre-tokenizer (check hash {digest[:16]}...) is not one fourbit exports to "
+    raise InputError(f"this tokenizer's pre-tokenizer (check hash {digest[:16]}...) is not one fourbit exports to "
                      f"GGUF ({', '.join(sorted(set(PRE_TOKENIZERS.values())))}); llama.cpp would split text "
                      "differently from training")
 
@@ -108,14 +109,14 @@ def tokenizer_kind(tokenizer) -> str:
     model = _model_json(tokenizer)
     if model.get("type") == "BPE":
         return "llama" if model.get("byte_fallback") else "gpt2"
-    raise ValueError(f"the tokenizer is a {model.get('type')} model; fourbit's GGUF export writes BPE tokenizers: "
+    raise InputError(f"the tokenizer is a {model.get('type')} model; fourbit's GGUF export writes BPE tokenizers: "
                      "byte-level (Llama 3, Qwen, SmolLM, GPT-2) and SentencePiece-style (Llama 2, Mistral, Gemma, Phi-3)")
 
 
 def _model_json(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast (tokenizer.json) tokenizer; GGUF export reads one")
+        raise InputError(f"{type(tokenizer).__name__} is not a fast (tokenizer.json) tokenizer; GGUF export reads one")
     return json.loads(backend.to_str())["model"]
 
 
@@ -140,7 +141,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> dict[s
     pre = pre_tokenizer(tokenizer) if kind == "gpt2" else None
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is {vocab_size}")
+        raise InputError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is {vocab_size}")
     by_id = {i: text for text, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     scores = merge_scores(tokenizer) if kind == "llama" else {}
@@ -167,7 +168,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> dict[s
         tokenizer.save_pretrained(tmp)
         special = gguf.SpecialVocab(Path(tmp), load_merges=kind == "gpt2", n_vocab=vocab_size)
     if kind == "gpt2" and not special.merges:
-        raise ValueError("the tokenizer has no BPE merges to write")
+        raise InputError("the tokenizer has no BPE merges to write")
     if tokenizer.chat_template and not special.chat_template:
         special.chat_template = tokenizer.chat_template
     # whether encoding adds BOS/EOS, as the tokenizer does it (transformers 5 may not write the flags)

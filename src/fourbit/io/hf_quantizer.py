@@ -33,10 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps, WeightConverter
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import (
+    HfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..errors import InputError
 from ..formats import BNB_4BIT, FORMATS
 from ..nn.experts4bit import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
 from ..nn.experts4bit import is_expert_weight, quantize_experts_
@@ -68,12 +73,13 @@ class FourbitConfig(QuantizationConfigMixin):
 
     def __init__(self, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                  compute_dtype: str = "float32", skip_modules: list[str] | tuple[str, ...] = SKIP_MODULES,
-                 experts: bool = True, stored: str | None = None, stored_settings: dict | None = None, stored_modules: list[str] | None = None,
+                 experts: bool = True, stored: str | None = None, stored_settings: dict | None = None,
+                 stored_modules: list[str] | None = None,
                  **kwargs: Any):
         check_quant_type(quant_type)
         check_blocksize(blocksize)
         if stored is not None and stored not in _FORMATS:
-            raise ValueError(f"stored format {stored!r} is not one of {sorted(_FORMATS)}")
+            raise InputError(f"stored format {stored!r} is not one of {sorted(_FORMATS)}")
         self.quant_method = METHOD
         self.quant_type, self.double_quant, self.blocksize = quant_type, double_quant, blocksize
         self.compute_dtype = str(compute_dtype).removeprefix("torch.")
@@ -82,7 +88,7 @@ class FourbitConfig(QuantizationConfigMixin):
         self.stored, self.stored_settings, self.stored_modules = stored, stored_settings or {}, stored_modules
 
 
-def NF4Config(double_quant: bool = True, blocksize: int = 64, compute_dtype: str = "float32", **kwargs) -> FourbitConfig:  # noqa: N802 - reads as a class
+def NF4Config(double_quant: bool = True, blocksize: int = 64, compute_dtype: str = "float32", **kwargs) -> FourbitConfig:
     """QLoRA's format: NormalFloat 4-bit, blocks of 64, double quantization of their constants."""
     return FourbitConfig("nf4", double_quant, blocksize, compute_dtype, **kwargs)
 
@@ -109,7 +115,7 @@ class FourbitQuantizer(HfQuantizer):
         for name in config.stored_modules or []:
             module = model.get_submodule(name)
             if not isinstance(module, nn.Linear):
-                raise ValueError(f"the checkpoint holds {fmt.name} tensors for {name}, which is not a linear layer of "
+                raise InputError(f"the checkpoint holds {fmt.name} tensors for {name}, which is not a linear layer of "
                                  "this model")
             model.set_submodule(name, fmt.layer(module, config.stored_settings, compute))
         return model
@@ -202,7 +208,7 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
             return
         bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(1 << 22))
         if bad:
-            raise ValueError(f"tensor {name} holds {bad} NaN or Inf values (of {tensor.numel()}); the weights are "
+            raise InputError(f"tensor {name} holds {bad} NaN or Inf values (of {tensor.numel()}); the weights are "
                              "damaged (a diverged run or a bad conversion); fourbit does not load them")
 
 

@@ -28,6 +28,7 @@ import os
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..formats import BNB_4BIT, stored_format
 from ..nn.linear4bit import Linear4bit
 from ..nn.linear8bit import Linear8bit, layout_error
@@ -117,7 +118,7 @@ def _stored_config(source, stored, compute: torch.dtype) -> FourbitConfig:
     marker = "." + fmt.marker
     modules = sorted({n.partition(marker)[0] for n in names if marker in n})
     if not modules:
-        raise ValueError(f"the checkpoint's config declares {_declared(fmt.name)}, but it holds no '{marker.rstrip('_')}' "
+        raise InputError(f"the checkpoint's config declares {_declared(fmt.name)}, but it holds no '{marker.rstrip('_')}' "
                          "tensors")
     extra = {"quant_type": settings["quant_type"], "double_quant": settings["double_quant"]} if fmt is BNB_4BIT else {}
     return FourbitConfig(compute_dtype=compute, stored=fmt.name, stored_settings=settings, stored_modules=modules, **extra)
@@ -132,17 +133,17 @@ def _check_loaded(model: nn.Module, info: dict, source) -> None:
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
         name, got, want = next(iter(mismatched))
-        raise ValueError(f"checkpoint tensor {name} has shape {tuple(got)}; the model expects {tuple(want)}")
+        raise InputError(f"checkpoint tensor {name} has shape {tuple(got)}; the model expects {tuple(want)}")
     missing = sorted(info.get("missing_keys") or [])
     missing += [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear4bit) and m.quant_state is None]
     if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
+        raise InputError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         log.warning("ignored %d checkpoint tensors the model does not have: %s", len(unexpected), unexpected[:5])
     for name, module in model.named_modules():
         if isinstance(module, Linear8bit) and layout_error(module.weight_format):
-            raise ValueError(f"{name}.{layout_error(module.weight_format)}")
+            raise InputError(f"{name}.{layout_error(module.weight_format)}")
     # Norms, embeddings, lm_head, biases: what no quantizer looked at (the linear weights and stored
     # constants were checked as they arrived). Parameters and buffers only: a state_dict would
     # build every layer's quantization constants anew.

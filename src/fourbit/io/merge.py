@@ -14,8 +14,8 @@ How the base was quantized is read from the adapter's training_base.json (io/pef
 ``fourbit train`` writes; an adapter without one (made by PEFT, or an older fourbit) is taken to
 have been trained as ``fourbit train`` trains by default (NF4, double quantization, blocks of
 64), and the report says so. Arguments override the record, and the report says that too: an
-adapter merged into another base than its own computes something else. Every other 4-bit layer is dequantized too; the result holds no fourbit types
-and loads in transformers alone (``AutoModelForCausalLM.from_pretrained``).
+adapter merged into another base than its own computes something else. Every other 4-bit layer
+is dequantized too; the result holds no fourbit types and loads in transformers alone (``AutoModelForCausalLM.from_pretrained``).
 
 ``requantize`` writes W' back in 4 bits instead (a bnb-4bit folder, io/checkpoint.py). That
 adds a second quantization error on top of training's, so it is never done silently: the
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..chat_templates import end_of_turn_ids
+from ..errors import InputError
 from ..formats import BNB_4BIT
 from ..nn.experts4bit import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
 from ..nn.experts4bit import dequantize_experts_
@@ -113,14 +114,14 @@ def merge_adapter(
         base_quantization=None). bench/RESULTS.md measures both on the main job.
     """
     if into not in INTO:
-        raise ValueError(f"into must be one of {INTO}, got {into!r}")
+        raise InputError(f"into must be one of {INTO}, got {into!r}")
     if into == "original":
         base_quantization = None
     out_dtype = parse_dtype(dtype) if dtype in DTYPES or isinstance(dtype, torch.dtype) else None
     if out_dtype not in {parse_dtype(d) for d in OUTPUT_DTYPES}:
-        raise ValueError(f"merge dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+        raise InputError(f"merge dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
     if requantize not in (None, "nf4", "fp4"):
-        raise ValueError(f"requantize must be 'nf4' or 'fp4' (or None for a dense folder), got {requantize!r}")
+        raise InputError(f"requantize must be 'nf4' or 'fp4' (or None for a dense folder), got {requantize!r}")
     check_output_apart(output, base, adapter)
     if Path(output).exists() and not overwrite:  # before the work, not after it (atomic_dir checks again)
         raise FileExistsError(f"{output} already exists; choose another output folder or pass overwrite")

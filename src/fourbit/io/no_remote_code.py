@@ -10,6 +10,8 @@ that needs its own code is refused, saying so.
 
 from __future__ import annotations
 
+from ..errors import InputError
+
 
 def from_pretrained(cls, *args, what: str, **kwargs):
     """``cls.from_pretrained(*args, **kwargs)`` with ``trust_remote_code=False``; ``what`` names
@@ -28,7 +30,7 @@ def _refusing_remote_code(load, what: str):
     except ValueError as error:
         if "trust_remote_code" not in str(error) and "custom code" not in str(error):
             raise
-        raise ValueError(
+        raise InputError(
             f"{what} needs Python code that comes with it (its config's auto_map), and fourbit never runs a "
             "model's own code (trust_remote_code=False); use a model whose architecture transformers implements"
         ) from None

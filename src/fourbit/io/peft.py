@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import InputError
 from ..nn.awq_linear import AWQLinear
 from ..nn.gptq_linear import GPTQLinear
 from ..nn.linear4bit import Linear4bit
@@ -73,7 +74,7 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         tensors[f"{PREFIX}{where}.lora_A.weight"] = experts.lora_A.weight
         tensors[f"{PREFIX}{where}.lora_B.weight"] = experts.lora_B.weight
     if not tensors:
-        raise ValueError("the model has no LoRA adapters to save; call fourbit.add_lora first")
+        raise InputError("the model has no LoRA adapters to save; call fourbit.add_lora first")
     return tensors
 
 
@@ -136,7 +137,7 @@ def training_base(model: nn.Module) -> dict:
     kinds = {_base_kind(layer.base_layer) for layer in lora_layers(model).values()}
     kinds |= {_experts_kind(model, key) for key in expert_lora_layers(model)}
     if len(kinds) != 1:
-        raise ValueError(f"the adapted layers have bases of {len(kinds)} kinds ({sorted(map(str, kinds))}); "
+        raise InputError(f"the adapted layers have bases of {len(kinds)} kinds ({sorted(map(str, kinds))}); "
                          "an adapter is trained on one base")
     quantization, double_quant, blocksize = kinds.pop()
     return {"quantization": quantization, "double_quant": double_quant, "blocksize": blocksize}
@@ -149,7 +150,7 @@ def read_training_base(folder: str | os.PathLike) -> dict | None:
         return None
     record = json.loads(path.read_text())
     if not isinstance(record, dict) or "quantization" not in record:
-        raise ValueError(f"{path}: expected an object with 'quantization' (nf4, fp4, int4, none, gptq, awq or int8)")
+        raise InputError(f"{path}: expected an object with 'quantization' (nf4, fp4, int4, none, gptq, awq or int8)")
     return record
 
 
@@ -182,12 +183,12 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
     }
     for key, (value, allowed) in unsupported.items():
         if value != allowed:
-            raise ValueError(f"{path}: {key}={value!r} is not supported; fourbit loads {key}={allowed!r} adapters")
+            raise InputError(f"{path}: {key}={value!r} is not supported; fourbit loads {key}={allowed!r} adapters")
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
         if config.get(key):
-            raise ValueError(f"{path}: {key}={config[key]!r} is not supported yet; only uniform LoRA adapters load")
+            raise InputError(f"{path}: {key}={config[key]!r} is not supported yet; only uniform LoRA adapters load")
     if config.get("fan_in_fan_out"):
-        raise ValueError(f"{path}: fan_in_fan_out adapters (Conv1D bases) are not supported")
+        raise InputError(f"{path}: fan_in_fan_out adapters (Conv1D bases) are not supported")
     return config
 
 
@@ -216,7 +217,7 @@ def load_adapter(
             target_parameters=config.get("target_parameters"),
         )
     except ValueError as e:
-        raise ValueError(f"adapter {folder} does not fit this model: {e}") from None
+        raise InputError(f"adapter {folder} does not fit this model: {e}") from None
     load_adapter_weights(model, tensors, str(folder))
     for p in _adapter_parameters(model).values():
         p.requires_grad_(is_trainable)
@@ -230,17 +231,17 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], whe
     extra = sorted(set(tensors) - set(targets))
     if missing or extra:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise ValueError(f"{where} does not fit this model ({len(missing)} missing, {len(extra)} unexpected tensors: {detail})")
+        raise InputError(f"{where} does not fit this model ({len(missing)} missing, {len(extra)} unexpected tensors: {detail})")
     for key, target in targets.items():
         _copy(target, tensors[key], key.removeprefix(PREFIX))
 
 
 def _copy(target: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
     if tuple(target.shape) != tuple(tensor.shape):
-        raise ValueError(
+        raise InputError(
             f"adapter tensor {name} has shape {tuple(tensor.shape)}; this model's layer needs {tuple(target.shape)}"
         )
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"adapter tensor {name} holds NaN/Inf values")
+        raise InputError(f"adapter tensor {name} holds NaN/Inf values")
     with torch.no_grad():
         target.copy_(tensor)

@@ -33,6 +33,8 @@ from fourbit.io import gguf as gguf_io
 from fourbit.io.default_model import DEFAULT_MODEL_NAME, default_model_path
 from fourbit.io.no_remote_code import from_pretrained
 
+from ..errors import InputError
+
 TensorStream = Iterator[tuple[str, Callable[[], torch.Tensor]]]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -133,9 +135,9 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); is it truncated?") from None
+        raise InputError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); is it truncated?") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -146,7 +148,7 @@ def _safe_open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); is it truncated (an interrupted download "
+        raise InputError(f"{path} is not a readable safetensors file ({e}); is it truncated (an interrupted download "
                          "or copy)?") from None
 
 
@@ -167,7 +169,7 @@ def _shard_names(folder: Path) -> dict[Path, list[str]]:
     shards: dict[Path, list[str]] = {}
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: expected an object with a 'weight_map' of tensor names to shard files")
+        raise InputError(f"{index}: expected an object with a 'weight_map' of tensor names to shard files")
     for name, file in weight_map.items():
         shards.setdefault(folder / file, []).append(name)
     for shard in shards:
@@ -214,7 +216,7 @@ def open_source(path_or_id: str | os.PathLike | None) -> Source:
         return SafetensorsSource(path)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{path} is a file but not a .gguf; {_EXPECTED}")
+            raise InputError(f"{path} is a file but not a .gguf; {_EXPECTED}")
         return GGUFSource(path)
     if str(path_or_id) == DEFAULT_MODEL_NAME:
         return GGUFSource(default_model_path())

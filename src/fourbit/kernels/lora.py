@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..errors import InputError
 from ..quant.state import QuantState
 from .dequantize import dequantize_4bit
 from .matmul_4bit import matmul_4bit
@@ -69,7 +70,7 @@ def qlora_linear(
 ) -> torch.Tensor:
     """``x W^T + b + scaling * (x A^T) B^T`` with W 4-bit (``packed``, ``state``); b does not train."""
     if bias is not None and bias.requires_grad:
-        raise ValueError("qlora_linear keeps the base frozen: its bias must not require grad")
+        raise InputError("qlora_linear keeps the base frozen: its bias must not require grad")
     compute_dtype = compute_dtype or x.dtype
     bias = bias.to(compute_dtype) if bias is not None else None
     return _QLoRALinear.apply(x, packed, state, bias, lora_a, lora_b, scaling, compute_dtype)

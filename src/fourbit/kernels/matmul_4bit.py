@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..quant.state import QuantState
 from .dequantize import dequantize_4bit_cuda, dequantize_4bit_op, state_args
 
@@ -68,5 +69,5 @@ def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocks
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for the 4-bit weight (``packed``, ``state``) of shape [out, in], in x's dtype."""
     if x.shape[-1] != state.shape[1]:
-        raise ValueError(f"input has {x.shape[-1]} features; the 4-bit weight {tuple(state.shape)} expects {state.shape[1]}")
+        raise InputError(f"input has {x.shape[-1]} features; the 4-bit weight {tuple(state.shape)} expects {state.shape[1]}")
     return matmul_4bit_op(x, packed, *state_args(state), bias)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..kernels.dequantize import dequantize_4bit
 from ..kernels.matmul_4bit import matmul_4bit
 from ..quant.four_bit import quantize_4bit
@@ -58,7 +59,7 @@ def quantize_experts_(module: nn.Module, name: str, weight: torch.Tensor, quant_
     """Quantize the 3-D expert weight ``weight`` [E, a, b] into ``module.<name>``, one expert at a
     time; returns the new uint8 parameter."""
     if weight.dim() != 3:
-        raise ValueError(f"{name}: expert weights are 3-D [experts, rows, columns], got shape {tuple(weight.shape)}")
+        raise InputError(f"{name}: expert weights are 3-D [experts, rows, columns], got shape {tuple(weight.shape)}")
     packed, states = [], []
     for e in range(weight.shape[0]):
         matrix = weight[e].T if module.is_transposed else weight[e]  # [out, in]

@@ -21,6 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..kernels.dequantize import dequantize_4bit
 from ..kernels.matmul_4bit import matmul_4bit
 from ..quant.four_bit import quantize_4bit
@@ -94,7 +95,7 @@ class Linear4bit(FrozenLinear):
     def quantize_(self, weight: torch.Tensor, name: str = "weight") -> Linear4bit:
         """Quantize a dense [out, in] weight into this layer, on the weight's device."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(
+            raise InputError(
                 f"{name} has shape {tuple(weight.shape)}; this layer expects {(self.out_features, self.in_features)}"
             )
         packed, state = quantize_4bit(weight, self.quant_type, self.blocksize, self.double_quant, name=name)
@@ -103,13 +104,14 @@ class Linear4bit(FrozenLinear):
     def load_quantized(self, packed: torch.Tensor, state: QuantState, name: str = "weight") -> Linear4bit:
         """Adopt already-packed bytes and their state (e.g. read from a checkpoint)."""
         if tuple(state.shape) != (self.out_features, self.in_features):
-            raise ValueError(
+            raise InputError(
                 f"{name} was quantized with shape {tuple(state.shape)}; "
                 f"this layer expects {(self.out_features, self.in_features)}"
             )
         nbytes = packed.numel() * packed.element_size()
         if nbytes != state.packed_shape[0]:
-            raise ValueError(f"{name} holds {nbytes} bytes of 4-bit codes; shape {tuple(state.shape)} needs {state.packed_shape[0]}")
+            raise InputError(f"{name} holds {nbytes} bytes of 4-bit codes; shape {tuple(state.shape)} "
+                             f"needs {state.packed_shape[0]}")
         self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
         self.quant_state = state.to(packed.device)
         self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested is not None

@@ -1,5 +1,5 @@
 """Linear8bit: a frozen linear layer in LLM.int8() form (quant/int8.py), stored as transformers +
-bitsandbytes store 8-bit layers (../shared/REFERENCE.md §3):
+bitsandbytes store 8-bit layers (docs/formats.md §3):
 
     P.weight         int8 [out, in]    CB, the row-wise absmax codes
     P.SCB            float32 [out]     each row's absmax
@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.int8 import DEFAULT_THRESHOLD, dequantize_weight_int8, int8_matmul, quantize_weight_int8
+from ..quant.int8 import (
+    DEFAULT_THRESHOLD,
+    dequantize_weight_int8,
+    int8_matmul,
+    quantize_weight_int8,
+)
 from .frozen_linear import FrozenLinear, frozen_product
 
 

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..kernels.lora import qlora_linear
 from .frozen_linear import FrozenLinear
 from .linear4bit import Linear4bit
@@ -63,11 +64,11 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         if r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+            raise InputError(f"LoRA rank r must be a positive integer, got {r}")
         if not 0 <= dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
+            raise InputError(f"lora_dropout must be in [0, 1), got {dropout}")
         if init not in ("kaiming", "gaussian"):
-            raise ValueError(f"unknown LoRA init {init!r}; expected 'kaiming' or 'gaussian'")
+            raise InputError(f"unknown LoRA init {init!r}; expected 'kaiming' or 'gaussian'")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
@@ -153,14 +154,14 @@ def select_targets(linears: list[str], target: str | Iterable[str], exclude: Ite
         try:
             pattern = re.compile(target)
         except re.error as e:
-            raise ValueError(f"lora_target {target!r} is not a valid regular expression: {e}") from None
+            raise InputError(f"lora_target {target!r} is not a valid regular expression: {e}") from None
         chosen = [n for n in linears if pattern.fullmatch(n)]
     else:
         names = list(target)
         chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in names)]
     if not chosen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(
+        raise InputError(
             f"lora_target {target!r} matches no linear module; this model's linear modules are named {leaves} "
             f"(or use 'all-linear')"
         )
@@ -198,14 +199,14 @@ def add_lora(
     total parameters when ``verbose``.
     """
     if lora_layers(model) or expert_lora_layers(model):
-        raise ValueError("this model already has LoRA adapters; load or merge them instead of adding a second set")
+        raise InputError("this model already has LoRA adapters; load or merge them instead of adding a second set")
     target = target if isinstance(target, str) else list(target)
     names = match_targets(model, target, exclude) if target != [] else []
     experts = match_expert_weights(model, target_parameters) if target_parameters else []
     if not names and not experts:
-        raise ValueError("lora_target selects no module and no lora_target_parameters are given: nothing to adapt")
+        raise InputError("lora_target selects no module and no lora_target_parameters are given: nothing to adapt")
     if experts and (dropout or use_dora):
-        raise ValueError(f"LoRA on expert weights ({experts[0]}, ...) works without dropout and DoRA (as in PEFT, "
+        raise InputError(f"LoRA on expert weights ({experts[0]}, ...) works without dropout and DoRA (as in PEFT, "
                          f"which cannot save them): got lora_dropout={dropout}, use_dora={use_dora}")
     for p in model.parameters():
         p.requires_grad_(False)

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .experts4bit import EXPERT_WEIGHTS, IMPLEMENTATION, is_expert_weight, register
 
 
@@ -42,7 +43,7 @@ class ExpertLoRA(nn.Module):
                  use_rslora: bool = False, dtype: torch.dtype = torch.float32, device=None, init: str = "kaiming"):
         super().__init__()
         if r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+            raise InputError(f"LoRA rank r must be a positive integer, got {r}")
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -91,13 +92,13 @@ def match_expert_weights(model: nn.Module, targets: str | Iterable[str]) -> list
             if any(key == t or key.endswith("." + t) for t in targets):
                 (chosen if expert else refused).append(key)
     if refused:
-        raise ValueError(
+        raise InputError(
             f"lora_target_parameters selects {refused[:3]}, which are not fused expert weights; LoRA on parameters "
             f"covers the 3-D expert weights of mixture-of-experts modules ({', '.join(EXPERT_WEIGHTS)}), linear "
             "layers take lora_target")
     if not chosen:
         have = f"its expert weights are named {sorted(available)}" if available else "it has no fused expert weights"
-        raise ValueError(f"lora_target_parameters {targets} matches no expert weight of this model; {have}")
+        raise InputError(f"lora_target_parameters {targets} matches no expert weight of this model; {have}")
     return chosen
 
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from fourbit.optim.adamw import AdamW
 from fourbit.optim.paged import PAGE_MIN_NUMEL, Pager
 
+from ..errors import InputError
+
 _SETTINGS = {  # name -> (optim_bits, paged)
     "adamw": (32, False),
     "adamw_torch": (32, False),
@@ -36,7 +38,7 @@ def build_optimizer(
 ) -> AdamW:
     """The :class:`AdamW` that ``name`` stands for (one of :data:`OPTIMIZERS`)."""
     if name not in _SETTINGS:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+        raise InputError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     optim_bits, paged = _SETTINGS[name]
     return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=optim_bits, paged=paged)
 

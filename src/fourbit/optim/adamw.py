@@ -57,6 +57,8 @@ from fourbit.optim.paged import PAGE_MIN_NUMEL, Pager
 from fourbit.quant.blockwise import BLOCKSIZES, dequantize_blockwise, quantize_blockwise
 from fourbit.quant.dtypes import dynamic_map
 
+from ..errors import InputError
+
 OPTIM_BITS = (8, 32)
 STATE_DTYPES = {  # the dtype each state tensor is kept in, whatever a loaded checkpoint holds
     "exp_avg": torch.float32,
@@ -72,26 +74,26 @@ def check_hyperparameters(group: dict) -> None:
     """Refuse values outside AdamW's domain, naming the argument and the allowed range."""
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
-        raise ValueError(f"lr: learning rate must be a Python number (tensor lr is not supported), got {lr!r}")
+        raise InputError(f"lr: learning rate must be a Python number (tensor lr is not supported), got {lr!r}")
     if not lr >= 0:  # `not >=` also refuses NaN; 0 is where schedules begin (warm-up) and end (cosine, linear)
-        raise ValueError(f"lr: learning rate must be >= 0, got {lr!r}")
+        raise InputError(f"lr: learning rate must be >= 0, got {lr!r}")
     betas = group["betas"]
     if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        raise InputError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+            raise InputError(f"betas[{i}] must be in [0, 1), got {beta!r}")
     if not group["eps"] >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+        raise InputError(f"eps must be >= 0, got {group['eps']!r}")
     if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+        raise InputError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
     if group["optim_bits"] not in OPTIM_BITS:
-        raise ValueError(f"optim_bits must be one of {OPTIM_BITS}, got {group['optim_bits']!r}")
+        raise InputError(f"optim_bits must be one of {OPTIM_BITS}, got {group['optim_bits']!r}")
     if group["blocksize"] not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {group['blocksize']!r}")
+        raise InputError(f"blocksize must be one of {BLOCKSIZES}, got {group['blocksize']!r}")
     size = group["min_8bit_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"min_8bit_size must be an int >= 0, got {size!r}")
+        raise InputError(f"min_8bit_size must be an int >= 0, got {size!r}")
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -130,7 +132,7 @@ class AdamW(torch.optim.Optimizer):
         page_min_numel: int = PAGE_MIN_NUMEL,
     ):
         if not isinstance(paged, bool):
-            raise ValueError(f"paged must be True or False, got {paged!r}")
+            raise InputError(f"paged must be True or False, got {paged!r}")
         self.paged = paged
         pager = Pager(page_min_numel)  # checks page_min_numel even when unpaged
         self.pager = pager if paged else Pager(None)
@@ -241,7 +243,7 @@ class AdamW(torch.optim.Optimizer):
         for own_group, saved_group in zip(own_groups, saved_groups):  # check all before changing anything
             for unsupported in ("amsgrad", "maximize"):
                 if saved_group.get(unsupported):
-                    raise ValueError(f"cannot load a state_dict with {unsupported}=True: AdamW implements {unsupported}=False")
+                    raise InputError(f"cannot load a state_dict with {unsupported}=True: AdamW implements {unsupported}=False")
             check_hyperparameters({**own_group, **saved_group})
             for p, index in zip(own_group["params"], saved_group["params"]):
                 if index in saved_state:
@@ -269,12 +271,12 @@ class AdamW(torch.optim.Optimizer):
         elif {"exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax"} <= set(state):
             sizes_match = state["exp_avg_codes"].numel() == state["exp_avg_sq_codes"].numel() == p.numel()
         else:
-            raise ValueError(
+            raise InputError(
                 f"optimizer state for a parameter of shape {tuple(p.shape)} holds neither float32 nor "
                 f"8-bit AdamW state: keys {sorted(state)}"
             )
         if "step" not in state or not sizes_match:
-            raise ValueError(
+            raise InputError(
                 f"optimizer state does not fit its parameter of shape {tuple(p.shape)}: "
                 f"{ {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in state.items()} }"
             )

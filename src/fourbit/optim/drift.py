@@ -64,6 +64,8 @@ import torch
 
 from fourbit.quant.dtypes import dynamic_map
 
+from ..errors import InputError
+
 
 def map_resolution(code: torch.Tensor, signed: bool) -> float:
     """Largest |x - nearest level| over the map's domain, as a fraction of absmax."""
@@ -108,6 +110,6 @@ def drift_bound(
 ) -> float:
     """Most |p8 - p32| can be after ``steps`` steps (module docstring, step 4), float32 rounding aside."""
     if not 0 < g_min <= g_max:
-        raise ValueError(f"need 0 < g_min <= g_max, got g_min={g_min!r}, g_max={g_max!r}")
+        raise InputError(f"need 0 < g_min <= g_max, got g_min={g_min!r}, g_max={g_max!r}")
     deltas = dict(delta_signed=delta_signed, delta_unsigned=delta_unsigned)
     return lr * sum(per_step_bound(t, betas, eps, g_min, g_max, **deltas) for t in range(1, steps + 1))

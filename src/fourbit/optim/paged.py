@@ -37,6 +37,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import InputError
+
 PAGE_MIN_NUMEL = 100_000  # bitsandbytes' threshold: smaller state tensors stay on the device
 
 
@@ -49,7 +51,7 @@ class Pager:
 
     def __init__(self, min_numel: int | None = PAGE_MIN_NUMEL):
         if min_numel is not None and (isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0):
-            raise ValueError(f"page_min_numel must be an int >= 0, got {min_numel!r}")
+            raise InputError(f"page_min_numel must be an int >= 0, got {min_numel!r}")
         self.min_numel = min_numel
 
     def pages(self, tensor: torch.Tensor) -> bool:
@@ -81,7 +83,7 @@ class Pager:
             held = state.get(key)
             if isinstance(held, torch.Tensor) and self.pages(held) and value is not held:
                 if value.shape != held.shape or value.dtype != held.dtype:
-                    raise ValueError(
+                    raise InputError(
                         f"state {key!r} changed from {tuple(held.shape)} {held.dtype} to "
                         f"{tuple(value.shape)} {value.dtype}; a paged buffer keeps its shape and dtype"
                     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..formats import AWQ, GPTQ, INT8
 from ..nn.linear8bit import Linear8bit
 from ..quant.int8 import DEFAULT_THRESHOLD
@@ -34,9 +35,9 @@ def quantize_dense(model: nn.Module, method: str, calibration: torch.Tensor | No
                    threshold: float = DEFAULT_THRESHOLD, progress: bool = False) -> str:
     """Quantize ``model``'s linear layers with ``method``, in place; returns a line saying what was done."""
     if method not in METHODS:
-        raise ValueError(f"unknown post-training method {method!r}; choose from {', '.join(METHODS)}")
+        raise InputError(f"unknown post-training method {method!r}; choose from {', '.join(METHODS)}")
     if method in CALIBRATED and calibration is None:
-        raise ValueError(f"{method} needs calibration token ids [sequences, length]")
+        raise InputError(f"{method} needs calibration token ids [sequences, length]")
     if method == "gptq":
         report = quantize_model_gptq(model, calibration, bits, group_size, sym, act_order, damp, progress=progress)
         model.config.quantization_config = GPTQ.quantization_config(bits, group_size, sym, act_order, damp)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from ..io.datasets import load_rows
 from ..reference_text import describe, documentation_topics
 from .layerwise import MIN_TOKENS
@@ -31,7 +32,7 @@ def calibration_tokens(tokenizer, path: str | os.PathLike | None = None, n_token
     ids = tokenizer(eos.join(texts), add_special_tokens=False)["input_ids"]
     sequences = min(len(ids), n_tokens) // seq_len
     if sequences == 0 or sequences * seq_len < MIN_TOKENS:
-        raise ValueError(f"calibration data from {origin} gives {len(ids)} tokens; {method} needs at least one sequence of "
+        raise InputError(f"calibration data from {origin} gives {len(ids)} tokens; {method} needs at least one sequence of "
                          f"seq_len={seq_len} and {MIN_TOKENS} tokens in all: add text or lower seq_len")
     tensor = torch.tensor(ids[: sequences * seq_len]).view(sequences, seq_len)
     return tensor, f"{sequences} sequences x {seq_len} tokens ({tensor.numel()} tokens) from {origin}"
@@ -46,7 +47,7 @@ def _texts(tokenizer, path) -> tuple[list[str], str]:
     if path.suffix == ".txt":
         return [path.read_text()], str(path)
     if path.suffix != ".jsonl":
-        raise ValueError(f"calibration file {path}: expected .txt or .jsonl")
+        raise InputError(f"calibration file {path}: expected .txt or .jsonl")
     return _row_texts(tokenizer, load_rows(path)), str(path)
 
 

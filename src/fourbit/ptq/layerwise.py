@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import InputError
+
 MIN_TOKENS = 128
 
 
@@ -54,14 +56,14 @@ class _Captured(Exception):
 
 def check_calibration(calibration: torch.Tensor, method: str) -> None:
     if calibration.dim() != 2 or calibration.numel() < MIN_TOKENS:
-        raise ValueError(f"{method} needs calibration token ids [sequences, length] with at least {MIN_TOKENS} "
+        raise InputError(f"{method} needs calibration token ids [sequences, length] with at least {MIN_TOKENS} "
                          f"tokens, got shape {tuple(calibration.shape)}")
 
 
 def decoder_layers(model: nn.Module, method: str) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise ValueError(f"{type(model).__name__} has no model.layers: {method} runs on decoder-only models laid out "
+        raise InputError(f"{type(model).__name__} has no model.layers: {method} runs on decoder-only models laid out "
                          "like Llama (model.model.layers)")
     return layers
 
@@ -88,7 +90,9 @@ def layer_calls(model, layers: nn.ModuleList, calibration: torch.Tensor, batch_s
                 first_hidden.append(args[0])
             rest[index].append((args[1:], kwargs))
 
-        def after(module, args, result, index=index, home=next(layer.parameters()).device):
+        home = next(layer.parameters()).device
+
+        def after(module, args, result, index=index, home=home):
             module.to(home)
             if index == len(layers) - 1:
                 raise _Captured  # the final norm and lm_head are not needed

@@ -1,5 +1,5 @@
 """AWQ: activation-aware weight quantization of linear layers that share an input (Lin et al.
-2023; AutoAWQ; ../shared/REFERENCE.md §6). ptq/awq_model.py runs it over a whole model.
+2023; AutoAWQ; docs/formats.md §6). ptq/awq_model.py runs it over a whole model.
 
 A scale s_i > 0 per input channel changes nothing in exact arithmetic,
 
@@ -47,6 +47,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .groupwise import GroupQuant, check_grid, quantize_rtn
 
 BITS = 4
@@ -98,7 +99,7 @@ def search_scale(linears: list[nn.Linear], x_mean: torch.Tensor, block_error: Ca
         for m, w in zip(linears, originals):
             m.weight.data = w
     if best is None:
-        raise ValueError("AWQ: the block's output error is NaN/Inf for every candidate scale; the calibration "
+        raise InputError("AWQ: the block's output error is NaN/Inf for every candidate scale; the calibration "
                          "inputs or the weights of this layer are not finite")
     return best
 
@@ -111,7 +112,7 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, unit
     unit_offset: ``prev`` is a norm that scales by (1 + weight) (Gemma's): its weight becomes
     (1 + w) / s - 1, so that 1 + w' = (1 + w) / s."""
     if prev.weight.shape[0] != s.numel():
-        raise ValueError(f"AWQ: {type(prev).__name__} gives {prev.weight.shape[0]} channels, the scales {s.numel()}")
+        raise InputError(f"AWQ: {type(prev).__name__} gives {prev.weight.shape[0]} channels, the scales {s.numel()}")
     if unit_offset:
         wide = torch.promote_types(prev.weight.dtype, torch.float32)
         prev.weight.data = ((1 + prev.weight.data.to(wide)) / s.to(wide) - 1).to(prev.weight.dtype)

@@ -10,7 +10,7 @@ read), per layer P, for 4-bit codes and groups of G inputs:
 
     AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]   (its inverse, slot of output 8c + k: [0, 4, 1, 5, 2, 6, 3, 7])
 
-(../shared/REFERENCE.md §6.) There is no g_idx: input i is in group i // G, so act-order codes
+(docs/formats.md §6.) There is no g_idx: input i is in group i // G, so act-order codes
 cannot be stored. Only 4-bit codes, ``in % G == 0`` and ``out % 8 == 0``. The GEMV, gemv_fast and
 llm-awq (TinyChat) layouts interleave differently and are not written or read here. Scales are
 stored in float16 as the format says.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from .groupwise import GroupQuant
 from .words import pack_words, unpack_words
 
@@ -32,12 +33,12 @@ PER_WORD = 32 // BITS
 def check_awq_shape(bits: int, group_size: int, in_features: int, out_features: int) -> None:
     """Clear errors for what the GEMM layout cannot hold."""
     if bits != BITS:
-        raise ValueError(f"AWQ's GEMM layout stores 4-bit codes only, not {bits}-bit")
+        raise InputError(f"AWQ's GEMM layout stores 4-bit codes only, not {bits}-bit")
     if group_size != -1 and (not isinstance(group_size, int) or group_size <= 0 or in_features % group_size):
-        raise ValueError(f"AWQ group_size {group_size} does not divide the input dimension {in_features}; "
+        raise InputError(f"AWQ group_size {group_size} does not divide the input dimension {in_features}; "
                          f"use a divisor of {in_features} (or -1: one group per row)")
     if out_features % PER_WORD:
-        raise ValueError(f"AWQ packs 8 outputs per int32 word: the output dimension {out_features} is not "
+        raise InputError(f"AWQ packs 8 outputs per int32 word: the output dimension {out_features} is not "
                          "divisible by 8")
 
 
@@ -48,7 +49,7 @@ def pack_awq(quant: GroupQuant) -> dict[str, torch.Tensor]:
     size = in_features // max(quant.scales.shape[1], 1)
     check_awq_shape(quant.bits, size, in_features, out_features)
     if not torch.equal(quant.g_idx.cpu().long(), torch.arange(in_features) // size):
-        raise ValueError("AWQ's GEMM layout has no g_idx: input i must be in group i // group_size (no act-order)")
+        raise InputError("AWQ's GEMM layout has no g_idx: input i must be in group i // group_size (no act-order)")
     codes = quant.codes.to("cpu", torch.int64).T  # [in, out]
     zeros = quant.zeros.to("cpu", torch.int64).T  # [groups, out]
     return {
@@ -64,7 +65,7 @@ def unpack_awq(tensors: dict[str, torch.Tensor]) -> GroupQuant:
     qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
     in_features, groups = qweight.shape[0], scales.shape[0]
     if in_features % groups or qzeros.shape != (groups, qweight.shape[1]) or scales.shape[1] != 8 * qweight.shape[1]:
-        raise ValueError(f"inconsistent AWQ tensors: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
+        raise InputError(f"inconsistent AWQ tensors: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
                          f"scales {tuple(scales.shape)}")
     codes, zeros = _unpack_outputs(qweight), _unpack_outputs(qzeros)
     g_idx = torch.arange(in_features, device=qweight.device) // (in_features // groups)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 CHUNK = 1 << 20  # elements quantized per step: a multiple of every block size
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -30,18 +32,18 @@ QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def check_blocksize(blocksize: int) -> None:
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"unsupported block size {blocksize!r}; expected one of {BLOCKSIZES}")
+        raise InputError(f"unsupported block size {blocksize!r}; expected one of {BLOCKSIZES}")
 
 
 def check_quantizable(x: torch.Tensor, what: str = "tensor") -> None:
     """Refuse what block-wise quantization cannot represent: wrong dtypes, NaN and Inf."""
     if x.dtype not in QUANTIZABLE_DTYPES:
-        raise ValueError(f"cannot quantize {what} of dtype {x.dtype}; expected one of {QUANTIZABLE_DTYPES}")
+        raise InputError(f"cannot quantize {what} of dtype {x.dtype}; expected one of {QUANTIZABLE_DTYPES}")
     if x.numel() == 0:
-        raise ValueError(f"cannot quantize {what}: it is empty")
+        raise InputError(f"cannot quantize {what}: it is empty")
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
-        raise ValueError(f"cannot quantize {what}: it holds {bad} NaN/Inf value(s) (shape {tuple(x.shape)})")
+        raise InputError(f"cannot quantize {what}: it holds {bad} NaN/Inf value(s) (shape {tuple(x.shape)})")
 
 
 def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+
 QUANT_TYPES = ("nf4", "fp4", "int4")
 
 # bitsandbytes' NF4 constants (functional.get_4bit_type / kernels.cu), index order 0..15.
@@ -89,7 +91,7 @@ def get_code(quant_type: str) -> torch.Tensor:
 
 def check_quant_type(quant_type: str) -> None:
     if quant_type not in _TABLES:
-        raise ValueError(f"unknown 4-bit quantization type {quant_type!r}; expected one of {QUANT_TYPES}")
+        raise InputError(f"unknown 4-bit quantization type {quant_type!r}; expected one of {QUANT_TYPES}")
 
 
 def dynamic_map(signed: bool = True) -> torch.Tensor:

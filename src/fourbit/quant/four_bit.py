@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from .blockwise import (
-    check_blocksize, check_quantizable, dequantize_blockwise, nearest_code, pack_4bit, quantize_blockwise, unpack_4bit,
+    check_blocksize,
+    check_quantizable,
+    dequantize_blockwise,
+    nearest_code,
+    pack_4bit,
+    quantize_blockwise,
+    unpack_4bit,
 )
 from .double_quant import compress_absmax
 from .dtypes import check_quant_type, get_code
@@ -45,7 +52,7 @@ def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState, dtype: to
     """Plain-torch dequantization to ``dtype`` (default: the original weight dtype)."""
     expected = state.packed_shape[0]
     if packed.numel() * packed.element_size() != expected:
-        raise ValueError(
+        raise InputError(
             f"packed 4-bit weight holds {packed.numel() * packed.element_size()} bytes; "
             f"a weight of shape {tuple(state.shape)} needs {expected}"
         )

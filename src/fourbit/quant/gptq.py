@@ -1,5 +1,5 @@
 """GPTQ: quantize a linear layer's weight column by column, each column's rounding error
-compensated by the columns not yet quantized (Frantar et al. 2022; ../shared/REFERENCE.md §5).
+compensated by the columns not yet quantized (Frantar et al. 2022; docs/formats.md §5).
 
 For a layer y = x W^T with calibration inputs X, GPTQ minimizes ||X W^T - X Q^T||^2 one input
 column at a time. With H = (2/N) sum_rows x x^T (N: calibration sequences), the optimal
@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from .groupwise import GroupQuant, check_grid, grid, quantize
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,11 @@ def gptq_quantize(
     out_features, in_features = weight.shape
     check_grid(bits, group_size, in_features)
     if hessian.shape != (in_features, in_features):
-        raise ValueError(f"the Hessian has shape {tuple(hessian.shape)}; this weight needs ({in_features}, {in_features})")
+        raise InputError(f"the Hessian has shape {tuple(hessian.shape)}; this weight needs ({in_features}, {in_features})")
     if not torch.isfinite(hessian).all():
-        raise ValueError("the Hessian holds NaN/Inf: the calibration inputs of this layer overflowed or were invalid")
+        raise InputError("the Hessian holds NaN/Inf: the calibration inputs of this layer overflowed or were invalid")
     if not 0 <= damp < 1:
-        raise ValueError(f"damp must be in [0, 1), got {damp!r}")
+        raise InputError(f"damp must be in [0, 1), got {damp!r}")
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0
@@ -136,5 +137,5 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
             if value != damp:
                 log.warning("GPTQ: the Hessian is not positive definite with damp=%g; used damp=%g", damp, value)
             return U
-    raise ValueError(f"the Hessian is not positive definite even with damp={value:g}: too few or degenerate "
+    raise InputError(f"the Hessian is not positive definite even with damp={value:g}: too few or degenerate "
                      "calibration inputs for this layer; add calibration data or raise damp")

@@ -10,7 +10,7 @@
     P.g_idx    int32 [in]                     the group of each input column
     W[o, i] = scales[g_idx[i], o] * (code[o, i] - zero[g_idx[i], o])
 
-(../shared/REFERENCE.md §5.) 2-, 4- and 8-bit codes pack whole into 32-bit words; 3-bit codes
+(docs/formats.md §5.) 2-, 4- and 8-bit codes pack whole into 32-bit words; 3-bit codes
 straddle words in a layout of their own, not written here. The scales are stored in float16 as
 the format says, so the values a reader computes differ from the float32 grid GPTQ found by
 float16's rounding of each scale (relative 2^-11).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from .groupwise import GroupQuant
 from .words import pack_words, unpack_words
 
@@ -30,11 +31,11 @@ def pack_gptq(quant: GroupQuant) -> dict[str, torch.Tensor]:
     """``quant`` (codes [out, in]) -> the four v1 tensors, on the CPU."""
     bits = quant.bits
     if bits not in PACKABLE_BITS:
-        raise ValueError(f"the GPTQ v1 layout is written for {PACKABLE_BITS}-bit codes, not {bits}-bit")
+        raise InputError(f"the GPTQ v1 layout is written for {PACKABLE_BITS}-bit codes, not {bits}-bit")
     per_word = 32 // bits
     out_features, in_features = quant.codes.shape
     if in_features % per_word or out_features % per_word:
-        raise ValueError(f"GPTQ packing needs both dimensions divisible by {per_word} ({bits}-bit codes); "
+        raise InputError(f"GPTQ packing needs both dimensions divisible by {per_word} ({bits}-bit codes); "
                          f"the weight is [{out_features}, {in_features}]")
     maxq = 2**bits - 1
     codes = quant.codes.to("cpu", torch.int64)
@@ -51,7 +52,7 @@ def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int) -> GroupQuant:
     """The four v1 tensors -> codes [out, in], float32 scales and zeros [out, groups], g_idx
     (on the tensors' device)."""
     if bits not in PACKABLE_BITS:
-        raise ValueError(f"the GPTQ v1 layout is read for {PACKABLE_BITS}-bit codes, not {bits}-bit")
+        raise InputError(f"the GPTQ v1 layout is read for {PACKABLE_BITS}-bit codes, not {bits}-bit")
     maxq = 2**bits - 1
     qweight, qzeros = tensors["qweight"], tensors["qzeros"]
     codes = unpack_words(qweight, bits)  # [in / per_word, out, per_word]

@@ -10,7 +10,7 @@ group); each (row, group) gets a scale and an integer zero point, with maxq = 2^
     w~ = scale * (q - zero)                                  what inference computes with
 
 A row whose group is all zeros gets lo, hi = -1, 1 (any scale would do). This is GPTQ's
-quantizer (IST-DASLab ``quant.py``; ../shared/REFERENCE.md §5), so codes from here pack into the
+quantizer (IST-DASLab ``quant.py``; docs/formats.md §5), so codes from here pack into the
 GPTQ and AWQ layouts as those tools write them. Round-to-nearest (:func:`quantize_rtn`) applies it
 to the weight as is: the baseline GPTQ and AWQ must beat.
 """
@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import InputError
 
 BITS = (2, 3, 4, 8)
 
@@ -43,11 +45,11 @@ class GroupQuant:
 
 def check_grid(bits: int, group_size: int, in_features: int) -> None:
     if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+        raise InputError(f"bits must be one of {BITS}, got {bits!r}")
     if group_size != -1 and (not isinstance(group_size, int) or group_size <= 0):
-        raise ValueError(f"group_size must be a positive integer or -1 (one group per row), got {group_size!r}")
+        raise InputError(f"group_size must be a positive integer or -1 (one group per row), got {group_size!r}")
     if group_size != -1 and in_features % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the input dimension {in_features}; "
+        raise InputError(f"group_size {group_size} does not divide the input dimension {in_features}; "
                          f"use a divisor of {in_features} or -1 (one group per row)")
 
 

@@ -1,5 +1,5 @@
 """LLM.int8(): 8-bit weights and activations, with the outlier input features kept out of int8
-(Dettmers et al. 2022; ../shared/REFERENCE.md §3).
+(Dettmers et al. 2022; docs/formats.md §3).
 
     weights, once:   SCB_o = max_i |W_oi|,            CB_oi = round(127 W_oi / SCB_o)      int8
     activations:     outliers = input features i with |x_ti| >= threshold for any token t

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
+from .blockwise import check_blocksize
 from .double_quant import NestedState, decompress_absmax
 from .dtypes import QUANT_TYPES
-from .blockwise import check_blocksize
 
 STATE_KEY_PREFIX = "quant_state.bitsandbytes__"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -101,35 +102,35 @@ class QuantState:
         """
         state_keys = [k for k in tensors if k.startswith(STATE_KEY_PREFIX)]
         if len(state_keys) != 1:
-            raise ValueError(
+            raise InputError(
                 f"{where}: expected exactly one '{STATE_KEY_PREFIX}<type>' tensor, found {state_keys or 'none'}"
             )
         try:
             meta = json.loads(bytes(tensors[state_keys[0]].to("cpu", torch.uint8).tolist()).decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{where}.{state_keys[0]}: not valid UTF-8 JSON ({e})") from None
+            raise InputError(f"{where}.{state_keys[0]}: not valid UTF-8 JSON ({e})") from None
         missing = {"quant_type", "blocksize", "dtype", "shape"} - set(meta)
         if missing:
-            raise ValueError(f"{where}: quant state JSON lacks {sorted(missing)}")
+            raise InputError(f"{where}: quant state JSON lacks {sorted(missing)}")
         quant_type = meta["quant_type"]
         if quant_type not in QUANT_TYPES or state_keys[0] != STATE_KEY_PREFIX + quant_type:
-            raise ValueError(
+            raise InputError(
                 f"{where}: unknown quantization type {quant_type!r} ({state_keys[0]}); expected one of {QUANT_TYPES}"
             )
         blocksize = int(meta["blocksize"])
         check_blocksize(blocksize)
         if meta["dtype"] not in _DTYPES:
-            raise ValueError(f"{where}: unsupported original dtype {meta['dtype']!r}; expected one of {list(_DTYPES)}")
+            raise InputError(f"{where}: unsupported original dtype {meta['dtype']!r}; expected one of {list(_DTYPES)}")
         shape = torch.Size(meta["shape"])
         nblocks = -(-math.prod(shape) // blocksize)
         nested_json = "nested_offset" in meta
 
         def tensor(key: str, dtype: torch.dtype, expected: tuple[int, ...]) -> torch.Tensor:
             if key not in tensors:
-                raise ValueError(f"{where}.{key} is missing from the checkpoint")
+                raise InputError(f"{where}.{key} is missing from the checkpoint")
             t = tensors[key]
             if t.dtype != dtype or tuple(t.shape) != expected:
-                raise ValueError(
+                raise InputError(
                     f"{where}.{key} has dtype {t.dtype} and shape {tuple(t.shape)}; "
                     f"expected {dtype} and {expected} for a weight of shape {tuple(shape)}"
                 )

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import InputError
 from ..io.peft import PREFIX, WEIGHTS_FILE, read_adapter_config
 from ..nn.lora import match_targets, select_targets
 
@@ -87,7 +88,7 @@ class AdapterSet:
 
     def __init__(self, model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)):
         if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
-            raise ValueError("this model is already wrapped for serving adapters; use its existing AdapterSet")
+            raise InputError("this model is already wrapped for serving adapters; use its existing AdapterSet")
         self.model = model
         self.layers: dict[str, MultiLoRALinear] = {}
         for name in match_targets(model, "all-linear", exclude):
@@ -103,16 +104,16 @@ class AdapterSet:
     def add(self, name: str, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> None:
         """Load the PEFT adapter at ``folder`` under ``name``; the base is not touched."""
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ValueError(f"adapter name {name!r} must be 1-64 characters of letters, digits, _ . : - "
+            raise InputError(f"adapter name {name!r} must be 1-64 characters of letters, digits, _ . : - "
                              "(starting with a letter or digit)")
         if name in self.folders:
-            raise ValueError(f"an adapter named {name!r} is already loaded; remove it first")
+            raise InputError(f"an adapter named {name!r} is already loaded; remove it first")
         folder = Path(folder)
         config = read_adapter_config(folder)
         if config.get("use_dora"):
-            raise ValueError(f"{folder}: DoRA adapters cannot be served side by side; merge it (fourbit merge) instead")
+            raise InputError(f"{folder}: DoRA adapters cannot be served side by side; merge it (fourbit merge) instead")
         if config.get("target_parameters"):
-            raise ValueError(f"{folder}: adapters on mixture-of-experts weights (target_parameters) cannot be served side "
+            raise InputError(f"{folder}: adapters on mixture-of-experts weights (target_parameters) cannot be served side "
                              "by side yet; merge it (fourbit merge) instead")
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
@@ -124,21 +125,21 @@ class AdapterSet:
         try:
             targets = select_targets(list(self.layers), config["target_modules"], exclude=())
         except ValueError as e:
-            raise ValueError(f"adapter {folder} does not fit this model: {e}") from None
+            raise InputError(f"adapter {folder} does not fit this model: {e}") from None
         pairs = {}
         for target in targets:
             base = self.layers[target].base_layer
             a, b = (tensors.pop(f"{PREFIX}{target}.lora_{x}.weight", None) for x in "AB")
             if a is None or b is None:
-                raise ValueError(f"adapter {folder} targets {target} but holds no lora_A/lora_B for it")
+                raise InputError(f"adapter {folder} targets {target} but holds no lora_A/lora_B for it")
             if tuple(a.shape) != (r, base.in_features) or tuple(b.shape) != (base.out_features, r):
-                raise ValueError(f"adapter tensor {target}.lora_A/B has shapes {tuple(a.shape)}/{tuple(b.shape)}; this "
+                raise InputError(f"adapter tensor {target}.lora_A/B has shapes {tuple(a.shape)}/{tuple(b.shape)}; this "
                                  f"model's layer needs {(r, base.in_features)}/{(base.out_features, r)}")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise ValueError(f"adapter tensor {target}.lora_A/B holds NaN/Inf values")
+                raise InputError(f"adapter tensor {target}.lora_A/B holds NaN/Inf values")
             pairs[target] = (a, b)
         if tensors:
-            raise ValueError(f"adapter {folder} holds {len(tensors)} tensors that fit no targeted layer of this model, "
+            raise InputError(f"adapter {folder} holds {len(tensors)} tensors that fit no targeted layer of this model, "
                              f"e.g. {sorted(tensors)[0]}")
         device = next(self.model.parameters()).device
         for target, (a, b) in pairs.items():
@@ -171,5 +172,5 @@ class AdapterSet:
         mixture = {choice: 1.0} if isinstance(choice, str) else dict(choice)
         unknown = [n for n in mixture if n not in self.folders]
         if unknown:
-            raise ValueError(f"no adapter named {unknown[0]!r} is loaded (loaded: {self.names})")
+            raise InputError(f"no adapter named {unknown[0]!r} is loaded (loaded: {self.names})")
         return {n: float(w) for n, w in mixture.items() if w != 0}

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..errors import InputError
 from ..nn.linear4bit import dense_weights
 from .adapters import AdapterSet
 from .generate import Completion, Delta, Generation, Sampling
@@ -85,7 +86,7 @@ class Engine:
                         job.out.put((job.tag, delta))
                         if delta.finish_reason is not None:
                             job.out.put((job.tag, generation.completion(delta.row)))
-            except Exception as e:  # noqa: BLE001 - every waiting caller must hear about it
+            except Exception as e:
                 for job in jobs:
                     job.out.put((job.tag, e))
 
@@ -104,5 +105,5 @@ def results(out: queue.Queue, count: int) -> Iterator[tuple[object, Delta | Comp
 @contextlib.contextmanager
 def _no_adapters(choices):
     if any(c is not None for c in choices):
-        raise ValueError("no adapters are loaded on this model")
+        raise InputError("no adapters are loaded on this model")
     yield

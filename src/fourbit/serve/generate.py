@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat_templates import end_of_turn_ids
+from ..errors import InputError
 
 
 @dataclass
@@ -52,20 +53,20 @@ class Sampling:
 
     def __post_init__(self):
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
+            raise InputError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+            raise InputError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+            raise InputError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -2**63 <= self.seed < 2**64):
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+            raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
@@ -131,11 +132,11 @@ class Generation:
 
     def __init__(self, model, tokenizer, prompts, sampling, use_cache, eos_ids):
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise InputError("every prompt needs at least one token")
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
         self.sampling = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(self.sampling) != len(prompts):
-            raise ValueError(f"{len(self.sampling)} sampling settings for {len(prompts)} prompts")
+            raise InputError(f"{len(self.sampling)} sampling settings for {len(prompts)} prompts")
         self.eos = eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer)
         self.prompts = [list(p) for p in prompts]
         self.generators = [_generator(s.seed) for s in self.sampling]

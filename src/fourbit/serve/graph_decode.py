@@ -25,15 +25,17 @@ from collections.abc import Iterable
 import torch
 from transformers import StaticCache
 
+from ..errors import InputError
+
 
 class GraphDecoder:
     """Greedy decoder for one model and sequences up to ``max_length`` tokens (prompt included)."""
 
     def __init__(self, model, max_length: int, compile: bool = True, check_every: int = 16):
         if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (a prompt token and a new one), got {max_length}")
+            raise InputError(f"max_length must be at least 2 (a prompt token and a new one), got {max_length}")
         if check_every < 1:
-            raise ValueError(f"check_every must be a positive integer, got {check_every}")
+            raise InputError(f"check_every must be a positive integer, got {check_every}")
         self.model, self.max_length, self.check_every = model, max_length, check_every
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
         self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
@@ -52,11 +54,11 @@ class GraphDecoder:
         """The greedy continuation of ``prompt``: at most ``max_new_tokens`` ids, ending before
         the first id in ``eos_ids``."""
         if not prompt:
-            raise ValueError("the prompt needs at least one token")
+            raise InputError("the prompt needs at least one token")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
         if len(prompt) + max_new_tokens > self.max_length:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds this "
+            raise InputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds this "
                              f"decoder's max_length ({self.max_length}); build one with a larger max_length")
         device = next(self.model.parameters()).device
         stop_ids = set(eos_ids)

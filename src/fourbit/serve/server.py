@@ -365,7 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(e.status, e.body())
         except (BrokenPipeError, ConnectionResetError):
             pass
-        except Exception as e:  # noqa: BLE001 - e.g. an adapter removed while its request waited
+        except Exception as e:
             self._json(500, APIError(500, f"the request failed: {e}", kind="server_error").body())
 
     def _drain(self) -> None:
@@ -448,7 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event({**kind, "choices": [choice]})
             if include_usage:
                 self._event({**kind, "choices": [], "usage": _usage(completions)})
-        except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
+        except Exception as e:
             self._event(APIError(500, f"generation failed: {e}", kind="server_error").body())
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")

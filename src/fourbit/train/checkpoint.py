@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..errors import InputError
 from ..io.atomic import atomic_dir, atomic_file
 from ..io.peft import (
     BASE_FILE,
@@ -98,7 +99,7 @@ def load_checkpoint_adapter(folder: Path, model) -> None:
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete fourbit checkpoint: it lacks {missing}")
     with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
-        load_adapter_weights(model, {k: f.get_tensor(k) for k in f.keys()}, str(folder))  # noqa: SIM118 - not a dict
+        load_adapter_weights(model, {k: f.get_tensor(k) for k in f.keys()}, str(folder))
 
 
 def check_same_run(folder: Path, run_config: dict) -> None:
@@ -106,7 +107,7 @@ def check_same_run(folder: Path, run_config: dict) -> None:
     in a key outside RESUMABLE_KEYS."""
     path = folder / RUN_FILE
     if not path.is_file():
-        raise ValueError(
+        raise InputError(
             f"{folder} does not record the config of the run that wrote it ({RUN_FILE}; checkpoints of fourbit "
             "an older fourbit), so it cannot be shown to belong to this run; start afresh, or write this run's "
             f"config there as {RUN_FILE} if you are sure it is the same run"
@@ -116,7 +117,7 @@ def check_same_run(folder: Path, run_config: dict) -> None:
     differ = sorted(k for k in (theirs.keys() | ours.keys()) - RESUMABLE_KEYS if theirs.get(k) != ours.get(k))
     if differ:
         changes = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:5])
-        raise ValueError(
+        raise InputError(
             f"{folder} belongs to another run ({changes}{'; ...' if len(differ) > 5 else ''}): resume with that run's "
             "config, or start this one afresh (overwrite_output_dir: true without resume_from_checkpoint removes "
             "the old run's checkpoints)"

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import InputError
 from ..optim import OPTIMIZERS
 from ..quant.blockwise import BLOCKSIZES
 
@@ -125,9 +126,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ValueError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+            raise InputError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of key: value lines, got {type(loaded).__name__}")
+            raise InputError(f"{path}: expected a mapping of key: value lines, got {type(loaded).__name__}")
         values |= loaded
         values.setdefault("dataset_dir", str(path.parent))
     values |= parse_overrides(overrides or [])
@@ -136,7 +137,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         key = unknown[0]
         close = difflib.get_close_matches(key, FIELDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown config key {key!r}{hint} (known keys: {', '.join(FIELDS)})")
+        raise InputError(f"unknown config key {key!r}{hint} (known keys: {', '.join(FIELDS)})")
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(config)
     return config
@@ -149,11 +150,11 @@ def parse_overrides(overrides: list[str] | dict) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise InputError(f"override {item!r} is not of the form key=value")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            raise ValueError(f"override {item!r}: the value is not valid YAML (quote it: {key}='...')") from None
+            raise InputError(f"override {item!r}: the value is not valid YAML (quote it: {key}='...')") from None
     return out
 
 
@@ -178,7 +179,7 @@ def _coerce(key: str, value: Any) -> Any:
                 raise TypeError
             return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r}: {value!r} is not a valid {kind.split(' ')[0]}") from None
+        raise InputError(f"config key {key!r}: {value!r} is not a valid {kind.split(' ')[0]}") from None
     if kind.startswith("str | list") and isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return str(value) if not isinstance(value, str) else value
@@ -186,7 +187,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"config key {key!r}: {value!r} is not allowed; expected {allowed}")
+        raise InputError(f"config key {key!r}: {value!r} is not allowed; expected {allowed}")
 
 
 def validate(c: TrainConfig) -> None:
@@ -198,7 +199,8 @@ def validate(c: TrainConfig) -> None:
     _check(c.alpha > 0, "lora_alpha", c.lora_alpha, "a positive number")
     _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "a number in [0, 1)")
     experts = c.lora_target_parameters
-    _check(experts is None or isinstance(experts, str) or (isinstance(experts, list) and all(isinstance(t, str) for t in experts)),
+    names = isinstance(experts, list) and all(isinstance(t, str) for t in experts)
+    _check(experts is None or isinstance(experts, str) or names,
            "lora_target_parameters", experts, "expert weight names, a list or comma-separated (mlp.experts.gate_up_proj,...)")
     _check(not experts or (c.lora_dropout == 0 and not c.use_dora), "lora_target_parameters", experts,
            "LoRA on expert weights without lora_dropout and use_dora (as in PEFT)")
@@ -213,11 +215,13 @@ def validate(c: TrainConfig) -> None:
     _check(c.per_device_train_batch_size > 0, "per_device_train_batch_size", c.per_device_train_batch_size, "an integer > 0")
     _check(c.gradient_accumulation_steps > 0, "gradient_accumulation_steps", c.gradient_accumulation_steps, "an integer > 0")
     _check(c.global_batch_size is None or (c.global_batch_size > 0 and c.global_batch_size % c.per_device_train_batch_size == 0),
-           "global_batch_size", c.global_batch_size, f"none or a positive multiple of per_device_train_batch_size ({c.per_device_train_batch_size})")
+           "global_batch_size", c.global_batch_size,
+           f"none or a positive multiple of per_device_train_batch_size ({c.per_device_train_batch_size})")
     _check(c.strategy in STRATEGIES, "strategy", c.strategy, f"one of {STRATEGIES}")
     _check(not (c.torch_compile and c.strategy == "fsdp"), "torch_compile", c.torch_compile,
            "false with strategy fsdp (compiling FSDP2-sharded layers is not supported yet; ddp or one process can)")
-    _check(c.ddp_backend is None or c.ddp_backend in BACKENDS, "ddp_backend", c.ddp_backend, f"none (automatic) or one of {BACKENDS}")
+    _check(c.ddp_backend is None or c.ddp_backend in BACKENDS, "ddp_backend", c.ddp_backend,
+           f"none (automatic) or one of {BACKENDS}")
     _check(c.ddp_timeout > 0, "ddp_timeout", c.ddp_timeout, "a number of seconds > 0")
     _check(c.cutoff_len >= 8, "cutoff_len", c.cutoff_len, "an integer >= 8")
     _check(c.save_steps > 0, "save_steps", c.save_steps, "an integer > 0")

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..io.datasets import DatasetFormat, detect_format, to_messages
 
 IGNORE_INDEX = -100
@@ -86,7 +87,7 @@ class Truncation:
         """Refuse training that cannot learn (most examples lose their end of turn) unless
         ``allow``; else a warning to print when anything was cut, or None."""
         if self.end_lost * 2 > self.examples and not allow:
-            raise ValueError(f"{self.summary(cutoff_len)}: raise cutoff_len (to {self.longest} to keep every "
+            raise InputError(f"{self.summary(cutoff_len)}: raise cutoff_len (to {self.longest} to keep every "
                              "answer whole), or set allow_truncated_answers: true to train anyway")
         return self.summary(cutoff_len) if self.answers_cut else None
 
@@ -99,7 +100,7 @@ def encode_conversation(tokenizer, messages: Sequence[Mapping], cutoff_len: int,
     where = f"row {index}: " if index is not None else ""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
-        raise ValueError(f"{where}conversation has no assistant turn, so nothing to train on")
+        raise InputError(f"{where}conversation has no assistant turn, so nothing to train on")
     text = _render(tokenizer, messages, False)
     input_ids: list[int] = []
     labels: list[int] = []
@@ -110,7 +111,7 @@ def encode_conversation(tokenizer, messages: Sequence[Mapping], cutoff_len: int,
         prompt, response = _encode(tokenizer, text[done:start]), _encode(tokenizer, text[start:end])
         closing = [k for k, token in enumerate(response) if token == tokenizer.eos_token_id]
         if not closing:
-            raise ValueError(
+            raise InputError(
                 f"{where}the chat template does not end assistant turn {i} with the EOS token "
                 f"{tokenizer.eos_token!r}, so the model could not learn to stop; set a template "
                 "that does (template: chatml, llama3 or alpaca)")
@@ -124,7 +125,7 @@ def encode_conversation(tokenizer, messages: Sequence[Mapping], cutoff_len: int,
     labels += [IGNORE_INDEX] * len(tail)
     prompt_len = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
     if prompt_len >= cutoff_len:
-        raise ValueError(f"{where}prompt of {prompt_len} tokens does not fit in cutoff_len "
+        raise InputError(f"{where}prompt of {prompt_len} tokens does not fit in cutoff_len "
                          f"{cutoff_len} with room for a response; raise cutoff_len or shorten it")
     if truncation is not None:
         truncation.add(len(input_ids), [k for k, label in enumerate(labels) if label != IGNORE_INDEX], cutoff_len)
@@ -132,7 +133,7 @@ def encode_conversation(tokenizer, messages: Sequence[Mapping], cutoff_len: int,
         labels = list(input_ids)
     input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
     if all(label == IGNORE_INDEX for label in labels[1:]):
-        raise ValueError(f"{where}no trainable token left after truncation to {cutoff_len}")
+        raise InputError(f"{where}no trainable token left after truncation to {cutoff_len}")
     return {"input_ids": input_ids, "labels": labels}
 
 
@@ -143,7 +144,7 @@ def encode_dataset(tokenizer, rows_or_messages: Sequence, cutoff_len: int,
     ``truncation`` counts what cutoff_len cut."""
     items = list(rows_or_messages)
     if not items:
-        raise ValueError("dataset has no rows")
+        raise InputError("dataset has no rows")
     if isinstance(items[0], Mapping):
         fmt = fmt or detect_format(items)
         items = [to_messages(row, fmt, index) for index, row in enumerate(items)]
@@ -162,7 +163,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def _prefix_end(text: str, prefix: str, after: int, where: str, n_messages: int) -> int:
     if not text.startswith(prefix) or len(prefix) < after:
-        raise ValueError(
+        raise InputError(
             f"{where}the chat template renders the first {n_messages} messages as text that is "
             "not a prefix of the whole conversation's text (it rewrites earlier turns), so the "
             "response cannot be located; use template: chatml, llama3 or alpaca")
@@ -179,7 +180,7 @@ def pack(examples: Sequence[Mapping], max_len: int) -> list[dict]:
     for index, example in enumerate(examples):
         n = len(example["input_ids"])
         if not 0 < n <= max_len:
-            raise ValueError(f"example {index} has {n} tokens; packing needs 1 to max_len "
+            raise InputError(f"example {index} has {n} tokens; packing needs 1 to max_len "
                              f"{max_len} (lower cutoff_len or raise max_len)")
         target = next((b for b, free in enumerate(room) if free >= n), None)
         if target is None:
@@ -203,10 +204,10 @@ def pack(examples: Sequence[Mapping], max_len: int) -> list[dict]:
 def collate(batch: Sequence[Mapping], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors; ``attention_mask`` for plain rows, ``position_ids`` for packed ones."""
     if not batch:
-        raise ValueError("cannot collate an empty batch")
+        raise InputError("cannot collate an empty batch")
     packed = ["position_ids" in example for example in batch]
     if any(packed) and not all(packed):
-        raise ValueError("a batch mixes packed rows (with position_ids) and plain rows")
+        raise InputError("a batch mixes packed rows (with position_ids) and plain rows")
     width = max(len(example["input_ids"]) for example in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -218,7 +219,7 @@ def collate(batch: Sequence[Mapping], pad_id: int) -> dict[str, torch.Tensor]:
     for row, example in enumerate(batch):
         n = len(example["input_ids"])
         if len(example["labels"]) != n:
-            raise ValueError(f"batch item {row}: {n} input_ids but {len(example['labels'])} labels")
+            raise InputError(f"batch item {row}: {n} input_ids but {len(example['labels'])} labels")
         input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
         labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
         if all(packed):
@@ -238,7 +239,7 @@ def batches(n_examples: int, batch_size: int, seed: int, epoch: int, start_step:
             drop_last: bool = False) -> Iterator[list[int]]:
     """Index lists for one epoch, a pure function of ``(seed, epoch)``; resume with start_step."""
     if n_examples < 0 or batch_size < 1 or seed < 0 or epoch < 0 or start_step < 0:
-        raise ValueError(f"batches needs n_examples >= 0, batch_size >= 1 and seed, epoch, "
+        raise InputError(f"batches needs n_examples >= 0, batch_size >= 1 and seed, epoch, "
                          f"start_step >= 0; got {n_examples}, {batch_size}, {seed}, {epoch}, "
                          f"{start_step}")
     order = np.random.default_rng([seed, epoch]).permutation(n_examples)

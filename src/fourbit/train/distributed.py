@@ -72,6 +72,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import InputError
 from .config import TrainConfig
 
 FSDP_OPTIMIZERS = ("adamw", "adamw_torch")
@@ -124,7 +125,7 @@ class Ranks:
         error = None
         try:
             yield
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+        except Exception as e:
             error = e
         if self.strategy is not None:
             reports: list = [None] * self.world_size
@@ -133,10 +134,10 @@ class Ranks:
             if error is None:
                 failed = [(r, m) for r, (_, m) in enumerate(reports) if m]
                 if failed:
-                    raise ValueError(f"rank {failed[0][0]} refused the run, so every rank stops: {failed[0][1]}")
+                    raise InputError(f"rank {failed[0][0]} refused the run, so every rank stops: {failed[0][1]}")
                 differ = [r for r, (h, _) in enumerate(reports) if h != reports[0][0]]
                 if differ:
-                    raise ValueError(
+                    raise InputError(
                         f"the ranks were given different configs (rank {differ[0]}'s differs from rank 0's); "
                         f"every rank must get the same config file and key=value overrides"
                     )
@@ -148,18 +149,18 @@ class Ranks:
         if config.global_batch_size is not None:
             per_step = config.per_device_train_batch_size * self.world_size
             if config.global_batch_size % per_step:
-                raise ValueError(
+                raise InputError(
                     f"global_batch_size {config.global_batch_size} is not divisible by per_device_train_batch_size "
                     f"x world size = {config.per_device_train_batch_size} x {self.world_size}; choose a multiple of "
                     f"{per_step} or another number of processes"
                 )
         if self.fsdp and config.eval_dataset:
-            raise ValueError(
+            raise InputError(
                 "eval_dataset with strategy fsdp: generation from a sharded model is not supported; evaluate the "
                 "written adapter in one process (fourbit eval, or fourbit.load_adapter), or use strategy ddp"
             )
         if self.fsdp and config.optim not in FSDP_OPTIMIZERS:
-            raise ValueError(
+            raise InputError(
                 f"optim {config.optim!r} keeps block-wise 8-bit or paged state over whole tensors, which FSDP "
                 f"shards; with strategy fsdp use one of {FSDP_OPTIMIZERS} (or strategy ddp)"
             )
@@ -265,12 +266,12 @@ def init_ranks(config: TrainConfig) -> Ranks:
     cuda = torch.cuda.is_available()
     backend = config.ddp_backend or ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
-        raise ValueError(
+        raise InputError(
             "ddp_backend nccl needs CUDA GPUs and this machine has none (torch.cuda.is_available() is False); "
             "use ddp_backend: gloo (or leave it unset) to train on CPUs"
         )
     if cuda and local >= torch.cuda.device_count():
-        raise ValueError(
+        raise InputError(
             f"LOCAL_RANK {local} has no GPU: this machine has {torch.cuda.device_count()}; "
             f"start at most that many processes per node (torchrun --nproc-per-node)"
         )
@@ -328,7 +329,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); FSDP cannot shard it per layer")
+        raise InputError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); "
+                         "FSDP cannot shard it per layer")
     return layers
 
 

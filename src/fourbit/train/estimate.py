@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import InputError
 from ..io.sources import open_source
 from ..precision import native_bf16
 from .config import STRATEGIES, TrainConfig
@@ -67,11 +68,11 @@ def estimate_memory(
     ``seq_len`` and ``batch`` default to cutoff_len and per_device_train_batch_size; the shapes
     come from ``model_config`` (a loaded model's) or else from config.model_name_or_path."""
     if gpus < 1:
-        raise ValueError(f"gpus must be >= 1, got {gpus}")
+        raise InputError(f"gpus must be >= 1, got {gpus}")
     if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     c = (model_config or open_source(config.model_name_or_path).config).get_text_config()
-    H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size  # noqa: E741 - the formulas' names
     head_dim = getattr(c, "head_dim", None) or H // c.num_attention_heads
     q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
     linears = [(q, H), (kv, H), (kv, H), (H, q), (I, H), (I, H), (H, I)]

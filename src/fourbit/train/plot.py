@@ -49,7 +49,8 @@ def plot_loss(losses: list[float], path: str | os.PathLike, smooth: int = 10) ->
             x = left + round(i * (right - left) / max(len(losses) - 1, 1))
             return x, bottom - round((value - lo) * (bottom - top) / span)
 
-        averaged = [sum(losses[max(0, i - smooth + 1) : i + 1]) / len(losses[max(0, i - smooth + 1) : i + 1]) for i in range(len(losses))]
+        windows = [losses[max(0, i - smooth + 1) : i + 1] for i in range(len(losses))]
+        averaged = [sum(w) / len(w) for w in windows]
         for series, colour in ((losses, (170, 190, 230)), (averaged, (20, 60, 160))):
             for i in range(1, len(series)):
                 _line(canvas, point(i - 1, series[i - 1]), point(i, series[i]), colour)

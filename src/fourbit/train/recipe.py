@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..chat_templates import apply_template
+from ..errors import InputError
 from ..io.datasets import load_rows, resolve_dataset
 from ..io.peft import adapter_state_dict, write_adapter_files
 from ..memory import memory_report
@@ -83,16 +84,16 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     run_config = config.to_dict()
     with ranks.all_or_none(config):  # a bad input on any rank stops every rank, before any other collective
         if not config.output_dir:
-            raise ValueError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
+            raise InputError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
         out = Path(config.output_dir)
         if ranks.is_main:
             tidy_output_dir(out, fresh=False)  # what an interrupted save left behind
     with ranks.all_or_none(config):
         if not config.dataset:
-            raise ValueError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
+            raise InputError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
         resume = check_output_dir(out, config.resume_from_checkpoint, config.overwrite_output_dir, run_config)
         if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("the model has no trainable parameters; call fourbit.add_lora(model, ...) before training")
+            raise InputError("the model has no trainable parameters; call fourbit.add_lora(model, ...) before training")
         ranks.check(config)
     ranks.barrier()  # every rank has looked at output_dir before rank 0 writes to it
     if ranks.is_main:
@@ -103,7 +104,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     apply_template(tokenizer, config.template)
     conversations = resolve_dataset(config.dataset, config.dataset_dir)
     if not conversations:
-        raise ValueError(f"dataset {config.dataset!r} has no rows")
+        raise InputError(f"dataset {config.dataset!r} has no rows")
     truncation = Truncation()
     examples = encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation)
     cut = truncation.check(config.cutoff_len, config.allow_truncated_answers)  # refuses training that cannot learn
@@ -151,7 +152,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     model.train()
     if resume is not None and ranks.is_main:
         trim_metrics(out, state.step)  # steps recorded after the checkpoint are trained, and recorded, again
-    metrics = open(out / METRICS_FILE, "a" if resume else "w") if ranks.is_main else None  # noqa: SIM115 - closed in finally
+    metrics = open(out / METRICS_FILE, "a" if resume else "w") if ranks.is_main else None
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not ranks.is_main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -334,7 +335,8 @@ def _banner(model, config: TrainConfig, n_examples: int, total_steps: int, resum
     layers = f"{len(lora_layers(model))} modules" + (f" and {experts} expert weights" if experts else "")
     where = f"{ranks.world_size} ranks, {ranks.strategy}" if ranks.strategy else "one process"
     print(
-        f"fourbit train | {where} | device {device} ({torch.get_num_threads()} threads) | model {report.total_bytes / 2**20:.0f} MiB "
+        f"fourbit train | {where} | device {device} ({torch.get_num_threads()} threads) "
+        f"| model {report.total_bytes / 2**20:.0f} MiB "
         f"| LoRA r={config.lora_rank} alpha={config.alpha:g} on {layers} | trainable {trainable:,} / {total:,} "
         f"({100 * trainable / max(total, 1):.2f}%)\n"
         f"  {n_examples} examples, {total_steps} steps of {per_step * config.per_device_train_batch_size} examples "

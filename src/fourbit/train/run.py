@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..chat_templates import apply_template
+from ..errors import InputError
 from ..io.datasets import resolve_dataset
 from ..io.loader import load_model
 from ..nn.lora import add_lora
@@ -34,7 +35,7 @@ def run(config: TrainConfig) -> TrainResult:
         progress=ranks.is_main,
     )
     if tokenizer is None:
-        raise ValueError(f"{config.model_name_or_path} has no tokenizer files; training needs one")
+        raise InputError(f"{config.model_name_or_path} has no tokenizer files; training needs one")
     torch.manual_seed(config.seed)  # the adapters' initialization is part of the run's seed
     add_lora(model, r=config.lora_rank, alpha=config.alpha, target=config.targets, dropout=config.lora_dropout,
              use_rslora=config.use_rslora, use_dora=config.use_dora, verbose=ranks.is_main,
@@ -48,9 +49,9 @@ def preflight(config: TrainConfig, tokenizer=None) -> str | None:
     its own) also the encoding: every row, and what cutoff_len cuts (returned as a warning to
     print, or refused when it leaves most answers without their end of turn)."""
     if not config.dataset:
-        raise ValueError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
+        raise InputError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
     if not config.output_dir:
-        raise ValueError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
+        raise InputError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
     conversations = resolve_dataset(config.dataset, config.dataset_dir)
     if config.eval_dataset:
         resolve_dataset(config.eval_dataset, config.dataset_dir)

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...errors import InputError
 from .dequantize import load_scales
 
 
@@ -212,13 +213,13 @@ class Config:
 
     def __post_init__(self):
         if self.kernel not in ("gemv", "matmul"):
-            raise ValueError(f"kernel {self.kernel!r}: expected 'gemv' or 'matmul'")
+            raise InputError(f"kernel {self.kernel!r}: expected 'gemv' or 'matmul'")
         if self.table not in ("global", "shared"):
-            raise ValueError(f"table {self.table!r}: expected 'global' or 'shared'")
+            raise InputError(f"table {self.table!r}: expected 'global' or 'shared'")
         if self.unpack not in ("bytes", "words"):
-            raise ValueError(f"unpack {self.unpack!r}: expected 'bytes' or 'words'")
+            raise InputError(f"unpack {self.unpack!r}: expected 'bytes' or 'words'")
         if self.kernel != "gemv" and (self.prefetch or self.unpack != "bytes"):
-            raise ValueError("prefetch and unpack='words' apply to the gemv kernel only")
+            raise InputError("prefetch and unpack='words' apply to the gemv kernel only")
 
 
 PROGRAMS_PER_SM = 8
@@ -237,7 +238,7 @@ def supports(x: torch.Tensor, blocksize: int, k: int) -> bool:
     return x.dtype in (torch.bfloat16, torch.float16) and k % blocksize == 0 and x.shape[-1] == k
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -274,7 +275,7 @@ def matmul_4bit(
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     config = config or default_config(m, n, k)
     if config.unpack == "words" and packed.data_ptr() % 4:
-        raise ValueError("unpack='words' reads the packed weight as int32: its storage must be 4-byte aligned")
+        raise InputError("unpack='words' reads the packed weight as int32: its storage must be 4-byte aligned")
     double_quant = nested_absmax is not None
     blocks_per_row = k // blocksize
     if config.kernel == "gemv":
