@@ -18,8 +18,9 @@ Method (a CUDA GPU; ../shared/PERF.md, the device tool's METHOD.md)
   replayed ``--repeats`` times between CUDA events and the median per call is taken. If a
   method cannot be captured it is timed as an eager loop instead and marked "(eager)".
 - Bytes per call: 4-bit: N*K/2 + absmax N*K/64 + x + y; bf16: 2*N*K + x + y. "GB/s" = bytes / time.
-- ``--sweep``: also times every launch shape of ``sweep_configs`` (each checked like the rest first;
-  tests/kernels/test_triton_matmul_4bit.py covers every kernel option on CPU)
+- ``--sweep``: also times every launch shape of ``sweep_configs`` in kernels/triton/matmul_4bit.py
+  (each checked like the rest first; tests/kernels/test_triton_matmul_4bit.py covers every kernel
+  option on CPU)
   and reports the fastest per (shape, M); the defaults in kernels/triton/matmul_4bit.py come
   from such a run.
 - Ratios: bf16 / ours and bnb / ours (>1: we are faster). Table last; JSON to $OUT or
@@ -50,23 +51,6 @@ SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "d
 ROTATE_BYTES = 2 * 50 * 2**20
 
 
-def sweep_configs():
-    from fourbit.kernels.triton.matmul_4bit import Config
-
-    gemv = [Config("gemv", block_n=bn, nb=nb, num_warps=w, table=t, prefetch=pf, unpack=u)
-            for bn, nb, w, u in [(32, 4, 4, "bytes"), (16, 4, 4, "bytes"), (64, 4, 4, "words"), (32, 4, 4, "words")]
-            for t in ("global", "shared") for pf in (False, True)]
-    gemv += [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk) for bn, nb, w, sk in
-             [(16, 8, 8, None), (16, 4, 4, 1), (32, 4, 4, 8)]]
-    gemv += [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk, table="shared", prefetch=True, unpack="words")
-             for bn, nb, w, sk in [(64, 4, 4, 1), (64, 4, 4, 4), (32, 4, 2, None), (128, 2, 8, None)]]
-    mm = [Config("matmul", block_n=bn, block_m=bm, nb=nb, num_warps=w, num_stages=s, split_k=sk, table=t)
-          for bm in (16, 64) for t in ("global", "shared") for bn, nb, w, s, sk in
-          [(64, 4, 4, 3, None), (32, 4, 4, 3, None), (128, 2, 4, 3, None), (64, 2, 4, 4, None),
-           (64, 8, 8, 3, None), (64, 4, 4, 3, 4)]]
-    return gemv, mm
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,4,16,64")
@@ -87,7 +71,7 @@ def main() -> None:
     for k, v in env.items():
         print(f"{k:>13}: {v}")
     torch.manual_seed(0)
-    gemv_configs, mm_configs = sweep_configs() if args.sweep else ([], [])
+    gemv_configs, mm_configs = fused.sweep_configs() if args.sweep else ([], [])
     rows_out = []
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda")

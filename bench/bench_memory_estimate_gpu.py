@@ -42,7 +42,6 @@ from pathlib import Path
 
 import _llama_shape as shape
 
-STATIC_ROWS = ("4-bit linears (codes)", "quantization constants", "embeddings, norms, lm_head", "LoRA weights (fp32)")
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike",
          "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee",
          "zulu"]
@@ -89,26 +88,6 @@ def training_settings(model_dir: Path, dataset: Path, output_dir: Path, args: ar
     }
 
 
-def compare(rows: dict[str, int], static_measured: int | None, peak_measured: int | None) -> dict:
-    """Estimated and measured bytes side by side, with measured / estimated ratios (None on a CPU)."""
-    static_estimate = sum(rows.get(k, 0) for k in STATIC_ROWS)
-    total = sum(rows.values())
-
-    def ratio(measured: int | None, estimated: int) -> float | None:
-        return None if measured is None else round(measured / estimated, 4)
-
-    return {
-        "estimate_rows_MiB": {k: round(v / 2**20, 1) for k, v in rows.items()},
-        "estimate_total_MiB": round(total / 2**20, 1),
-        "estimate_static_MiB": round(static_estimate / 2**20, 1),
-        "measured_static_MiB": None if static_measured is None else round(static_measured / 2**20, 1),
-        "measured_peak_MiB": None if peak_measured is None else round(peak_measured / 2**20, 1),
-        "static_ratio_measured_over_estimate": ratio(static_measured, static_estimate),
-        "peak_ratio_measured_over_estimate": ratio(peak_measured, total),
-        "peak_within_10_percent": None if peak_measured is None else abs(peak_measured / total - 1) <= 0.10,
-    }
-
-
 def _join_one_rank_group() -> None:
     """The environment torchrun gives a 1-process run, on a free local port."""
     with socket.socket() as s:
@@ -141,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     from fourbit.nn.lora import add_lora
     from fourbit.train.config import load_config
     from fourbit.train.distributed import destroy, init_ranks
-    from fourbit.train.estimate import estimate_memory
+    from fourbit.train.estimate import against_measurement, estimate_memory
     from fourbit.train.recipe import train
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -183,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "question": "per-GPU memory estimate vs measured peak, QLoRA NF4 r16 all linears, gradient checkpointing",
         "model": shape.layers_note(args.layers, args.tiny), "seq": args.seq, "batch": args.batch, "steps": args.steps,
         "strategy": "ddp, world size 1", "losses": [round(x, 4) for x in result.losses],
-        **compare(estimate.rows, static, result.peak_memory),
+        **against_measurement(estimate.rows, static, result.peak_memory),
         "measured_peak_reserved_MiB": None if reserved is None else round(reserved / 2**20, 1),
         "measured_with": "torch.cuda.memory_allocated / max_memory_allocated" if cuda else "nothing (CPU: logic check only)",
         "environment": shape.environment(args.device),

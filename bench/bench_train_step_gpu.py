@@ -105,6 +105,7 @@ def build(side: str, args):
     notes = []
     if side == "ours":
         import fourbit
+        from fourbit.nn.lora import lora_settings
         from fourbit.train.recipe import causal_lm_loss, compile_decoder_layers, enable_gradient_checkpointing
 
         model, _ = fourbit.load_model(str(args.model_dir), quantization="nf4", double_quant=True, blocksize=64,
@@ -113,9 +114,10 @@ def build(side: str, args):
             notes.append(f"attention was {model.config._attn_implementation!r}; set to sdpa")
             model.set_attn_implementation("sdpa")
         fourbit.add_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target="all-linear", verbose=False)
-        wrapped = {name.rsplit(".", 1)[-1] for name in model.lora_settings["modules"]}
-        if wrapped != set(TARGETS) or len(model.lora_settings["modules"]) != len(TARGETS) * args.layers:
-            notes.append(f"!!! LoRA wrapped {len(model.lora_settings['modules'])} modules named {sorted(wrapped)}")
+        modules = lora_settings(model).modules
+        wrapped = {name.rsplit(".", 1)[-1] for name in modules}
+        if wrapped != set(TARGETS) or len(modules) != len(TARGETS) * args.layers:
+            notes.append(f"!!! LoRA wrapped {len(modules)} modules named {sorted(wrapped)}")
         enable_gradient_checkpointing(model)
         if args.compile:  # what torch_compile: true does in the recipe
             compile_decoder_layers(model)

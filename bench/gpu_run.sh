@@ -88,7 +88,7 @@ session3)  # decode with fourbit's own compiled greedy loop, profiled; then the 
         --profile --time-budget 250
     run train python3 bench/bench_train_step_gpu.py --compile --time-budget 290
     ;;
-session4)  # the options counted by bench/inspect_sass.py (shared table, prefetch, words), timed at M = 1 and 16
+session4)  # the options counted by tools/inspect_sass.py (shared table, prefetch, words), timed at M = 1 and 16
     run tests python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_triton_matmul_4bit.py
     run matmul python3 bench/bench_matmul_4bit.py --rows 1,16 --sweep
     ;;

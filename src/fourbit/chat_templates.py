@@ -132,6 +132,16 @@ def _default_pad(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills out shorter rows: the tokenizer's pad token, else EOS (as transformers'
+    generate does), else 0. Padding is always masked out, so any id works; one rule keeps
+    training, evaluation and serving alike."""
+    for token_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 

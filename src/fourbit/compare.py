@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .errors import InputError
 from .io.checkpoint import save_quantized
 from .io.loader import load_model
 from .nn.frozen_linear import FrozenLinear
+from .nn.targets import quantizable_linears
 from .perplexity import perplexity, read_text_tokens
 from .precision import native_bf16
 from .ptq import CALIBRATED, quantize_dense
@@ -127,7 +127,7 @@ def _bits_per_parameter(model) -> float:
             stored += sum(t.numel() * t.element_size() for t in tensors.values())
             weights += module.in_features * module.out_features
     if not weights:  # a dense model: its linear weights' own width
-        linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+        linears = [m for _, m in quantizable_linears(model)]
         return 8 * linears[0].weight.element_size() if linears else 0.0
     return 8 * stored / weights
 

@@ -1,5 +1,6 @@
 """LoRA against float64 math on the merged weight, QLoRA against LoRA on the dequantized weight."""
 
+import copy
 import math
 
 import pytest
@@ -128,3 +129,21 @@ def test_target_matching_nothing_is_an_error(tiny_4bit):
         add_lora(tiny_4bit, target=["qkv"])
     with pytest.raises(ValueError, match=r"matches no linear module"):
         add_lora(tiny_4bit, target="q_proj")  # a regex string must match the whole path
+
+
+def test_the_lora_settings_are_read_from_the_layers_themselves(tiny_llama):
+    from fourbit.errors import InputError
+    from fourbit.nn.lora import lora_settings
+
+    _, dense = tiny_llama
+    model = copy.deepcopy(dense)
+    with pytest.raises(InputError, match="no LoRA adapters"):
+        lora_settings(model)
+    add_lora(model, r=4, alpha=12, target=["q_proj", "v_proj"], dropout=0.1, use_rslora=True, verbose=False)
+    settings = lora_settings(model)
+    assert (settings.r, settings.alpha, settings.dropout, settings.use_rslora, settings.use_dora) == (4, 12, 0.1, True, False)
+    assert sorted(settings.modules) == sorted(f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    assert not hasattr(model, "lora_settings")  # nothing hung on the transformers model
+    lora_layers(model)["model.layers.0.self_attn.q_proj"].r = 8  # layers that disagree: no one adapter file
+    with pytest.raises(InputError, match="different ranks"):
+        lora_settings(model)

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 
 from fourbit.train.config import load_config
 from fourbit.train.distributed import Ranks
+from fourbit.train.parallel import micro_batches_per_step, shard
 from fourbit.train.run import run
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -185,9 +186,9 @@ def test_bad_input_stops_every_rank_with_the_same_reason(worker):
 
 def test_a_step_takes_the_same_micro_batches_at_any_world_size():
     config = load_config(None, {"per_device_train_batch_size": 2, "global_batch_size": 8})
-    assert Ranks(0, 2).micro_batches_per_step(config) == Ranks().micro_batches_per_step(config) == 4
+    assert micro_batches_per_step(config, Ranks(0, 2)) == micro_batches_per_step(config, Ranks()) == 4
     config = load_config(None, {"gradient_accumulation_steps": 3})
-    assert Ranks(0, 2).micro_batches_per_step(config) == 6  # without a global batch: ranks x accumulation
+    assert micro_batches_per_step(config, Ranks(0, 2)) == 6  # without a global batch: ranks x accumulation
     step = [[0, 1], [2, 3], [4, 5]]
-    assert Ranks(0, 2).shard(step) == [([0, 1], 1.0), ([4, 5], 1.0)]
-    assert Ranks(1, 2).shard(step) == [([2, 3], 1.0), ([0, 1], 0.0)]  # a weight-0 repeat: equal backward counts
+    assert shard(step, Ranks(0, 2)) == [([0, 1], 1.0), ([4, 5], 1.0)]
+    assert shard(step, Ranks(1, 2)) == [([2, 3], 1.0), ([0, 1], 0.0)]  # a weight-0 repeat: equal backward counts

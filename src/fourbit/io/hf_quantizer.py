@@ -47,13 +47,13 @@ from ..nn.experts4bit import IMPLEMENTATION as EXPERTS_IMPLEMENTATION
 from ..nn.experts4bit import is_expert_weight, quantize_experts_
 from ..nn.experts4bit import register as register_experts_implementation
 from ..nn.linear4bit import Linear4bit
+from ..nn.targets import KEEP_DENSE
 from ..quant.blockwise import check_blocksize
 from ..quant.dtypes import check_quant_type
 from ..quant.state import QuantState
 
 METHOD = "fourbit"
 register_experts_implementation()
-SKIP_MODULES = ("lm_head",)
 _FORMATS = {fmt.name: fmt for fmt in FORMATS}
 
 
@@ -72,7 +72,7 @@ class FourbitConfig(QuantizationConfigMixin):
     """
 
     def __init__(self, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
-                 compute_dtype: str = "float32", skip_modules: list[str] | tuple[str, ...] = SKIP_MODULES,
+                 compute_dtype: str = "float32", skip_modules: list[str] | tuple[str, ...] = KEEP_DENSE,
                  experts: bool = True, stored: str | None = None, stored_settings: dict | None = None,
                  stored_modules: list[str] | None = None,
                  **kwargs: Any):

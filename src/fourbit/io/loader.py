@@ -32,10 +32,11 @@ from ..errors import InputError
 from ..formats import BNB_4BIT, stored_format
 from ..nn.linear4bit import Linear4bit
 from ..nn.linear8bit import Linear8bit, layout_error
+from ..nn.targets import KEEP_DENSE
 from ..precision import parse_dtype, resolve_compute_dtype
 from ..quant.blockwise import check_blocksize
 from ..quant.dtypes import check_quant_type
-from .hf_quantizer import SKIP_MODULES, FourbitConfig, check_finite, conversion_errors
+from .hf_quantizer import FourbitConfig, check_finite, conversion_errors
 from .no_remote_code import from_pretrained
 from .sources import open_source
 
@@ -50,7 +51,7 @@ def load_model(
     compute_dtype: str | torch.dtype = "auto",
     torch_dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
-    skip_modules: tuple[str, ...] = SKIP_MODULES,
+    skip_modules: tuple[str, ...] = KEEP_DENSE,
     progress: bool = False,
     quantize_experts: bool = True,
 ):

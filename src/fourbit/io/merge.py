@@ -46,10 +46,10 @@ from ..nn.frozen_linear import FrozenLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoRALinear, dense_weight, lora_layers
 from ..nn.lora_experts import expert_lora_layers
+from ..nn.targets import quantizable_linears
 from ..precision import DTYPES, parse_dtype
 from .atomic import atomic_dir, check_output_apart
 from .checkpoint import save_quantized
-from .hf_quantizer import SKIP_MODULES
 from .loader import load_model
 from .peft import load_adapter, read_adapter_config, read_training_base
 
@@ -243,7 +243,6 @@ def _dequantize_layers(model: nn.Module) -> None:
 def _drop_fourbit_attributes(model: nn.Module) -> None:
     """What load_model/add_lora (and transformers, for a quantized load) put on the model that a
     plain transformers model has not: the merged model is a dense one."""
-    model.__dict__.pop("lora_settings", None)
     if getattr(model.config, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION:
         model.set_experts_implementation("eager")  # the dense experts' own forward
     if getattr(model, "hf_quantizer", None) is not None:
@@ -255,9 +254,8 @@ def _drop_fourbit_attributes(model: nn.Module) -> None:
 
 def _requantize(model, quant_type: str, double_quant: bool, blocksize: int) -> None:
     """Every linear layer but those load_model keeps dense (lm_head) back to 4 bits."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in SKIP_MODULES and name not in SKIP_MODULES:
-            model.set_submodule(name, Linear4bit.from_linear(module.float(), quant_type, blocksize, double_quant))
+    for name, module in quantizable_linears(model):
+        model.set_submodule(name, Linear4bit.from_linear(module.float(), quant_type, blocksize, double_quant))
 
 
 def _set_generation_eos(model, tokenizer) -> None:

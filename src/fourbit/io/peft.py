@@ -46,7 +46,7 @@ from ..nn.awq_linear import AWQLinear
 from ..nn.gptq_linear import GPTQLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.linear8bit import Linear8bit
-from ..nn.lora import add_lora, lora_layers
+from ..nn.lora import add_lora, lora_layers, lora_settings
 from ..nn.lora_experts import expert_lora_layers, peft_key
 from .atomic import atomic_dir
 
@@ -86,22 +86,22 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
-    settings = model.lora_settings
+    settings = lora_settings(model)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path or getattr(model.config, "_name_or_path", None),
         "revision": None,
-        "r": settings["r"],
-        "lora_alpha": settings["alpha"],
-        "lora_dropout": settings["dropout"],
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
         "bias": "none",
-        "target_modules": sorted(settings["modules"]),
-        "target_parameters": sorted(settings.get("parameters", [])) or None,
+        "target_modules": sorted(settings.modules),
+        "target_parameters": sorted(settings.parameters) or None,
         "exclude_modules": None,
         "modules_to_save": None,
-        "use_rslora": settings["use_rslora"],
-        "use_dora": settings["use_dora"],
+        "use_rslora": settings.use_rslora,
+        "use_dora": settings.use_dora,
         "init_lora_weights": True,
         "fan_in_fan_out": False,
         "rank_pattern": {},

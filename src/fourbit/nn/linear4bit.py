@@ -41,15 +41,19 @@ def dense_weights(model: nn.Module, dtype: torch.dtype | None = None):
     layers = [m for m in model.modules() if isinstance(m, Linear4bit) and m.quant_state is not None]
     try:
         for layer in layers:
-            layer.__dict__["_dense"] = layer.dequantize(dtype or layer.compute_dtype)
+            layer.dense_copy = layer.dequantize(dtype or layer.compute_dtype)
         yield model
     finally:
         for layer in layers:
-            layer.__dict__.pop("_dense", None)
+            layer.dense_copy = None
 
 
 class Linear4bit(FrozenLinear):
     """A 4-bit frozen replacement for ``nn.Linear``. Build it with :meth:`from_linear`."""
+
+    # The dequantized weight, held only inside dense_weights() (a plain attribute: not a buffer,
+    # never saved); forward uses it instead of dequantizing when the dtypes agree.
+    dense_copy: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -133,7 +137,7 @@ class Linear4bit(FrozenLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
-        dense = self.__dict__.get("_dense")
+        dense = self.dense_copy
         if dense is not None and dense.dtype == dtype:  # inside dense_weights(): no dequantization
             return nn.functional.linear(x.to(dtype), dense, bias).to(x.dtype)
         return frozen_product(self, x.to(dtype), bias).to(x.dtype)

@@ -29,6 +29,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from ..kernels.lora import qlora_linear
 from .frozen_linear import FrozenLinear
 from .linear4bit import Linear4bit
 from .lora_experts import add_expert_lora, expert_lora_layers, match_expert_weights
+from .targets import KEEP_DENSE, kept_dense
 
 LINEAR_TYPES = (nn.Linear, FrozenLinear)  # what LoRA wraps: dense linears and every quantized one
 ALL_LINEAR = ("all-linear", "all")
@@ -111,7 +113,7 @@ class LoRALinear(nn.Module):
             and isinstance(self.lora_dropout, nn.Identity)
             and isinstance(base, Linear4bit)
             and base.quant_state is not None
-            and "_dense" not in base.__dict__  # inside dense_weights(): the module path reuses the dense copy
+            and base.dense_copy is None  # inside dense_weights(): the module path reuses the dense copy
             and (base.bias is None or not base.bias.requires_grad)
         )
 
@@ -133,7 +135,7 @@ class LoRALinear(nn.Module):
         return f"{kind}: r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{rs}"
 
 
-def match_targets(model: nn.Module, target: str | Iterable[str], exclude: Iterable[str] = ("lm_head",)) -> list[str]:
+def match_targets(model: nn.Module, target: str | Iterable[str], exclude: Iterable[str] = KEEP_DENSE) -> list[str]:
     """Names of the linear modules that ``target`` selects, PEFT's rules:
 
     "all-linear" / "all": every linear layer except the output layer (``exclude``);
@@ -145,11 +147,11 @@ def match_targets(model: nn.Module, target: str | Iterable[str], exclude: Iterab
     return select_targets(linears, target, exclude)
 
 
-def select_targets(linears: list[str], target: str | Iterable[str], exclude: Iterable[str] = ("lm_head",)) -> list[str]:
+def select_targets(linears: list[str], target: str | Iterable[str], exclude: Iterable[str] = KEEP_DENSE) -> list[str]:
     """:func:`match_targets`' rules applied to a list of linear module names."""
     excluded = set(exclude)
     if isinstance(target, str) and target in ALL_LINEAR:
-        chosen = [n for n in linears if n not in excluded and n.rsplit(".", 1)[-1] not in excluded]
+        chosen = [n for n in linears if not kept_dense(n, excluded)]
     elif isinstance(target, str):
         try:
             pattern = re.compile(target)
@@ -187,7 +189,7 @@ def add_lora(
     use_dora: bool = False,
     dtype: torch.dtype = torch.float32,
     init: str = "kaiming",
-    exclude: Iterable[str] = ("lm_head",),
+    exclude: Iterable[str] = KEEP_DENSE,
     verbose: bool = True,
     target_parameters: str | Iterable[str] | None = None,
 ) -> nn.Module:
@@ -216,16 +218,43 @@ def add_lora(
         setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout, use_rslora, use_dora, dtype, init))
     if experts:
         add_expert_lora(model, experts, r, alpha, use_rslora, dtype, init)
-    model.lora_settings = {
-        "r": r, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "use_dora": use_dora,
-        "target": target, "modules": names, "parameters": experts,
-    }
     if verbose:
         trainable, total = count_parameters(model)
         where = f"{len(names)} modules" + (f" and {len(experts)} expert weights" if experts else "")
         print(f"LoRA r={r} alpha={alpha} on {where}: trainable {trainable:,} / {total:,} "
               f"parameters ({100 * trainable / total:.3f}%)")
     return model
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """What a model's LoRA adapters are, as an adapter_config.json states it."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    use_dora: bool
+    modules: list[str]  # the wrapped linear layers, by module path
+    parameters: list[str]  # the adapted expert weights, by parameter path
+
+
+def lora_settings(model: nn.Module) -> LoRASettings:
+    """Read from the model's own LoRA layers (add_lora gives them all one setting); an InputError
+    where it has none, or layers that disagree (a model no one adapter file describes)."""
+    layers, experts = lora_layers(model), expert_lora_layers(model)
+    adapters = [*layers.values(), *experts.values()]
+    if not adapters:
+        raise InputError("the model has no LoRA adapters (add_lora or load_adapter adds them)")
+    shared = {(a.r, a.alpha, a.use_rslora) for a in adapters}
+    dropouts = {a.lora_dropout.p if isinstance(a.lora_dropout, nn.Dropout) else 0.0 for a in layers.values()}
+    dora = {a.use_dora for a in layers.values()}
+    if len(shared) > 1 or len(dropouts) > 1 or len(dora) > 1:
+        raise InputError("the model's LoRA layers have different ranks, alphas, dropouts or DoRA settings; "
+                         "one adapter file describes one setting")
+    (r, alpha, use_rslora), = shared
+    return LoRASettings(r, alpha, next(iter(dropouts), 0.0), use_rslora, next(iter(dora), False),
+                        list(layers), list(experts))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

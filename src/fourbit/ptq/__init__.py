@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import InputError
 from ..formats import AWQ, GPTQ, INT8
 from ..nn.linear8bit import Linear8bit
+from ..nn.targets import quantizable_linears
 from ..quant.int8 import DEFAULT_THRESHOLD
 from .awq_model import quantize_model_awq
 from .gptq_model import quantize_model_gptq, quantize_model_rtn
@@ -50,7 +51,7 @@ def quantize_dense(model: nn.Module, method: str, calibration: torch.Tensor | No
         report = quantize_model_awq(model, calibration, bits, group_size, progress=progress)
         model.config.quantization_config = AWQ.quantization_config(group_size)
         return f"{report.format()}; 4-bit, group {group_size}, asym"
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+    layers = quantizable_linears(model)
     for name, linear in layers:
         model.set_submodule(name, Linear8bit.from_linear(linear, threshold))
     model.config.quantization_config = INT8.quantization_config(threshold)

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..io.peft import PREFIX, WEIGHTS_FILE, read_adapter_config
 from ..nn.lora import match_targets, select_targets
+from ..nn.targets import KEEP_DENSE
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 Choice = str | dict[str, float] | None
@@ -86,7 +87,7 @@ def _key(name: str) -> str:
 class AdapterSet:
     """The adapters loaded on ``model`` (wrapped in place, every linear layer but lm_head)."""
 
-    def __init__(self, model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)):
+    def __init__(self, model: nn.Module, exclude: tuple[str, ...] = KEEP_DENSE):
         if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
             raise InputError("this model is already wrapped for serving adapters; use its existing AdapterSet")
         self.model = model

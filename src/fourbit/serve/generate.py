@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..chat_templates import end_of_turn_ids
+from ..chat_templates import end_of_turn_ids, pad_id
 from ..errors import InputError
 
 
@@ -151,7 +151,7 @@ class Generation:
     @torch.no_grad()
     def steps(self) -> Iterator[Delta]:
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
+        pad = pad_id(self.tokenizer)
         longest = max(len(p) for p in self.prompts)
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in self.prompts], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in self.prompts], device=device)

@@ -49,6 +49,7 @@ from ..io.peft import (
     write_adapter_files,
 )
 from .distributed import SINGLE, Ranks
+from .optimizer_state import full_optimizer_state, load_optimizer_state
 
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "run_config.json"
@@ -77,7 +78,7 @@ def save_checkpoint(
     ranks: Ranks = SINGLE,
 ) -> Path:
     adapter = adapter_state_dict(model)  # gathered whole: every rank calls these two
-    optimizer_state = ranks.full_optimizer_state(model, optimizer)
+    optimizer_state = full_optimizer_state(model, optimizer, ranks)
     if ranks.is_main:
         with atomic_dir(folder, overwrite=True) as tmp:
             write_adapter_files(model, tmp, base_model, adapter)
@@ -126,7 +127,7 @@ def check_same_run(folder: Path, run_config: dict) -> None:
 
 def load_training_state(folder: Path, model, optimizer, scheduler, ranks: Ranks = SINGLE) -> TrainState:
     """Optimizer, scheduler and RNG states from ``folder``; returns the position in the data."""
-    ranks.load_optimizer_state(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=True))
+    load_optimizer_state(model, optimizer, torch.load(folder / "optimizer.pt", weights_only=True), ranks)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng = torch.load(folder / "rng.pt", weights_only=False)  # python/numpy states are tuples; our own file
     torch.set_rng_state(rng["torch"])

@@ -18,7 +18,7 @@ summed over the adapted linears, block size b, and N GPUs:
 Strategies. ``ddp``: every GPU holds all of the above. ``fsdp`` (FSDP2): the parameters, their
 gradients and the optimizer state are sharded, so codes, unquantized weights, LoRA weights,
 gradients and optimizer state are divided by N; the quantization constants are not (fourbit
-keeps them replicated, see train/distributed.py), activations and logits are per GPU anyway,
+keeps them replicated, see train/parallel.py), activations and logits are per GPU anyway,
 and two decoder layers are gathered whole at a time (the one computing and the one prefetched).
 
 It ignores allocator fragmentation, the dequantized weight of the layer being computed,
@@ -121,3 +121,29 @@ def _compute_bytes(compute_dtype: str, device) -> int:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         return 2
     return 2 if native_bf16(device) else 4
+
+
+# The rows that are in memory before the first step (the rest is what a step adds).
+STATIC_ROWS = ("4-bit linears (codes)", "quantization constants", "embeddings, norms, lm_head", "LoRA weights (fp32)")
+
+
+def against_measurement(rows: dict[str, int], static_measured: int | None, peak_measured: int | None) -> dict:
+    """An estimate's ``rows`` next to measured bytes (after loading, ``static_measured``; the run's
+    peak, ``peak_measured``), with measured / estimated ratios; None where nothing was measured
+    (a CPU). bench/bench_memory_estimate_gpu.py reports it."""
+    static_estimate = sum(rows.get(k, 0) for k in STATIC_ROWS)
+    total = sum(rows.values())
+
+    def ratio(measured: int | None, estimated: int) -> float | None:
+        return None if measured is None else round(measured / estimated, 4)
+
+    return {
+        "estimate_rows_MiB": {k: round(v / 2**20, 1) for k, v in rows.items()},
+        "estimate_total_MiB": round(total / 2**20, 1),
+        "estimate_static_MiB": round(static_estimate / 2**20, 1),
+        "measured_static_MiB": None if static_measured is None else round(static_measured / 2**20, 1),
+        "measured_peak_MiB": None if peak_measured is None else round(peak_measured / 2**20, 1),
+        "static_ratio_measured_over_estimate": ratio(static_measured, static_estimate),
+        "peak_ratio_measured_over_estimate": ratio(peak_measured, total),
+        "peak_within_10_percent": None if peak_measured is None else abs(peak_measured / total - 1) <= 0.10,
+    }

@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import torch
 
+from ..chat_templates import pad_id
 from ..nn.linear4bit import dense_weights
 
 
@@ -38,7 +39,7 @@ def greedy_answers(model, tokenizer, conversations: list[list[dict]], max_new_to
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     answers = []
     if dense_cache is None:
@@ -50,7 +51,7 @@ def greedy_answers(model, tokenizer, conversations: list[list[dict]], max_new_to
                 prompts = [tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in chunk]
                 inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 out = model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                     eos_token_id=tokenizer.eos_token_id, use_cache=True,
                 )
                 answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

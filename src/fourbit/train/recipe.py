@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..chat_templates import apply_template
+from ..chat_templates import apply_template, pad_id
 from ..errors import InputError
 from ..io.datasets import load_rows, resolve_dataset
 from ..io.peft import adapter_state_dict, write_adapter_files
@@ -55,9 +55,19 @@ from .data import (
     pack,
     steps_per_epoch,
 )
-from .distributed import Ranks, clip_grad_norm, decoder_layers, init_ranks
+from .distributed import Ranks, init_ranks
 from .estimate import estimate_memory
 from .evaluate import greedy_answers, score_answers
+from .optimizer_state import build_optimizer
+from .parallel import (
+    check_strategy,
+    clip_grad_norm,
+    decoder_layers,
+    gradient_sync,
+    micro_batches_per_step,
+    shard,
+    wrap,
+)
 from .plot import plot_loss
 
 log = logging.getLogger(__name__)
@@ -94,7 +104,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         resume = check_output_dir(out, config.resume_from_checkpoint, config.overwrite_output_dir, run_config)
         if not any(p.requires_grad for p in model.parameters()):
             raise InputError("the model has no trainable parameters; call fourbit.add_lora(model, ...) before training")
-        ranks.check(config)
+        check_strategy(config, ranks)
     ranks.barrier()  # every rank has looked at output_dir before rank 0 writes to it
     if ranks.is_main:
         tidy_output_dir(out, fresh=resume is None)  # overwrite_output_dir: the old run's outputs go
@@ -114,7 +124,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         examples = pack(examples, config.cutoff_len)
     eval_set = _eval_set(config) if config.eval_dataset else None
 
-    per_step = ranks.micro_batches_per_step(config)  # over all ranks
+    per_step = micro_batches_per_step(config, ranks)  # over all ranks
     micro_per_epoch = steps_per_epoch(len(examples), config.per_device_train_batch_size)
     steps_per_epoch_ = math.ceil(micro_per_epoch / per_step)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch_)
@@ -130,9 +140,9 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     estimate = estimate_memory(config, device, ranks.world_size, ranks.strategy, model_config=model.config)
     if ranks.is_main:
         _banner(model, config, len(examples), total_steps, resume, ranks, per_step, estimate, device)
-    engine = ranks.wrap(model)  # the module the loop calls: the model, DDP over it, or the model FSDP-sharded
+    engine = wrap(model, ranks)  # the module the loop calls: the model, DDP over it, or the model FSDP-sharded
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = ranks.build_optimizer(config, params)
+    optimizer = build_optimizer(config, params, ranks)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -155,15 +165,15 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     metrics = open(out / METRICS_FILE, "a" if resume else "w") if ranks.is_main else None
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not ranks.is_main)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     start = time.perf_counter()
     last_checkpoint = resume
     peak_since_reset = reset_peak(device)  # the peak reported below is the training's, not the loading's
     try:
         while state.step < total_steps:
             step_start = time.perf_counter()
-            mine = ranks.shard(_next_micro_batches(len(examples), config, state, per_step))  # [(indices, weight)]
-            micro = [(collate([examples[i] for i in idx], pad_id), weight) for idx, weight in mine]
+            mine = shard(_next_micro_batches(len(examples), config, state, per_step), ranks)  # [(indices, weight)]
+            micro = [(collate([examples[i] for i in idx], pad), weight) for idx, weight in mine]
             local_targets = sum(weight * int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b, weight in micro)
             (n_targets,) = ranks.sum(local_targets)  # the step's trained tokens on all ranks
             tokens = sum(weight * (int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel())
@@ -171,9 +181,9 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
             loss_sum = 0.0
             for i, (batch, weight) in enumerate(micro):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with ranks.gradient_sync(engine, enabled=i == len(micro) - 1):
+                with gradient_sync(engine, ranks, enabled=i == len(micro) - 1):
                     loss = causal_lm_loss(engine, batch) * (weight / n_targets)
-                    (loss * ranks.world_size).backward()  # DDP and FSDP average over ranks; see distributed.py
+                    (loss * ranks.world_size).backward()  # DDP and FSDP average over ranks; see parallel.py
                 loss_sum += loss.item()
             loss_sum, tokens = ranks.sum(loss_sum, tokens)
             grad_norm = clip_grad_norm(params, config.max_grad_norm)

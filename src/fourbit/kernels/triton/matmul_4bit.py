@@ -16,7 +16,7 @@ K), so a block never straddles two rows; the op falls back to dequantize + matmu
   are summed before its scale multiplies them (once per block, not per weight: 11% faster at
   M = 1 on an H100). For M up to ~4 (programs of the same weight tile run side by side, so
   the rows after the first read W from L2). Options, to be timed on a GPU
-  (bench/bench_matmul_4bit.py --sweep) after bench/inspect_sass.py counted their loop
+  (bench/bench_matmul_4bit.py --sweep) after tools/inspect_sass.py counted their loop
   instructions a weight on sm_90 (the default, timed at 38.6 us for 14336x4096: 8.3): ``prefetch`` (Triton
   pipelines only loads feeding ``tl.dot``, so each step otherwise waits out the codes' memory
   latency before its arithmetic), ``table="shared"`` (one address + LDS a nibble instead of
@@ -224,6 +224,24 @@ class Config:
 
 PROGRAMS_PER_SM = 8
 GEMV = Config("gemv", block_n=32, nb=4, num_warps=4)  # the launch shape for few rows of x
+
+
+def sweep_configs() -> tuple[list[Config], list[Config]]:
+    """(gemv, matmul) launch shapes under study: what bench/bench_matmul_4bit.py --sweep times on a GPU
+    and tools/inspect_sass.py counts instructions for (the choice of defaults is open: issue notes in
+    notes/gpu/README.md)."""
+    gemv = [Config("gemv", block_n=bn, nb=nb, num_warps=w, table=t, prefetch=pf, unpack=u)
+            for bn, nb, w, u in [(32, 4, 4, "bytes"), (16, 4, 4, "bytes"), (64, 4, 4, "words"), (32, 4, 4, "words")]
+            for t in ("global", "shared") for pf in (False, True)]
+    gemv += [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk) for bn, nb, w, sk in
+             [(16, 8, 8, None), (16, 4, 4, 1), (32, 4, 4, 8)]]
+    gemv += [Config("gemv", block_n=bn, nb=nb, num_warps=w, split_k=sk, table="shared", prefetch=True, unpack="words")
+             for bn, nb, w, sk in [(64, 4, 4, 1), (64, 4, 4, 4), (32, 4, 2, None), (128, 2, 8, None)]]
+    mm = [Config("matmul", block_n=bn, block_m=bm, nb=nb, num_warps=w, num_stages=s, split_k=sk, table=t)
+          for bm in (16, 64) for t in ("global", "shared") for bn, nb, w, s, sk in
+          [(64, 4, 4, 3, None), (32, 4, 4, 3, None), (128, 2, 4, 3, None), (64, 2, 4, 4, None),
+           (64, 8, 8, 3, None), (64, 4, 4, 3, 4)]]
+    return gemv, mm
 
 
 def default_config(m: int, n: int, k: int) -> Config:

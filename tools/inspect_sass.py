@@ -1,11 +1,11 @@
 """Machine code of the fused 4-bit matmul kernels for an H100, read on any machine: no GPU needed.
 
-    python bench/inspect_sass.py [--blocksize 64] [--configs sweep|default]
+    python tools/inspect_sass.py [--blocksize 64] [--configs sweep|default]
 
 Question: for each launch shape of ``bench_matmul_4bit.py --sweep``, how many machine
 instructions does the K loop spend per weight, of which kinds, and how many registers does a
 thread hold? The device tool's METHOD.md: "read what costs no device time"; at M = 1 the gemv is
-bound by per-weight instructions, not bytes (bench/gpu-notes/README.md), so this count is the
+bound by per-weight instructions, not bytes (notes/gpu/README.md), so this count is the
 number a kernel change must move.
 
 Method
@@ -35,7 +35,6 @@ import tempfile
 from pathlib import Path
 
 import triton
-from bench_matmul_4bit import sweep_configs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -129,7 +128,7 @@ def main() -> None:
                    help="every launch shape bench_matmul_4bit.py --sweep times, or the op's defaults for M = 1, 16, 64")
     args = p.parse_args()
     if args.configs == "sweep":
-        gemv, mm = sweep_configs()
+        gemv, mm = fused.sweep_configs()
         configs = gemv + mm
     else:
         configs = list(dict.fromkeys(fused.default_config(m, 4096, 4096) for m in (1, 16, 64)))

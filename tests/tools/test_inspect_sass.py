@@ -1,4 +1,5 @@
-"""bench/inspect_sass.py: the K-loop reader on hand-written SASS, and one real sm_90 compile.
+"""tools/inspect_sass.py (a developer tool, not installed): the K-loop reader on hand-written SASS,
+and one real sm_90 compile.
 
 The compile uses ptxas and cuobjdump from Triton's wheel (no GPU); it checks what the tool
 reports against facts of the kernel source: the global-table gemv gathers the code table with
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
 pytest.importorskip("fourbit.kernels.triton.matmul_4bit")
 
 SASS = """
@@ -32,11 +33,11 @@ SASS = """
 
 @pytest.fixture(scope="module")
 def inspect_sass():
-    sys.path.insert(0, str(BENCH))
+    sys.path.insert(0, str(TOOLS_DIR))
     try:
         yield importlib.import_module("inspect_sass")
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path.remove(str(TOOLS_DIR))
 
 
 def test_the_loop_is_the_span_of_the_longest_backward_branch(inspect_sass):
@@ -62,7 +63,7 @@ def test_the_gemv_compiled_for_sm90_reads_its_code_table_where_the_option_says(i
         "print(json.dumps(rows))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(TOOLS_DIR), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     by_global, by_shared = json.loads(done.stdout.splitlines()[-1])
