@@ -139,8 +139,8 @@ def test_prequantized_bitsandbytes_checkpoint_loads_as_stored(make_tiny_llama, b
     ours, _ = load_model(tmp_path / "bnb", quantization="fp4", compute_dtype="float32")  # stored nf4 wins
     layer, their_layer = ours.model.layers[1].mlp.down_proj, theirs.model.layers[1].mlp.down_proj
     assert layer.quant_type == "nf4" and layer.double_quant
-    theirs = F.dequantize_4bit(their_layer.weight, their_layer.weight.quant_state).float()
-    assert torch.equal(layer.dequantize(torch.float32), theirs)
+    their_weight = F.dequantize_4bit(their_layer.weight, their_layer.weight.quant_state).float()
+    assert torch.equal(layer.dequantize(torch.float32), their_weight)
     ids = torch.randint(0, 256, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)

@@ -134,41 +134,39 @@ def export_gguf_lora(source: str | os.PathLike | None, adapter: str | os.PathLik
     llama.cpp adds s * B @ A to the weights of the GGUF base it is given; an adapter trained on a
     4-bit base learned to correct that base's quantization error, which an f16 base lacks.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig
 
-    from .peft import PREFIX, WEIGHTS_FILE, read_adapter_config
+    from .peft import PREFIX, read_adapter
     from .sources import open_source
 
     output = _checked_output(output, overwrite, source, adapter)
-    settings = read_adapter_config(adapter)
+    files = read_adapter(adapter)
     for key, why in (("use_dora", "DoRA"), ("target_parameters", "LoRA on MoE expert weights")):
-        if settings.get(key):
+        if files.config.get(key):
             raise InputError(f"{adapter}: {why} adapters have no llama.cpp LoRA form; export the merged model instead")
     config = AutoConfig.from_pretrained(open_source(source).hf_folder())
     arch = check_exportable(config, "f16")
     names = gguf.get_tensor_name_map(_arch_enum(arch), config.num_hidden_layers)
-    r, alpha = settings["r"], settings.get("lora_alpha", 8)
-    alpha = alpha * r**0.5 if settings.get("use_rslora") else alpha
+    alpha = files.scaling * files.r  # llama.cpp scales by alpha / r: this alpha gives the adapter's own scale (rsLoRA too)
     with gguf_file(output, arch) as writer:
         writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
         count = 0
-        with safe_open(Path(adapter) / WEIGHTS_FILE, framework="pt") as f:
-            for key in sorted(f.keys()):
-                if not key.endswith(".lora_A.weight"):
-                    continue
-                module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
-                name = names.get_name(module + ".weight", try_suffixes=(".weight",))
-                if name is None:
-                    raise InputError(f"{adapter}: {module} has no GGUF tensor for {arch}")
-                a, b = f.get_tensor(key).float(), f.get_tensor(key.replace(".lora_A.", ".lora_B.")).float()
-                if arch in PERMUTES_QK and module.endswith(("q_proj", "k_proj")):
-                    b = permute_rotary(b, config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads)
-                writer.add_tensor(name + ".lora_a", a.contiguous().numpy())
-                writer.add_tensor(name + ".lora_b", b.contiguous().numpy())
-                count += 1
+        for key in sorted(k for k in files.tensors if k.endswith(".lora_A.weight")):
+            module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+            name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+            if name is None:
+                raise InputError(f"{adapter}: {module} has no GGUF tensor for {arch}")
+            b = files.tensors.get(key.replace(".lora_A.", ".lora_B."))
+            if b is None:
+                raise InputError(f"{adapter}: {module} has a lora_A but no lora_B")
+            a, b = files.tensors[key].float(), b.float()
+            if arch in PERMUTES_QK and module.endswith(("q_proj", "k_proj")):
+                b = permute_rotary(b, config.num_attention_heads if module.endswith("q_proj") else config.num_key_value_heads)
+            writer.add_tensor(name + ".lora_a", a.contiguous().numpy())
+            writer.add_tensor(name + ".lora_b", b.contiguous().numpy())
+            count += 1
     return ExportReport(output, None, arch, "lora", 2 * count, {"F32": 2 * count}, output.stat().st_size)
 
 

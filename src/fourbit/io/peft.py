@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ from ..nn.linear4bit import Linear4bit
 from ..nn.linear8bit import Linear8bit
 from ..nn.lora import add_lora, lora_layers, lora_settings
 from ..nn.lora_experts import expert_lora_layers, peft_key
+from ..nn.lora_scaling import lora_scaling
 from .atomic import atomic_dir
 
 PREFIX = "base_model.model."
@@ -192,6 +194,51 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
     return config
 
 
+@dataclass
+class AdapterFiles:
+    """A PEFT adapter folder as read from disk: its checked config and its tensors (PEFT's keys)."""
+
+    folder: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def r(self) -> int:
+        return self.config["r"]
+
+    @property
+    def alpha(self) -> float:
+        return self.config.get("lora_alpha", 8)  # PEFT's default
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.config.get("use_rslora", False))
+
+    def take_pair(self, module: str, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove and return ``module``'s (lora_A, lora_B), checked against the layer's shape and for
+        NaN/Inf; an InputError names what does not fit."""
+        a, b = (self.tensors.pop(f"{PREFIX}{module}.lora_{x}.weight", None) for x in "AB")
+        if a is None or b is None:
+            raise InputError(f"adapter {self.folder} targets {module} but holds no lora_A/lora_B for it")
+        for tensor, shape, which in ((a, (self.r, in_features), "lora_A"), (b, (out_features, self.r), "lora_B")):
+            _check_tensor(tensor, shape, f"{module}.{which}")
+        return a, b
+
+
+def read_adapter(folder: str | os.PathLike) -> AdapterFiles:
+    """The one reader of adapter folders (training's resume and load_adapter, merge, export and
+    serving): the config checked by :func:`read_adapter_config`, the tensors from safetensors only."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}: only safetensors adapters are loaded (adapter_model.bin "
+                                "pickles are not)")
+    with safe_open(weights, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return AdapterFiles(folder, config, tensors)
+
+
 def load_adapter(
     model: nn.Module, folder: str | os.PathLike, is_trainable: bool = False, dtype: torch.dtype | None = None
 ) -> nn.Module:
@@ -201,24 +248,19 @@ def load_adapter(
     file must belong to a targeted module of this model, else a ValueError names the mismatch
     (an adapter made for another base). Frozen unless ``is_trainable``.
     """
-    folder = Path(folder)
-    config = read_adapter_config(folder)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (adapter_model.bin pickles are not loaded)")
-    with safe_open(weights, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    adapter = read_adapter(folder)
+    config, tensors = adapter.config, adapter.tensors
     file_dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     try:
         add_lora(
-            model, r=config["r"], alpha=config.get("lora_alpha", 8), target=config["target_modules"],
+            model, r=adapter.r, alpha=adapter.alpha, target=config["target_modules"],
             dropout=config.get("lora_dropout", 0.0), use_rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora", False), dtype=dtype or file_dtype, verbose=False,
             target_parameters=config.get("target_parameters"),
         )
     except ValueError as e:
-        raise InputError(f"adapter {folder} does not fit this model: {e}") from None
-    load_adapter_weights(model, tensors, str(folder))
+        raise InputError(f"adapter {adapter.folder} does not fit this model: {e}") from None
+    load_adapter_weights(model, tensors, str(adapter.folder))
     for p in _adapter_parameters(model).values():
         p.requires_grad_(is_trainable)
     return model
@@ -237,11 +279,13 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], whe
 
 
 def _copy(target: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
-    if tuple(target.shape) != tuple(tensor.shape):
-        raise InputError(
-            f"adapter tensor {name} has shape {tuple(tensor.shape)}; this model's layer needs {tuple(target.shape)}"
-        )
-    if not torch.isfinite(tensor).all():
-        raise InputError(f"adapter tensor {name} holds NaN/Inf values")
+    _check_tensor(tensor, tuple(target.shape), name)
     with torch.no_grad():
         target.copy_(tensor)
+
+
+def _check_tensor(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise InputError(f"adapter tensor {name} has shape {tuple(tensor.shape)}; this model's layer needs {tuple(shape)}")
+    if not torch.isfinite(tensor).all():
+        raise InputError(f"adapter tensor {name} holds NaN/Inf values")

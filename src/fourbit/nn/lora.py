@@ -39,6 +39,7 @@ from ..kernels.lora import qlora_linear
 from .frozen_linear import FrozenLinear
 from .linear4bit import Linear4bit
 from .lora_experts import add_expert_lora, expert_lora_layers, match_expert_weights
+from .lora_scaling import lora_scaling
 from .targets import KEEP_DENSE, kept_dense
 
 LINEAR_TYPES = (nn.Linear, FrozenLinear)  # what LoRA wraps: dense linears and every quantized one
@@ -74,7 +75,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         # the weight, or a quantized layer's packed tensors (parameters or buffers)
         device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import InputError
 from .experts4bit import EXPERT_WEIGHTS, IMPLEMENTATION, is_expert_weight, register
+from .lora_scaling import lora_scaling
 
 
 class ExpertLoRA(nn.Module):
@@ -46,7 +47,7 @@ class ExpertLoRA(nn.Module):
             raise InputError(f"LoRA rank r must be a positive integer, got {r}")
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.Linear(in_features, r * num_experts, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r * num_experts, out_features, bias=False, device=device, dtype=dtype)
         if init == "gaussian":

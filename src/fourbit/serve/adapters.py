@@ -26,12 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InputError
-from ..io.peft import PREFIX, WEIGHTS_FILE, read_adapter_config
+from ..io.peft import read_adapter
 from ..nn.lora import match_targets, select_targets
 from ..nn.targets import KEEP_DENSE
 
@@ -109,20 +108,13 @@ class AdapterSet:
                              "(starting with a letter or digit)")
         if name in self.folders:
             raise InputError(f"an adapter named {name!r} is already loaded; remove it first")
-        folder = Path(folder)
-        config = read_adapter_config(folder)
+        adapter = read_adapter(folder)
+        folder, config = adapter.folder, adapter.config
         if config.get("use_dora"):
             raise InputError(f"{folder}: DoRA adapters cannot be served side by side; merge it (fourbit merge) instead")
         if config.get("target_parameters"):
             raise InputError(f"{folder}: adapters on mixture-of-experts weights (target_parameters) cannot be served side "
                              "by side yet; merge it (fourbit merge) instead")
-        weights = folder / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (only safetensors adapters are loaded)")
-        with safe_open(weights, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        r, alpha = config["r"], config.get("lora_alpha", 8)
-        scaling = alpha / r**0.5 if config.get("use_rslora") else alpha / r
         try:
             targets = select_targets(list(self.layers), config["target_modules"], exclude=())
         except ValueError as e:
@@ -130,18 +122,11 @@ class AdapterSet:
         pairs = {}
         for target in targets:
             base = self.layers[target].base_layer
-            a, b = (tensors.pop(f"{PREFIX}{target}.lora_{x}.weight", None) for x in "AB")
-            if a is None or b is None:
-                raise InputError(f"adapter {folder} targets {target} but holds no lora_A/lora_B for it")
-            if tuple(a.shape) != (r, base.in_features) or tuple(b.shape) != (base.out_features, r):
-                raise InputError(f"adapter tensor {target}.lora_A/B has shapes {tuple(a.shape)}/{tuple(b.shape)}; this "
-                                 f"model's layer needs {(r, base.in_features)}/{(base.out_features, r)}")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise InputError(f"adapter tensor {target}.lora_A/B holds NaN/Inf values")
-            pairs[target] = (a, b)
-        if tensors:
-            raise InputError(f"adapter {folder} holds {len(tensors)} tensors that fit no targeted layer of this model, "
-                             f"e.g. {sorted(tensors)[0]}")
+            pairs[target] = adapter.take_pair(target, base.in_features, base.out_features)
+        if adapter.tensors:
+            raise InputError(f"adapter {folder} holds {len(adapter.tensors)} tensors that fit no targeted layer of this "
+                             f"model, e.g. {sorted(adapter.tensors)[0]}")
+        scaling = adapter.scaling
         device = next(self.model.parameters()).device
         for target, (a, b) in pairs.items():
             self.layers[target].adapters[_key(name)] = _Adapter(a.to(device, dtype), b.to(device, dtype), scaling)

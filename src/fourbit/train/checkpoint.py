@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from ..errors import InputError
 from ..io.atomic import atomic_dir, atomic_file
@@ -46,6 +45,7 @@ from ..io.peft import (
     WEIGHTS_FILE,
     adapter_state_dict,
     load_adapter_weights,
+    read_adapter,
     write_adapter_files,
 )
 from .distributed import SINGLE, Ranks
@@ -99,8 +99,7 @@ def load_checkpoint_adapter(folder: Path, model) -> None:
     missing = [n for n in (WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE) if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete fourbit checkpoint: it lacks {missing}")
-    with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
-        load_adapter_weights(model, {k: f.get_tensor(k) for k in f.keys()}, str(folder))
+    load_adapter_weights(model, read_adapter(folder).tensors, str(folder))
 
 
 def check_same_run(folder: Path, run_config: dict) -> None:
