@@ -39,10 +39,9 @@ import gguf
 import numpy as np
 import torch
 
-from fourbit.io.default_model import cache_dir
-from fourbit.io.no_remote_code import from_pretrained
-
 from ..errors import InputError
+from .default_model import cache_dir
+from .no_remote_code import from_pretrained
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _PERMUTES_QK = {"llama"}

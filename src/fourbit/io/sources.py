@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-from fourbit.io import gguf as gguf_io
-from fourbit.io.default_model import DEFAULT_MODEL_NAME, default_model_path
-from fourbit.io.no_remote_code import from_pretrained
-
 from ..errors import InputError
+from . import gguf as gguf_io
+from .default_model import DEFAULT_MODEL_NAME, default_model_path
+from .no_remote_code import from_pretrained
 
 TensorStream = Iterator[tuple[str, Callable[[], torch.Tensor]]]
 

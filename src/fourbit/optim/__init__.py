@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fourbit.optim.adamw import AdamW
-from fourbit.optim.paged import PAGE_MIN_NUMEL, Pager
-
 from ..errors import InputError
+from .adamw import AdamW
+from .paged import PAGE_MIN_NUMEL, Pager
 
 _SETTINGS = {  # name -> (optim_bits, paged)
     "adamw": (32, False),

@@ -53,11 +53,10 @@ from collections.abc import Iterable
 
 import torch
 
-from fourbit.optim.paged import PAGE_MIN_NUMEL, Pager
-from fourbit.quant.blockwise import BLOCKSIZES, dequantize_blockwise, quantize_blockwise
-from fourbit.quant.dtypes import dynamic_map
-
 from ..errors import InputError
+from ..quant.blockwise import BLOCKSIZES, dequantize_blockwise, quantize_blockwise
+from ..quant.dtypes import dynamic_map
+from .paged import PAGE_MIN_NUMEL, Pager
 
 OPTIM_BITS = (8, 32)
 STATE_DTYPES = {  # the dtype each state tensor is kept in, whatever a loaded checkpoint holds

@@ -62,9 +62,8 @@ import math
 
 import torch
 
-from fourbit.quant.dtypes import dynamic_map
-
 from ..errors import InputError
+from ..quant.dtypes import dynamic_map
 
 
 def map_resolution(code: torch.Tensor, signed: bool) -> float:
