@@ -130,7 +130,7 @@ def test_quantize_gptq_and_rtn_write_a_gptq_folder_fourbit_loads(folder_with_tok
     printed = capsys.readouterr().out
     if method == "gptq":
         assert "calibration: 16 sequences x 64 tokens (1024 tokens) from Python " in printed
-    assert "documentation topics (pydoc_data, last keys first)" in printed
+        assert "documentation topics (pydoc_data, last keys first)" in printed
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["group_size"] == 32 and config["bits"] == 4
     model, _ = fourbit.load_model(out, torch_dtype="float32")

@@ -50,7 +50,10 @@ def select_tasks(tasks: str | list[str]) -> TaskSelection:
     from lm_eval.config import EvaluatorConfig
 
     config = EvaluatorConfig(tasks=tasks if isinstance(tasks, str) else ",".join(tasks))
-    manager = config.process_tasks()
+    try:
+        manager = config.process_tasks()
+    except ValueError as e:  # the harness names the tasks it did not find
+        raise InputError(f"--tasks: {e} (a registered task or group name, or a path to a task's YAML file)") from None
     return TaskSelection(config.tasks, manager)
 
 

@@ -181,7 +181,7 @@ def test_bad_input_stops_every_rank_with_the_same_reason(worker):
         assert "nccl needs CUDA" in report["nccl_without_cuda"]
         assert "eval_dataset with strategy fsdp" in report["fsdp_eval"]
     assert worker[1]["one_rank_fails"] == "ValueError: rank 1's own check failed"
-    assert worker[0]["one_rank_fails"].startswith("ValueError: rank 1 refused the run, so every rank stops")
+    assert worker[0]["one_rank_fails"].startswith("InputError: rank 1 refused the run, so every rank stops")
 
 
 def test_a_step_takes_the_same_micro_batches_at_any_world_size():
