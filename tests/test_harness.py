@@ -162,10 +162,20 @@ def base_loglikelihood(folder, sample) -> float:
     return sum(logprobs[i - 1, whole[i]].item() for i in range(start, len(whole)))
 
 
-def test_eval_tasks_on_a_4bit_folder_equals_the_harness_with_bitsandbytes(tiny, task_file, tmp_path):
-    """The folder `fourbit quantize` wrote, read by the harness through transformers + bitsandbytes."""
-    want, want_samples = harness_command_line(tmp_path / "harness", task_file, f"pretrained={tiny['nf4']},dtype=float32")
-    got, got_samples = fourbit_eval(tmp_path / "ours.json", task_file, str(tiny["nf4"]), "--compute-dtype", "float32")
+def test_eval_tasks_on_a_4bit_folder_equals_the_harness_with_bitsandbytes(tiny, task_file):
+    """The folder `fourbit quantize` wrote, read by the harness's hf model through transformers +
+    bitsandbytes, and by fourbit (both in this process: the command line is the previous test's)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from fourbit.harness import TaskSelection, evaluate_tasks
+
+    tasks = TaskManager(include_defaults=False, include_path=str(task_file.parent))  # the file's task alone: quick
+    want = simple_evaluate(model="hf", model_args={"pretrained": str(tiny["nf4"]), "dtype": "float32", "device": "cpu"},
+                           tasks=["capitals"], log_samples=True, task_manager=tasks)
+    model, tokenizer = fourbit.load_model(tiny["nf4"], compute_dtype="float32")
+    got = evaluate_tasks(model, tokenizer, TaskSelection(["capitals"], tasks), log_samples=True)
+    want_samples, got_samples = want["samples"]["capitals"], got["samples"]["capitals"]
     want_ll, got_ll = torch.tensor(loglikelihoods(want_samples)), torch.tensor(loglikelihoods(got_samples))
     torch.testing.assert_close(got_ll, want_ll, atol=NF4_BOUND, rtol=0)
     # the same answer wherever the harness's best choice leads by more than the two can differ
