@@ -19,12 +19,14 @@ from .config import TrainConfig
 from .distributed import Ranks
 
 
-def build_optimizer(config: TrainConfig, params: list, ranks: Ranks):
-    from ..optim import build_optimizer
+def build_optimizer(config: TrainConfig, params: list, ranks: Ranks) -> torch.optim.Optimizer:
+    """The run's optimizer over ``params``: ``config.optim`` (fourbit's AdamW, 32- or 8-bit, paged or
+    not), or torch's AdamW over FSDP2's DTensor shards."""
+    from .. import optim
 
     if ranks.fsdp:  # DTensor shards: torch's AdamW (fourbit's 32-bit AdamW follows it exactly)
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return optim.build_optimizer(config.optim, params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def full_optimizer_state(model: nn.Module, optimizer, ranks: Ranks) -> dict:

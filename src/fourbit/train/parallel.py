@@ -83,6 +83,7 @@ def micro_batches_per_step(config: TrainConfig, ranks: Ranks) -> int:
         return config.global_batch_size // config.per_device_train_batch_size
     return config.gradient_accumulation_steps * ranks.world_size
 
+
 def shard(micro_batches: list, ranks: Ranks) -> list[tuple[object, float]]:
     """This rank's share of a step's micro-batches with their weights (0: a repeat that only
     keeps the number of backward passes equal across ranks)."""
