@@ -135,7 +135,7 @@ def test_eval_tasks_equals_the_harness_command_line_dense_with_adapter(tiny, tas
     got, got_samples = fourbit_eval(tmp_path / "ours.json", task_file, str(tiny["dense"]), "--adapter",
                                     str(tiny["adapter"]), "--quantization", "none", "--compute-dtype", "float32",
                                     *settings)
-    assert "| capitals |" in capsys.readouterr().out.replace("|capitals|", "| capitals |")
+    assert "|capitals|" in capsys.readouterr().out  # the harness's own table, printed by fourbit eval
     assert len(got_samples) == len(want_samples) == 10
     assert [d["arguments"] for d in got_samples] == [d["arguments"] for d in want_samples]  # same prompts
     assert "Question: What is the capital of" in got_samples[0]["arguments"]["gen_args_0"]["arg_0"].split("\n\n")[0]
