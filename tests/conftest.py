@@ -169,7 +169,8 @@ def lora_fit():
     from fourbit.nn.lora import LoRALinear
 
     def fit(base, steps: int = 150) -> tuple[float, float]:
-        lora = LoRALinear(base, r=8, alpha=16)
+        lora = LoRALinear(base)
+        lora.add_adapter(r=8, alpha=16)
         x = torch.randn(256, base.in_features)
         change = 0.05 * torch.randn(base.out_features, 4) @ torch.randn(4, base.in_features)
         target = x @ (base.dequantize(torch.float32) + change).T

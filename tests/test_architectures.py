@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import fourbit
 from fourbit.io.merge import merge_adapter
 from fourbit.kernels.dequantize import dequantize_4bit
-from fourbit.nn.lora import lora_layers
+from fourbit.nn.lora import lora_adapters
 from fourbit.nn.lora_experts import expert_lora_layers
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -108,8 +108,8 @@ def with_adapter(model, seed=0):
     fourbit.add_lora(model, r=4, alpha=8, target="all-linear", verbose=False,
                      target_parameters=EXPERT_TARGETS if moe else None)
     with torch.no_grad():
-        for layer in [*lora_layers(model).values(), *expert_lora_layers(model).values()]:
-            layer.lora_B.weight.normal_(std=0.05)  # as after training: B is no longer 0
+        for adapter in [*lora_adapters(model).values(), *expert_lora_layers(model).values()]:
+            adapter.lora_B.weight.normal_(std=0.05)  # as after training: B is no longer 0
     return model
 
 

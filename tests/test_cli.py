@@ -11,12 +11,12 @@ from fourbit.cli import main
 
 def trained_looking(model, seed=0):
     """Give every LoRA B non-zero values, as training would (add_lora starts B at 0: a no-op adapter)."""
-    from fourbit.nn.lora import lora_layers
+    from fourbit.nn.lora import lora_adapters
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
+        for adapter in lora_adapters(model).values():
+            adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=g) * 0.05)
     return model
 
 
@@ -77,7 +77,7 @@ def test_merge_writes_a_dense_folder_and_prints_the_error(tiny_llama, tmp_path, 
             # W' = dequant(W4) + (alpha / r) B A, in float64 here, rounded once to fp16. The merge
             # sums in float32 first, which can land a value on the other side of an fp16 rounding
             # boundary: one fp16 step apart at most (2^-10 of the value; 2^-24 for subnormals).
-            a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+            a, b = layer.adapter().lora_A.weight.double(), layer.adapter().lora_B.weight.double()
             want = (layer.base_layer.dequantize(torch.float32).double() + 4 / 2 * b @ a).half()
             stored = f.get_tensor(f"{name}.weight")
             assert stored.dtype == torch.float16

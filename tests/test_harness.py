@@ -22,7 +22,7 @@ from torch import nn
 
 import fourbit
 from fourbit.cli import main
-from fourbit.nn.lora import lora_layers
+from fourbit.nn.lora import lora_adapters
 
 CAPITALS = [
     ("France", ["Paris", "Lyon", "Marseille", "Nice"], 0),
@@ -99,8 +99,8 @@ def tiny(tmp_path_factory, make_tiny_llama, chat_tokenizer):
     donor, _ = fourbit.load_model(dense, quantization=None, compute_dtype="float32")
     torch.manual_seed(4)
     fourbit.add_lora(donor, r=4, alpha=64, target="all-linear", verbose=False)
-    for layer in lora_layers(donor).values():
-        nn.init.normal_(layer.lora_B.weight, std=0.5)  # strong: a random model is near uniform over its vocabulary
+    for adapter in lora_adapters(donor).values():
+        nn.init.normal_(adapter.lora_B.weight, std=0.5)  # strong: a random model is near uniform over its vocabulary
     fourbit.save_adapter(donor, root / "adapter")
     assert main(["quantize", str(dense), "--method", "nf4", "--compute-dtype", "float32", "--dtype", "float32",
                  "--output", str(root / "nf4")]) == 0

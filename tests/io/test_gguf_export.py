@@ -234,7 +234,7 @@ def test_k_quants_are_as_close_to_the_weights_as_llama_cpps(tmp_path, chat_token
 
 def test_the_adapter_is_merged_first(tmp_path, chat_tokenizer):
     from fourbit.io.merge import merge_adapter
-    from fourbit.nn.lora import lora_layers
+    from fourbit.nn.lora import lora_adapters
 
     config = AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)
     torch.manual_seed(0)
@@ -243,8 +243,8 @@ def test_the_adapter_is_merged_first(tmp_path, chat_tokenizer):
     model, _ = fourbit.load_model(tmp_path / "base", compute_dtype="float32", torch_dtype="float32")
     fourbit.add_lora(model, r=4, alpha=8, verbose=False)
     with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(std=0.05)
+        for adapter in lora_adapters(model).values():
+            adapter.lora_B.weight.normal_(std=0.05)
     fourbit.save_adapter(model, tmp_path / "adapter")
     assert main(["export", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                              "--quant", "f16", "-o", str(tmp_path / "out.gguf")]) == 0
@@ -368,7 +368,7 @@ def test_rotary_permutation_pairs_neighbouring_dimensions():
 
 def test_an_adapter_as_a_llama_cpp_lora_file_adds_what_the_merge_adds(tmp_path, chat_tokenizer):
     from fourbit.io.merge import merge_adapter
-    from fourbit.nn.lora import lora_layers
+    from fourbit.nn.lora import lora_adapters
 
     config = AutoConfig.for_model("llama", vocab_size=len(chat_tokenizer), **COMMON)  # llama: Q/K rows permuted
     torch.manual_seed(0)
@@ -377,8 +377,8 @@ def test_an_adapter_as_a_llama_cpp_lora_file_adds_what_the_merge_adds(tmp_path, 
     model, _ = fourbit.load_model(tmp_path / "base", quantization=None, compute_dtype="float32", torch_dtype="float32")
     fourbit.add_lora(model, r=4, alpha=8, use_rslora=True, verbose=False)  # rsLoRA: alpha rewritten for llama.cpp
     with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(std=0.05)
+        for adapter in lora_adapters(model).values():
+            adapter.lora_B.weight.normal_(std=0.05)
     fourbit.save_adapter(model, tmp_path / "adapter")
     assert main(["export", str(tmp_path / "base"), "--quant", "f16", "-o", str(tmp_path / "base.gguf")]) == 0
     assert main(["export", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--format", "gguf-lora",

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import fourbit
 from fourbit.io.merge import merge_adapter, probe_ids
-from fourbit.nn.lora import lora_layers
+from fourbit.nn.lora import lora_adapters
 
 IDS = torch.tensor([[1, 5, 9, 33, 200, 7, 64, 12, 90, 3]])
 
@@ -32,8 +32,8 @@ def trained_adapter(folder, out, seed=0, ids=IDS, **lora):
     model, _ = fourbit.load_model(folder, quantization="nf4", compute_dtype="float32", torch_dtype="float32")
     torch.manual_seed(seed)
     fourbit.add_lora(model, r=4, alpha=8, target="all-linear", verbose=False, **lora)
-    for layer in lora_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    for adapter in lora_adapters(model).values():
+        torch.nn.init.normal_(adapter.lora_B.weight, std=0.05)
     fourbit.save_adapter(model, out)
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -155,8 +155,8 @@ def test_an_adapter_is_merged_into_the_base_it_was_trained_on(tiny_llama, tmp_pa
     model, _ = fourbit.load_model(folder, quantization=None, compute_dtype="float32", torch_dtype="float32")
     torch.manual_seed(0)
     fourbit.add_lora(model, r=4, alpha=8, target="all-linear", verbose=False)
-    for layer in lora_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    for adapter in lora_adapters(model).values():
+        torch.nn.init.normal_(adapter.lora_B.weight, std=0.05)
     fourbit.save_adapter(model, tmp_path / "a")
     assert json.loads((tmp_path / "a" / "training_base.json").read_text()) == {
         "quantization": "none", "double_quant": None, "blocksize": None}

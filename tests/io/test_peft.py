@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from fourbit import load_model, save_quantized
 from fourbit.io.peft import load_adapter, save_adapter
-from fourbit.nn.lora import add_lora, lora_layers
+from fourbit.nn.lora import add_lora, lora_adapters, lora_layers
 
 IDS = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -18,10 +18,10 @@ def trained_looking(model, seed=0):
     """Give every LoRA B (and DoRA magnitude) non-zero values, as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
-            if layer.use_dora:
-                layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(layer.lora_magnitude_vector.shape, generator=g))
+        for adapter in lora_adapters(model).values():
+            adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=g) * 0.05)
+            if adapter.use_dora:
+                adapter.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(adapter.lora_magnitude_vector.shape, generator=g))
     return model
 
 

@@ -15,12 +15,12 @@ from torch import nn
 from fourbit.kernels.dequantize import dequantize_4bit
 from fourbit.kernels.lora import qlora_linear
 from fourbit.nn import Linear4bit
-from fourbit.nn.lora import LoRALinear
+from fourbit.nn.lora import DEFAULT, LoRAAdapter, LoRALinear
 
 
-def reference(layer: LoRALinear, x):
-    dropped = x.to(layer.lora_A.weight.dtype)
-    update = layer.lora_B(layer.lora_A(dropped)) * layer.scaling
+def reference(layer: LoRALinear, adapter: LoRAAdapter, x):
+    dropped = x.to(adapter.lora_A.weight.dtype)
+    update = adapter.lora_B(adapter.lora_A(dropped)) * adapter.scaling
     result = layer.base_layer(x)
     return result + update.to(result.dtype)
 
@@ -34,22 +34,23 @@ def relative(a, b):
 def test_fused_equals_the_module_path(compute_dtype, tolerance, bias):
     torch.manual_seed(0)
     base = Linear4bit.from_linear(nn.Linear(96, 40, bias=bias), compute_dtype=compute_dtype)
-    layer = LoRALinear(base, r=8, alpha=16)
-    nn.init.normal_(layer.lora_B.weight)  # B starts at zero; make the update count
+    layer = LoRALinear(base)
+    adapter = layer.add_adapter(DEFAULT, r=8, alpha=16)
+    nn.init.normal_(adapter.lora_B.weight)  # B starts at zero; make the update count
     x = torch.randn(3, 5, 96, dtype=compute_dtype, requires_grad=True)
 
-    assert layer._fusable()
+    assert layer._fusable(adapter)
     fused = layer(x)
     g = torch.randn_like(fused)
     fused.backward(g)
-    grads = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
-    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+    grads = [t.grad.clone() for t in (x, adapter.lora_A.weight, adapter.lora_B.weight)]
+    for t in (x, adapter.lora_A.weight, adapter.lora_B.weight):
         t.grad = None
 
-    expected = reference(layer, x)
+    expected = reference(layer, adapter, x)
     expected.backward(g)
     assert torch.equal(fused, expected)
-    for got, want in zip(grads, (x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)):
+    for got, want in zip(grads, (x.grad, adapter.lora_A.weight.grad, adapter.lora_B.weight.grad)):
         assert got.dtype == want.dtype and relative(got, want) < tolerance
 
 
@@ -79,11 +80,13 @@ def test_a_training_bias_is_refused():
     base.bias.requires_grad_(True)
     with pytest.raises(ValueError, match="bias must not require grad"):
         qlora_linear(torch.randn(2, 64), base.weight, base.quant_state, base.bias, torch.randn(4, 64), torch.randn(32, 4), 1.0)
-    assert not LoRALinear(base, r=4, alpha=4)._fusable()  # the module path takes it instead
+    layer = LoRALinear(base)
+    assert not layer._fusable(layer.add_adapter(r=4, alpha=4))  # the module path takes it instead
 
 
 def test_dropout_and_dora_keep_the_module_path():
-    base = Linear4bit.from_linear(nn.Linear(64, 32))
-    assert not LoRALinear(base, r=4, alpha=4, dropout=0.1)._fusable()
-    assert not LoRALinear(base, r=4, alpha=4, use_dora=True)._fusable()
-    assert not LoRALinear(nn.Linear(64, 32), r=4, alpha=4)._fusable()
+    layer = LoRALinear(Linear4bit.from_linear(nn.Linear(64, 32)))
+    assert not layer._fusable(layer.add_adapter("dropout", r=4, alpha=4, dropout=0.1))
+    assert not layer._fusable(layer.add_adapter("dora", r=4, alpha=4, use_dora=True))
+    dense = LoRALinear(nn.Linear(64, 32))
+    assert not dense._fusable(dense.add_adapter(r=4, alpha=4))

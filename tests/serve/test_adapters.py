@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fourbit
-from fourbit.nn.lora import lora_layers
+from fourbit.nn.lora import LoRALinear, lora_adapters, lora_layers
 from fourbit.serve import Sampling, generate
-from fourbit.serve.adapters import AdapterSet, MultiLoRALinear
+from fourbit.serve.adapters import AdapterSet
 
 IDS = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(0))
 
@@ -31,8 +31,8 @@ def make_adapter(folder, out, seed, target="all-linear", r=4, **kw):
     model = base_model(folder)
     torch.manual_seed(seed)
     fourbit.add_lora(model, r=r, alpha=2 * r, target=target, verbose=False, **kw)
-    for layer in lora_layers(model).values():
-        nn.init.normal_(layer.lora_B.weight, std=0.05)
+    for adapter in lora_adapters(model).values():
+        nn.init.normal_(adapter.lora_B.weight, std=0.05)
     fourbit.save_adapter(model, out)
     return out
 
@@ -80,7 +80,7 @@ def test_a_weighted_combination_equals_the_merged_weights(two_adapters):
                     module = nn.Linear(module.in_features, module.out_features, bias=False)
                     module.weight.data = dense.get_submodule(name).dequantize(torch.float32)
                     dense.set_submodule(name, module)
-                module.weight += weight * layer.delta_weight()
+                module.weight += weight * layer.adapter().delta_weight()
     model = base_model(folder)
     adapters = AdapterSet(model)
     adapters.add("a", a)
@@ -135,11 +135,11 @@ def test_adapters_come_and_go_without_touching_the_base(two_adapters):
     adapters.remove("b")
     wrapped = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
     assert wrapped.keys() == before.keys() and all(torch.equal(wrapped[k], before[k]) for k in before)
-    assert sum(isinstance(m, MultiLoRALinear) for m in model.modules()) == 14
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 14
     # a second set on the same model would wrap the wrapped layers' base layers again
-    with pytest.raises(ValueError, match="already wrapped for serving adapters"):
+    with pytest.raises(ValueError, match="already has LoRA layers"):
         AdapterSet(model)
-    assert sum(isinstance(m, MultiLoRALinear) for m in model.modules()) == 14
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 14
 
 
 def test_bad_adapters_are_refused_by_name(two_adapters, make_tiny_llama, tmp_path):

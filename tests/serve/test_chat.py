@@ -10,7 +10,7 @@ import fourbit
 from fourbit.cli import main
 from fourbit.io.peft import load_adapter
 from fourbit.nn.linear4bit import dense_weights
-from fourbit.nn.lora import lora_layers
+from fourbit.nn.lora import lora_adapters
 from fourbit.serve import Sampling, generate
 from fourbit.serve.adapters import AdapterSet
 from fourbit.serve.chat import Chat, run
@@ -56,8 +56,8 @@ def test_switching_adapters_changes_the_answer(chat_model, tmp_path):
     donor, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
     torch.manual_seed(0)
     fourbit.add_lora(donor, r=4, alpha=64, target="all-linear", verbose=False)
-    for layer in lora_layers(donor).values():
-        nn.init.normal_(layer.lora_B.weight, std=0.5)  # a strong adapter: the answer must change
+    for adapter in lora_adapters(donor).values():
+        nn.init.normal_(adapter.lora_B.weight, std=0.5)  # a strong adapter: the answer must change
     fourbit.save_adapter(donor, tmp_path / "loud")
     served, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
     adapters = AdapterSet(served)
@@ -90,8 +90,8 @@ def test_cli_chat_loads_adapters_and_talks(chat_model, tmp_path, monkeypatch, ca
     donor, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
     torch.manual_seed(0)
     fourbit.add_lora(donor, r=4, alpha=64, target="all-linear", verbose=False)
-    for layer in lora_layers(donor).values():
-        nn.init.normal_(layer.lora_B.weight, std=0.5)  # a strong adapter: the answer must change
+    for adapter in lora_adapters(donor).values():
+        nn.init.normal_(adapter.lora_B.weight, std=0.5)  # a strong adapter: the answer must change
     fourbit.save_adapter(donor, tmp_path / "a")
 
     # The expected replies: the model loaded as the CLI loads it (nf4, its default dtypes, the

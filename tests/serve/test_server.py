@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fourbit
-from fourbit.nn.lora import lora_layers
+from fourbit.nn.lora import lora_adapters
 from fourbit.serve import Sampling, generate
 from fourbit.serve.adapters import AdapterSet
 from fourbit.serve.engine import Engine
@@ -26,8 +26,8 @@ def adapter(folder, out, seed):
     donor, _ = fourbit.load_model(folder, compute_dtype="float32", torch_dtype="float32")
     torch.manual_seed(seed)
     fourbit.add_lora(donor, r=4, alpha=64, target="all-linear", verbose=False)
-    for layer in lora_layers(donor).values():
-        nn.init.normal_(layer.lora_B.weight, std=0.5)  # strong enough to change greedy answers
+    for adapter in lora_adapters(donor).values():
+        nn.init.normal_(adapter.lora_B.weight, std=0.5)  # strong enough to change greedy answers
     fourbit.save_adapter(donor, out)
     return out
 

@@ -3,7 +3,7 @@
 import torch
 
 from fourbit import load_model
-from fourbit.nn.lora import add_lora, lora_layers
+from fourbit.nn.lora import add_lora, lora_adapters
 from fourbit.train.recipe import causal_lm_loss, enable_gradient_checkpointing
 
 
@@ -12,8 +12,8 @@ def lora_grads(folder, checkpointing: bool) -> tuple[dict[str, torch.Tensor], in
     torch.manual_seed(0)
     add_lora(model, r=4, alpha=8, verbose=False)
     with torch.no_grad():  # B = 0 at init would give A no gradient; make both sides live
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.02)
+        for adapter in lora_adapters(model).values():
+            adapter.lora_B.weight.normal_(0, 0.02)
     if checkpointing:
         enable_gradient_checkpointing(model)
     model.train()

@@ -197,9 +197,10 @@ def _describe(base: dict) -> str:
 
 
 def _merged_linear(layer: LoRALinear) -> nn.Linear:
-    weight = dense_weight(layer.base_layer, torch.float32) + layer.delta_weight(torch.float32)
-    if layer.use_dora:
-        weight = layer.lora_magnitude_vector.float()[:, None] * weight / weight.norm(dim=1, keepdim=True)
+    adapter = layer.adapter()  # the one load_adapter loaded
+    weight = dense_weight(layer.base_layer, torch.float32) + adapter.delta_weight(torch.float32)
+    if adapter.use_dora:
+        weight = adapter.lora_magnitude_vector.float()[:, None] * weight / weight.norm(dim=1, keepdim=True)
     return _dense_linear(weight, getattr(layer.base_layer, "bias", None))
 
 

@@ -17,8 +17,9 @@ targeted weight registered after it: ``<experts>.base_layer.lora_A.weight`` [r*E
 nn/lora_experts.py).
 
 Module paths are those of the transformers model (``model.layers.0.self_attn.q_proj``), which
-are ours too: a LoRALinear keeps PEFT's parameter names, so the file keys are our state-dict
-keys with the ``base_model.model.`` prefix. What we do not support (rank/alpha patterns,
+are ours too; the file holds one adapter, ours named "default" (nn/lora.py), whose parameters
+keep PEFT's names: the file key is the module path with the ``base_model.model.`` prefix and the
+parameter's name. What we do not support (rank/alpha patterns,
 modules_to_save, trained biases, layer subsets, non-LoRA PEFT types) is refused by name rather
 than silently dropped.
 
@@ -47,7 +48,7 @@ from ..nn.awq_linear import AWQLinear
 from ..nn.gptq_linear import GPTQLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.linear8bit import Linear8bit
-from ..nn.lora import add_lora, lora_layers, lora_settings
+from ..nn.lora import add_lora, lora_adapters, lora_settings
 from ..nn.lora_experts import expert_lora_layers, peft_key
 from ..nn.lora_scaling import lora_scaling
 from .atomic import atomic_dir
@@ -66,11 +67,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter's parameters, by PEFT's keys."""
     tensors = {}
-    for name, layer in lora_layers(model).items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
-        if layer.use_dora:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    for name, adapter in lora_adapters(model).items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = adapter.lora_A.weight
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = adapter.lora_B.weight
+        if adapter.use_dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = adapter.lora_magnitude_vector
     for key, experts in expert_lora_layers(model).items():
         where = peft_key(model, key)
         tensors[f"{PREFIX}{where}.lora_A.weight"] = experts.lora_A.weight
@@ -136,7 +137,7 @@ def write_adapter_files(
 
 def training_base(model: nn.Module) -> dict:
     """How the layers under the adapter are quantized: what training_base.json records."""
-    kinds = {_base_kind(layer.base_layer) for layer in lora_layers(model).values()}
+    kinds = {_base_kind(model.get_submodule(name).base_layer) for name in lora_adapters(model)}
     kinds |= {_experts_kind(model, key) for key in expert_lora_layers(model)}
     if len(kinds) != 1:
         raise InputError(f"the adapted layers have bases of {len(kinds)} kinds ({sorted(map(str, kinds))}); "

@@ -1,5 +1,5 @@
-"""The LoRA update's scale, one definition for every LoRA layer (nn/lora.py, nn/lora_experts.py)
-and for serving adapters side by side (serve/adapters.py):
+"""The LoRA update's scale, one definition for the LoRA layer (nn/lora.py), the expert weights'
+LoRA (nn/lora_experts.py) and the adapter reader (io/peft.py):
 
     y = base(x) + s * B A x,     s = alpha / r          (LoRA, Hu et al. 2021; PEFT's default)
                                  s = alpha / sqrt(r)    (rsLoRA: the update's scale stays put as r grows)
