@@ -120,10 +120,10 @@ def load(model, tokenizer, adapters, args, max_batch: int) -> dict:
     seconds = time.perf_counter() - start
     server.shutdown()
     server.server_close()
-    sizes = engine.batch_sizes
+    engine.close()
     return {"max_batch": max_batch, "seconds": seconds, "requests_per_s": args.requests / seconds,
             "tokens_per_s": sum(tokens) / seconds, "p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
-            "p99": percentile(latencies, 99), "mean_batch": sum(sizes) / len(sizes)}
+            "p99": percentile(latencies, 99), "mean_batch": engine.stats.mean_batch()}
 
 
 def main() -> None:

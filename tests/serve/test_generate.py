@@ -96,10 +96,22 @@ def test_top_k_1_and_a_tiny_top_p_are_greedy(chat_model):
 
 def test_filters_keep_what_top_k_and_top_p_say():
     logits = torch.log(torch.tensor([0.05, 0.4, 0.25, 0.3]))
-    assert torch.allclose(_filtered_probs(logits, 2, 1.0), torch.tensor([0, 0.4 / 0.7, 0, 0.3 / 0.7]))
+    assert torch.allclose(_filtered_probs(logits, 1.0, 2, 1.0), torch.tensor([0, 0.4 / 0.7, 0, 0.3 / 0.7]))
     # top_p 0.6: 0.4 alone is short of 0.6, 0.4 + 0.3 reaches it: keep those two
-    assert torch.allclose(_filtered_probs(logits, 0, 0.6), torch.tensor([0, 0.4 / 0.7, 0, 0.3 / 0.7]))
-    assert torch.allclose(_filtered_probs(logits, 0, 1.0), torch.tensor([0.05, 0.4, 0.25, 0.3]))
+    assert torch.allclose(_filtered_probs(logits, 1.0, 0, 0.6), torch.tensor([0, 0.4 / 0.7, 0, 0.3 / 0.7]))
+    assert torch.allclose(_filtered_probs(logits, 1.0, 0, 1.0), torch.tensor([0.05, 0.4, 0.25, 0.3]))
+    # temperature 2: p^(1/2), renormalized (float64 reference)
+    tempered = torch.tensor([0.05, 0.4, 0.25, 0.3], dtype=torch.float64).sqrt()
+    assert torch.allclose(_filtered_probs(logits, 2.0, 0, 1.0).double(), tempered / tempered.sum(), atol=1e-6)  # fp32
+
+
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    # logits / 1e-30 overflow to inf, and softmax(inf - inf) is NaN: the maximum goes first.
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for temperature in (1e-30, 1e-45):
+        assert torch.equal(_filtered_probs(logits, temperature, 0, 1.0), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        _filtered_probs(torch.tensor([1.0, float("nan")]), 1.0, 0, 1.0)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -41,7 +41,7 @@ def served(chat_model, tmp_path_factory):
     adapters = AdapterSet(model)
     adapters.add("poet", adapter(folder, root / "poet", seed=1))
     adapter(folder, root / "spare", seed=2)
-    engine = Engine(model, tokenizer, adapters, max_batch=16, gather_ms=20)
+    engine = Engine(model, tokenizer, adapters, max_batch=16)
     api = OpenAIServer(engine, "tiny", api_key=KEY, adapter_root=root,
                        limits=Limits(max_body_bytes=4096, max_concurrent=24, max_n=3, max_stop=2))
     server = make_http_server(api, "127.0.0.1", 0)
@@ -168,7 +168,7 @@ def test_a_burst_of_concurrent_requests_is_batched_and_correct(served):
     choices = [None if i % 2 else "poet" for i in range(16)]
     wants = [expected_chat(served, q, 6, c) for q, c in zip(questions, choices)]
     answers = [None] * 16
-    before = len(served["engine"].batch_sizes)
+    before = served["engine"].stats.batch_sizes.copy()
 
     def ask(i):
         answers[i] = served["client"].chat.completions.create(
@@ -180,7 +180,7 @@ def test_a_burst_of_concurrent_requests_is_batched_and_correct(served):
     for t in threads:
         t.join()
     assert answers == [w.text for w in wants]
-    assert max(served["engine"].batch_sizes[before:]) > 1  # shared forward passes, not one by one
+    assert max(served["engine"].stats.batch_sizes - before) > 1  # shared forward passes, not one by one
 
 
 def test_runtime_adapters_only_from_under_the_root(served, tmp_path):

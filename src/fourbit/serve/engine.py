@@ -1,13 +1,24 @@
-"""The batching engine: requests from many threads, answered in shared batches on one worker.
+"""The serving engine: requests from many threads, decoded together by continuous batching.
 
-A caller submits token ids, a Sampling and an adapter choice and reads the answer from its own
-queue as it is decoded. One worker thread owns the model: it takes the oldest waiting request,
-waits ``gather_ms`` for more to arrive, and runs up to ``max_batch`` rows together through
-serve/generate.py, each row with its own sampling settings and adapter (serve/adapters.py), so
-concurrent requests share forward passes instead of queueing one behind another. A batch runs
-until its last row finishes; requests that arrive meanwhile form the next batch.
+A caller submits token ids, a Sampling and an adapter choice, and reads the answer from a queue
+as it is decoded. One worker thread owns the model and repeats one iteration:
 
-Adapter changes (load, unload) take the same lock as a batch, so they happen between batches.
+    retire    rows that finished, were cancelled (the client left), ran past their deadline, or
+              whose adapter was unloaded leave the batch: each is answered (or dropped) alone
+    admit     waiting requests take the free rows (up to ``max_batch``)
+    prefill   new rows' prompts, at most ``prefill_chunk`` tokens an iteration: short prompts
+              together in one forward, a long one in chunks over several iterations, so that
+              it never stalls the rows already decoding for more than one chunk
+    join      a prefilled row chooses its first token and joins the running batch's KV cache
+              (serve/kv_batch.py)
+    decode    one token for every running row, each with its own sampling settings, seed and
+              adapter (serve/adapters.py); a row whose sampling fails ends alone
+
+So a request waits for at most one chunk and one step before its prefill starts, and a short
+request decodes next to long ones instead of after them. A row computes what it would alone
+(its own positions, padding masked out), up to the float rounding of batched products. Adapter
+changes (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`) run between iterations;
+rows using an unloaded adapter end with an error, the others go on.
 
 ``dense_cache`` (default: on when the model is on a CPU) dequantizes the 4-bit weights once, for
 the engine's lifetime, instead of at every decoded token (nn/linear4bit.py ``dense_weights``):
@@ -16,83 +27,330 @@ on a CPU that dequantization dominates decoding; it costs the dense model's memo
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
+
+from ..chat_templates import pad_id
 from ..errors import InputError
 from ..nn.linear4bit import dense_weights
 from .adapters import AdapterSet
-from .generate import Completion, Delta, Generation, Sampling
+from .generate import Completion, Decoder, Delta, Sampling, eos_token_ids
+from .kv_batch import KVBatch, joinable
+
+
+class Cancelled(Exception):
+    """A request's row was dropped because its caller cancelled it."""
 
 
 @dataclass
-class _Job:
-    ids: list[int]
-    sampling: Sampling
-    adapter: str | None
+class Ticket:
+    """One submitted completion: its answer arrives on ``out``; :meth:`cancel` drops its row at
+    the next iteration (what a server does when the client goes away)."""
+
     out: queue.Queue
     tag: object
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Stats:
+    """Counters since the engine started (for /metrics, tests and benchmarks)."""
+
+    requests: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    prefilled_tokens: int = 0
+    decoded_tokens: int = 0
+    steps: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # running rows -> decode steps
+    waiting: int = 0
+    running: int = 0
+
+    def mean_batch(self) -> float:
+        steps = sum(self.batch_sizes.values())
+        return sum(size * count for size, count in self.batch_sizes.items()) / steps if steps else 0.0
+
+
+@dataclass
+class _Row:
+    ticket: Ticket
+    decoder: Decoder
+    adapter: str | None
+    deadline: float
+    done: int = 0  # prompt tokens in its own cache (while prefilling)
+    kv: KVBatch | None = None  # its own cache while prefilling in chunks
+    logits: list[torch.Tensor] = field(default_factory=list)  # prompt logits, when it asked for them
+    next_token: int | None = None  # chosen, not yet in the cache
 
 
 class Engine:
     def __init__(self, model, tokenizer, adapters: AdapterSet | None = None, max_batch: int = 16,
-                 gather_ms: float = 5.0, dense_cache: bool | None = None):
+                 prefill_chunk: int = 256, dense_cache: bool | None = None, request_seconds: float = 600.0):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise InputError(f"max_batch and prefill_chunk must be positive, got {max_batch} and {prefill_chunk}")
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self.max_batch, self.prefill_chunk, self.request_seconds = max_batch, prefill_chunk, request_seconds
+        self.device = next(model.parameters()).device
+        self.eos, self.pad = eos_token_ids(model, tokenizer), pad_id(tokenizer)
         if dense_cache is None:
-            dense_cache = next(model.parameters()).device.type == "cpu"
+            dense_cache = self.device.type == "cpu"
         self._dense = contextlib.ExitStack()
         if dense_cache:
             self._dense.enter_context(dense_weights(model))
-        self.max_batch, self.gather = max_batch, gather_ms / 1e3
-        self.lock = threading.Lock()  # held while a batch runs, and while adapters change
-        self.batch_sizes: list[int] = []  # every batch's size, for tests and the benchmark
-        self._waiting: queue.Queue[_Job] = queue.Queue()
+        self.stats = Stats()
+        self.lock = threading.Lock()  # held for an iteration, and while adapters change
+        self._arrived = threading.Condition()
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._prefilling: list[_Row] = []
+        self._running: list[_Row] = []
+        self._batch: KVBatch | None = None
+        self._closing = False
         self._worker = threading.Thread(target=self._work, name="fourbit-engine", daemon=True)
         self._worker.start()
 
-    def submit(self, ids: list[int], sampling: Sampling, adapter: str | None = None,
-               out: queue.Queue | None = None, tag: object = 0) -> queue.Queue:
-        """Queue one completion; (tag, Delta)... then (tag, Completion) arrive on ``out``
-        (or (tag, exception) if generation failed). Several submits may share one ``out``."""
-        out = out if out is not None else queue.Queue()
-        self._waiting.put(_Job(list(ids), sampling, adapter, out, tag))
-        return out
+    # -- the callers' side -----------------------------------------------------------------
+
+    def submit(self, ids: list[int], sampling: Sampling, adapter: str | None = None, out: queue.Queue | None = None,
+               tag: object = 0, seconds: float | None = None) -> Ticket:
+        """Queue one completion: (tag, Delta)... then (tag, Completion) arrive on ``out`` (or
+        (tag, exception) if it failed). Several submits may share one ``out``. ``seconds``: the
+        most it may take from now (default ``request_seconds``); past it the row ends as "length"."""
+        ticket = Ticket(out if out is not None else queue.Queue(), tag)
+        decoder = Decoder(ids, sampling, self.tokenizer, self.eos)
+        deadline = time.monotonic() + (self.request_seconds if seconds is None else seconds)
+        with self._arrived:
+            if self._closing:
+                raise RuntimeError("the engine is shutting down and takes no new requests")
+            self._waiting.append(_Row(ticket, decoder, adapter, deadline))
+            self.stats.requests += 1
+            self.stats.waiting = len(self._waiting)
+            self._arrived.notify()
+        return ticket
+
+    def load_adapter(self, name: str, folder: str | os.PathLike) -> None:
+        if self.adapters is None:
+            raise InputError("this engine serves no adapters")
+        with self.lock:
+            self.adapters.add(name, folder)
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove ``name``; rows using it end with an error at the next iteration, alone."""
+        if self.adapters is None:
+            raise KeyError(f"no adapter named {name!r} is loaded")
+        with self.lock:
+            self.adapters.remove(name)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no more requests, finish the ones taken (drain), then stop the worker and drop
+        the dense weights; ``timeout``: seconds to wait for the drain."""
+        with self._arrived:
+            self._closing = True
+            self._arrived.notify()
+        self._worker.join(timeout)
+        self._dense.close()
+
+    # -- the worker ------------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
-            jobs = [self._waiting.get()]
-            deadline = time.monotonic() + self.gather
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self._waiting.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            self._run(jobs)
+            with self._arrived:
+                while not (self._waiting or self._prefilling or self._running):
+                    if self._closing:
+                        return
+                    self._arrived.wait()
+            with self.lock, torch.no_grad():
+                self._iteration()
 
-    def _run(self, jobs: list[_Job]) -> None:
-        with self.lock:
-            self.batch_sizes.append(len(jobs))
+    def _iteration(self) -> None:
+        self._retire()
+        self._admit()
+        self._prefill()
+        if self._running:
             try:
-                choices = [j.adapter for j in jobs]
-                generation = Generation(self.model, self.tokenizer, [j.ids for j in jobs], [j.sampling for j in jobs],
-                                        use_cache=True, eos_ids=None)
-                with self.adapters.use(choices) if self.adapters is not None else _no_adapters(choices):
-                    for delta in generation.steps():
-                        job = jobs[delta.row]
-                        job.out.put((job.tag, delta))
-                        if delta.finish_reason is not None:
-                            job.out.put((job.tag, generation.completion(delta.row)))
+                self._decode()
+            except Exception as e:  # the batched forward itself failed: no row can go on
+                for row in self._running:
+                    self._fail(row, e)
+                self._running, self._batch = [], None
+        self.stats.running = len(self._running)
+
+    def _retire(self) -> None:
+        now, loaded = time.monotonic(), set(self.adapters.names) if self.adapters is not None else set()
+        for rows in (self._prefilling, self._running):
+            for row in rows:
+                if row.decoder.finish is not None:
+                    continue
+                if row.ticket.cancelled.is_set():
+                    row.decoder.finish = "cancelled"
+                    self.stats.cancelled += 1
+                    row.ticket.out.put((row.ticket.tag, Cancelled("the request was cancelled")))
+                elif row.adapter is not None and row.adapter not in loaded:
+                    self._fail(row, InputError(f"adapter {row.adapter!r} was unloaded while the request ran"))
+                elif now > row.deadline:
+                    self.stats.timed_out += 1
+                    self._emit(row, row.decoder.end("length"))
+        self._prefilling = [r for r in self._prefilling if r.decoder.finish is None]
+        kept = [i for i, r in enumerate(self._running) if r.decoder.finish is None]
+        if len(kept) < len(self._running):
+            self._running = [self._running[i] for i in kept]
+            if kept:
+                self._batch.keep(kept)
+            else:
+                self._batch = None
+
+    def _admit(self) -> None:
+        if self._batch is not None and not joinable(self._batch.cache):
+            return  # a sliding-window cache: new rows start when this batch is done
+        with self._arrived:
+            while self._waiting and len(self._running) + len(self._prefilling) < self.max_batch:
+                row = self._waiting.popleft()
+                if row.ticket.cancelled.is_set():
+                    self.stats.cancelled += 1
+                    row.ticket.out.put((row.ticket.tag, Cancelled("the request was cancelled")))
+                    continue
+                if row.adapter is not None and (self.adapters is None or row.adapter not in self.adapters.names):
+                    self._fail(row, InputError(f"no adapter named {row.adapter!r} is loaded"))
+                    continue
+                self._prefilling.append(row)
+            self.stats.waiting = len(self._waiting)
+
+    def _prefill(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens, first come first served: new rows whose whole
+        prompts fit, together in one forward; the first row that does not fit gets what is left
+        of the budget as one chunk of its prompt (it goes on at the next iteration)."""
+        if self._batch is not None and not joinable(self._batch.cache):
+            return
+        budget, group, chunked = self.prefill_chunk, [], None
+        for row in self._prefilling:
+            rest = len(row.decoder.prompt) - row.done
+            if row.done == 0 and rest <= budget:
+                group.append(row)
+                budget -= rest
+            elif chunked is None and budget > 0:
+                chunked, budget = (row, budget), 0
+        for rows, run in (([chunked[0]] if chunked else [], lambda: self._prefill_chunk(*chunked)),
+                          (group, lambda: self._prefill_together(group))):
+            if rows:
+                try:
+                    run()
+                except Exception as e:
+                    for row in rows:
+                        self._fail(row, e)
+        self._prefilling = [r for r in self._prefilling if r.decoder.finish is None and r.next_token is None]
+
+    def _prefill_together(self, rows: list[_Row]) -> None:
+        prompts = [r.decoder.prompt for r in rows]
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[self.pad] * (longest - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        echo = any(r.decoder.sampling.prompt_logprobs for r in rows)
+        with self._route([r.adapter for r in rows]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             use_cache=True, logits_to_keep=0 if echo else 1)
+        self.stats.prefilled_tokens += sum(map(len, prompts))
+        for i, row in enumerate(rows):
+            if row.decoder.sampling.prompt_logprobs:
+                row.decoder.record_prompt_logprobs(out.logits[i, longest - len(row.decoder.prompt):])
+        self._started(rows, KVBatch(out.past_key_values, mask), out.logits[:, -1].float())
+
+    def _prefill_chunk(self, row: _Row, size: int) -> None:
+        prompt, start = row.decoder.prompt, row.done
+        chunk = prompt[start:start + size]
+        end = start + len(chunk)
+        echo = row.decoder.sampling.prompt_logprobs
+        mask = torch.ones(1, end, dtype=torch.long, device=self.device)
+        with self._route([row.adapter]):
+            out = self.model(input_ids=torch.tensor([chunk], device=self.device), attention_mask=mask,
+                             position_ids=torch.arange(start, end, device=self.device)[None],
+                             past_key_values=row.kv.cache if row.kv is not None else None, use_cache=True,
+                             logits_to_keep=0 if echo else 1)
+        self.stats.prefilled_tokens += len(chunk)
+        row.kv, row.done = KVBatch(out.past_key_values, mask), end
+        if echo:
+            row.logits.append(out.logits[0])
+        if end == len(prompt):
+            if echo:
+                row.decoder.record_prompt_logprobs(torch.cat(row.logits))
+                row.logits = []
+            kv, row.kv = row.kv, None
+            self._started([row], kv, out.logits[:, -1].float())
+
+    def _started(self, rows: list[_Row], kv: KVBatch, logits: torch.Tensor) -> None:
+        """Prefilled ``rows`` (the rows of ``kv``) choose their first tokens and join the batch."""
+        self._choose(rows, logits)
+        kept = [i for i, r in enumerate(rows) if r.decoder.finish is None]
+        if not kept:
+            return
+        if len(kept) < len(rows):
+            kv.keep(kept)
+        if self._batch is None:
+            self._batch = kv
+        else:
+            self._batch.join(kv)
+        self._running += [rows[i] for i in kept]
+
+    def _decode(self) -> None:
+        rows, batch = self._running, self._batch
+        ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
+        positions = batch.positions()
+        with self._route([r.adapter for r in rows]):
+            out = self.model(input_ids=ids, attention_mask=batch.grow(), position_ids=positions,
+                             past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+        batch.cache = out.past_key_values
+        self.stats.steps += 1
+        self.stats.batch_sizes[len(rows)] += 1
+        self._choose(rows, out.logits[:, -1].float())
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits, taken by its decoder; a row that fails ends alone."""
+        greedy = logits.argmax(-1).tolist()
+        logprobs = torch.log_softmax(logits, dim=-1) if any(r.decoder.logprobs is not None for r in rows) else None
+        for i, row in enumerate(rows):
+            try:
+                token = row.decoder.choose(logits[i], greedy[i])
+                delta = row.decoder.advance(token, logprobs[i] if logprobs is not None else None)
             except Exception as e:
-                for job in jobs:
-                    job.out.put((job.tag, e))
+                self._fail(row, e)
+                continue
+            self.stats.decoded_tokens += 1
+            row.next_token = token
+            if delta is not None:
+                self._emit(row, delta)
+
+    def _emit(self, row: _Row, delta: Delta) -> None:
+        row.ticket.out.put((row.ticket.tag, delta))
+        if delta.finish_reason is not None:
+            self.stats.finished += 1
+            row.ticket.out.put((row.ticket.tag, row.decoder.completion()))
+
+    def _fail(self, row: _Row, error: Exception) -> None:
+        row.decoder.finish = "error"
+        self.stats.failed += 1
+        row.ticket.out.put((row.ticket.tag, error))
+
+    def _route(self, choices: list[str | None]):
+        if self.adapters is not None:
+            return self.adapters.use(choices)
+        if any(c is not None for c in choices):
+            raise InputError("no adapters are loaded on this model")
+        return contextlib.nullcontext()
 
 
 def results(out: queue.Queue, count: int) -> Iterator[tuple[object, Delta | Completion]]:
-    """Read ``out`` until ``count`` Completions have arrived; a generation error is raised."""
+    """Read ``out`` until ``count`` Completions have arrived; a failed or cancelled row's error is raised."""
     finished = 0
     while finished < count:
         tag, item = out.get()
@@ -100,10 +358,3 @@ def results(out: queue.Queue, count: int) -> Iterator[tuple[object, Delta | Comp
             raise item
         finished += isinstance(item, Completion)
         yield tag, item
-
-
-@contextlib.contextmanager
-def _no_adapters(choices):
-    if any(c is not None for c in choices):
-        raise InputError("no adapters are loaded on this model")
-    yield

@@ -126,38 +126,95 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+class Decoder:
+    """One row's decoding: the tokens it chose, its text so far, and when and why it stopped.
+    The batch loops (:class:`Generation` here, the engine's continuous batch) feed it one row of
+    logits a step; what it does depends on its own row alone."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling, tokenizer, eos: set[int], index: int = 0):
+        if not prompt:
+            raise InputError("every prompt needs at least one token")
+        self.prompt, self.sampling, self.tokenizer, self.eos, self.index = list(prompt), sampling, tokenizer, eos, index
+        self.generator = _generator(sampling.seed)
+        self.out: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of the text already yielded
+        self.finish: str | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def choose(self, logits: torch.Tensor, greedy: int) -> int:
+        """The next token from this row's float32 logits (``greedy``: their argmax, computed batched)."""
+        s = self.sampling
+        if s.temperature == 0:
+            return greedy
+        probs = _filtered_probs(logits, s.temperature, s.top_k, s.top_p)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+
+    def advance(self, token: int, logprobs: torch.Tensor | None = None) -> Delta | None:
+        """Take ``token`` (``logprobs``: this step's log-softmax, when the row asked for them);
+        the text it adds that is safe to show, or the row's final Delta, or None."""
+        s = self.sampling
+        if token in self.eos:
+            return self.end("stop")
+        self.out.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(_token_logprob(logprobs, token, s.logprobs))
+        self.text = self.tokenizer.decode(self.out, skip_special_tokens=True) if self.tokenizer else ""
+        cut = _first_stop(self.text, s.stop)
+        if cut is not None:
+            self.text = self.text[:cut]
+            return self.end("stop")
+        if len(self.out) >= s.max_new_tokens:
+            return self.end("length")
+        safe = len(self.text) - _held_back(self.text, s.stop)
+        if safe <= self.emitted:
+            return None
+        delta = Delta(self.index, self.text[self.emitted:safe])
+        self.emitted = safe
+        return delta
+
+    def end(self, reason: str) -> Delta:
+        self.finish = reason
+        delta = Delta(self.index, self.text[self.emitted:], reason)
+        self.emitted = len(self.text)
+        return delta
+
+    def record_prompt_logprobs(self, logits: torch.Tensor) -> None:
+        """Each prompt token's log-probability given the tokens before it, from the logits at the
+        prompt's positions ([len(prompt), vocabulary]; position i predicts token i + 1)."""
+        lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+        self.prompt_logprobs = [None] + [_token_logprob(lp[i], self.prompt[i + 1], self.sampling.logprobs or 0)
+                                         for i in range(len(self.prompt) - 1)]
+
+    def completion(self) -> Completion:
+        return Completion(self.text, self.out, self.finish, len(self.prompt), self.logprobs, self.prompt_logprobs)
+
+
 class Generation:
-    """One batch being generated: iterate :meth:`steps` for Deltas; :meth:`completion` gives a
-    row's result once its final Delta has been yielded."""
+    """One batch being generated, all rows from the start: iterate :meth:`steps` for Deltas;
+    :meth:`completion` gives a row's result once its final Delta has been yielded."""
 
     def __init__(self, model, tokenizer, prompts, sampling, use_cache, eos_ids):
-        if not prompts or any(len(p) == 0 for p in prompts):
+        if not prompts:
             raise InputError("every prompt needs at least one token")
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
-        self.sampling = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        if len(self.sampling) != len(prompts):
-            raise InputError(f"{len(self.sampling)} sampling settings for {len(prompts)} prompts")
-        self.eos = eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer)
-        self.prompts = [list(p) for p in prompts]
-        self.generators = [_generator(s.seed) for s in self.sampling]
-        self.out: list[list[int]] = [[] for _ in prompts]
-        self.emitted = [0] * len(prompts)  # characters of each row's text already yielded
-        self.finish: list[str | None] = [None] * len(prompts)
-        self.text = [""] * len(prompts)
-        self.logprobs = [[] if s.logprobs is not None else None for s in self.sampling]
-        self.prompt_logprobs: list[list | None] = [None] * len(prompts)
-        self._step_logprobs: torch.Tensor | None = None  # log-softmax of the last step's logits
+        sampling = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise InputError(f"{len(sampling)} sampling settings for {len(prompts)} prompts")
+        eos = eos_ids if eos_ids is not None else eos_token_ids(model, tokenizer)
+        self.rows = [Decoder(p, s, tokenizer, eos, i) for i, (p, s) in enumerate(zip(prompts, sampling))]
 
     @torch.no_grad()
     def steps(self) -> Iterator[Delta]:
         device = next(self.model.parameters()).device
         pad = pad_id(self.tokenizer)
-        longest = max(len(p) for p in self.prompts)
-        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in self.prompts], device=device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in self.prompts], device=device)
+        longest = max(len(r.prompt) for r in self.rows)
+        ids = torch.tensor([[pad] * (longest - len(r.prompt)) + r.prompt for r in self.rows], device=device)
+        mask = torch.tensor([[0] * (longest - len(r.prompt)) + [1] * len(r.prompt) for r in self.rows], device=device)
         cache, step_ids = None, ids  # with the cache, only the newest token goes in after the prompt
-        echo = any(s.prompt_logprobs for s in self.sampling)
-        for step in range(max(s.max_new_tokens for s in self.sampling)):
+        echo = any(r.sampling.prompt_logprobs for r in self.rows)
+        for step in range(max(r.sampling.max_new_tokens for r in self.rows)):
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             if self.use_cache and cache is not None:
                 positions = positions[:, -1:]
@@ -166,82 +223,41 @@ class Generation:
                              past_key_values=cache, use_cache=self.use_cache, logits_to_keep=0 if every else 1)
             cache = out.past_key_values if self.use_cache else None
             if every:
-                self._record_prompt_logprobs(out.logits, longest)
-            last = out.logits[:, -1].float()
-            if any(lp is not None for lp in self.logprobs):
-                self._step_logprobs = torch.log_softmax(last, dim=-1)
-            tokens = self._choose(last)
-            yield from self._advance(tokens)
-            if all(f is not None for f in self.finish):
+                for i, row in enumerate(self.rows):
+                    if row.sampling.prompt_logprobs:
+                        row.record_prompt_logprobs(out.logits[i, longest - len(row.prompt):])
+            tokens = yield from _step(self.rows, out.logits[:, -1].float())
+            if all(r.finish is not None for r in self.rows):
                 return
             next_ids = torch.tensor(tokens, device=device)[:, None]
             mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
             step_ids = next_ids if self.use_cache else torch.cat([step_ids, next_ids], dim=1)
-        yield from self._finish_all("length")
-
-    def _choose(self, logits: torch.Tensor) -> list[int]:
-        greedy = logits.argmax(-1).tolist()  # one transfer for the batch, not one per row
-        tokens = []
-        for row, s in enumerate(self.sampling):
-            if self.finish[row] is not None:
-                tokens.append(self.out[row][-1] if self.out[row] else 0)  # a placeholder, never emitted
-            elif s.temperature == 0:
-                tokens.append(greedy[row])
-            else:
-                probs = _filtered_probs(logits[row] / s.temperature, s.top_k, s.top_p)
-                tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=self.generators[row])))
-        return tokens
-
-    def _advance(self, tokens: list[int]) -> Iterator[Delta]:
-        for row, token in enumerate(tokens):
-            if self.finish[row] is not None:
-                continue
-            s = self.sampling[row]
-            if token in self.eos:
-                yield from self._end(row, "stop")
-                continue
-            self.out[row].append(token)
-            if self.logprobs[row] is not None:
-                self.logprobs[row].append(_token_logprob(self._step_logprobs[row], token, s.logprobs))
-            self.text[row] = self.tokenizer.decode(self.out[row], skip_special_tokens=True) if self.tokenizer else ""
-            cut = _first_stop(self.text[row], s.stop)
-            if cut is not None:
-                self.text[row] = self.text[row][:cut]
-                yield from self._end(row, "stop")
-            elif len(self.out[row]) >= s.max_new_tokens:
-                yield from self._end(row, "length")
-            else:
-                safe = len(self.text[row]) - _held_back(self.text[row], s.stop)
-                if safe > self.emitted[row]:
-                    yield Delta(row, self.text[row][self.emitted[row]:safe])
-                    self.emitted[row] = safe
-
-    def _end(self, row: int, reason: str) -> Iterator[Delta]:
-        self.finish[row] = reason
-        yield Delta(row, self.text[row][self.emitted[row]:], reason)
-        self.emitted[row] = len(self.text[row])
-
-    def _finish_all(self, reason: str) -> Iterator[Delta]:
-        for row in range(len(self.prompts)):
-            if self.finish[row] is None:
-                yield from self._end(row, reason)
-
-    def _record_prompt_logprobs(self, logits: torch.Tensor, longest: int) -> None:
-        """Each prompt token's log-probability given the tokens before it (rows are left-padded)."""
-        for row, s in enumerate(self.sampling):
-            if not s.prompt_logprobs:
-                continue
-            prompt, offset = self.prompts[row], longest - len(self.prompts[row])
-            lp = torch.log_softmax(logits[row, offset:-1].float(), dim=-1)  # position i predicts token i + 1
-            self.prompt_logprobs[row] = [None] + [_token_logprob(lp[i], prompt[i + 1], s.logprobs or 0)
-                                                  for i in range(len(prompt) - 1)]
+        for row in self.rows:
+            if row.finish is None:
+                yield row.end("length")
 
     def completion(self, row: int) -> Completion:
-        return Completion(self.text[row], self.out[row], self.finish[row], len(self.prompts[row]),
-                          self.logprobs[row], self.prompt_logprobs[row])
+        return self.rows[row].completion()
 
     def completions(self) -> list[Completion]:
-        return [self.completion(row) for row in range(len(self.prompts))]
+        return [row.completion() for row in self.rows]
+
+
+def _step(rows: list[Decoder], logits: torch.Tensor):
+    """Choose and take one token for every unfinished row from its row of ``logits``; yields the
+    Deltas and returns the tokens (a finished row's is a placeholder, never emitted)."""
+    greedy = logits.argmax(-1).tolist()  # one transfer for the batch, not one per row
+    logprobs = torch.log_softmax(logits, dim=-1) if any(r.logprobs is not None for r in rows) else None
+    tokens = []
+    for i, row in enumerate(rows):
+        if row.finish is not None:
+            tokens.append(row.out[-1] if row.out else 0)
+            continue
+        tokens.append(row.choose(logits[i], greedy[i]))
+        delta = row.advance(tokens[-1], logprobs[i] if logprobs is not None else None)
+        if delta is not None:
+            yield delta
+    return tokens
 
 
 def _token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -260,8 +276,14 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Softmax over the tokens top-k and top-p keep (the rest get probability 0)."""
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Softmax of logits / temperature over the tokens top-k and top-p keep (the rest get
+    probability 0). The largest logit is subtracted first, so a tiny temperature gives -inf to
+    every other token instead of inf - inf = NaN; an infinite or NaN logit is the model's fault
+    and fails this row alone (the caller's business)."""
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the model's logits hold NaN or infinite values; cannot sample from them")
+    logits = (logits - logits.max()) / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -179,15 +179,19 @@ class OpenAIServer:
                        code="model_not_found")
 
     def run(self, prompts: list[list[int]], sampling: Sampling, n: int, adapter: str | None):
-        """(choice index, Delta or Completion) for every choice, interleaved as decoded."""
+        """(choice index, Delta or Completion) for every choice, interleaved as decoded; the
+        choices' rows are cancelled when the reader stops early (the client went away)."""
         out: queue.Queue = queue.Queue()
-        index = 0
+        tickets = []
         for prompt in prompts:
             for choice in range(n):  # with a seed, choice i draws from seed + i: n different answers
                 settings = replace(sampling, seed=sampling.seed + choice) if sampling.seed is not None else sampling
-                self.engine.submit(prompt, settings, adapter, out=out, tag=index)
-                index += 1
-        return results(out, index)
+                tickets.append(self.engine.submit(prompt, settings, adapter, out=out, tag=len(tickets)))
+        try:
+            yield from results(out, len(tickets))
+        finally:
+            for ticket in tickets:
+                ticket.cancel()  # no-op for rows that finished
 
     def tokenize(self, body: dict) -> dict:
         """vLLM's /tokenize: a ``prompt`` string (``add_special_tokens``, default true) or chat
@@ -234,11 +238,10 @@ class OpenAIServer:
             raise APIError(400, f"{name!r} is the base model's name", param="lora_name")
         if self.engine.adapters is None:
             raise APIError(400, "this server's engine holds no adapter set to load into")
-        with self.engine.lock:
-            try:
-                self.engine.adapters.add(name, folder)
-            except (ValueError, FileNotFoundError) as e:
-                raise APIError(400, str(e), param="lora_path") from None
+        try:
+            self.engine.load_adapter(name, folder)
+        except (ValueError, FileNotFoundError) as e:
+            raise APIError(400, str(e), param="lora_path") from None
         return {"object": "adapter", "id": name, "loaded": True}
 
     def unload_adapter(self, body: dict) -> dict:
@@ -246,11 +249,10 @@ class OpenAIServer:
             raise APIError(403, "unloading adapters at run time is off; start the server with --adapter-root DIR",
                            kind="permission_error")
         name = body.get("lora_name")
-        with self.engine.lock:
-            try:
-                self.engine.adapters.remove(name)
-            except KeyError as e:
-                raise APIError(404, e.args[0], param="lora_name") from None
+        try:
+            self.engine.unload_adapter(name)
+        except KeyError as e:
+            raise APIError(404, e.args[0], param="lora_name") from None
         return {"object": "adapter", "id": name, "loaded": False}
 
 
@@ -448,8 +450,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event({**kind, "choices": [choice]})
             if include_usage:
                 self._event({**kind, "choices": [], "usage": _usage(completions)})
+        except (BrokenPipeError, ConnectionResetError):
+            raise
         except Exception as e:
             self._event(APIError(500, f"generation failed: {e}", kind="server_error").body())
+        finally:
+            events.close()  # a client that left: its rows are cancelled, not decoded to the end
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
 
