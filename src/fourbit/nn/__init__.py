@@ -1,4 +1,4 @@
-"""Modules: the quantized linear layers (NF4/FP4, GPTQ, AWQ, LLM.int8()) and the LoRA wrapper."""
+"""Modules: the quantized linear layers (NF4/FP4, GPTQ, AWQ, LLM.int8()) and the LoRA layer."""
 
 from .awq_linear import AWQLinear
 from .frozen_linear import FrozenLinear
