@@ -406,11 +406,12 @@ def _serve(args) -> None:
     print(f"serving {name} (adapters: {', '.join(adapters.names) or 'none'}) on http://{host}:{port}/v1"
           f"{'' if api.api_key else ' without an API key'}", flush=True)
     try:
-        server.serve_forever()
+        server.serve_forever()  # Ctrl-C or SIGTERM: stops taking connections, lets the requests in flight finish
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        api.engine.close(timeout=api.limits.graceful_seconds)
 
 
 def _eval(args) -> None:

@@ -1,10 +1,11 @@
-"""An HTTP server speaking the OpenAI API, for a 4-bit base and its adapters.
+"""An HTTP server speaking the OpenAI API, for a 4-bit base and its adapters, on FastAPI + uvicorn.
 
     fourbit serve SRC [--adapter name=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key K]
 
 Routes (the OpenAI shapes, as vLLM and llama.cpp's server answer them):
 
     GET  /health                   200 once the model is loaded; never needs the key
+    GET  /metrics                  Prometheus' text format: requests, tokens, queue, batch, latencies
     GET  /v1/models                the base (its served name) and every loaded adapter
     POST /v1/chat/completions      messages -> the chat template -> an answer; stream: SSE chunks;
                                    logprobs / top_logprobs (OpenAI's shape)
@@ -18,45 +19,82 @@ Routes (the OpenAI shapes, as vLLM and llama.cpp's server answer them):
     POST /v1/load_lora_adapter     {"lora_name", "lora_path"}: only with --adapter-root, only a
     POST /v1/unload_lora_adapter   folder under that root, only safetensors (vLLM's routes)
 
-The request's ``model`` names the base or an adapter. Requests are answered by the batching
-engine (serve/engine.py): concurrent requests share forward passes. Every answer carries
-``usage`` (prompt, completion and total tokens); ``stream_options.include_usage`` adds it as a
-last chunk when streaming.
+The request's ``model`` names the base or an adapter; with ``--adapter-root``, an adapter not
+loaded yet is loaded by that name from the root on first use, and the least recently used one
+is unloaded when more than ``max_adapters`` are (never one a request is using). Requests are
+answered by the continuous-batching engine (serve/engine.py). Every answer carries ``usage``;
+``stream_options.include_usage`` adds it as a last chunk when streaming. Every response carries
+an ``X-Request-Id`` (the client's, or a new one), also in the log lines.
+
+Bounds, each answered with the OpenAI error shape: a body over ``max_body_bytes`` (413); a
+request body that fails the schema (serve/openai_schema.py) or the limits (400); a prompt plus
+max_tokens beyond the model's context (400); more than ``max_concurrent`` rows in flight, where
+every prompt of a list times ``n`` is a row (429); a client that goes away cancels its rows at
+the next decode step; a request longer than ``request_seconds`` ends as "length". uvicorn holds
+the connections: at most ``max_connections`` (503 past it), idle ones closed after
+``keep_alive_seconds``, a listen backlog of ``backlog``, and a graceful shutdown that lets the
+requests in flight finish.
 
 Safety: binds to 127.0.0.1 unless told otherwise. With an API key (--api-key or the
 FOURBIT_API_KEY environment variable) every route but GET /health needs
-``Authorization: Bearer <key>``, compared in constant time (hmac.compare_digest). Limits, each
-answered at once with the OpenAI error shape: a body over ``max_body_bytes`` (413), a prompt
-plus max_tokens beyond the model's context (400), more than ``max_concurrent`` requests in
-flight (429), ``n`` over ``max_n`` or more than ``max_stop`` stop strings (400).
+``Authorization: Bearer <key>``, compared in constant time (hmac.compare_digest). Adapter paths
+are resolved (symlinks followed) and must stay inside the root, the files in them too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hmac
 import json
+import logging
 import os
-import queue
+import re
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .engine import Engine, results
-from .generate import MAX_LOGPROBS, Completion, Sampling
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..errors import InputError
+from .adapters import NAME as ADAPTER_NAME
+from .engine import Cancelled, Engine, Ticket
+from .generate import Completion, Sampling
+from .metrics import ServerMetrics
+from .openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadAdapterRequest,
+    TokenizeRequest,
+    UnloadAdapterRequest,
+)
+
+log = logging.getLogger("fourbit.serve")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass
 class Limits:
     max_body_bytes: int = 1 << 20
-    max_concurrent: int = 64
+    max_concurrent: int = 64  # rows in flight: every prompt of a request times its n
     max_n: int = 8
     max_stop: int = 4
     max_stop_chars: int = 256
     default_max_tokens: int = 256
+    request_seconds: float = 600.0
+    max_connections: int = 256
+    keep_alive_seconds: float = 5.0
+    backlog: int = 2048
+    max_adapters: int = 8
+    graceful_seconds: float = 30.0
 
 
 class APIError(Exception):
@@ -69,8 +107,23 @@ class APIError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class _Reservation:
+    """Rows held against ``max_concurrent`` (and an adapter against eviction) until released."""
+
+    def __init__(self, server: OpenAIServer, rows: int, adapter: str | None):
+        self.server, self.rows, self.adapter, self.released = server, rows, adapter, False
+
+    def release(self) -> None:
+        with self.server._lock:
+            if not self.released:
+                self.released = True
+                self.server._rows -= self.rows
+                if self.adapter is not None:
+                    self.server._in_use[self.adapter] -= 1
+
+
 class OpenAIServer:
-    """The routes' logic, independent of the HTTP plumbing (see :func:`make_http_server`)."""
+    """The routes' logic, independent of the HTTP plumbing (see :func:`make_app`)."""
 
     def __init__(self, engine: Engine, model_name: str, api_key: str | None = None, limits: Limits | None = None,
                  adapter_root: str | os.PathLike | None = None):
@@ -80,7 +133,12 @@ class OpenAIServer:
         self.adapter_root = Path(adapter_root).resolve() if adapter_root else None
         self.context = getattr(engine.model.config, "max_position_embeddings", None) or 2048
         self.created = int(time.time())
-        self._in_flight = threading.BoundedSemaphore(self.limits.max_concurrent)
+        self.metrics = ServerMetrics(engine)
+        self._lock = threading.Lock()  # rows in flight, adapters in use, the pool's order
+        self._rows = 0
+        self._in_use: collections.Counter = collections.Counter()
+        self._pool: collections.OrderedDict[str, None] = collections.OrderedDict()  # loaded from the root, LRU first
+        self._loading = threading.Lock()
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -90,12 +148,16 @@ class OpenAIServer:
         scheme, _, token = (header or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
-    def slot(self):
-        """A context holding one of max_concurrent places, or a 429 at once."""
-        if not self._in_flight.acquire(blocking=False):
-            raise APIError(429, f"more than {self.limits.max_concurrent} requests in flight; retry later",
-                           kind="rate_limit_error", code="too_many_requests")
-        return _Release(self._in_flight)
+    def reserve(self, rows: int, adapter: str | None) -> _Reservation:
+        """Hold ``rows`` of ``max_concurrent``, or a 429 at once."""
+        with self._lock:
+            if self._rows + rows > self.limits.max_concurrent:
+                raise APIError(429, f"this request needs {rows} rows and {self._rows} of {self.limits.max_concurrent} "
+                                    "are in flight; retry later", kind="rate_limit_error", code="too_many_requests")
+            self._rows += rows
+            if adapter is not None:
+                self._in_use[adapter] += 1
+        return _Reservation(self, rows, adapter)
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -105,105 +167,93 @@ class OpenAIServer:
             {"id": n, "object": "model", "created": self.created, "owned_by": "fourbit",
              **({"parent": self.model_name} if n != self.model_name else {})} for n in names]}
 
-    def chat_prompts(self, body: dict) -> list[list[int]]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list", param="messages")
-        conversation = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
-                raise APIError(400, f"messages[{i}] needs a role of system, developer, user or assistant", param="messages")
-            content = message.get("content")
-            if isinstance(content, list):  # content parts: only text is understood
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            if not isinstance(content, str):
-                raise APIError(400, f"messages[{i}].content must be a string or text parts", param="messages")
-            role = "system" if message["role"] == "developer" else message["role"]
-            conversation.append({"role": role, "content": content})
+    def chat_prompts(self, request: ChatCompletionRequest) -> list[list[int]]:
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in request.messages]
         tokenizer = self.engine.tokenizer
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         return [tokenizer(text, add_special_tokens=False)["input_ids"]]
 
-    def completion_prompts(self, body: dict) -> list[list[int]]:
+    def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
         """``prompt``: a string, a list of strings, token ids, or a list of token-id lists."""
-        prompt = body.get("prompt")
+        prompt = request.prompt
+        prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
         vocab = len(self.engine.tokenizer)
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
-            prompts = [prompt]
-        else:
-            prompts = prompt
-        ok = isinstance(prompts, list) and prompts and all(
-            (isinstance(p, str) and p) or (isinstance(p, list) and p and all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p)) for p in prompts)
-        if not ok:
-            raise APIError(400, "'prompt' must be a non-empty string, a list of them, token ids (each below the "
-                                f"vocabulary size {vocab}), or a list of token-id lists", param="prompt")
-        tokenizer = self.engine.tokenizer
-        return [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        if any(not isinstance(p, str) and max(p) >= vocab for p in prompts):
+            raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param="prompt")
+        if any(p == "" for p in prompts):
+            raise APIError(400, "a prompt must not be empty", param="prompt")
+        return [self.engine.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
 
-    def sampling(self, body: dict, prompts: list[list[int]], chat: bool = False) -> tuple[Sampling, int]:
-        limits = self.limits
-        n = body.get("n", 1)
-        if not isinstance(n, int) or not 1 <= n <= limits.max_n:
+    def sampling(self, request: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
+                 chat: bool) -> tuple[Sampling, int]:
+        limits, n = self.limits, request.n
+        if n > limits.max_n:
             raise APIError(400, f"'n' must be an integer from 1 to {limits.max_n}", param="n")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > limits.max_stop or not all(
-                isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars for s in stop):
+        stop = request.stops()
+        if len(stop) > limits.max_stop or not all(0 < len(s) <= limits.max_stop_chars for s in stop):
             raise APIError(400, f"'stop' takes at most {limits.max_stop} non-empty strings of up to "
                                 f"{limits.max_stop_chars} characters", param="stop")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = (request.max_completion_tokens if chat else None) or request.max_tokens
         max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise APIError(400, "'max_tokens' must be a positive integer", param="max_tokens")
         longest = max(len(p) for p in prompts)
         if longest + max_tokens > self.context:
             raise APIError(400, f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                                 f"context of {self.context} tokens", param="max_tokens", code="context_length_exceeded")
-        logprobs, echo = _logprob_request(body, chat)
-        try:
-            sampling = Sampling(max_new_tokens=max_tokens, temperature=float(body.get("temperature", 1.0 if n > 1 else 0.0)),
-                                top_p=float(body.get("top_p", 1.0)), top_k=int(body.get("top_k", 0)),
-                                seed=body.get("seed"), stop=stop, logprobs=logprobs, prompt_logprobs=echo)
-        except (TypeError, ValueError) as e:
-            raise APIError(400, str(e)) from None
+        if chat:
+            logprobs, echo = (request.top_logprobs or 0) if request.logprobs else None, False
+        else:  # echo alone returns the prompt's text, not its log-probabilities
+            logprobs, echo = request.logprobs, request.echo and request.logprobs is not None
+        temperature = request.temperature if request.temperature is not None else (1.0 if n > 1 else 0.0)
+        sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=request.top_p,
+                            top_k=max(request.top_k, 0), seed=request.seed, stop=stop, logprobs=logprobs,
+                            prompt_logprobs=echo)
         return sampling, n
 
-    def adapter_for(self, body: dict) -> str | None:
-        model = body.get("model", self.model_name)
+    def adapter_for(self, model: str | None) -> str | None:
+        """The adapter ``model`` names (None: the base), loaded from the root on first use."""
         if model in (None, self.model_name):
             return None
-        if self.engine.adapters is not None and model in self.engine.adapters.names:
-            return model
-        raise APIError(404, f"the model {model!r} does not exist; see GET /v1/models", param="model",
-                       code="model_not_found")
+        adapters = self.engine.adapters
+        with self._lock:
+            if adapters is not None and model in adapters.names:
+                if model in self._pool:
+                    self._pool.move_to_end(model)
+                return model
+        if adapters is None or self.adapter_root is None or not ADAPTER_NAME.fullmatch(model):
+            raise APIError(404, f"the model {model!r} does not exist; see GET /v1/models", param="model",
+                           code="model_not_found")
+        folder = self._inside_root(model, "model")
+        if not (folder / "adapter_config.json").is_file():
+            raise APIError(404, f"the model {model!r} does not exist (no adapter of that name under the adapter root)",
+                           param="model", code="model_not_found")
+        with self._loading:  # two first requests for one adapter load it once
+            if model not in adapters.names:
+                self._load(model, folder, "model")
+        return model
 
-    def run(self, prompts: list[list[int]], sampling: Sampling, n: int, adapter: str | None):
-        """(choice index, Delta or Completion) for every choice, interleaved as decoded; the
-        choices' rows are cancelled when the reader stops early (the client went away)."""
-        out: queue.Queue = queue.Queue()
+    def submit(self, prompts: list[list[int]], sampling: Sampling, n: int, adapter: str | None, out) -> list[Ticket]:
+        """Every choice to the engine: choice i of a prompt draws from seed + i (n different answers)."""
         tickets = []
         for prompt in prompts:
-            for choice in range(n):  # with a seed, choice i draws from seed + i: n different answers
+            for choice in range(n):
                 settings = replace(sampling, seed=sampling.seed + choice) if sampling.seed is not None else sampling
-                tickets.append(self.engine.submit(prompt, settings, adapter, out=out, tag=len(tickets)))
-        try:
-            yield from results(out, len(tickets))
-        finally:
-            for ticket in tickets:
-                ticket.cancel()  # no-op for rows that finished
+                tickets.append(self.engine.submit(prompt, settings, adapter, out=out, tag=len(tickets),
+                                                  seconds=self.limits.request_seconds))
+        return tickets
 
-    def tokenize(self, body: dict) -> dict:
-        """vLLM's /tokenize: a ``prompt`` string (``add_special_tokens``, default true) or chat
-        ``messages`` (``add_generation_prompt``, default true) -> its token ids."""
+    def tokenize(self, request: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: a ``prompt`` string (``add_special_tokens``) or chat ``messages``
+        (``add_generation_prompt``) -> its token ids."""
         tokenizer = self.engine.tokenizer
-        if "messages" in body:
-            ids = self.chat_prompts(body)[0] if body.get("add_generation_prompt", True) else tokenizer(
-                tokenizer.apply_chat_template(body["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
-        elif isinstance(body.get("prompt"), str):
-            ids = tokenizer(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"]
+        if request.messages is not None:
+            conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                            for m in request.messages]
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=request.add_generation_prompt,
+                                                 tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            raise APIError(400, "/tokenize takes a 'prompt' string or chat 'messages'", param="prompt")
+            ids = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
         return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
 
     def tokenizer_info(self) -> dict:
@@ -214,79 +264,298 @@ class OpenAIServer:
                 "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
                 "chat_template": tokenizer.chat_template, "model_max_length": self.context}
 
-    def detokenize(self, body: dict) -> dict:
+    def detokenize(self, request: DetokenizeRequest) -> dict:
         """vLLM's /detokenize: ``tokens`` (ids) -> the text."""
-        tokens = body.get("tokens")
         vocab = len(self.engine.tokenizer)
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                                                   for t in tokens):
+        if any(t >= vocab for t in request.tokens):
             raise APIError(400, f"'tokens' must be a list of token ids below {vocab}", param="tokens")
-        return {"prompt": self.engine.tokenizer.decode(tokens)}
+        return {"prompt": self.engine.tokenizer.decode(request.tokens)}
 
-    def load_adapter(self, body: dict) -> dict:
+    def load_adapter(self, request: LoadAdapterRequest) -> dict:
         if self.adapter_root is None:
             raise APIError(403, "loading adapters at run time is off; start the server with --adapter-root DIR",
                            kind="permission_error")
-        name, path = body.get("lora_name"), body.get("lora_path")
-        if not isinstance(name, str) or not isinstance(path, str):
-            raise APIError(400, "'lora_name' and 'lora_path' must be strings")
-        folder = Path(path) if Path(path).is_absolute() else self.adapter_root / path
-        folder = folder.resolve()
-        if self.adapter_root not in (folder, *folder.parents):
-            raise APIError(403, f"{path!r} is outside the adapter root", kind="permission_error", param="lora_path")
-        if name == self.model_name:
-            raise APIError(400, f"{name!r} is the base model's name", param="lora_name")
-        if self.engine.adapters is None:
-            raise APIError(400, "this server's engine holds no adapter set to load into")
-        try:
-            self.engine.load_adapter(name, folder)
-        except (ValueError, FileNotFoundError) as e:
-            raise APIError(400, str(e), param="lora_path") from None
-        return {"object": "adapter", "id": name, "loaded": True}
+        if request.lora_name == self.model_name:
+            raise APIError(400, f"{request.lora_name!r} is the base model's name", param="lora_name")
+        self._load(request.lora_name, self._inside_root(request.lora_path, "lora_path"), "lora_path")
+        return {"object": "adapter", "id": request.lora_name, "loaded": True}
 
-    def unload_adapter(self, body: dict) -> dict:
+    def unload_adapter(self, request: UnloadAdapterRequest) -> dict:
         if self.adapter_root is None:
             raise APIError(403, "unloading adapters at run time is off; start the server with --adapter-root DIR",
                            kind="permission_error")
-        name = body.get("lora_name")
         try:
-            self.engine.unload_adapter(name)
+            self.engine.unload_adapter(request.lora_name)
         except KeyError as e:
             raise APIError(404, e.args[0], param="lora_name") from None
-        return {"object": "adapter", "id": name, "loaded": False}
+        with self._lock:
+            self._pool.pop(request.lora_name, None)
+        return {"object": "adapter", "id": request.lora_name, "loaded": False}
+
+    # -- the adapter pool -------------------------------------------------------------------
+
+    def _inside_root(self, path: str, param: str) -> Path:
+        """``path`` (relative to the root, or absolute) resolved, symlinks followed, with every
+        file in it: all must stay inside the root."""
+        folder = (Path(path) if Path(path).is_absolute() else self.adapter_root / path).resolve()
+        inside = [folder] + (list(folder.iterdir()) if folder.is_dir() else [])
+        for item in inside:
+            resolved = item.resolve()
+            if self.adapter_root not in (resolved, *resolved.parents):
+                raise APIError(403, f"{path!r} leads outside the adapter root", kind="permission_error", param=param)
+        return folder
+
+    def _load(self, name: str, folder: Path, param: str) -> None:
+        """Load ``name`` into the engine, first unloading the least recently used pool adapters
+        that no request is using while the pool is full."""
+        with self._lock:
+            while len(self._pool) >= self.limits.max_adapters:
+                idle = next((a for a in self._pool if not self._in_use[a]), None)
+                if idle is None:
+                    raise APIError(429, f"all {self.limits.max_adapters} adapter slots are in use; retry later",
+                                   kind="rate_limit_error", code="too_many_requests")
+                del self._pool[idle]
+                self.engine.unload_adapter(idle)
+        try:
+            self.engine.load_adapter(name, folder)
+        except (InputError, FileNotFoundError) as e:
+            raise APIError(400, str(e), param=param) from None
+        with self._lock:
+            self._pool[name] = None
 
 
-class _Release:
-    def __init__(self, semaphore):
-        self.semaphore = semaphore
 
-    def __enter__(self):
-        return self
+def _validated(model: type[BaseModel], body: object) -> BaseModel:
+    """The body as ``model``, or a 400 naming the first field at fault."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "list[")))
+        message = error["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{where}: {message}" if where else message, param=where or None) from None
 
-    def __exit__(self, *exc):
-        self.semaphore.release()
-        return False
+
+async def _json_body(request, limit: int) -> object:
+    """The body, read up to ``limit`` bytes (413 past it, chunked or not), as JSON (400 if not)."""
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8") or "{}")
+    except UnicodeDecodeError:
+        raise APIError(400, "the body is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
 
 
-def _logprob_request(body: dict, chat: bool) -> tuple[int | None, bool]:
-    """(alternatives per token or None, echo) from a request: chat's ``logprobs: true`` and
-    ``top_logprobs: N``, or completions' ``logprobs: N`` and ``echo``."""
-    if chat:
-        wanted, top = body.get("logprobs"), body.get("top_logprobs")
-        if wanted not in (None, True, False) or (top is not None and not wanted):
-            raise APIError(400, "'logprobs' is true or false; 'top_logprobs' needs logprobs true", param="logprobs")
-        top = 0 if top is None else top
-        if wanted and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
-            raise APIError(400, f"'top_logprobs' must be an integer from 0 to {MAX_LOGPROBS}", param="top_logprobs")
-        return (top if wanted else None), False
-    top, echo = body.get("logprobs"), body.get("echo", False)
-    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
-        raise APIError(400, f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS}", param="logprobs")
-    if not isinstance(echo, bool):
-        raise APIError(400, "'echo' must be true or false", param="echo")
-    if echo and body.get("stream"):
-        raise APIError(400, "'echo' is not supported with 'stream'", param="echo")
-    return top, echo and top is not None  # echo alone returns the prompt's text, not its log-probabilities
+class _Inbox:
+    """The engine's answers, handed from its worker thread to the request's event loop."""
+
+    def __init__(self):
+        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+
+    def put(self, item) -> None:  # called by the engine's worker
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def make_app(api: OpenAIServer):
+    """The FastAPI application serving ``api``."""
+    app = FastAPI(title="fourbit", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def frame(request: Request, call_next):
+        given = request.headers.get("x-request-id", "")
+        request.state.id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        started = time.perf_counter()
+        if request.url.path != "/health" and not api.authorized(request.headers.get("authorization")):
+            response = _error(APIError(401, "a valid API key is required: Authorization: Bearer <key>",
+                                       kind="authentication_error", code="invalid_api_key"))
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-Id"] = request.state.id
+        api.metrics.request(request.url.path, response.status_code)
+        log.info("%s %s %s %d %.3fs", request.state.id, request.method, request.url.path, response.status_code,
+                 time.perf_counter() - started)
+        return response
+
+    def _error(e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return _error(APIError(e.status_code, f"no route {request.method} {request.url.path}" if code else str(e.detail),
+                               code=code))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        log.exception("%s failed", getattr(request.state, "id", "?"))
+        return _error(APIError(500, f"the request failed: {type(e).__name__}: {e}", kind="server_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        text, content_type = api.metrics.exposition()
+        return PlainTextResponse(text, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return api.models()
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return api.tokenizer_info()
+
+    async def body_as(request: Request, model: type[BaseModel]):
+        return _validated(model, await _json_body(request, api.limits.max_body_bytes))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await run_in_threadpool(api.tokenize, await body_as(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await run_in_threadpool(api.detokenize, await body_as(request, DetokenizeRequest))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        return await run_in_threadpool(api.load_adapter, await body_as(request, LoadAdapterRequest))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        return await run_in_threadpool(api.unload_adapter, await body_as(request, UnloadAdapterRequest))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, await body_as(request, ChatCompletionRequest), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, await body_as(request, CompletionRequest), chat=False)
+
+    async def complete(request: Request, body, chat: bool):
+        started = time.perf_counter()
+        prompts = await run_in_threadpool(api.chat_prompts if chat else api.completion_prompts, body)
+        sampling, n = api.sampling(body, prompts, chat)
+        adapter = await run_in_threadpool(api.adapter_for, body.model)
+        reservation = api.reserve(len(prompts) * n, adapter)
+        inbox = _Inbox()
+        try:
+            tickets = api.submit(prompts, sampling, n, adapter, inbox)
+        except BaseException:
+            reservation.release()
+            raise
+        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + request.state.id, "created": int(time.time()),
+                "object": "chat.completion" if chat else "text_completion", "model": adapter or api.model_name}
+        timing = api.metrics.timing(started)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = _stream(inbox, tickets, reservation, timing, meta, chat, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            done = await _collect(request, inbox, len(tickets), timing)
+        finally:
+            for ticket in tickets:
+                ticket.cancel()  # a no-op for the rows that finished
+            reservation.release()
+        return _answer(api, body, prompts, n, chat, meta, done)
+
+    return app
+
+
+async def _collect(request, inbox: _Inbox, count: int, timing) -> dict[int, Completion]:
+    """Every choice's Completion; a failed row's error raised; the client's leaving noticed within a second."""
+    done: dict[int, Completion] = {}
+    while len(done) < count:
+        try:
+            tag, item = await asyncio.wait_for(inbox.queue.get(), timeout=1.0)
+        except TimeoutError:
+            if await request.is_disconnected():
+                raise Cancelled("the client went away") from None
+            continue
+        timing.seen(tag, item)
+        if isinstance(item, BaseException):
+            raise _as_api_error(item)
+        if isinstance(item, Completion):
+            done[tag] = item
+    return done
+
+
+def _as_api_error(error: BaseException) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, InputError):
+        return APIError(400, str(error))
+    return APIError(500, f"generation failed: {type(error).__name__}: {error}", kind="server_error")
+
+
+def _answer(api: OpenAIServer, body, prompts, n: int, chat: bool, meta: dict, done: dict[int, Completion]) -> dict:
+    tokenizer, choices = api.engine.tokenizer, []
+    for index in sorted(done):
+        c = done[index]
+        if chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                            "finish_reason": c.finish_reason, "logprobs": chat_logprobs(tokenizer, c)})
+        else:
+            prompt = prompts[index // n]
+            text = (tokenizer.decode(prompt) + c.text) if body.echo else c.text
+            choices.append({"index": index, "text": text, "finish_reason": c.finish_reason,
+                            "logprobs": completion_logprobs(tokenizer, c, prompt)})
+    completions = list(done.values())
+    api.metrics.tokens(completions)
+    return {**meta, "choices": choices, "usage": _usage(completions)}
+
+
+async def _stream(inbox: _Inbox, tickets: list[Ticket], reservation: _Reservation, timing, meta: dict, chat: bool,
+                  include_usage: bool):
+    """Server-sent events: a chunk per piece of text; [DONE] last. When the client goes away,
+    Starlette cancels this generator: its rows are cancelled in ``finally``."""
+    kind = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
+    started: set[int] = set()
+    completions: list[Completion] = []
+    try:
+        while len(completions) < len(tickets):
+            tag, item = await inbox.queue.get()
+            timing.seen(tag, item)
+            if isinstance(item, BaseException):
+                yield _event(_as_api_error(item).body())
+                break
+            if isinstance(item, Completion):
+                completions.append(item)
+                continue
+            choice = {"index": tag, "finish_reason": item.finish_reason, "logprobs": None}
+            if chat:
+                delta = {"content": item.text}
+                if tag not in started:
+                    delta["role"] = "assistant"
+                    started.add(tag)
+                choice["delta"] = delta
+            else:
+                choice["text"] = item.text
+            yield _event({**kind, "choices": [choice]})
+        if include_usage:
+            yield _event({**kind, "choices": [], "usage": _usage(completions)})
+        yield b"data: [DONE]\n\n"
+    finally:
+        for ticket in tickets:
+            ticket.cancel()
+        reservation.release()
+        reservation.server.metrics.tokens(completions)
+
+
+def _event(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 def completion_logprobs(tokenizer, completion: Completion, prompt: list[int]) -> dict | None:
@@ -327,159 +596,39 @@ def _usage(completions: list[Completion]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "fourbit"
-    api: OpenAIServer  # set on the subclass by make_http_server
 
-    def log_message(self, format, *args):  # quiet: one line per request is the caller's business
-        pass
 
-    def do_GET(self):
-        self._handle("GET")
+class HTTPServer:
+    """uvicorn serving :func:`make_app` on a socket bound when this is made (port 0: a free
+    one, in ``server_address``); :meth:`serve_forever` blocks, :meth:`shutdown` stops it after
+    the requests in flight finish (at most ``graceful_seconds``)."""
 
-    def do_POST(self):
-        self._handle("POST")
+    def __init__(self, api: OpenAIServer, host: str = "127.0.0.1", port: int = 8000):
+        import uvicorn
 
-    def _handle(self, method: str) -> None:
-        api = self.api
+        limits = api.limits
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=limits.backlog)
+        self.server_address = self.socket.getsockname()[:2]
+        config = uvicorn.Config(make_app(api), log_level="warning", access_log=False, lifespan="off",
+                                timeout_keep_alive=limits.keep_alive_seconds, limit_concurrency=limits.max_connections,
+                                backlog=limits.backlog, timeout_graceful_shutdown=limits.graceful_seconds)
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
         try:
-            if method == "GET" and self.path == "/health":
-                return self._json(200, {"status": "ok"})
-            if not api.authorized(self.headers.get("Authorization")):
-                self._drain()
-                raise APIError(401, "a valid API key is required: Authorization: Bearer <key>",
-                               kind="authentication_error", code="invalid_api_key")
-            if method == "GET" and self.path == "/v1/models":
-                return self._json(200, api.models())
-            if method == "GET" and self.path == "/tokenizer_info":
-                return self._json(200, api.tokenizer_info())
-            routes = {"/v1/chat/completions": self._completion, "/v1/completions": self._completion,
-                      "/v1/load_lora_adapter": lambda body: self._json(200, api.load_adapter(body)),
-                      "/v1/unload_lora_adapter": lambda body: self._json(200, api.unload_adapter(body)),
-                      "/tokenize": lambda body: self._json(200, api.tokenize(body)),
-                      "/detokenize": lambda body: self._json(200, api.detokenize(body))}
-            if method != "POST" or self.path not in routes:
-                self._drain()
-                raise APIError(404, f"no route {method} {self.path}", code="not_found")
-            routes[self.path](self._body())
-        except APIError as e:
-            self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as e:
-            self._json(500, APIError(500, f"the request failed: {e}", kind="server_error").body())
-
-    def _drain(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if 0 < length <= self.api.limits.max_body_bytes:
-            self.rfile.read(length)
-        elif length:
-            self.close_connection = True
-
-    def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > self.api.limits.max_body_bytes:
-            self.close_connection = True
-            raise APIError(413, f"the request body ({length} bytes) exceeds the limit of "
-                                f"{self.api.limits.max_body_bytes} bytes", code="request_too_large")
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except json.JSONDecodeError as e:
-            raise APIError(400, f"the body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object")
-        return body
-
-    def _completion(self, body: dict) -> None:
-        api = self.api
-        chat = self.path == "/v1/chat/completions"
-        with api.slot():
-            prompts = api.chat_prompts(body) if chat else api.completion_prompts(body)
-            sampling, n = api.sampling(body, prompts, chat)
-            adapter = api.adapter_for(body)
-            model = adapter or api.model_name
-            ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            meta = {"id": ident, "object": "chat.completion" if chat else "text_completion",
-                    "created": int(time.time()), "model": model}
-            events = api.run(prompts, sampling, n, adapter)
-            if body.get("stream"):
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return self._stream(events, meta, chat, include_usage)
-            results: dict[int, Completion] = {}
-            for index, item in events:
-                if isinstance(item, Completion):
-                    results[index] = item
-            choices = []
-            for index in sorted(results):
-                c = results[index]
-                tokenizer = api.engine.tokenizer
-                if chat:
-                    choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
-                                    "finish_reason": c.finish_reason, "logprobs": chat_logprobs(tokenizer, c)})
-                else:
-                    prompt = prompts[index // n]
-                    text = (tokenizer.decode(prompt) + c.text) if body.get("echo") is True else c.text
-                    choices.append({"index": index, "text": text, "finish_reason": c.finish_reason,
-                                    "logprobs": completion_logprobs(tokenizer, c, prompt)})
-            self._json(200, {**meta, "choices": choices, "usage": _usage(list(results.values()))})
-
-    def _stream(self, events, meta: dict, chat: bool, include_usage: bool) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        kind = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
-        started: set[int] = set()
-        completions = []
-        try:
-            for index, item in events:
-                if isinstance(item, Completion):
-                    completions.append(item)
-                    continue
-                choice = {"index": index, "finish_reason": item.finish_reason, "logprobs": None}
-                if chat:
-                    delta = {"content": item.text}
-                    if index not in started:
-                        delta["role"] = "assistant"
-                        started.add(index)
-                    choice["delta"] = delta
-                else:
-                    choice["text"] = item.text
-                self._event({**kind, "choices": [choice]})
-            if include_usage:
-                self._event({**kind, "choices": [], "usage": _usage(completions)})
-        except (BrokenPipeError, ConnectionResetError):
-            raise
-        except Exception as e:
-            self._event(APIError(500, f"generation failed: {e}", kind="server_error").body())
+            self._server.run(sockets=[self.socket])
         finally:
-            events.close()  # a client that left: its rows are cancelled, not decoded to the end
-        self._chunk(b"data: [DONE]\n\n")
-        self._chunk(b"")
+            self._stopped.set()
 
-    def _event(self, payload: dict) -> None:
-        self._chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+    def shutdown(self, timeout: float | None = None) -> None:
+        self._server.should_exit = True
+        self._stopped.wait(timeout)
 
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def _json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+    def server_close(self) -> None:
+        self.socket.close()
 
 
-def make_http_server(api: OpenAIServer, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A threaded HTTP server for ``api``; call ``serve_forever()`` (port 0 picks a free port)."""
-    handler = type("Handler", (_Handler,), {"api": api})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+def make_http_server(api: OpenAIServer, host: str = "127.0.0.1", port: int = 8000) -> HTTPServer:
+    return HTTPServer(api, host, port)
