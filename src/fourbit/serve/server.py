@@ -420,21 +420,16 @@ def make_app(api: OpenAIServer):
     async def body_as(request: Request, model: type[BaseModel]):
         return _validated(model, await _json_body(request, api.limits.max_body_bytes))
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        return await run_in_threadpool(api.tokenize, await body_as(request, TokenizeRequest))
+    def threaded(model: type[BaseModel], handler):  # the body checked, then the handler off the event loop
+        async def route(request: Request):
+            return await run_in_threadpool(handler, await body_as(request, model))
+        return route
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        return await run_in_threadpool(api.detokenize, await body_as(request, DetokenizeRequest))
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
-        return await run_in_threadpool(api.load_adapter, await body_as(request, LoadAdapterRequest))
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
-        return await run_in_threadpool(api.unload_adapter, await body_as(request, UnloadAdapterRequest))
+    for path, model, handler in (("/tokenize", TokenizeRequest, api.tokenize),
+                                 ("/detokenize", DetokenizeRequest, api.detokenize),
+                                 ("/v1/load_lora_adapter", LoadAdapterRequest, api.load_adapter),
+                                 ("/v1/unload_lora_adapter", UnloadAdapterRequest, api.unload_adapter)):
+        app.add_api_route(path, threaded(model, handler), methods=["POST"])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
