@@ -31,9 +31,9 @@ request body that fails the schema (serve/openai_schema.py) or the limits (400);
 max_tokens beyond the model's context (400); more than ``max_concurrent`` rows in flight, where
 every prompt of a list times ``n`` is a row (429); a client that goes away cancels its rows at
 the next decode step; a request longer than ``request_seconds`` ends as "length". uvicorn holds
-the connections: at most ``max_connections`` (503 past it), idle ones closed after
-``keep_alive_seconds``, a listen backlog of ``backlog``, and a graceful shutdown that lets the
-requests in flight finish.
+the connections: at most ``max_connections`` (503 past it), idle ones and ones whose request
+head has not arrived closed after ``keep_alive_seconds`` (serve/http_protocol.py), a listen
+backlog of ``backlog``, and a graceful shutdown that lets the requests in flight finish.
 
 Safety: binds to 127.0.0.1 unless told otherwise. With an API key (--api-key or the
 FOURBIT_API_KEY environment variable) every route but GET /health needs
@@ -67,6 +67,7 @@ from ..errors import InputError
 from .adapters import NAME as ADAPTER_NAME
 from .engine import Cancelled, Engine, Ticket
 from .generate import Completion, Sampling
+from .http_protocol import HeadDeadlineProtocol
 from .metrics import ServerMetrics
 from .openai_schema import (
     ChatCompletionRequest,
@@ -605,9 +606,11 @@ class HTTPServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family, backlog=limits.backlog)
         self.server_address = self.socket.getsockname()[:2]
-        config = uvicorn.Config(make_app(api), log_level="warning", access_log=False, lifespan="off",
-                                timeout_keep_alive=limits.keep_alive_seconds, limit_concurrency=limits.max_connections,
-                                backlog=limits.backlog, timeout_graceful_shutdown=limits.graceful_seconds)
+        config = uvicorn.Config(
+            make_app(api), http=HeadDeadlineProtocol, log_level="warning", access_log=False, lifespan="off",
+            timeout_keep_alive=limits.keep_alive_seconds, limit_concurrency=limits.max_connections,
+            backlog=limits.backlog, timeout_graceful_shutdown=limits.graceful_seconds,
+        )
         self._server = uvicorn.Server(config)
         self._stopped = threading.Event()
 
