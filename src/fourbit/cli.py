@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--adapter-root", default=None,
                    help="allow /v1/load_lora_adapter for adapter folders under this folder (default: off)")
     v.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
-    v.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429 (default 64)")
+    v.add_argument("--max-concurrent", type=int, default=64,
+                   help="rows in flight before 429, every prompt of a request times its n (default 64)")
+    v.add_argument("--max-adapters", type=int, default=8,
+                   help="adapters loaded from --adapter-root at once; the least recently used goes (default 8)")
+    v.add_argument("--request-seconds", type=float, default=600.0,
+                   help="the longest a request may decode; past it its answer ends as 'length' (default 600)")
     v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     v.add_argument("--max-tokens", type=int, default=256,
                    help="new tokens for a request that gives no max_tokens (default 256); sampling is per request")
@@ -398,6 +403,7 @@ def _serve(args) -> None:
         Engine(model, tokenizer, adapters, max_batch=args.max_batch, dense_cache=args.dense_cache), name,
         api_key=args.api_key or os.environ.get("FOURBIT_API_KEY") or None,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
+                      max_adapters=args.max_adapters, request_seconds=args.request_seconds,
                       default_max_tokens=args.max_tokens),
         adapter_root=args.adapter_root,
     )

@@ -65,7 +65,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import InputError
 from .adapters import NAME as ADAPTER_NAME
-from .engine import Cancelled, Engine, Ticket
+from .engine import Engine, Ticket
 from .generate import Completion, Sampling
 from .http_protocol import HeadDeadlineProtocol
 from .metrics import ServerMetrics
@@ -360,7 +360,10 @@ class _Inbox:
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
 
     def put(self, item) -> None:  # called by the engine's worker
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (the server stopped): no one is reading
+            pass
 
 
 def make_app(api: OpenAIServer):
@@ -477,8 +480,8 @@ async def _collect(request, inbox: _Inbox, count: int, timing) -> dict[int, Comp
         try:
             tag, item = await asyncio.wait_for(inbox.queue.get(), timeout=1.0)
         except TimeoutError:
-            if await request.is_disconnected():
-                raise Cancelled("the client went away") from None
+            if await request.is_disconnected():  # nginx's 499: no one reads it, the log and /metrics do
+                raise APIError(499, "the client closed the request", kind="client_closed_request") from None
             continue
         timing.seen(tag, item)
         if isinstance(item, BaseException):
