@@ -119,6 +119,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.adapters = nn.ModuleDict()  # by name, '.' escaped (ModuleDict keys cannot hold one)
         self.route: Route = None
+        self._stacked: tuple[dict[str, int], torch.Tensor, torch.Tensor] | bool | None = None  # see _stack
 
     @property
     def names(self) -> list[str]:
@@ -141,10 +142,12 @@ class LoRALinear(nn.Module):
             with torch.no_grad():
                 adapter.lora_magnitude_vector.copy_(dense_weight(self.base_layer, torch.float32).norm(dim=1))
         self.adapters[_key(name)] = adapter
+        self._stacked = None
         return adapter
 
     def remove_adapter(self, name: str) -> None:
         del self.adapters[_key(name)]
+        self._stacked = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
@@ -205,6 +208,9 @@ class LoRALinear(nn.Module):
         if len(route) != x.shape[0]:
             raise ValueError(f"a route per row: {len(route)} mixtures for a batch of {x.shape[0]} rows")
         y = self.base_layer(x)
+        stack = self._stack() if all(len(mixture) <= 1 for mixture in route) else None
+        if stack is not None:
+            return self._gathered(x, y, route, *stack)
         for name in dict.fromkeys(n for mixture in route for n in mixture):
             if _key(name) not in self.adapters:
                 continue
@@ -215,6 +221,46 @@ class LoRALinear(nn.Module):
             update = adapter.update(x[rows]) * weights[rows].view(-1, *[1] * (x.dim() - 1))
             y = y.index_add(0, rows, update.to(y.dtype))
         return y
+
+    def _gathered(self, x: torch.Tensor, y: torch.Tensor, route: list[Mixture], names: dict[str, int],
+                  a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Every row's one adapter (or none) at once, whatever the mix: the adapters' A and s * B
+        stacked (:meth:`_stack`), gathered per row, then two batched products; a row without an
+        adapter here takes the first one at weight 0."""
+        index, weight = [], []
+        for mixture in route:
+            name, w = next(iter(mixture.items()), ("", 0.0))
+            index.append(names.get(name, 0))
+            weight.append(w if name in names else 0.0)
+        if not any(weight):
+            return y
+        index = torch.tensor(index, device=x.device)
+        rows = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [rows, tokens, in]
+        update = torch.bmm(torch.bmm(rows, a[index].transpose(1, 2)), b[index].transpose(1, 2))
+        update = update * torch.tensor(weight, dtype=a.dtype, device=x.device)[:, None, None]
+        return y + update.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
+
+    def _stack(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor] | None:
+        """({name: index}, A [n, r, in], s * B [n, out, r]) of this layer's adapters, ranks padded
+        with zeros (which add nothing); None unless they are all frozen, plain LoRA and of one
+        dtype (serving's). Built once per set of adapters: adding or removing one drops it, and
+        the weights are taken as constant while it stands."""
+        if self._stacked is None:
+            adapters = list(self.adapters.values())
+            like = adapters[0].lora_A.weight if adapters else None
+            if not adapters or any(a.use_dora or not isinstance(a.lora_dropout, nn.Identity)
+                                   or a.lora_A.weight.requires_grad or a.lora_B.weight.requires_grad
+                                   or a.lora_A.weight.dtype != like.dtype for a in adapters):
+                self._stacked = False
+                return None
+            rank = max(a.r for a in adapters)
+            a_stack = like.new_zeros(len(adapters), rank, self.in_features)
+            b_stack = like.new_zeros(len(adapters), self.out_features, rank)
+            for i, adapter in enumerate(adapters):
+                a_stack[i, :adapter.r] = adapter.lora_A.weight
+                b_stack[i, :, :adapter.r] = adapter.lora_B.weight * adapter.scaling
+            self._stacked = ({adapter.name: i for i, adapter in enumerate(adapters)}, a_stack, b_stack)
+        return self._stacked or None
 
 
 def _refuse_dora_in_mixture(adapter: LoRAAdapter) -> None:
