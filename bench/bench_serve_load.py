@@ -143,7 +143,10 @@ def level(port: int, models: list[str], clients: int, per_client: int, max_token
     def client(c: int) -> None:
         for k in range(per_client):
             i = c * per_client + k
-            answer = stream_one(port, models[i % len(models)], QUESTIONS[i % len(QUESTIONS)], max_tokens)
+            try:
+                answer = stream_one(port, models[i % len(models)], QUESTIONS[i % len(QUESTIONS)], max_tokens)
+            except OSError as e:  # a reset connection (a full listen backlog), a timeout
+                answer = {"status": type(e).__name__, "error": str(e)}
             with lock:
                 results.append(answer)
 
@@ -160,7 +163,7 @@ def level(port: int, models: list[str], clients: int, per_client: int, max_token
             "requests_per_s": len(ok) / seconds, "chunks_per_s": sum(r["chunks"] for r in ok) / seconds,
             "ttft_p50": pct(ttft, 50), "ttft_p90": pct(ttft, 90), "ttft_p99": pct(ttft, 99),
             "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99),
-            "errors": sorted({r.get("error", "")[:80] for r in results if r["status"] != 200})}
+            "errors": sorted({f"{r['status']}: {r.get('error', '')[:80]}" for r in results if r["status"] != 200})}
 
 
 def short_next_to_long(port: int, model: str, max_tokens: int) -> dict:

@@ -229,21 +229,21 @@ def test_removing_an_adapter_leaves_the_others():
     torch.testing.assert_close(layer(x).double(), float64_output(layer, x, {"a": 1}), rtol=1e-5, atol=1e-5)  # fp32
 
 
-def test_frozen_adapters_one_per_row_are_gathered_in_one_product_and_equal_the_definition():
-    # Serving's case: each row names one adapter (or none); the layer stacks the adapters (ranks
-    # 4 and 2 padded to 4, rsLoRA's scale folded into B) and gathers one per row.
+def test_frozen_adapters_mixed_per_row_take_two_products_and_equal_the_definition():
+    # Serving's case: frozen adapters side by side along the rank (4 and 2, padded to 4; rsLoRA's
+    # scale folded into B), each row's columns weighted by its mixture.
     torch.manual_seed(0)
     layer = two_adapters(nn.Linear(32, 16)).requires_grad_(False)
-    x = torch.randn(5, 3, 32)
-    rows = [{"a": 1.0}, {}, {"b.v2": 0.5}, {"elsewhere": 1.0}, {"a": 2.0}]
+    x = torch.randn(6, 3, 32)
+    rows = [{"a": 1.0}, {}, {"b.v2": 0.5}, {"elsewhere": 1.0}, {"a": 2.0}, {"a": 0.25, "b.v2": 2.0}]
     layer.route = rows
     out = layer(x)
-    assert layer._stacked and list(layer._stacked[0]) == ["a", "b.v2"]  # the gathered path ran
+    assert layer._stacked and list(layer._stacked[0]) == ["a", "b.v2"]  # the stacked path ran
     for i, mixture in enumerate(rows):
         held = {k: v for k, v in mixture.items() if k in layer.names}
         torch.testing.assert_close(out[i].double(), float64_output(layer, x[i], held), rtol=1e-5, atol=1e-5)  # fp32
     layer.add_adapter("c", r=8, alpha=8)  # a new adapter: the stack is built again
     randomize(layer.adapter("c"), seed=5).requires_grad_(False)
-    layer.route = [{"c": 1.0}] * 5
+    layer.route = [{"c": 1.0}] * 6
     torch.testing.assert_close(layer(x).double(), float64_output(layer, x, {"c": 1.0}), rtol=1e-5, atol=1e-5)  # fp32
     assert list(layer._stacked[0]) == ["a", "b.v2", "c"]

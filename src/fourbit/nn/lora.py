@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import InputError
 from ..kernels.lora import qlora_linear
@@ -119,7 +120,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.adapters = nn.ModuleDict()  # by name, '.' escaped (ModuleDict keys cannot hold one)
         self.route: Route = None
-        self._stacked: tuple[dict[str, int], torch.Tensor, torch.Tensor] | bool | None = None  # see _stack
+        self._stacked: tuple | bool | None = None  # see _stack
 
     @property
     def names(self) -> list[str]:
@@ -208,9 +209,9 @@ class LoRALinear(nn.Module):
         if len(route) != x.shape[0]:
             raise ValueError(f"a route per row: {len(route)} mixtures for a batch of {x.shape[0]} rows")
         y = self.base_layer(x)
-        stack = self._stack() if all(len(mixture) <= 1 for mixture in route) else None
+        stack = self._stack()
         if stack is not None:
-            return self._gathered(x, y, route, *stack)
+            return self._stacked_update(x, y, route, *stack)
         for name in dict.fromkeys(n for mixture in route for n in mixture):
             if _key(name) not in self.adapters:
                 continue
@@ -222,29 +223,29 @@ class LoRALinear(nn.Module):
             y = y.index_add(0, rows, update.to(y.dtype))
         return y
 
-    def _gathered(self, x: torch.Tensor, y: torch.Tensor, route: list[Mixture], names: dict[str, int],
-                  a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Every row's one adapter (or none) at once, whatever the mix: the adapters' A and s * B
-        stacked (:meth:`_stack`), gathered per row, then two batched products; a row without an
-        adapter here takes the first one at weight 0."""
-        index, weight = [], []
-        for mixture in route:
-            name, w = next(iter(mixture.items()), ("", 0.0))
-            index.append(names.get(name, 0))
-            weight.append(w if name in names else 0.0)
-        if not any(weight):
+    def _stacked_update(self, x: torch.Tensor, y: torch.Tensor, route: list[Mixture], names: dict[str, int],
+                        a: torch.Tensor, b: torch.Tensor, rank: int) -> torch.Tensor:
+        """Every row's mixture at once: x times every adapter's A (one product), each row's
+        columns scaled by its weight for that adapter (0 for the others), times every s * B (one
+        product). Two products a layer whatever the mix; the adapters' rank columns cost what
+        one adapter of their summed rank would."""
+        weights = [[0.0] * len(names) for _ in route]
+        for row, mixture in enumerate(route):
+            for name, weight in mixture.items():
+                if name in names:
+                    weights[row][names[name]] = weight
+        if not any(any(w) for w in weights):
             return y
-        index = torch.tensor(index, device=x.device)
-        rows = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])  # [rows, tokens, in]
-        update = torch.bmm(torch.bmm(rows, a[index].transpose(1, 2)), b[index].transpose(1, 2))
-        update = update * torch.tensor(weight, dtype=a.dtype, device=x.device)[:, None, None]
-        return y + update.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
+        scale = torch.tensor(weights, dtype=a.dtype, device=x.device).repeat_interleave(rank, dim=1)  # [rows, n * r]
+        scale = scale.view(x.shape[0], *[1] * (x.dim() - 2), -1)
+        update = F.linear(F.linear(x.to(a.dtype), a) * scale, b)
+        return y + update.to(y.dtype)
 
-    def _stack(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor] | None:
-        """({name: index}, A [n, r, in], s * B [n, out, r]) of this layer's adapters, ranks padded
-        with zeros (which add nothing); None unless they are all frozen, plain LoRA and of one
-        dtype (serving's). Built once per set of adapters: adding or removing one drops it, and
-        the weights are taken as constant while it stands."""
+    def _stack(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor, int] | None:
+        """({name: index}, A [n * r, in], s * B [out, n * r], r): this layer's adapters side by side
+        along the rank, each padded to the largest rank r with zeros (which add nothing); None
+        unless they are all frozen, plain LoRA and of one dtype (serving's). Built once per set of
+        adapters: adding or removing one drops it; the weights are taken as constant meanwhile."""
         if self._stacked is None:
             adapters = list(self.adapters.values())
             like = adapters[0].lora_A.weight if adapters else None
@@ -254,12 +255,12 @@ class LoRALinear(nn.Module):
                 self._stacked = False
                 return None
             rank = max(a.r for a in adapters)
-            a_stack = like.new_zeros(len(adapters), rank, self.in_features)
-            b_stack = like.new_zeros(len(adapters), self.out_features, rank)
+            a_stack = like.new_zeros(len(adapters) * rank, self.in_features)
+            b_stack = like.new_zeros(self.out_features, len(adapters) * rank)
             for i, adapter in enumerate(adapters):
-                a_stack[i, :adapter.r] = adapter.lora_A.weight
-                b_stack[i, :, :adapter.r] = adapter.lora_B.weight * adapter.scaling
-            self._stacked = ({adapter.name: i for i, adapter in enumerate(adapters)}, a_stack, b_stack)
+                a_stack[i * rank:i * rank + adapter.r] = adapter.lora_A.weight
+                b_stack[:, i * rank:i * rank + adapter.r] = adapter.lora_B.weight * adapter.scaling
+            self._stacked = ({adapter.name: i for i, adapter in enumerate(adapters)}, a_stack, b_stack, rank)
         return self._stacked or None
 
 
