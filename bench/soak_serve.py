@@ -83,7 +83,11 @@ def ask(port: int, kind: str, model: str, question: str, max_tokens: int, stream
     text = []
     for line in response:
         if line.startswith(b"data: {"):
-            for choice in json.loads(line[6:]).get("choices", []):
+            event = json.loads(line[6:])
+            if "error" in event:  # the stream had begun: its failure comes as an event
+                connection.close()
+                return "5xx-in-stream" if event["error"]["type"] == "server_error" else "4xx-in-stream", ""
+            for choice in event.get("choices", []):
                 text.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
     connection.close()
     return 200, "".join(text)
@@ -229,7 +233,7 @@ def soak(port: int, pid: int, base: str, args) -> dict:
               if line.startswith("fourbit_engine_") and not line.startswith("#")}
     return {"requests": len(jobs), "clients": args.clients, "seconds": seconds, "outcomes": dict(sorted(outcomes.items())),
             "wrong_answers": len(wrong), "wrong_examples": wrong[:3],
-            "server_errors": sum(n for k, n in outcomes.items() if k.split()[-1].startswith("5")),
+            "server_errors": sum(n for k, n in outcomes.items() if k.split()[-1].startswith("5")),  # 5xx-in-stream too
             "rss_mib_first_tenth": max(s[1] for s in first), "rss_mib_last_tenth": max(s[1] for s in last),
             "threads_first_tenth": max(s[2] for s in first), "threads_last_tenth": max(s[2] for s in last),
             "threads_after": proc_status(pid)[1], "engine": engine}

@@ -290,3 +290,18 @@ def test_metrics_in_prometheus_text_and_request_ids(served):
         assert name in families, name
     decoded = [s.value for s in families["fourbit_engine_decoded_tokens"].samples if s.name.endswith("_total")]
     assert decoded and decoded[0] == served["engine"].stats.decoded_tokens
+
+
+def test_an_adapter_that_a_request_holds_is_never_evicted(served):
+    api = served["api"]  # max_adapters 2
+    holds = [api.reserve(1, "spare"), api.reserve(1, "third")]  # both loaded now, and held
+    try:
+        assert {"spare", "third"} <= set(served["engine"].adapters.names)
+        with pytest.raises(Exception, match="all 2 adapter slots are in use"):
+            api.reserve(1, "poet")
+        assert {"spare", "third"} <= set(served["engine"].adapters.names)
+    finally:
+        for hold in holds:
+            hold.release()
+    api.reserve(1, "poet").release()  # a slot frees once a hold ends
+    assert "poet" in served["engine"].adapters.names

@@ -149,16 +149,35 @@ class OpenAIServer:
         scheme, _, token = (header or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
-    def reserve(self, rows: int, adapter: str | None) -> _Reservation:
-        """Hold ``rows`` of ``max_concurrent``, or a 429 at once."""
+    def reserve(self, rows: int, model: str | None = None) -> _Reservation:
+        """Hold ``rows`` of ``max_concurrent`` (a 429 at once past it) and the adapter ``model``
+        names (None or the base's name: none), loaded from the root on first use and kept from
+        eviction until the reservation is released."""
+        adapter = None if model in (None, self.model_name) else model
+        if adapter is not None and not self._pin(adapter):
+            folder = self._findable(adapter)
+            with self._loading:  # loads and evictions happen one at a time, so what was loaded stays to be pinned
+                if not self._pin(adapter):
+                    self._load(adapter, folder, "model")
+                    self._pin(adapter)
         with self._lock:
             if self._rows + rows > self.limits.max_concurrent:
+                if adapter is not None:
+                    self._in_use[adapter] -= 1
                 raise APIError(429, f"this request needs {rows} rows and {self._rows} of {self.limits.max_concurrent} "
                                     "are in flight; retry later", kind="rate_limit_error", code="too_many_requests")
             self._rows += rows
-            if adapter is not None:
-                self._in_use[adapter] += 1
         return _Reservation(self, rows, adapter)
+
+    def _pin(self, adapter: str) -> bool:
+        """Count one more request on ``adapter`` if it is loaded (the pool's most recent then)."""
+        with self._lock:
+            if self.engine.adapters is None or adapter not in self.engine.adapters.names:
+                return False
+            self._in_use[adapter] += 1
+            if adapter in self._pool:
+                self._pool.move_to_end(adapter)
+            return True
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -211,27 +230,16 @@ class OpenAIServer:
                             prompt_logprobs=echo)
         return sampling, n
 
-    def adapter_for(self, model: str | None) -> str | None:
-        """The adapter ``model`` names (None: the base), loaded from the root on first use."""
-        if model in (None, self.model_name):
-            return None
-        adapters = self.engine.adapters
-        with self._lock:
-            if adapters is not None and model in adapters.names:
-                if model in self._pool:
-                    self._pool.move_to_end(model)
-                return model
-        if adapters is None or self.adapter_root is None or not ADAPTER_NAME.fullmatch(model):
+    def _findable(self, model: str) -> Path:
+        """The folder under the root that holds the adapter ``model`` names, or a 404."""
+        if self.engine.adapters is None or self.adapter_root is None or not ADAPTER_NAME.fullmatch(model):
             raise APIError(404, f"the model {model!r} does not exist; see GET /v1/models", param="model",
                            code="model_not_found")
         folder = self._inside_root(model, "model")
         if not (folder / "adapter_config.json").is_file():
             raise APIError(404, f"the model {model!r} does not exist (no adapter of that name under the adapter root)",
                            param="model", code="model_not_found")
-        with self._loading:  # two first requests for one adapter load it once
-            if model not in adapters.names:
-                self._load(model, folder, "model")
-        return model
+        return folder
 
     def submit(self, prompts: list[list[int]], sampling: Sampling, n: int, adapter: str | None, out) -> list[Ticket]:
         """Every choice to the engine: choice i of a prompt draws from seed + i (n different answers)."""
@@ -278,7 +286,9 @@ class OpenAIServer:
                            kind="permission_error")
         if request.lora_name == self.model_name:
             raise APIError(400, f"{request.lora_name!r} is the base model's name", param="lora_name")
-        self._load(request.lora_name, self._inside_root(request.lora_path, "lora_path"), "lora_path")
+        folder = self._inside_root(request.lora_path, "lora_path")
+        with self._loading:
+            self._load(request.lora_name, folder, "lora_path")
         return {"object": "adapter", "id": request.lora_name, "loaded": True}
 
     def unload_adapter(self, request: UnloadAdapterRequest) -> dict:
@@ -308,7 +318,7 @@ class OpenAIServer:
 
     def _load(self, name: str, folder: Path, param: str) -> None:
         """Load ``name`` into the engine, first unloading the least recently used pool adapters
-        that no request is using while the pool is full."""
+        that no request is using while the pool is full. The caller holds ``_loading``."""
         with self._lock:
             while len(self._pool) >= self.limits.max_adapters:
                 idle = next((a for a in self._pool if not self._in_use[a]), None)
@@ -447,8 +457,8 @@ def make_app(api: OpenAIServer):
         started = time.perf_counter()
         prompts = await run_in_threadpool(api.chat_prompts if chat else api.completion_prompts, body)
         sampling, n = api.sampling(body, prompts, chat)
-        adapter = await run_in_threadpool(api.adapter_for, body.model)
-        reservation = api.reserve(len(prompts) * n, adapter)
+        reservation = await run_in_threadpool(api.reserve, len(prompts) * n, body.model)
+        adapter = reservation.adapter
         inbox = _Inbox()
         try:
             tickets = api.submit(prompts, sampling, n, adapter, inbox)
