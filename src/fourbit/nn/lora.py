@@ -11,7 +11,9 @@ sum of the updates (PEFT's "cat" combination, exact for any ranks, not its "line
 mixes A and B themselves). A row's update is computed on that row's inputs alone, so a mixed
 batch gives every row what it would get on its own, up to float rounding of the batched base
 product. ``route = None`` is every adapter at weight 1: what merging them computes. A name
-the layer does not hold adds nothing (an adapter may target only some layers).
+the layer does not hold adds nothing (an adapter may target only some layers). Serving's frozen
+adapters are stacked side by side along the rank, so that a batch with a route per row costs two
+products a layer whatever its mix (:meth:`LoRALinear._stack`).
 
 A starts Kaiming-uniform (bound 1/sqrt(in), as nn.Linear's default) and B at zero, so the wrapped
 model starts out exactly equal to the base. The base is any module computing ``x @ W^T + b``:
@@ -149,6 +151,10 @@ class LoRALinear(nn.Module):
     def remove_adapter(self, name: str) -> None:
         del self.adapters[_key(name)]
         self._stacked = None
+
+    def _apply(self, fn, recurse=True):
+        self._stacked = None  # built again from the adapters where .to() and the like put them
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
