@@ -397,6 +397,7 @@ def _serve(args) -> None:
     from .serve.engine import Engine
     from .serve.server import Limits, OpenAIServer, make_http_server
 
+    logging.getLogger("fourbit.serve").setLevel(logging.INFO)  # a line per request, with its id (stderr)
     model, tokenizer, adapters = _load_for_serving(args)
     name = args.served_model_name or (Path(args.source).name if args.source else "smollm2-135m-instruct")
     api = OpenAIServer(
