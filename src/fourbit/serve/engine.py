@@ -241,15 +241,19 @@ class Engine:
                 budget -= rest
             elif chunked is None and budget > 0:
                 chunked, budget = (row, budget), 0
-        for rows, run in (([chunked[0]] if chunked else [], lambda: self._prefill_chunk(*chunked)),
-                          (group, lambda: self._prefill_together(group))):
-            if rows:
-                try:
-                    run()
-                except Exception as e:
-                    for row in rows:
-                        self._fail(row, e)
+        if chunked:
+            self._alone_failing([chunked[0]], self._prefill_chunk, *chunked)
+        if group:
+            self._alone_failing(group, self._prefill_together, group)
         self._prefilling = [r for r in self._prefilling if r.decoder.finish is None and r.next_token is None]
+
+    def _alone_failing(self, rows: list[_Row], prefill, *args) -> None:
+        """``prefill(*args)``; if it fails, ``rows`` (those it was prefilling) fail, no others."""
+        try:
+            prefill(*args)
+        except Exception as e:
+            for row in rows:
+                self._fail(row, e)
 
     def _prefill_together(self, rows: list[_Row]) -> None:
         prompts = [r.decoder.prompt for r in rows]

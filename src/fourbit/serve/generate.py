@@ -197,7 +197,7 @@ class Generation:
 
     def __init__(self, model, tokenizer, prompts, sampling, use_cache, eos_ids):
         if not prompts:
-            raise InputError("every prompt needs at least one token")
+            raise InputError("no prompts to complete")
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
         sampling = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(sampling) != len(prompts):

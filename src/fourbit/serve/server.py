@@ -188,10 +188,9 @@ class OpenAIServer:
              **({"parent": self.model_name} if n != self.model_name else {})} for n in names]}
 
     def chat_prompts(self, request: ChatCompletionRequest) -> list[list[int]]:
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in request.messages]
         tokenizer = self.engine.tokenizer
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(_conversation(request.messages), add_generation_prompt=True,
+                                             tokenize=False)
         return [tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
@@ -256,10 +255,8 @@ class OpenAIServer:
         (``add_generation_prompt``) -> its token ids."""
         tokenizer = self.engine.tokenizer
         if request.messages is not None:
-            conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                            for m in request.messages]
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=request.add_generation_prompt,
-                                                 tokenize=False)
+            text = tokenizer.apply_chat_template(_conversation(request.messages),
+                                                 add_generation_prompt=request.add_generation_prompt, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
@@ -334,6 +331,11 @@ class OpenAIServer:
         with self._lock:
             self._pool[name] = None
 
+
+
+def _conversation(messages) -> list[dict]:
+    """Chat messages for the template: OpenAI's "developer" role is the templates' "system"."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
 def _validated(model: type[BaseModel], body: object) -> BaseModel:
