@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--adapter-root", default=None,
                    help="allow /v1/load_lora_adapter for adapter folders under this folder (default: off)")
     v.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
+    v.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                   help="prompt tokens whose keys and values are kept for prompts that begin the same way "
+                        "(a shared system prompt, a conversation so far); 0: none (default 4096)")
     v.add_argument("--max-concurrent", type=int, default=64,
                    help="rows in flight before 429, every prompt of a request times its n (default 64)")
     v.add_argument("--max-adapters", type=int, default=8,
@@ -401,7 +404,8 @@ def _serve(args) -> None:
     model, tokenizer, adapters = _load_for_serving(args)
     name = args.served_model_name or (Path(args.source).name if args.source else "smollm2-135m-instruct")
     api = OpenAIServer(
-        Engine(model, tokenizer, adapters, max_batch=args.max_batch, dense_cache=args.dense_cache), name,
+        Engine(model, tokenizer, adapters, max_batch=args.max_batch, dense_cache=args.dense_cache,
+               prefix_cache=args.prefix_cache_tokens), name,
         api_key=args.api_key or os.environ.get("FOURBIT_API_KEY") or None,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_concurrent=args.max_concurrent,
                       max_adapters=args.max_adapters, request_seconds=args.request_seconds,

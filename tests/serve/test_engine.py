@@ -154,6 +154,44 @@ def test_a_request_past_its_time_ends_as_length_and_an_unknown_adapter_fails_alo
         list(results(engine.submit(prompt(61, 5), greedy(3), "nobody").out, 1))
 
 
+def completion(ticket) -> Completion:
+    return [item for _, item in results(ticket.out, 1) if isinstance(item, Completion)][0]
+
+
+def answer(ticket) -> list[int]:
+    return completion(ticket).token_ids
+
+
+def test_a_prompt_reuses_the_prefix_another_computed_and_gets_what_it_would_alone(engine, poet):
+    idle(engine)
+    shared = prompt(90, 16)  # two blocks of the prefix cache (8 tokens each)
+    first, second, fresh = shared + prompt(91, 5), shared + prompt(92, 4), prompt(93, 6)
+    assert answer(engine.submit(first, greedy(5))) == alone(engine, first, greedy(5))
+    reused = engine.stats.reused_tokens
+    with engine.lock:  # both are admitted in one iteration: one prefill, one row with a prefix, one without
+        tickets = [engine.submit(second, greedy(6)), engine.submit(fresh, greedy(6))]
+    assert [answer(t) for t in tickets] == [alone(engine, second, greedy(6)), alone(engine, fresh, greedy(6))]
+    assert engine.stats.reused_tokens - reused == 16
+
+    # computed with the adapter, a prefix serves the adapter's requests alone; reloading the
+    # adapter (other weights may come under the same name) forgets them
+    reused = engine.stats.reused_tokens
+    assert answer(engine.submit(second, greedy(6), "poet")) == alone(engine, second, greedy(6), "poet")
+    assert engine.stats.reused_tokens == reused
+    assert answer(engine.submit(first, greedy(5), "poet")) == alone(engine, first, greedy(5), "poet")
+    assert engine.stats.reused_tokens - reused == 16
+    engine.unload_adapter("poet")
+    engine.load_adapter("poet", poet)
+    assert answer(engine.submit(first, greedy(5), "poet")) == alone(engine, first, greedy(5), "poet")
+    assert engine.stats.reused_tokens - reused == 16
+
+    # a request for the prompt's logprobs computes all of it (the logits are the answer)
+    reused = engine.stats.reused_tokens
+    echo = Sampling(max_new_tokens=2, prompt_logprobs=True)
+    assert len(completion(engine.submit(first, echo)).prompt_logprobs) == len(first)
+    assert engine.stats.reused_tokens == reused
+
+
 def test_close_drains_what_was_taken_and_refuses_the_rest(chat_model):
     model, tokenizer, _ = chat_model
     engine = Engine(model, tokenizer, max_batch=2, dense_cache=False)

@@ -5,8 +5,10 @@ as it is decoded. One worker thread owns the model and repeats one iteration:
 
     retire    rows that finished, were cancelled (the client left), ran past their deadline, or
               whose adapter was unloaded leave the batch: each is answered (or dropped) alone
-    admit     waiting requests take the free rows (up to ``max_batch``)
-    prefill   new rows' prompts, at most ``prefill_chunk`` tokens an iteration: short prompts
+    admit     waiting requests take the free rows (up to ``max_batch``); a prompt whose beginning
+              was computed before (the same system prompt, the conversation so far) takes those
+              keys and values from the prefix cache (serve/prefix_cache.py) instead
+    prefill   new rows' prompts (what the prefix cache did not have), at most ``prefill_chunk`` tokens an iteration: short prompts
               together in one forward, a long one in chunks over several iterations, so that
               it never stalls the rows already decoding for more than one chunk
     join      a prefilled row chooses its first token and joins the running batch's KV cache
@@ -14,8 +16,10 @@ as it is decoded. One worker thread owns the model and repeats one iteration:
     decode    one token for every running row, each with its own sampling settings, seed and
               adapter (serve/adapters.py); a row whose sampling fails ends alone
 
-So a request waits for at most one chunk and one step before its prefill starts, and a short
-request decodes next to long ones instead of after them. A row computes what it would alone
+Requests that arrive while a prefill runs are prefilled in the same iteration while the
+budget of ``prefill_chunk`` tokens lasts (a burst of requests starts together, not a decode step
+apart). So a request waits for at most one chunk and one step before its prefill starts, and a
+short request decodes next to long ones instead of after them. A row computes what it would alone
 (its own positions, padding masked out), up to the float rounding of batched products. Adapter
 changes (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`) run between iterations;
 rows using an unloaded adapter end with an error, the others go on.
@@ -23,6 +27,8 @@ rows using an unloaded adapter end with an error, the others go on.
 ``dense_cache`` (default: on when the model is on a CPU) dequantizes the 4-bit weights once, for
 the engine's lifetime, instead of at every decoded token (nn/linear4bit.py ``dense_weights``):
 on a CPU that dequantization dominates decoding; it costs the dense model's memory.
+``prefix_cache`` is the most prompt tokens the prefix cache keeps (0: none); each costs
+layers x 2 x kv_heads x head_dim values of the compute dtype (23 KB for SmolLM2-135M in bf16).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ..nn.linear4bit import dense_weights
 from .adapters import AdapterSet
 from .generate import Completion, Decoder, Delta, Sampling, eos_token_ids
 from .kv_batch import KVBatch, joinable
+from .prefix_cache import PrefixCache
 
 
 class Cancelled(Exception):
@@ -73,6 +80,7 @@ class Stats:
     failed: int = 0
     timed_out: int = 0
     prefilled_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
     decoded_tokens: int = 0
     steps: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # running rows -> decode steps
@@ -91,6 +99,7 @@ class _Row:
     adapter: str | None
     deadline: float
     done: int = 0  # prompt tokens in its own cache (while prefilling)
+    reused: int = 0  # of which taken from the prefix cache
     kv: KVBatch | None = None  # its own cache while prefilling in chunks
     logits: list[torch.Tensor] = field(default_factory=list)  # prompt logits, when it asked for them
     next_token: int | None = None  # chosen, not yet in the cache
@@ -98,9 +107,11 @@ class _Row:
 
 class Engine:
     def __init__(self, model, tokenizer, adapters: AdapterSet | None = None, max_batch: int = 16,
-                 prefill_chunk: int = 256, dense_cache: bool | None = None, request_seconds: float = 600.0):
-        if max_batch < 1 or prefill_chunk < 1:
-            raise InputError(f"max_batch and prefill_chunk must be positive, got {max_batch} and {prefill_chunk}")
+                 prefill_chunk: int = 256, dense_cache: bool | None = None, request_seconds: float = 600.0,
+                 prefix_cache: int = 4096):
+        if max_batch < 1 or prefill_chunk < 1 or prefix_cache < 0:
+            raise InputError(f"max_batch and prefill_chunk must be positive and prefix_cache at least 0, got {max_batch}, "
+                             f"{prefill_chunk} and {prefix_cache}")
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.max_batch, self.prefill_chunk, self.request_seconds = max_batch, prefill_chunk, request_seconds
         self.device = next(model.parameters()).device
@@ -111,6 +122,8 @@ class Engine:
         if dense_cache:
             self._dense.enter_context(dense_weights(model))
         self.stats = Stats()
+        self.prefixes = PrefixCache(prefix_cache)
+        self._loads = collections.Counter()  # adapter name -> times loaded: prefixes computed with it are its own
         self.lock = threading.Lock()  # held for an iteration, and while adapters change
         self._arrived = threading.Condition()
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -144,6 +157,7 @@ class Engine:
         if self.adapters is None:
             raise InputError("this engine serves no adapters")
         with self.lock:
+            self._loads[name] += 1
             self.adapters.add(name, folder)
 
     def unload_adapter(self, name: str) -> None:
@@ -152,6 +166,7 @@ class Engine:
             raise KeyError(f"no adapter named {name!r} is loaded")
         with self.lock:
             self.adapters.remove(name)
+            self.prefixes.drop(self._scope(name))
 
     def close(self, timeout: float | None = None) -> None:
         """Take no more requests, finish the ones taken (drain), then stop the worker and drop
@@ -177,7 +192,9 @@ class Engine:
     def _iteration(self) -> None:
         self._retire()
         self._admit()
-        self._prefill()
+        budget = self._prefill(self.prefill_chunk)
+        while budget > 0 and self._admit():  # arrived during that prefill: they start now, not after a step
+            budget = self._prefill(budget)
         if self._running:
             try:
                 self._decode()
@@ -211,9 +228,11 @@ class Engine:
             else:
                 self._batch = None
 
-    def _admit(self) -> None:
+    def _admit(self) -> int:
+        """Move waiting requests to free rows; how many came."""
         if self._batch is not None and not joinable(self._batch.cache):
-            return  # a sliding-window cache: new rows start when this batch is done
+            return 0  # a sliding-window cache: new rows start when this batch is done
+        admitted = 0
         with self._arrived:
             while self._waiting and len(self._running) + len(self._prefilling) < self.max_batch:
                 row = self._waiting.popleft()
@@ -224,19 +243,37 @@ class Engine:
                 if row.adapter is not None and (self.adapters is None or row.adapter not in self.adapters.names):
                     self._fail(row, InputError(f"no adapter named {row.adapter!r} is loaded"))
                     continue
+                self._reuse_prefix(row)
                 self._prefilling.append(row)
+                admitted += 1
             self.stats.waiting = len(self._waiting)
+        return admitted
 
-    def _prefill(self) -> None:
-        """Up to ``prefill_chunk`` prompt tokens, first come first served: new rows whose whole
-        prompts fit, together in one forward; the first row that does not fit gets what is left
-        of the budget as one chunk of its prompt (it goes on at the next iteration)."""
-        if self._batch is not None and not joinable(self._batch.cache):
+    def _reuse_prefix(self, row: _Row) -> None:
+        """Start ``row`` from the longest beginning of its prompt in the prefix cache, if any (not
+        when it asked for the prompt's logprobs: those need the prompt's logits)."""
+        if row.decoder.sampling.prompt_logprobs:
             return
-        budget, group, chunked = self.prefill_chunk, [], None
+        length, layers = self.prefixes.lookup(self._scope(row.adapter), row.decoder.prompt)
+        if length:
+            row.kv = KVBatch.of_row(layers)
+            row.done = row.reused = length
+            self.stats.reused_tokens += length
+
+    def _scope(self, adapter: str | None) -> tuple[str | None, int]:
+        return adapter, self._loads[adapter] if adapter is not None else 0
+
+    def _prefill(self, budget: int) -> int:
+        """Up to ``budget`` prompt tokens, first come first served: new rows whose prompts'
+        rests fit, together in one forward; the first row that does not fit gets what is left
+        of the budget as one chunk of its prompt (it goes on at the next iteration). Returns
+        the budget left."""
+        if self._batch is not None and not joinable(self._batch.cache):
+            return 0
+        group, chunked = [], None
         for row in self._prefilling:
             rest = len(row.decoder.prompt) - row.done
-            if row.done == 0 and rest <= budget:
+            if row.done == row.reused and rest <= budget:
                 group.append(row)
                 budget -= rest
             elif chunked is None and budget > 0:
@@ -246,6 +283,7 @@ class Engine:
         if group:
             self._alone_failing(group, self._prefill_together, group)
         self._prefilling = [r for r in self._prefilling if r.decoder.finish is None and r.next_token is None]
+        return budget
 
     def _alone_failing(self, rows: list[_Row], prefill, *args) -> None:
         """``prefill(*args)``; if it fails, ``rows`` (those it was prefilling) fail, no others."""
@@ -256,16 +294,23 @@ class Engine:
                 self._fail(row, e)
 
     def _prefill_together(self, rows: list[_Row]) -> None:
-        prompts = [r.decoder.prompt for r in rows]
-        longest = max(map(len, prompts))
-        ids = torch.tensor([[self.pad] * (longest - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        echo = any(r.decoder.sampling.prompt_logprobs for r in rows)
+        """The rest of each row's prompt, left-padded, after the prefixes some took from the
+        prefix cache (left-padded too): [pad][prefix][pad][rest], the padding masked out."""
+        rests = [r.decoder.prompt[r.done:] for r in rows]
+        longest = max(map(len, rests))
+        ids = torch.tensor([[self.pad] * (longest - len(p)) + p for p in rests], device=self.device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in rests], device=self.device)
+        past = KVBatch.stack([r.kv for r in rows]) if any(r.kv is not None for r in rows) else None
+        if past is not None:
+            mask = torch.cat([past.mask, mask], dim=1)
+        echo = any(r.decoder.sampling.prompt_logprobs for r in rows)  # such rows took no prefix: all their prompt is here
         with self._route([r.adapter for r in rows]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                             use_cache=True, logits_to_keep=0 if echo else 1)
-        self.stats.prefilled_tokens += sum(map(len, prompts))
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, -longest:],
+                             past_key_values=past.cache if past is not None else None, use_cache=True,
+                             logits_to_keep=0 if echo else 1)
+        self.stats.prefilled_tokens += sum(map(len, rests))
         for i, row in enumerate(rows):
+            row.kv = None
             if row.decoder.sampling.prompt_logprobs:
                 row.decoder.record_prompt_logprobs(out.logits[i, longest - len(row.decoder.prompt):])
         self._started(rows, KVBatch(out.past_key_values, mask), out.logits[:, -1].float())
@@ -293,7 +338,15 @@ class Engine:
             self._started([row], kv, out.logits[:, -1].float())
 
     def _started(self, rows: list[_Row], kv: KVBatch, logits: torch.Tensor) -> None:
-        """Prefilled ``rows`` (the rows of ``kv``) choose their first tokens and join the batch."""
+        """Prefilled ``rows`` (the rows of ``kv``) choose their first tokens and join the batch;
+        their prompts' keys and values go to the prefix cache."""
+        if self.prefixes.capacity and joinable(kv.cache):
+            for i, row in enumerate(rows):
+                prompt = row.decoder.prompt
+                if len(prompt) // self.prefixes.block > row.reused // self.prefixes.block:
+                    tokens = kv.mask[i].nonzero().squeeze(1)  # its prompt's columns, in order
+                    self.prefixes.store(self._scope(row.adapter), prompt,
+                                        [(layer.keys[i][:, tokens], layer.values[i][:, tokens]) for layer in kv.cache.layers])
         self._choose(rows, logits)
         kept = [i for i, r in enumerate(rows) if r.decoder.finish is None]
         if not kept:

@@ -33,6 +33,25 @@ class KVBatch:
     def __init__(self, cache: DynamicCache, mask: torch.Tensor):
         self.cache, self.mask = cache, mask
 
+    @classmethod
+    def of_row(cls, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVBatch:
+        """One row whose history is ``layers``: per layer, keys and values [1, heads, length, head_dim]."""
+        return cls(DynamicCache(ddp_cache_data=layers),
+                   torch.ones(1, layers[0][0].shape[2], dtype=torch.long, device=layers[0][0].device))
+
+    @classmethod
+    def stack(cls, batches: list[KVBatch | None]) -> KVBatch:
+        """The rows of ``batches`` in order, left-padded to the longest; None: a row with no
+        history yet (all padding). At least one must be a batch, all joinable."""
+        given = [b for b in batches if b is not None]
+        length = max(b.mask.shape[1] for b in given)
+        empty = [(layer.keys[:1, :, :0], layer.values[:1, :, :0]) for layer in given[0].cache.layers]
+        data = [(torch.cat([_left_pad(b.cache.layers[i].keys if b is not None else empty[i][0], length, 2) for b in batches]),
+                 torch.cat([_left_pad(b.cache.layers[i].values if b is not None else empty[i][1], length, 2) for b in batches]))
+                for i in range(len(empty))]
+        masks = [b.mask if b is not None else given[0].mask.new_zeros(1, 0) for b in batches]
+        return cls(DynamicCache(ddp_cache_data=data), torch.cat([_left_pad(m, length, 1) for m in masks]))
+
     @property
     def rows(self) -> int:
         return self.mask.shape[0]
@@ -49,12 +68,8 @@ class KVBatch:
 
     def join(self, other: KVBatch) -> None:
         """Append ``other``'s rows after this batch's (both joinable)."""
-        length = max(self.mask.shape[1], other.mask.shape[1])
-        data = [(torch.cat([_left_pad(a.keys, length, 2), _left_pad(b.keys, length, 2)]),
-                 torch.cat([_left_pad(a.values, length, 2), _left_pad(b.values, length, 2)]))
-                for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
-        self.cache = DynamicCache(ddp_cache_data=data)
-        self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
+        joined = KVBatch.stack([self, other])
+        self.cache, self.mask = joined.cache, joined.mask
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into this batch, in order); cut the padding no row needs."""

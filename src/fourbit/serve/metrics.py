@@ -6,8 +6,9 @@
     fourbit_inter_token_latency_seconds             between the pieces of one choice's text (histogram)
     fourbit_request_seconds                         request received -> a choice's last token (histogram)
     fourbit_engine_*                                the engine's counters (requests, finished, cancelled,
-                                                    failed, timed out, tokens prefilled and decoded, decode
-                                                    steps) and gauges (waiting, running rows)
+                                                    failed, timed out, tokens prefilled, reused from the
+                                                    prefix cache and decoded, decode steps) and gauges
+                                                    (waiting, running rows)
 
 A "piece" is what the engine streams: usually one token, several when a token ends mid-character
 or could begin a stop string.
@@ -88,6 +89,7 @@ class _EngineCollector:
                                   ("failed", stats.failed, "Completions that failed"),
                                   ("timed_out", stats.timed_out, "Completions ended by their time limit"),
                                   ("prefilled_tokens", stats.prefilled_tokens, "Prompt tokens prefilled"),
+                                  ("reused_tokens", stats.reused_tokens, "Prompt tokens taken from the prefix cache"),
                                   ("decoded_tokens", stats.decoded_tokens, "Tokens decoded"),
                                   ("steps", stats.steps, "Decode steps of the running batch")):
             yield CounterMetricFamily(f"fourbit_engine_{name}", text, value=value)
