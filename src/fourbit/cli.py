@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--served-model-name", default=None, help="the base's name in the API (default: from SRC)")
     v.add_argument("--adapter-root", default=None,
                    help="allow /v1/load_lora_adapter for adapter folders under this folder (default: off)")
-    v.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
+    v.add_argument("--max-batch", type=int, default=64,
+                   help="rows decoded together; more wait for a free row (default 64: on a CPU a step of 64 rows "
+                        "takes about twice one of 16)")
     v.add_argument("--prefix-cache-tokens", type=int, default=4096,
                    help="prompt tokens whose keys and values are kept for prompts that begin the same way "
                         "(a shared system prompt, a conversation so far); 0: none (default 4096)")

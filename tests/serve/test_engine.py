@@ -50,7 +50,7 @@ def engine(chat_model, poet):
 
 
 def alone(engine, prompt, sampling, adapter=None) -> list[int]:
-    with engine.lock, engine.adapters.use(adapter):
+    with engine.paused(), engine.adapters.use(adapter):
         return generate(engine.model, engine.tokenizer, [prompt], sampling, eos_ids=set())[0].token_ids
 
 
@@ -168,7 +168,7 @@ def test_a_prompt_reuses_the_prefix_another_computed_and_gets_what_it_would_alon
     first, second, fresh = shared + prompt(91, 5), shared + prompt(92, 4), prompt(93, 6)
     assert answer(engine.submit(first, greedy(5))) == alone(engine, first, greedy(5))
     reused = engine.stats.reused_tokens
-    with engine.lock:  # both are admitted in one iteration: one prefill, one row with a prefix, one without
+    with engine.paused():  # both are admitted in one iteration: one prefill, one row with a prefix, one without
         tickets = [engine.submit(second, greedy(6)), engine.submit(fresh, greedy(6))]
     assert [answer(t) for t in tickets] == [alone(engine, second, greedy(6)), alone(engine, fresh, greedy(6))]
     assert engine.stats.reused_tokens - reused == 16

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import InputError
 from ..kernels.dequantize import dequantize_4bit
 from ..kernels.matmul_4bit import matmul_4bit
+from ..kernels.prepacked_linear import prepack, prepacked_linear
 from ..quant.four_bit import quantize_4bit
 from ..quant.state import QuantState
 from .frozen_linear import FrozenLinear, frozen_product
@@ -35,13 +36,15 @@ def dense_weights(model: nn.Module, dtype: torch.dtype | None = None):
 
     For many forwards over the same weights where memory allows it (greedy evaluation on a
     CPU, where dequantizing every layer at every decoded token dominates): the same values,
-    computed once instead of once per forward, at the cost of holding the dense model. Use
-    under torch.no_grad(); the weights are dropped on exit.
+    computed once instead of once per forward, at the cost of holding the dense model. On a
+    CPU the copy is also prepacked for oneDNN once (kernels/prepacked_linear.py), so small products
+    (decoding) skip the weight reorder every call would do. Made for torch.no_grad(); a product
+    that needs dL/dx dequantizes as usual. The weights are dropped on exit.
     """
     layers = [m for m in model.modules() if isinstance(m, Linear4bit) and m.quant_state is not None]
     try:
         for layer in layers:
-            layer.dense_copy = layer.dequantize(dtype or layer.compute_dtype)
+            layer.dense_copy = prepack(layer.dequantize(dtype or layer.compute_dtype))
         yield model
     finally:
         for layer in layers:
@@ -52,7 +55,8 @@ class Linear4bit(FrozenLinear):
     """A 4-bit frozen replacement for ``nn.Linear``. Build it with :meth:`from_linear`."""
 
     # The dequantized weight, held only inside dense_weights() (a plain attribute: not a buffer,
-    # never saved); forward uses it instead of dequantizing when the dtypes agree.
+    # never saved), prepacked for oneDNN on a CPU; forward uses it instead of dequantizing when the
+    # dtypes agree and no gradient for x is wanted.
     dense_copy: torch.Tensor | None = None
 
     def __init__(
@@ -138,8 +142,8 @@ class Linear4bit(FrozenLinear):
         dtype = self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
         dense = self.dense_copy
-        if dense is not None and dense.dtype == dtype:  # inside dense_weights(): no dequantization
-            return nn.functional.linear(x.to(dtype), dense, bias).to(x.dtype)
+        if dense is not None and dense.dtype == dtype and not (torch.is_grad_enabled() and x.requires_grad):
+            return prepacked_linear(x.to(dtype), dense, bias).to(x.dtype)  # inside dense_weights(): no dequantization
         return frozen_product(self, x.to(dtype), bias).to(x.dtype)
 
     def _state(self) -> QuantState:

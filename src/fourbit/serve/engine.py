@@ -25,8 +25,9 @@ changes (:meth:`Engine.load_adapter`, :meth:`Engine.unload_adapter`) run between
 rows using an unloaded adapter end with an error, the others go on.
 
 ``dense_cache`` (default: on when the model is on a CPU) dequantizes the 4-bit weights once, for
-the engine's lifetime, instead of at every decoded token (nn/linear4bit.py ``dense_weights``):
-on a CPU that dequantization dominates decoding; it costs the dense model's memory.
+the engine's lifetime, instead of at every decoded token, and prepacks them for oneDNN
+(nn/linear4bit.py ``dense_weights``): on a CPU dequantizing, then the weight reorder of every
+small product, dominated decoding; it costs the dense model's memory.
 ``prefix_cache`` is the most prompt tokens the prefix cache keeps (0: none); each costs
 layers x 2 x kv_heads x head_dim values of the compute dtype (23 KB for SmolLM2-135M in bf16).
 """
@@ -106,7 +107,7 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, adapters: AdapterSet | None = None, max_batch: int = 16,
+    def __init__(self, model, tokenizer, adapters: AdapterSet | None = None, max_batch: int = 64,
                  prefill_chunk: int = 256, dense_cache: bool | None = None, request_seconds: float = 600.0,
                  prefix_cache: int = 4096):
         if max_batch < 1 or prefill_chunk < 1 or prefix_cache < 0:
@@ -124,8 +125,9 @@ class Engine:
         self.stats = Stats()
         self.prefixes = PrefixCache(prefix_cache)
         self._loads = collections.Counter()  # adapter name -> times loaded: prefixes computed with it are its own
-        self.lock = threading.Lock()  # held for an iteration, and while adapters change
-        self._arrived = threading.Condition()
+        self.lock = threading.Lock()  # held for an iteration, and by paused()
+        self._arrived = threading.Condition()  # guards the queues below and _wanted
+        self._wanted = 0  # callers waiting in paused()
         self._waiting: collections.deque[_Row] = collections.deque()
         self._prefilling: list[_Row] = []
         self._running: list[_Row] = []
@@ -150,13 +152,13 @@ class Engine:
             self._waiting.append(_Row(ticket, decoder, adapter, deadline))
             self.stats.requests += 1
             self.stats.waiting = len(self._waiting)
-            self._arrived.notify()
+            self._arrived.notify_all()
         return ticket
 
     def load_adapter(self, name: str, folder: str | os.PathLike) -> None:
         if self.adapters is None:
             raise InputError("this engine serves no adapters")
-        with self.lock:
+        with self.paused():
             self._loads[name] += 1
             self.adapters.add(name, folder)
 
@@ -164,16 +166,31 @@ class Engine:
         """Remove ``name``; rows using it end with an error at the next iteration, alone."""
         if self.adapters is None:
             raise KeyError(f"no adapter named {name!r} is loaded")
-        with self.lock:
+        with self.paused():
             self.adapters.remove(name)
             self.prefixes.drop(self._scope(name))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the worker between two iterations for the duration of the block (adapter
+        changes; a test computing on the same model). The worker lets a caller in at the end of
+        its current iteration: it does not take the next one while anyone waits."""
+        with self._arrived:
+            self._wanted += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._arrived:
+                self._wanted -= 1
+                self._arrived.notify_all()
 
     def close(self, timeout: float | None = None) -> None:
         """Take no more requests, finish the ones taken (drain), then stop the worker and drop
         the dense weights; ``timeout``: seconds to wait for the drain."""
         with self._arrived:
             self._closing = True
-            self._arrived.notify()
+            self._arrived.notify_all()
         self._worker.join(timeout)
         self._dense.close()
 
@@ -182,8 +199,8 @@ class Engine:
     def _work(self) -> None:
         while True:
             with self._arrived:
-                while not (self._waiting or self._prefilling or self._running):
-                    if self._closing:
+                while self._wanted or not (self._waiting or self._prefilling or self._running):
+                    if self._closing and not self._wanted and not (self._waiting or self._prefilling or self._running):
                         return
                     self._arrived.wait()
             with self.lock, torch.no_grad():
