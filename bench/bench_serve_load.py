@@ -84,14 +84,16 @@ def adapter_folders(work: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def start(kind: str, source: str | None, folder: Path, adapters: list[Path], port: int, log: Path) -> subprocess.Popen:
+def start(kind: str, source: str | None, folder: Path, adapters: list[Path], port: int, log: Path,
+          extra: list[str] = ()) -> subprocess.Popen:
+    """A server as its own process, once it answers /health; ``extra``: more fourbit serve arguments."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if kind == "transformers":
         command = ["transformers", "serve", str(folder), "--continuous-batching", "--quantization", "bnb-4bit",
                    "--port", str(port), "--host", "127.0.0.1"]
     else:
         command = [sys.executable, "-m", "fourbit", "serve", str(folder), "--port", str(port), "--max-concurrent", "256"]
-        command += [arg for i, a in enumerate(adapters) for arg in ("--adapter", f"a{i}={a}")]
+        command += [arg for i, a in enumerate(adapters) for arg in ("--adapter", f"a{i}={a}")] + list(extra)
         if source:
             env["PYTHONPATH"] = str(Path(source) / "src")
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)

@@ -399,11 +399,11 @@ def _chat(args) -> None:
 def _serve(args) -> None:
     from pathlib import Path
 
-    from .serve.engine import Engine
+    from .serve.engine import Engine, on_own_thread
     from .serve.server import Limits, OpenAIServer, make_http_server
 
     logging.getLogger("fourbit.serve").setLevel(logging.INFO)  # a line per request, with its id (stderr)
-    model, tokenizer, adapters = _load_for_serving(args)
+    model, tokenizer, adapters = on_own_thread(_load_for_serving, args)  # the engine's worker alone computes
     name = args.served_model_name or (Path(args.source).name if args.source else "smollm2-135m-instruct")
     api = OpenAIServer(
         Engine(model, tokenizer, adapters, max_batch=args.max_batch, dense_cache=args.dense_cache,

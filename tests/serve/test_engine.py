@@ -16,7 +16,7 @@ from fourbit.errors import InputError
 from fourbit.nn.lora import lora_adapters
 from fourbit.serve import Sampling, generate
 from fourbit.serve.adapters import AdapterSet
-from fourbit.serve.engine import Cancelled, Engine, results
+from fourbit.serve.engine import Cancelled, Engine, on_own_thread, results
 from fourbit.serve.generate import Completion
 
 
@@ -203,3 +203,11 @@ def test_close_drains_what_was_taken_and_refuses_the_rest(chat_model):
         assert [item for _, item in results(ticket.out, 1) if isinstance(item, Completion)][0].token_ids
     with pytest.raises(RuntimeError, match="shutting down"):
         engine.submit(prompt(80, 5), greedy(5))
+
+
+def test_on_own_thread_returns_what_the_work_returns_on_another_thread_and_raises_what_it_raises():
+    import threading
+
+    assert on_own_thread(lambda a, b: (a + b, threading.current_thread().name), 2, 3) == (5, "fourbit-load")
+    with pytest.raises(InputError, match="bad"):
+        on_own_thread(lambda: (_ for _ in ()).throw(InputError("bad")))

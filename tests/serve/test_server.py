@@ -57,7 +57,7 @@ def expected_chat(s, messages, max_tokens, adapter=None):
     tokenizer = s["tokenizer"]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    with s["engine"].lock, s["adapters"].use(adapter):
+    with s["engine"].paused(), s["adapters"].use(adapter):
         return generate(s["model"], tokenizer, [ids], Sampling(max_new_tokens=max_tokens))[0]
 
 
@@ -236,7 +236,7 @@ def reference_logprobs(s, ids):
     """log-softmax of the served model's own logits on ``ids`` (transformers' forward, one row,
     no adapter): position i gives token i + 1's log-probability. The server batches and pads, so
     its float32 sums run in another order: 1e-5 absolute on log-probabilities of magnitude ~10."""
-    with s["engine"].lock, s["adapters"].use(None), torch.no_grad():
+    with s["engine"].paused(), s["adapters"].use(None), torch.no_grad():
         return torch.log_softmax(s["model"](input_ids=torch.tensor([ids])).logits[0].float(), -1)
 
 

@@ -63,7 +63,7 @@ def expected(s, max_tokens, adapter=None, messages=MESSAGES):
     tokenizer = s["tokenizer"]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    with s["engine"].lock, s["engine"].adapters.use(adapter):
+    with s["engine"].paused(), s["engine"].adapters.use(adapter):
         return generate(s["model"], tokenizer, [ids], Sampling(max_new_tokens=max_tokens))[0].text
 
 

@@ -8,9 +8,10 @@ as it is decoded. One worker thread owns the model and repeats one iteration:
     admit     waiting requests take the free rows (up to ``max_batch``); a prompt whose beginning
               was computed before (the same system prompt, the conversation so far) takes those
               keys and values from the prefix cache (serve/prefix_cache.py) instead
-    prefill   new rows' prompts (what the prefix cache did not have), at most ``prefill_chunk`` tokens an iteration: short prompts
-              together in one forward, a long one in chunks over several iterations, so that
-              it never stalls the rows already decoding for more than one chunk
+    prefill   new rows' prompts (what the prefix cache did not have), at most ``prefill_chunk``
+              tokens an iteration: short prompts together in one forward, a long one in chunks
+              over several iterations, so that it never stalls the rows already decoding for
+              more than one chunk
     join      a prefilled row chooses its first token and joins the running batch's KV cache
               (serve/kv_batch.py)
     decode    one token for every running row, each with its own sampling settings, seed and
@@ -106,6 +107,25 @@ class _Row:
     next_token: int | None = None  # chosen, not yet in the cache
 
 
+class _Job:
+    """Work handed to the worker thread; :meth:`result` waits for it and raises what it raised."""
+
+    def __init__(self, change=None):
+        self.change, self.error, self.done = change, None, threading.Event()
+
+    def run(self, work) -> None:
+        try:
+            work()
+        except BaseException as e:  # handed to the waiting caller
+            self.error = e
+        self.done.set()
+
+    def result(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
 class Engine:
     def __init__(self, model, tokenizer, adapters: AdapterSet | None = None, max_batch: int = 64,
                  prefill_chunk: int = 256, dense_cache: bool | None = None, request_seconds: float = 600.0,
@@ -119,22 +139,23 @@ class Engine:
         self.eos, self.pad = eos_token_ids(model, tokenizer), pad_id(tokenizer)
         if dense_cache is None:
             dense_cache = self.device.type == "cpu"
-        self._dense = contextlib.ExitStack()
-        if dense_cache:
-            self._dense.enter_context(dense_weights(model))
         self.stats = Stats()
         self.prefixes = PrefixCache(prefix_cache)
         self._loads = collections.Counter()  # adapter name -> times loaded: prefixes computed with it are its own
         self.lock = threading.Lock()  # held for an iteration, and by paused()
         self._arrived = threading.Condition()  # guards the queues below and _wanted
         self._wanted = 0  # callers waiting in paused()
+        self._jobs: list[_Job] = []  # adapter changes, for the worker to run between iterations
         self._waiting: collections.deque[_Row] = collections.deque()
         self._prefilling: list[_Row] = []
         self._running: list[_Row] = []
         self._batch: KVBatch | None = None
         self._closing = False
-        self._worker = threading.Thread(target=self._work, name="fourbit-engine", daemon=True)
+        started = _Job()
+        self._worker = threading.Thread(target=self._work, args=(dense_cache, started), name="fourbit-engine",
+                                        daemon=True)
         self._worker.start()
+        started.result()
 
     # -- the callers' side -----------------------------------------------------------------
 
@@ -158,17 +179,32 @@ class Engine:
     def load_adapter(self, name: str, folder: str | os.PathLike) -> None:
         if self.adapters is None:
             raise InputError("this engine serves no adapters")
-        with self.paused():
+        def load():
             self._loads[name] += 1
             self.adapters.add(name, folder)
+
+        self._on_worker(load)
 
     def unload_adapter(self, name: str) -> None:
         """Remove ``name``; rows using it end with an error at the next iteration, alone."""
         if self.adapters is None:
             raise KeyError(f"no adapter named {name!r} is loaded")
-        with self.paused():
+        def unload():
             self.adapters.remove(name)
             self.prefixes.drop(self._scope(name))
+
+        self._on_worker(unload)
+
+    def _on_worker(self, change) -> None:
+        """Run ``change`` on the worker thread between two iterations, and wait for it."""
+        if threading.current_thread() is self._worker or not self._worker.is_alive():
+            change()
+            return
+        job = _Job(change)
+        with self._arrived:
+            self._jobs.append(job)
+            self._arrived.notify_all()
+        job.result()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -192,19 +228,30 @@ class Engine:
             self._closing = True
             self._arrived.notify_all()
         self._worker.join(timeout)
-        self._dense.close()
 
     # -- the worker ------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            with self._arrived:
-                while self._wanted or not (self._waiting or self._prefilling or self._running):
-                    if self._closing and not self._wanted and not (self._waiting or self._prefilling or self._running):
-                        return
-                    self._arrived.wait()
-            with self.lock, torch.no_grad():
-                self._iteration()
+    def _work(self, dense_cache: bool, started: _Job) -> None:
+        """The worker: all the model's computing happens on this one thread (see on_own_thread)."""
+        with contextlib.ExitStack() as dense:
+            started.run(lambda: dense.enter_context(dense_weights(self.model)) if dense_cache else None)
+            if started.error is not None:
+                return
+            while True:
+                with self._arrived:
+                    while self._wanted or not (self._busy() or self._jobs):
+                        if self._closing and not self._wanted and not self._busy() and not self._jobs:
+                            return
+                        self._arrived.wait()
+                    jobs, self._jobs = self._jobs, []
+                with self.lock, torch.no_grad():
+                    for job in jobs:
+                        job.run(job.change)
+                    if self._busy():
+                        self._iteration()
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
 
     def _iteration(self) -> None:
         self._retire()
@@ -432,3 +479,28 @@ def results(out: queue.Queue, count: int) -> Iterator[tuple[object, Delta | Comp
             raise item
         finished += isinstance(item, Completion)
         yield tag, item
+
+
+def on_own_thread(work, *args):
+    """``work(*args)`` on a thread of its own, which ends with it; its result, or what it raised.
+
+    For loading the model a server will decode with: the engine computes on its worker thread,
+    and every thread that runs torch's parallel CPU ops keeps a pool of OpenMP threads. With
+    more of those than CPUs, libgomp (torch's OpenMP on Linux) stops spinning between parallel
+    regions, and each small region pays a wake-up: a pool left on the main thread by loading
+    made every decode step about 1.4x slower (bench/RESULTS.md). A thread's pool ends with it.
+    """
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = work(*args)
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="fourbit-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
