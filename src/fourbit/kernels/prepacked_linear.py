@@ -4,10 +4,12 @@
 
 On a CPU, ``torch.nn.functional.linear`` hands the product to oneDNN or MKL, which first
 reorder W into their blocked layout, at every call. When x has a few rows (decoding: one token
-per request) that reorder is as long as the product itself: for SmolLM2's 576 x 1536 weight in
-bf16, 60 us of a 77 us call at one row, 50 of 140 at sixteen (bench/RESULTS.md). :func:`prepack`
+per request) that reorder is a large part of the call: SmolLM2's 576 x 1536 weight in bf16 takes
+60 us a call at one row with F.linear, 36 prepacked (121 and 97 at sixteen rows). :func:`prepack`
 reorders once and :func:`prepacked_linear` multiplies with the packed weight: oneDNN, the same
-library, without the repeated reorder.
+library, without the repeated reorder. In float32 the smallest weights at one row are slower
+prepacked (192 x 576: 41 us against MKL's 17); a whole decode step is faster in both dtypes
+(bench/bench_cpu_decode.py, figures in bench/RESULTS.md).
 
 Torch has no public API for this in eager mode; these are its ``mkldnn`` ops that torch.compile's
 CPU weight freezing emits (``_reorder_linear_weight``, ``_linear_pointwise``). So :func:`prepack`

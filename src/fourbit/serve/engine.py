@@ -488,7 +488,8 @@ def on_own_thread(work, *args):
     and every thread that runs torch's parallel CPU ops keeps a pool of OpenMP threads. With
     more of those than CPUs, libgomp (torch's OpenMP on Linux) stops spinning between parallel
     regions, and each small region pays a wake-up: a pool left on the main thread by loading
-    made every decode step about 1.4x slower (bench/RESULTS.md). A thread's pool ends with it.
+    made a 16-row decode step 1.75x slower on a 2-CPU machine (bench/RESULTS.md). A thread's
+    pool ends with it.
     """
     box: dict = {}
 
