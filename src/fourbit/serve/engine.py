@@ -151,6 +151,7 @@ class Engine:
         self._running: list[_Row] = []
         self._batch: KVBatch | None = None
         self._closing = False
+        self._stopped = False  # the worker has returned (set under _arrived)
         started = _Job()
         self._worker = threading.Thread(target=self._work, args=(dense_cache, started), name="fourbit-engine",
                                         daemon=True)
@@ -179,6 +180,7 @@ class Engine:
     def load_adapter(self, name: str, folder: str | os.PathLike) -> None:
         if self.adapters is None:
             raise InputError("this engine serves no adapters")
+
         def load():
             self._loads[name] += 1
             self.adapters.add(name, folder)
@@ -189,6 +191,7 @@ class Engine:
         """Remove ``name``; rows using it end with an error at the next iteration, alone."""
         if self.adapters is None:
             raise KeyError(f"no adapter named {name!r} is loaded")
+
         def unload():
             self.adapters.remove(name)
             self.prefixes.drop(self._scope(name))
@@ -197,13 +200,14 @@ class Engine:
 
     def _on_worker(self, change) -> None:
         """Run ``change`` on the worker thread between two iterations, and wait for it."""
-        if threading.current_thread() is self._worker or not self._worker.is_alive():
-            change()
-            return
         job = _Job(change)
         with self._arrived:
-            self._jobs.append(job)
-            self._arrived.notify_all()
+            queued = not self._stopped and threading.current_thread() is not self._worker
+            if queued:  # the worker does not stop while a job waits
+                self._jobs.append(job)
+                self._arrived.notify_all()
+        if not queued:  # the worker itself, or it has stopped: no one else computes
+            job.run(change)
         job.result()
 
     @contextlib.contextmanager
@@ -233,6 +237,13 @@ class Engine:
 
     def _work(self, dense_cache: bool, started: _Job) -> None:
         """The worker: all the model's computing happens on this one thread (see on_own_thread)."""
+        try:
+            self._serve(dense_cache, started)
+        finally:  # also when it failed
+            with self._arrived:
+                self._stopped = True
+
+    def _serve(self, dense_cache: bool, started: _Job) -> None:
         with contextlib.ExitStack() as dense:
             started.run(lambda: dense.enter_context(dense_weights(self.model)) if dense_cache else None)
             if started.error is not None:
@@ -241,6 +252,7 @@ class Engine:
                 with self._arrived:
                     while self._wanted or not (self._busy() or self._jobs):
                         if self._closing and not self._wanted and not self._busy() and not self._jobs:
+                            self._stopped = True  # decided under the lock a job is queued under
                             return
                         self._arrived.wait()
                     jobs, self._jobs = self._jobs, []
