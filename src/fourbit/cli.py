@@ -469,7 +469,7 @@ def _eval(args) -> None:
 
 def _compare(args) -> None:
     from .compare import compare, format_table, text_ids
-    from .train.plot import COLOURS, plot_points
+    from .train.plot import plot_points
 
     if args.plot:
         from .io.atomic import check_output_apart
@@ -481,9 +481,8 @@ def _compare(args) -> None:
                    args.context, args.calibration, args.calibration_tokens, log=lambda line: print(line, flush=True))
     print(format_table(rows))
     if args.plot:
-        path = plot_points([(r.bits_per_parameter, r.perplexity) for r in rows], args.plot)
-        legend = ", ".join(f"{r.method} rgb{COLOURS[i % len(COLOURS)]}" for i, r in enumerate(rows))
-        print(f"plot: perplexity (y) against bits per parameter (x) -> {path}; {legend}")
+        path = plot_points([(r.bits_per_parameter, r.perplexity) for r in rows], [r.method for r in rows], args.plot)
+        print(f"plot: perplexity against bits per parameter -> {path}")
 
 
 # What exits with status 2 and one line: fourbit's own input errors, files that are missing, in
