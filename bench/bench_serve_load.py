@@ -113,6 +113,22 @@ def start(kind: str, source: str | None, folder: Path, adapters: list[Path], por
     raise SystemExit(f"{kind} did not answer /health in 600 s; see {log}")
 
 
+def stop(process: subprocess.Popen) -> None:
+    """Ask a server started by :func:`start` to stop; kill it if it has not within a minute."""
+    process.terminate()
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def results_dir() -> Path:
+    """Where a benchmark's JSON goes: $OUT if set, else bench/results."""
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def stream_one(port: int, model: str, question: str, max_tokens: int) -> dict:
     """One streaming chat request: the client's clock for its first and next content chunks."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
@@ -226,15 +242,9 @@ def main() -> None:
                 print(json.dumps(probe), flush=True)
                 rows.append(probe)
             finally:
-                process.terminate()
-                try:
-                    process.wait(60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+                stop(process)
 
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "serve-load.json"
+    path = results_dir() / "serve-load.json"
     path.write_text(json.dumps({"env": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
                                indent=2) + "\n")
     print(f"\nstreaming chat, greedy, max_tokens {args.max_tokens}, {args.requests_per_client} requests per client "

@@ -31,13 +31,12 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from bench_serve_load import adapter_folders, free_port, model_folder, start
+from bench_serve_load import adapter_folders, free_port, model_folder, results_dir, start, stop
 from soak_serve import cancel_stream, proc_status
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -275,14 +274,8 @@ def main() -> None:
                 table.setdefault(name, {})[spec] = {"held": held, "detail": detail}
                 print(json.dumps({"server": spec, "probe": name, "held": held, "detail": detail}), flush=True)
         finally:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serve-probe.json").write_text(json.dumps({"env": env, "probes": table}, indent=2) + "\n")
+            stop(process)
+    (results_dir() / "serve-probe.json").write_text(json.dumps({"env": env, "probes": table}, indent=2) + "\n")
     print("\n| probe | " + " | ".join(servers) + " |\n|---|" + "---|" * len(servers))
     for name, by_server in table.items():
         cells = [("held" if r["held"] else "**FAILED**") + f": {r['detail']}"

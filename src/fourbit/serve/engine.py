@@ -110,12 +110,12 @@ class _Row:
 class _Job:
     """Work handed to the worker thread; :meth:`result` waits for it and raises what it raised."""
 
-    def __init__(self, change=None):
+    def __init__(self, change):
         self.change, self.error, self.done = change, None, threading.Event()
 
-    def run(self, work) -> None:
+    def run(self) -> None:
         try:
-            work()
+            self.change()
         except BaseException as e:  # handed to the waiting caller
             self.error = e
         self.done.set()
@@ -152,9 +152,9 @@ class Engine:
         self._batch: KVBatch | None = None
         self._closing = False
         self._stopped = False  # the worker has returned (set under _arrived)
-        started = _Job()
-        self._worker = threading.Thread(target=self._work, args=(dense_cache, started), name="fourbit-engine",
-                                        daemon=True)
+        self._dense = contextlib.ExitStack()  # the dense weights, entered and dropped by the worker
+        started = _Job(lambda: self._dense.enter_context(dense_weights(model)) if dense_cache else None)
+        self._worker = threading.Thread(target=self._work, args=(started,), name="fourbit-engine", daemon=True)
         self._worker.start()
         started.result()
 
@@ -202,19 +202,20 @@ class Engine:
         """Run ``change`` on the worker thread between two iterations, and wait for it."""
         job = _Job(change)
         with self._arrived:
-            queued = not self._stopped and threading.current_thread() is not self._worker
+            queued = not self._stopped
             if queued:  # the worker does not stop while a job waits
                 self._jobs.append(job)
                 self._arrived.notify_all()
-        if not queued:  # the worker itself, or it has stopped: no one else computes
-            job.run(change)
+        if not queued:  # it has stopped: no one else computes
+            job.run()
         job.result()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Hold the worker between two iterations for the duration of the block (adapter
-        changes; a test computing on the same model). The worker lets a caller in at the end of
-        its current iteration: it does not take the next one while anyone waits."""
+        """Hold the worker between two iterations for the duration of the block (a test computing
+        on the same model, or submitting requests that must start in one iteration). The worker
+        lets a caller in at the end of its current iteration: it does not take the next one while
+        anyone waits."""
         with self._arrived:
             self._wanted += 1
         try:
@@ -235,32 +236,31 @@ class Engine:
 
     # -- the worker ------------------------------------------------------------------------
 
-    def _work(self, dense_cache: bool, started: _Job) -> None:
+    def _work(self, started: _Job) -> None:
         """The worker: all the model's computing happens on this one thread (see on_own_thread)."""
         try:
-            self._serve(dense_cache, started)
+            started.run()
+            if started.error is None:
+                self._serve()
         finally:  # also when it failed
             with self._arrived:
                 self._stopped = True
+            self._dense.close()
 
-    def _serve(self, dense_cache: bool, started: _Job) -> None:
-        with contextlib.ExitStack() as dense:
-            started.run(lambda: dense.enter_context(dense_weights(self.model)) if dense_cache else None)
-            if started.error is not None:
-                return
-            while True:
-                with self._arrived:
-                    while self._wanted or not (self._busy() or self._jobs):
-                        if self._closing and not self._wanted and not self._busy() and not self._jobs:
-                            self._stopped = True  # decided under the lock a job is queued under
-                            return
-                        self._arrived.wait()
-                    jobs, self._jobs = self._jobs, []
-                with self.lock, torch.no_grad():
-                    for job in jobs:
-                        job.run(job.change)
-                    if self._busy():
-                        self._iteration()
+    def _serve(self) -> None:
+        while True:
+            with self._arrived:
+                while self._wanted or not (self._busy() or self._jobs):
+                    if self._closing and not self._wanted and not self._busy() and not self._jobs:
+                        self._stopped = True  # decided under the lock a job is queued under
+                        return
+                    self._arrived.wait()
+                jobs, self._jobs = self._jobs, []
+            with self.lock, torch.no_grad():
+                for job in jobs:
+                    job.run()
+                if self._busy():
+                    self._iteration()
 
     def _busy(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running)
