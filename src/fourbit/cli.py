@@ -10,6 +10,7 @@ README.md lists them with their options, checked against this parser by tests/te
     fourbit serve [SRC] [--adapter NAME=DIR ...]       an OpenAI-compatible HTTP server
     fourbit eval [SRC] --tasks ... | --perplexity FILE   lm-evaluation-harness tasks, or perplexity
     fourbit compare [SRC] [--methods ...]              every quantization method on one model
+    fourbit webui [--host H] [--port N] [--auth U:P]   the browser UI: train, chat, evaluate, export
     torchrun --nproc-per-node N -m fourbit train CONFIG.yaml      (several GPUs; train/distributed.py)
 
 SRC is a Hugging Face folder, a .gguf file, a hub id, or omitted for the embedded
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError
+from .errors import USER_ERRORS, InputError
 from .quant.blockwise import BLOCKSIZES
 
 
@@ -188,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer over them)")
     k.add_argument("--plot", default=None, metavar="PNG", help="also draw perplexity against bits per parameter")
     k.set_defaults(run=_compare)
+
+    w = sub.add_parser("webui", help="the browser UI: train (live curves), chat with adapters, evaluate, export")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=7860, help="default 7860")
+    w.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login (default: none)")
+    w.add_argument("--workdir", default="fourbit-webui",
+                   help="where runs, jobs, uploads and exports go (default ./fourbit-webui)")
+    w.set_defaults(run=_webui)
     return parser
 
 
@@ -485,10 +494,10 @@ def _compare(args) -> None:
         print(f"plot: perplexity against bits per parameter -> {path}")
 
 
-# What exits with status 2 and one line: fourbit's own input errors, files that are missing, in
-# the way or not readable, a hub that cannot be reached, a training run whose loss diverged.
-USER_ERRORS = (InputError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError, ConnectionError, FloatingPointError)
+def _webui(args) -> None:
+    from .webui.app import launch
+
+    launch(args.workdir, args.host, args.port, args.auth)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except USER_ERRORS as e:  # bad input, named in one line; anything else keeps its traceback
+    except USER_ERRORS as e:  # bad input, named in one line (errors.py); anything else keeps its traceback
         print(f"fourbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,1 @@
+"""``fourbit webui``: train, chat, evaluate and export from a browser (webui/app.py)."""
