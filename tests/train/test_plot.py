@@ -29,6 +29,16 @@ def test_the_loss_figure_draws_every_step_its_moving_average_and_the_eval_loss(t
     assert not list(tmp_path.glob(".loss.png.tmp-*"))  # written through a temporary file
 
 
+def test_the_learning_rate_is_drawn_on_a_second_axis_with_its_own_legend_entry():
+    rates = [2e-4 * (1 - i / 20) for i in range(20)]
+    figure = loss_figure([1.0] * 20, smooth=3, learning_rates=rates)
+    loss_ax, lr_ax = figure.axes
+    (line,) = lr_ax.lines
+    assert list(line.get_xdata()) == list(range(1, 21)) and list(line.get_ydata()) == rates
+    assert lr_ax.get_ylabel() == "learning rate"
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()][-1] == "learning rate"
+
+
 def test_the_compare_figure_labels_a_point_per_method(tmp_path):
     points, labels = [(16.0, 10.2), (4.13, 10.9), (8.1, 10.3)], ["bf16", "nf4-dq", "int8"]
     ax = points_figure(points, labels).axes[0]

@@ -2,7 +2,8 @@
 
     training_loss.png   loss against optimizer step: every step's loss (light), its moving
                         average over the last ``smooth`` steps (dark), the eval loss where the
-                        run has one (points on a line); titled axes, a grid, a legend
+                        run has one (points on a line); titled axes, a grid, a legend (the web
+                        UI's live curve adds the learning rate on a second axis)
     compare --plot      perplexity against bits per parameter, one labelled point per method
 
 Drawn with matplotlib's object-oriented API on its Agg canvas: no display, no pyplot state
@@ -34,8 +35,10 @@ def moving_average(values: list[float], smooth: int) -> list[float]:
     return out
 
 
-def loss_figure(losses: list[float], smooth: int = 10, eval_losses: list[tuple[int, float]] | None = None) -> Figure:
-    """``losses``: one per optimizer step, from step 1; ``eval_losses``: (step, loss) pairs."""
+def loss_figure(losses: list[float], smooth: int = 10, eval_losses: list[tuple[int, float]] | None = None,
+                learning_rates: list[float] | None = None) -> Figure:
+    """``losses``: one per optimizer step, from step 1; ``eval_losses``: (step, loss) pairs;
+    ``learning_rates``: one per step, drawn on a second y axis at the right."""
     figure = Figure(figsize=SIZE, dpi=100, layout="tight")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
@@ -48,7 +51,16 @@ def loss_figure(losses: list[float], smooth: int = 10, eval_losses: list[tuple[i
                 label="eval loss")
     ax.set(title="Training loss", xlabel="optimizer step", ylabel="loss (cross-entropy, nats per token)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if learning_rates:
+        lr_ax = ax.twinx()
+        lr_ax.plot(range(1, len(learning_rates) + 1), learning_rates, "--", color="#2ca02c", linewidth=1,
+                   label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        more_handles, more_labels = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels)
     return figure
 
 
