@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fourbit.train.config import load_config
 
@@ -42,3 +43,52 @@ def config_for(chat_model, dataset):
         return load_config(None, settings | overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def response_loss(chat_tokenizer):
+    """``response_loss(model, rows)``: (summed cross-entropy, token count) of alpaca ``rows``'
+    responses and their closing <|im_end|>, computed independently of the recipe's data path and
+    loss: one conversation at a time, the response located by tokenizing prompt and conversation
+    ourselves, the model's logits (in its own dtype) summed in float64."""
+    end_of_turn = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def loss(model, rows) -> tuple[float, int]:
+        total, count = 0.0, 0
+        for row in rows:
+            messages = [{"role": "user", "content": f"{row['instruction']}\n{row['input']}"},
+                        {"role": "assistant", "content": row["output"]}]
+            prompt = chat_tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+            full = chat_tokenizer.apply_chat_template(messages, tokenize=False)
+            prompt_ids = chat_tokenizer(prompt, add_special_tokens=False).input_ids
+            ids = chat_tokenizer(full, add_special_tokens=False).input_ids
+            end = ids.index(end_of_turn, len(prompt_ids)) + 1
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[:end]])).logits[0].double()
+            targets = torch.tensor(ids[len(prompt_ids) : end])
+            total += torch.nn.functional.cross_entropy(logits[len(prompt_ids) - 1 : end - 1], targets, reduction="sum").item()
+            count += len(targets)
+        return total, count
+
+    return loss
+
+
+@pytest.fixture
+def kill_in_step(monkeypatch):
+    """``kill_in_step(n)``: the next run dies in optimizer step n, after its training (the
+    gradient's clipping), before the step is recorded; steps 1 to n-1 and their checkpoints and
+    evaluations are kept. Undo with ``monkeypatch.undo()``."""
+    from fourbit.train import recipe
+
+    def arm(step: int) -> None:
+        real, seen = recipe.clip_grad_norm, {"steps": 0}
+
+        def dying(*args):
+            seen["steps"] += 1
+            if seen["steps"] == step:
+                raise KeyboardInterrupt(f"killed in step {step}")
+            return real(*args)
+
+        monkeypatch.setattr(recipe, "clip_grad_norm", dying)
+
+    return arm

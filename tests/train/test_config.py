@@ -75,3 +75,22 @@ def test_default_run_dry_run_writes_nothing(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "max_steps: 100" in printed and "memory estimate" in printed
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("val_size=1.5", "0 (none), a fraction in (0, 1) of the dataset's examples, or a whole number >= 1 of them"),
+    ("val_size=-0.1", "0 (none), a fraction in (0, 1) of the dataset's examples, or a whole number >= 1 of them"),
+    ("eval_steps=0", "none (at every save_steps) or an integer > 0"),
+    ("per_device_eval_batch_size=0", "none (per_device_train_batch_size) or an integer > 0"),
+])
+def test_bad_eval_settings_are_refused_naming_the_key(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(ValueError) as refused:
+        load_config(None, [override])
+    shown = repr(float(value)) if key == "val_size" else value
+    assert str(refused.value) == f"config key {key!r}: {shown} is not allowed; expected {allowed}"
+
+
+def test_val_size_is_a_fraction_or_a_count():
+    assert load_config(None, ["val_size=0.1"]).val_size == 0.1 and load_config(None, ["val_size=50"]).val_size == 50
+    assert load_config(None).val_size == 0 and load_config(None).eval_steps is None

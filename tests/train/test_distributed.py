@@ -6,10 +6,12 @@ with FSDP2 followed by the bad inputs. Training runs at both compute dtypes, flo
 bfloat16 (what "auto" picks on CPUs with native bf16): every strategy computes the LoRA branch
 in the adapter's float32, so the strategy must not change the result at either. The config sets
 global_batch_size 8 with 2 examples per micro-batch: 2 ranks x accumulation 2 and 1 process x
-accumulation 4 take the same micro-batches per step. 10 examples make 5 micro-batches an epoch,
-so every other step has one micro-batch (rank 1 repeats it with weight 0).
+accumulation 4 take the same micro-batches per step. Of 13 examples 3 are held out (val_size)
+and 10 make 5 micro-batches an epoch, so every other step has one micro-batch (rank 1 repeats it
+with weight 0). The eval loss at steps 2 and 4 takes the 3 held-out examples one a batch: rank 0
+two, rank 1 one and a weight-0 repeat (under FSDP a rank that skipped a forward would hang).
 
-Tolerances. Losses and gradient norms: rel 1e-5, float32 summation order (the ranks' partial
+Tolerances. Losses, gradient norms and eval losses: rel 1e-5, float32 summation order (the ranks' partial
 sums are added in another order). Adapters: atol 1e-4. Adam divides each gradient element by
 its running RMS, so a rounding-level difference in a gradient moves that element's update by
 lr times its relative error: negligible for most elements, larger for gradients near rounding
@@ -68,13 +70,15 @@ def setup(tmp_path_factory, chat_tokenizer, make_tiny_llama):
 def write_setup(root: Path, chat_tokenizer, make_tiny_llama, compute_dtype: str) -> Path:
     make_tiny_llama(root / "model", vocab_size=len(chat_tokenizer), max_position_embeddings=256, initializer_range=0.5)
     chat_tokenizer.save_pretrained(root / "model")
-    words = ["apple", "river", "stone", "cloud", "maple", "ember", "harbor", "violet", "copper", "meadow"]
+    words = ["apple", "river", "stone", "cloud", "maple", "ember", "harbor", "violet", "copper", "meadow", "amber",
+             "falcon", "willow"]
     (root / "echo.json").write_text(json.dumps([{"instruction": "Repeat the word.", "input": w, "output": w} for w in words]))
     settings = {
         "model_name_or_path": str(root / "model"), "dataset": str(root / "echo.json"), "output_dir": str(root / "ddp"),
         "compute_dtype": compute_dtype, "lora_rank": 4, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
         "per_device_train_batch_size": 2, "global_batch_size": 8, "max_steps": 4, "save_steps": 2, "cutoff_len": 64,
-        "seed": 3, "gradient_checkpointing": True, "plot_loss": False, "ddp_timeout": 60,
+        "seed": 3, "gradient_checkpointing": True, "plot_loss": False, "ddp_timeout": 60, "val_size": 3,
+        "per_device_eval_batch_size": 1,
     }
     (root / "config.yaml").write_text(yaml.safe_dump(settings))
     return root
@@ -117,12 +121,13 @@ def bf16_runs(tmp_path_factory, chat_tokenizer, make_tiny_llama):
 def metrics(folder: Path, key: str) -> dict[int, float]:
     """step -> value, from the run's metrics.jsonl (a resumed run's holds only its own steps)."""
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records}
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 def assert_same_run(folder: Path, reference: Path) -> None:
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm", "eval_loss"):
         ours, theirs = metrics(folder, key), metrics(reference, key)
+        assert ours, key
         assert ours == pytest.approx({step: theirs[step] for step in ours}, rel=1e-5), key
     ours, theirs = load_file(folder / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys()
@@ -162,12 +167,12 @@ def test_a_checkpoint_saved_by_two_ranks_resumes_on_one(setup, one_process, ddp,
 
 
 def test_ddp_evaluation_splits_the_set_and_gathers_every_answer(setup, worker, tmp_path):
-    # 10 held-out conversations, 5 answered on each rank: both ranks score all 10, the same, and
+    # 13 held-out conversations, 7 and 6 answered on the ranks: both score all 13, the same, and
     # in the order one process answers them (greedy on the untrained adapter, which adds exactly
     # zero; a lost, repeated or misplaced answer shows). The split itself: test_recipe.py.
     alone = run(load_config(setup / "config.yaml", {"eval_dataset": str(setup / "echo.json"), "max_steps": 1,
                                                     "output_dir": str(tmp_path / "eval")})).eval_before
-    assert worker[0]["ddp_eval"]["total"] == worker[1]["ddp_eval"]["total"] == 10
+    assert worker[0]["ddp_eval"]["total"] == worker[1]["ddp_eval"]["total"] == 13
     assert worker[0]["ddp_eval"]["answers"] == worker[1]["ddp_eval"]["answers"] == alone["answers"]
     assert len(set(alone["answers"])) > 1  # answers that tell the conversations apart
 

@@ -12,34 +12,20 @@ from fourbit.train.config import load_config
 from fourbit.train.run import run
 
 
-def reference_first_loss(chat_model, dataset, chat_tokenizer, seed, batch_size):
-    """The first step's loss computed independently of the recipe's data path and loss: the same
-    NF4 base the run loads (LoRA starts as a no-op), the first batch of the data order, one
-    conversation at a time, cross-entropy over each response's tokens and its closing
-    <|im_end|>, located by tokenizing prompt and conversation ourselves."""
+def reference_first_loss(chat_model, dataset, response_loss, seed, batch_size):
+    """The first step's loss computed independently of the recipe's data path and loss
+    (conftest's response_loss): the same NF4 base the run loads (LoRA starts as a no-op), the
+    first batch of the data order."""
     from fourbit import load_model
     from fourbit.train.data import batches
 
     model, _ = load_model(chat_model, quantization="nf4", double_quant=True, blocksize=64, compute_dtype="float32")
     rows = json.loads(dataset.read_text())
-    total, count = 0.0, 0
-    for i in next(batches(len(rows), batch_size, seed, 0)):
-        messages = [{"role": "user", "content": f"{rows[i]['instruction']}\n{rows[i]['input']}"},
-                    {"role": "assistant", "content": rows[i]["output"]}]
-        prompt = chat_tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
-        full = chat_tokenizer.apply_chat_template(messages, tokenize=False)
-        prompt_ids = chat_tokenizer(prompt, add_special_tokens=False).input_ids
-        ids = chat_tokenizer(full, add_special_tokens=False).input_ids
-        end = ids.index(chat_tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt_ids)) + 1
-        with torch.no_grad():
-            logits = model(torch.tensor([ids[:end]])).logits[0]
-        targets = torch.tensor(ids[len(prompt_ids) : end])
-        total += torch.nn.functional.cross_entropy(logits[len(prompt_ids) - 1 : end - 1], targets, reduction="sum").item()
-        count += len(targets)
+    total, count = response_loss(model, [rows[i] for i in next(batches(len(rows), batch_size, seed, 0))])
     return total / count
 
 
-def test_loss_falls_and_outputs_are_written(chat_model, dataset, chat_tokenizer, tmp_path, capsys, config_for):
+def test_loss_falls_and_outputs_are_written(chat_model, dataset, response_loss, tmp_path, capsys, config_for):
     result = run(config_for(tmp_path / "out", max_steps=40, save_steps=20, plot_loss=True))
     first, last = result.losses[0], sum(result.losses[-5:]) / 5
     # Guard against a loss taken over the wrong tokens (a broken mask still "goes down"): the
@@ -47,7 +33,7 @@ def test_loss_falls_and_outputs_are_written(chat_model, dataset, chat_tokenizer,
     # the same tokens, batched and padded in the run, one at a time here (summation order only).
     # Wrong tokens move it by 1-10% on this model (every token trained -0.9%, no next-token
     # shift +1.5%, <|im_end|> not trained +6.6%).
-    assert first == pytest.approx(reference_first_loss(chat_model, dataset, chat_tokenizer, 3, 4), rel=1e-5)
+    assert first == pytest.approx(reference_first_loss(chat_model, dataset, response_loss, 3, 4), rel=1e-5)
     assert last < 0.1 * first  # the echo task is learned: the loss drops by over 10x in 40 steps
     out = tmp_path / "out"
     assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "training_loss.png"} <= {

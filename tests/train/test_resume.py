@@ -110,3 +110,22 @@ def test_overwriting_a_folder_keeps_files_fourbit_did_not_write(tmp_path, config
     run(config_for(out, overwrite_output_dir=True, max_steps=2, save_steps=2))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert metric_steps(out) == [1, 2] and (out / "notes.txt").read_text() == "the user's"
+
+
+def test_a_checkpoint_written_before_val_size_existed_resumes(tmp_path, config_for):
+    # What a checkpoint of an older fourbit holds: no eval keys in its config, no eval_losses in
+    # its state. A key it lacks counts as its default there, which is how that run trained.
+    out = tmp_path / "out"
+    straight = run(config_for(out))
+    checkpoint = out / "checkpoint-3"
+    config = json.loads((checkpoint / "run_config.json").read_text())
+    for key in ("val_size", "eval_steps", "per_device_eval_batch_size"):
+        del config[key]
+    (checkpoint / "run_config.json").write_text(json.dumps(config))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["eval_losses"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    resumed = run(config_for(out, resume_from_checkpoint=str(checkpoint)))
+    assert resumed.losses == straight.losses and resumed.eval_losses == []
+    with pytest.raises(ValueError, match=r"belongs to another run \(val_size: 0\.0 there, 2\.0 now\)"):
+        run(config_for(tmp_path / "other", val_size=2, resume_from_checkpoint=str(checkpoint)))

@@ -5,7 +5,7 @@
         optimizer.pt                                       optimizer.state_dict()
         scheduler.pt                                       the LR scheduler's state_dict()
         rng.pt                                             torch, python and numpy RNG states
-        trainer_state.json                                 step, epoch, next micro-batch, losses
+        trainer_state.json                                 step, epoch, next micro-batch, losses, eval losses
         run_config.json                                    the config of the run that wrote it
 
 A checkpoint belongs to its run: resuming compares the checkpoint's config with this run's and
@@ -48,6 +48,7 @@ from ..io.peft import (
     read_adapter,
     write_adapter_files,
 )
+from .config import TrainConfig
 from .distributed import SINGLE, Ranks
 from .optimizer_state import full_optimizer_state, load_optimizer_state
 
@@ -60,8 +61,8 @@ RUN_OUTPUTS = (METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE, BASE_FILE, "training_los
 # and the processes it runs on (a checkpoint resumes on any number of ranks, either strategy).
 RESUMABLE_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "save_steps", "save_total_limit",
-    "logging_steps", "plot_loss", "eval_dataset", "eval_max_new_tokens", "strategy", "ddp_backend",
-    "ddp_timeout", "dataset_dir",
+    "logging_steps", "plot_loss", "eval_dataset", "eval_max_new_tokens", "eval_steps", "per_device_eval_batch_size",
+    "strategy", "ddp_backend", "ddp_timeout", "dataset_dir",
 })
 
 
@@ -71,6 +72,7 @@ class TrainState:
     epoch: int = 0  # epoch of the next micro-batch
     micro_batch: int = 0  # index of the next micro-batch within that epoch
     losses: list[float] = field(default_factory=list)  # one per optimizer step
+    eval_losses: list[list] = field(default_factory=list)  # [step, eval loss] at each evaluation (val_size)
 
 
 def save_checkpoint(
@@ -112,8 +114,11 @@ def check_same_run(folder: Path, run_config: dict) -> None:
             "an older fourbit), so it cannot be shown to belong to this run; start afresh, or write this run's "
             f"config there as {RUN_FILE} if you are sure it is the same run"
         )
-    theirs = json.loads(path.read_text())
     ours = json.loads(json.dumps(run_config, default=str))  # the same normalization as the saved file
+    # A key added to fourbit since the checkpoint was written counts there as its default: the
+    # default is what runs did before the key existed (val_size 0: nothing held out).
+    defaults = json.loads(json.dumps(TrainConfig().to_dict(), default=str))
+    theirs = defaults | json.loads(path.read_text())
     differ = sorted(k for k in (theirs.keys() | ours.keys()) - RESUMABLE_KEYS if theirs.get(k) != ours.get(k))
     if differ:
         changes = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:5])

@@ -68,6 +68,7 @@ class TrainConfig:
     dataset: str | None = None
     dataset_dir: str | None = None  # where dataset_info.json lives; default: the config's folder
     eval_dataset: str | None = None  # exact-match accuracy before and after training
+    val_size: float = 0.0  # held out of dataset for an eval loss: a fraction in (0, 1), or a count >= 1; 0: none
     template: str = "auto"
     cutoff_len: int = 1024
     train_on_prompt: bool = False
@@ -79,11 +80,12 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = None
     logging_steps: int = 1
+    eval_steps: int | None = None  # with val_size: the eval loss every N steps and at the last; None: at each save
+    per_device_eval_batch_size: int | None = None  # None: per_device_train_batch_size
     seed: int = 42
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
     eval_max_new_tokens: int = 24
     plot_loss: bool = True
-
 
     @property
     def alpha(self) -> float:
@@ -227,4 +229,9 @@ def validate(c: TrainConfig) -> None:
     _check(c.save_steps > 0, "save_steps", c.save_steps, "an integer > 0")
     _check(c.save_total_limit is None or c.save_total_limit > 0, "save_total_limit", c.save_total_limit, "none or an integer > 0")
     _check(c.logging_steps > 0, "logging_steps", c.logging_steps, "an integer > 0")
+    _check(c.val_size == 0 or 0 < c.val_size < 1 or (c.val_size >= 1 and float(c.val_size).is_integer()),
+           "val_size", c.val_size, "0 (none), a fraction in (0, 1) of the dataset's examples, or a whole number >= 1 of them")
+    _check(c.eval_steps is None or c.eval_steps > 0, "eval_steps", c.eval_steps, "none (at every save_steps) or an integer > 0")
+    _check(c.per_device_eval_batch_size is None or c.per_device_eval_batch_size > 0, "per_device_eval_batch_size",
+           c.per_device_eval_batch_size, "none (per_device_train_batch_size) or an integer > 0")
     _check(c.eval_max_new_tokens > 0, "eval_max_new_tokens", c.eval_max_new_tokens, "an integer > 0")

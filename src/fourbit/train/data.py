@@ -41,10 +41,16 @@ packed batch the padding gets its own positions 0, 1, ... and so forms a separat
 ``batches(n, batch_size, seed, epoch)`` is a pure function of ``(seed, epoch)``: a permutation
 from ``numpy.random.default_rng([seed, epoch])`` cut into consecutive batches, so a run resumed
 at ``(epoch, step)`` with ``start_step=step`` sees exactly the batches it would have seen.
+
+**Held out.** ``val_size`` takes examples out of training for the eval loss (LLaMA-Factory's
+meaning: a fraction of the dataset, rounded up, or a count): ``split_held_out`` draws them from
+``seed`` alone, before packing, so every rank and every resumed run holds out the same ones and
+the epochs' orders run over the rest.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -245,3 +251,27 @@ def batches(n_examples: int, batch_size: int, seed: int, epoch: int, start_step:
     order = np.random.default_rng([seed, epoch]).permutation(n_examples)
     for step in range(start_step, steps_per_epoch(n_examples, batch_size, drop_last)):
         yield order[step * batch_size: (step + 1) * batch_size].tolist()
+
+
+def held_out_count(n_examples: int, val_size: float) -> int:
+    """How many of ``n_examples`` ``val_size`` holds out: a fraction of them, rounded up (as
+    datasets' train_test_split, which LLaMA-Factory calls), or a count. Refuses a split that
+    leaves no example to train on (or, with val_size > 0, none to evaluate)."""
+    if not val_size:
+        return 0
+    count = math.ceil(val_size * n_examples) if val_size < 1 else int(val_size)
+    if not 0 < count < n_examples:
+        raise InputError(f"config key 'val_size': {val_size:g} holds out {count} of the dataset's {n_examples} examples, "
+                         f"leaving {n_examples - count} to train on; expected a fraction or a count that leaves at "
+                         f"least one example on each side")
+    return count
+
+
+def split_held_out(n_examples: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) example indices, each in dataset order: the held-out ones are the
+    first :func:`held_out_count` of a permutation drawn from ``seed`` alone (its own stream,
+    independent of the epochs' orders), so every rank and every resumed run holds out the same."""
+    count = held_out_count(n_examples, val_size)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))  # batches(): SeedSequence([seed, epoch])
+    held = set(rng.permutation(n_examples)[:count].tolist())
+    return [i for i in range(n_examples) if i not in held], sorted(held)

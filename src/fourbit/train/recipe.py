@@ -9,6 +9,12 @@ token in the step's micro-batches divided by their count, so gradient accumulati
 same gradient as one big batch. Logits at position t predict the token at t+1; labels of -100
 (prompt and padding) are skipped. A non-finite loss or gradient stops the run before the
 update is applied, naming the last good checkpoint.
+
+With ``val_size``, examples are held out of training (train/data.py ``split_held_out``) and their
+eval loss, the same loss over all of them in eval mode, is taken every ``eval_steps`` optimizer
+steps (default: at each checkpoint) and at the last: a line ``{"step": N, "eval_loss": x}`` in
+metrics.jsonl after that step's line, kept in the checkpoint's trainer_state.json (a resumed run
+continues the series) and drawn in training_loss.png.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +59,7 @@ from .data import (
     collate,
     encode_dataset,
     pack,
+    split_held_out,
     steps_per_epoch,
 )
 from .distributed import Ranks, init_ranks
@@ -81,6 +88,7 @@ class TrainResult:
     eval_after: dict | None = None
     steps: int = 0
     seconds: float = 0.0
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) on the val_size examples
     peak_memory: int | None = None  # bytes during training: GPU allocator peak, or the process's peak RSS on a CPU
     estimated_memory: int = 0  # bytes per GPU, train/estimate.py
 
@@ -120,6 +128,8 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     cut = truncation.check(config.cutoff_len, config.allow_truncated_answers)  # refuses training that cannot learn
     if cut and ranks.is_main:
         log.warning("%s", cut)
+    train_ids, held_ids = split_held_out(len(examples), config.val_size, config.seed)  # before packing: whole examples
+    examples, held_out = [examples[i] for i in train_ids], [examples[i] for i in held_ids]
     if config.packing:
         examples = pack(examples, config.cutoff_len)
     eval_set = _eval_set(config) if config.eval_dataset else None
@@ -139,7 +149,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         load_checkpoint_adapter(resume, model)  # before DDP or FSDP takes the model
     estimate = estimate_memory(config, device, ranks.world_size, ranks.strategy, model_config=model.config)
     if ranks.is_main:
-        _banner(model, config, len(examples), total_steps, resume, ranks, per_step, estimate, device)
+        _banner(model, config, len(examples), len(held_out), total_steps, resume, ranks, per_step, estimate, device)
     engine = wrap(model, ranks)  # the module the loop calls: the model, DDP over it, or the model FSDP-sharded
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, params, ranks)
@@ -203,13 +213,18 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
                 "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens_per_s": tokens / (time.perf_counter() - step_start),
             }
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+            _record(record, metrics)
             progress.update(1)
             if state.step % config.logging_steps == 0:
                 progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss_sum:.4f}",
                                      lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if held_out and (state.step % (config.eval_steps or config.save_steps) == 0 or state.step == total_steps):
+                loss = eval_loss(engine, held_out, config.per_device_eval_batch_size or config.per_device_train_batch_size,
+                                 pad, ranks, device)
+                state.eval_losses.append([state.step, loss])  # before the checkpoint, which keeps it
+                _record({"step": state.step, "eval_loss": loss}, metrics)
+                if ranks.is_main:
+                    progress.write(f"step {state.step}: eval_loss {loss:.4f} ({len(held_out)} held-out examples)")
             if state.step % config.save_steps == 0 or state.step == total_steps:
                 last_checkpoint = save_checkpoint(
                     out / f"checkpoint-{state.step}", model, optimizer, scheduler, state, _base_name(model), run_config,
@@ -235,8 +250,9 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     model.eval()
     _write_adapter(model, out, ranks)
     result.losses, result.steps = list(state.losses), state.step
+    result.eval_losses = [(step, loss) for step, loss in state.eval_losses]
     if config.plot_loss and state.losses and ranks.is_main:
-        plot_loss(state.losses, out / "training_loss.png")
+        plot_loss(state.losses, out / "training_loss.png", eval_losses=result.eval_losses)
     if eval_set is not None:
         result.eval_after = _evaluate(model, tokenizer, eval_set, config, "after training", ranks)
     return result
@@ -271,6 +287,37 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+@torch.no_grad()
+def eval_loss(engine, examples: list[dict], batch_size: int, pad: int, ranks: Ranks, device: torch.device) -> float:
+    """The held-out examples' loss, defined as the training loss is: the summed cross-entropy of
+    every labelled token of all of them divided by their count (not a mean of batch means), in
+    eval mode (no dropout). Each rank takes every world_size-th batch and the sums are added;
+    a rank with fewer batches runs a weight-0 repeat, since under FSDP every forward gathers
+    parameters from all ranks and a rank that skipped one would leave the others waiting."""
+    chunks = [list(range(start, min(start + batch_size, len(examples)))) for start in range(0, len(examples), batch_size)]
+    was_training = engine.training
+    engine.eval()
+    loss_sum, n_targets = 0.0, 0
+    try:
+        for indices, weight in shard(chunks, ranks):
+            batch = collate([examples[i] for i in indices], pad)
+            loss = causal_lm_loss(engine, {k: v.to(device) for k, v in batch.items()}).item()
+            if weight:
+                loss_sum += loss
+                n_targets += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    finally:
+        engine.train(was_training)
+    loss_sum, n_targets = ranks.sum(loss_sum, n_targets)
+    return loss_sum / n_targets
+
+
+def _record(record: dict, metrics) -> None:
+    """One line of metrics.jsonl (rank 0's open file; None on the others)."""
+    if metrics is not None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
 
 
 def _next_micro_batches(n_examples: int, config: TrainConfig, state: TrainState, per_step: int) -> list[list[int]]:
@@ -337,8 +384,8 @@ def _evaluate(model, tokenizer, eval_set, config: TrainConfig, when: str, ranks:
     return result
 
 
-def _banner(model, config: TrainConfig, n_examples: int, total_steps: int, resume, ranks: Ranks, per_step: int,
-            estimate, device) -> None:
+def _banner(model, config: TrainConfig, n_examples: int, n_held_out: int, total_steps: int, resume, ranks: Ranks,
+            per_step: int, estimate, device) -> None:
     trainable, total = count_parameters(model)
     report = memory_report(model)
     experts = len(expert_lora_layers(model))
@@ -349,7 +396,8 @@ def _banner(model, config: TrainConfig, n_examples: int, total_steps: int, resum
         f"| model {report.total_bytes / 2**20:.0f} MiB "
         f"| LoRA r={config.lora_rank} alpha={config.alpha:g} on {layers} | trainable {trainable:,} / {total:,} "
         f"({100 * trainable / max(total, 1):.2f}%)\n"
-        f"  {n_examples} examples, {total_steps} steps of {per_step * config.per_device_train_batch_size} examples "
+        f"  {n_examples} examples" + (f" ({n_held_out} more held out for the eval loss)" if n_held_out else "")
+        + f", {total_steps} steps of {per_step * config.per_device_train_batch_size} examples "
         f"({config.per_device_train_batch_size} per micro-batch, {per_step} micro-batches over {ranks.world_size} "
         f"rank{'s' if ranks.world_size > 1 else ''}), optim {config.optim}, lr {config.learning_rate:g} "
         f"({config.lr_scheduler_type}), gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"

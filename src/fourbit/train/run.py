@@ -14,7 +14,7 @@ from ..io.loader import load_model
 from ..nn.lora import add_lora
 from .checkpoint import check_output_dir
 from .config import TrainConfig
-from .data import Truncation, encode_dataset
+from .data import Truncation, encode_dataset, held_out_count
 from .distributed import init_ranks
 from .recipe import TrainResult, train
 
@@ -45,14 +45,16 @@ def run(config: TrainConfig) -> TrainResult:
 
 def preflight(config: TrainConfig, tokenizer=None) -> str | None:
     """The run's inputs checked without loading the model: the dataset files and their rows,
-    output_dir and the checkpoint to resume. With the model's ``tokenizer`` (cheap to load on
-    its own) also the encoding: every row, and what cutoff_len cuts (returned as a warning to
-    print, or refused when it leaves most answers without their end of turn)."""
+    val_size against the dataset's size, output_dir and the checkpoint to resume. With the
+    model's ``tokenizer`` (cheap to load on its own) also the encoding: every row, and what
+    cutoff_len cuts (returned as a warning to print, or refused when it leaves most answers
+    without their end of turn)."""
     if not config.dataset:
         raise InputError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
     if not config.output_dir:
         raise InputError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
     conversations = resolve_dataset(config.dataset, config.dataset_dir)
+    held_out_count(len(conversations), config.val_size)  # an example a row, so the recipe's split is refused here too
     if config.eval_dataset:
         resolve_dataset(config.eval_dataset, config.dataset_dir)
     check_output_dir(Path(config.output_dir), config.resume_from_checkpoint, config.overwrite_output_dir,
