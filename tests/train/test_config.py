@@ -94,3 +94,13 @@ def test_bad_eval_settings_are_refused_naming_the_key(override, allowed):
 def test_val_size_is_a_fraction_or_a_count():
     assert load_config(None, ["val_size=0.1"]).val_size == 0.1 and load_config(None, ["val_size=50"]).val_size == 50
     assert load_config(None).val_size == 0 and load_config(None).eval_steps is None
+
+
+def test_report_to_is_a_name_a_list_or_names_separated_by_commas():
+    assert load_config(None).trackers == [] and load_config(None, ["report_to=none"]).trackers == []
+    assert load_config(None, ["report_to=tensorboard, wandb"]).trackers == ["tensorboard", "wandb"]
+    assert load_config(None, {"report_to": ["mlflow", "tensorboard"]}).trackers == ["mlflow", "tensorboard"]
+    with pytest.raises(ValueError) as refused:
+        load_config(None, ["report_to=tensorboard,all"])
+    assert str(refused.value) == ("config key 'report_to': 'tensorboard,all' is not allowed; expected none, or one or "
+                                  "more of ('tensorboard', 'wandb', 'mlflow') (a list, or names separated by commas)")

@@ -107,8 +107,10 @@ def test_overwriting_a_folder_keeps_files_fourbit_did_not_write(tmp_path, config
     out = tmp_path / "out"
     run(config_for(out))
     (out / "notes.txt").write_text("the user's")
+    (out / "runs").mkdir()  # tensorboard's default logging_dir: the old run's events go too
+    (out / "runs" / "events.out.tfevents.1.host.1.0").write_bytes(b"old run")
     run(config_for(out, overwrite_output_dir=True, max_steps=2, save_steps=2))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and not (out / "runs").exists()
     assert metric_steps(out) == [1, 2] and (out / "notes.txt").read_text() == "the user's"
 
 
@@ -119,7 +121,7 @@ def test_a_checkpoint_written_before_val_size_existed_resumes(tmp_path, config_f
     straight = run(config_for(out))
     checkpoint = out / "checkpoint-3"
     config = json.loads((checkpoint / "run_config.json").read_text())
-    for key in ("val_size", "eval_steps", "per_device_eval_batch_size"):
+    for key in ("val_size", "eval_steps", "per_device_eval_batch_size", "report_to", "run_name", "logging_dir"):
         del config[key]
     (checkpoint / "run_config.json").write_text(json.dumps(config))
     state = json.loads((checkpoint / "trainer_state.json").read_text())

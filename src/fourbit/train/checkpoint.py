@@ -55,14 +55,15 @@ from .optimizer_state import full_optimizer_state, load_optimizer_state
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "run_config.json"
 METRICS_FILE = "metrics.jsonl"
-# What a run writes in its output_dir besides checkpoints (all of it replaced by a fresh run).
-RUN_OUTPUTS = (METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE, BASE_FILE, "training_loss.png")
+# What a run writes in its output_dir besides checkpoints (all of it replaced by a fresh run);
+# runs/ is tensorboard's default logging_dir (report_to).
+RUN_OUTPUTS = (METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE, BASE_FILE, "training_loss.png", "runs")
 # Config keys a resumed run may change: where and how often it saves and reports, evaluation,
 # and the processes it runs on (a checkpoint resumes on any number of ranks, either strategy).
 RESUMABLE_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "save_steps", "save_total_limit",
     "logging_steps", "plot_loss", "eval_dataset", "eval_max_new_tokens", "eval_steps", "per_device_eval_batch_size",
-    "strategy", "ddp_backend", "ddp_timeout", "dataset_dir",
+    "report_to", "run_name", "logging_dir", "strategy", "ddp_backend", "ddp_timeout", "dataset_dir",
 })
 
 

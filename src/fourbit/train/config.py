@@ -20,6 +20,7 @@ import yaml
 from ..errors import InputError
 from ..optim import OPTIMIZERS
 from ..quant.blockwise import BLOCKSIZES
+from .report import REPORTERS
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 QUANT_TYPES = ("nf4", "fp4")
@@ -82,6 +83,9 @@ class TrainConfig:
     logging_steps: int = 1
     eval_steps: int | None = None  # with val_size: the eval loss every N steps and at the last; None: at each save
     per_device_eval_batch_size: int | None = None  # None: per_device_train_batch_size
+    report_to: str | list[str] = "none"  # tensorboard, wandb, mlflow: a name, a list or comma-separated (train/report.py)
+    run_name: str | None = None  # the trackers' name for the run; None: output_dir's folder name
+    logging_dir: str | None = None  # tensorboard's folder; None: output_dir/runs
     seed: int = 42
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
     eval_max_new_tokens: int = 24
@@ -108,6 +112,13 @@ class TrainConfig:
         if isinstance(self.lora_target_parameters, str):
             return [t.strip() for t in self.lora_target_parameters.split(",") if t.strip()]
         return self.lora_target_parameters
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to as a list of tracker names ([] for "none")."""
+        names = self.report_to if isinstance(self.report_to, list) else self.report_to.split(",")
+        names = [n.strip() for n in names if n.strip()]
+        return [] if names == ["none"] else names
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -234,4 +245,6 @@ def validate(c: TrainConfig) -> None:
     _check(c.eval_steps is None or c.eval_steps > 0, "eval_steps", c.eval_steps, "none (at every save_steps) or an integer > 0")
     _check(c.per_device_eval_batch_size is None or c.per_device_eval_batch_size > 0, "per_device_eval_batch_size",
            c.per_device_eval_batch_size, "none (per_device_train_batch_size) or an integer > 0")
+    _check(all(name in REPORTERS for name in c.trackers), "report_to", c.report_to,
+           f"none, or one or more of {tuple(REPORTERS)} (a list, or names separated by commas)")
     _check(c.eval_max_new_tokens > 0, "eval_max_new_tokens", c.eval_max_new_tokens, "an integer > 0")

@@ -14,7 +14,8 @@ With ``val_size``, examples are held out of training (train/data.py ``split_held
 eval loss, the same loss over all of them in eval mode, is taken every ``eval_steps`` optimizer
 steps (default: at each checkpoint) and at the last: a line ``{"step": N, "eval_loss": x}`` in
 metrics.jsonl after that step's line, kept in the checkpoint's trainer_state.json (a resumed run
-continues the series) and drawn in training_loss.png.
+continues the series) and drawn in training_loss.png. Every line of metrics.jsonl also goes to
+the trackers ``report_to`` names (train/report.py).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from .parallel import (
     wrap,
 )
 from .plot import plot_loss
+from .report import Reporters, check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         if not any(p.requires_grad for p in model.parameters()):
             raise InputError("the model has no trainable parameters; call fourbit.add_lora(model, ...) before training")
         check_strategy(config, ranks)
+        check_trackers(config)
     ranks.barrier()  # every rank has looked at output_dir before rank 0 writes to it
     if ranks.is_main:
         tidy_output_dir(out, fresh=resume is None)  # overwrite_output_dir: the old run's outputs go
@@ -172,6 +175,8 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     model.train()
     if resume is not None and ranks.is_main:
         trim_metrics(out, state.step)  # steps recorded after the checkpoint are trained, and recorded, again
+    # the trackers (rank 0's) before the file: one that fails to open leaves nothing open
+    reporters = Reporters(config, run_config, state.step if resume is not None else None, enabled=ranks.is_main)
     metrics = open(out / METRICS_FILE, "a" if resume else "w") if ranks.is_main else None
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                     disable=not ranks.is_main)
@@ -213,7 +218,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
                 "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens_per_s": tokens / (time.perf_counter() - step_start),
             }
-            _record(record, metrics)
+            _record(record, metrics, reporters)
             progress.update(1)
             if state.step % config.logging_steps == 0:
                 progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss_sum:.4f}",
@@ -222,7 +227,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
                 loss = eval_loss(engine, held_out, config.per_device_eval_batch_size or config.per_device_train_batch_size,
                                  pad, ranks, device)
                 state.eval_losses.append([state.step, loss])  # before the checkpoint, which keeps it
-                _record({"step": state.step, "eval_loss": loss}, metrics)
+                _record({"step": state.step, "eval_loss": loss}, metrics, reporters)
                 if ranks.is_main:
                     progress.write(f"step {state.step}: eval_loss {loss:.4f} ({len(held_out)} held-out examples)")
             if state.step % config.save_steps == 0 or state.step == total_steps:
@@ -236,6 +241,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         progress.close()
         if metrics is not None:
             metrics.close()
+        reporters.close()
     result.seconds = time.perf_counter() - start
     peak = measured_peak(device, peak_since_reset)
     result.peak_memory = peak.bytes if peak else None
@@ -313,11 +319,12 @@ def eval_loss(engine, examples: list[dict], batch_size: int, pad: int, ranks: Ra
     return loss_sum / n_targets
 
 
-def _record(record: dict, metrics) -> None:
-    """One line of metrics.jsonl (rank 0's open file; None on the others)."""
+def _record(record: dict, metrics, reporters: Reporters) -> None:
+    """One line of metrics.jsonl (rank 0's open file; None on the others), and the same to the trackers."""
     if metrics is not None:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
+    reporters.log(record)
 
 
 def _next_micro_batches(n_examples: int, config: TrainConfig, state: TrainState, per_step: int) -> list[list[int]]:

@@ -17,6 +17,7 @@ from .config import TrainConfig
 from .data import Truncation, encode_dataset, held_out_count
 from .distributed import init_ranks
 from .recipe import TrainResult, train
+from .report import check_trackers
 
 
 def run(config: TrainConfig) -> TrainResult:
@@ -45,10 +46,10 @@ def run(config: TrainConfig) -> TrainResult:
 
 def preflight(config: TrainConfig, tokenizer=None) -> str | None:
     """The run's inputs checked without loading the model: the dataset files and their rows,
-    val_size against the dataset's size, output_dir and the checkpoint to resume. With the
-    model's ``tokenizer`` (cheap to load on its own) also the encoding: every row, and what
-    cutoff_len cuts (returned as a warning to print, or refused when it leaves most answers
-    without their end of turn)."""
+    val_size against the dataset's size, output_dir and the checkpoint to resume, the trackers'
+    libraries (report_to). With the model's ``tokenizer`` (cheap to load on its own) also the
+    encoding: every row, and what cutoff_len cuts (returned as a warning to print, or refused
+    when it leaves most answers without their end of turn)."""
     if not config.dataset:
         raise InputError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
     if not config.output_dir:
@@ -59,6 +60,7 @@ def preflight(config: TrainConfig, tokenizer=None) -> str | None:
         resolve_dataset(config.eval_dataset, config.dataset_dir)
     check_output_dir(Path(config.output_dir), config.resume_from_checkpoint, config.overwrite_output_dir,
                      config.to_dict())
+    check_trackers(config)
     if tokenizer is None:
         return None
     apply_template(tokenizer, config.template)
