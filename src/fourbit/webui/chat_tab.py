@@ -102,7 +102,7 @@ def build(workdir: Path, chat: ChatModel):
                               elem_id="chat-adapter", scale=2)
         refresh = gr.Button("refresh list", size="sm", elem_id="chat-refresh")
     system = gr.Textbox(label="system prompt", elem_id="chat-system")
-    with gr.Accordion("sampling", open=False), gr.Row():
+    with gr.Accordion("sampling", open=True), gr.Row():
         temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)", elem_id="chat-temperature")
         top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top p")
         top_k = gr.Number(value=0, label="top k (0: off)", precision=0)

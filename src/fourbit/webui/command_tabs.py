@@ -28,6 +28,7 @@ EVALUATE_KINDS = ("perplexity", "compare", "harness")
 EXPORT_KINDS = ("merge", "quantize", "gguf")
 COMPARE_METHODS = ("bf16", "nf4", "nf4-dq", "fp4", "int4-rtn", "gptq", "awq", "int8")
 QUANTIZE_METHODS = ("nf4", "fp4", "gptq", "awq", "rtn", "int8")
+LOG_LINES = 20  # the log's last lines a tab shows, all in view
 GGUF_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "f16", "bf16")
 
 
@@ -97,7 +98,8 @@ def _panel(prefix: str):
     status = gr.Markdown("no job yet", elem_id=f"{prefix}-status")
     with gr.Row():
         stop = gr.Button("stop", size="sm", elem_id=f"{prefix}-stop")
-    log = gr.Code(label="log (last lines)", language=None, elem_id=f"{prefix}-log", interactive=False)
+    log = gr.Code(label="log (last lines)", language=None, elem_id=f"{prefix}-log", interactive=False,
+                  max_lines=LOG_LINES)
     return status, stop, log
 
 
@@ -123,7 +125,8 @@ def build_evaluate(workdir: Path):
                               elem_id="eval-limit")
         harness = gr.Button("run tasks", variant="primary", elem_id="eval-harness")
     status, stop, log = _panel("eval")
-    plot = gr.Image(label="perplexity against bits per parameter", elem_id="eval-plot", type="filepath", height=360)
+    plot = gr.Image(label="perplexity against bits per parameter", elem_id="eval-plot", type="filepath", height=420,
+                    visible=False)
 
     def run(kind):
         def go(src, name, text, ctx, chosen, task_names, limit_):
@@ -144,7 +147,7 @@ def build_evaluate(workdir: Path):
     def refresh():
         job = latest(workdir, EVALUATE_KINDS)
         image = job.output if job and job.kind == "compare" and Path(job.output or "").is_file() else None
-        return job_summary(job), job.log_tail() if job else "", image
+        return job_summary(job), job.log_tail(LOG_LINES) if job else "", gr.update(value=image, visible=image is not None)
 
     gr.Timer(1.0).tick(refresh, None, [status, log, plot])
     return adapter
@@ -189,7 +192,7 @@ def build_export(workdir: Path):
 
     def refresh():
         job = latest(workdir, EXPORT_KINDS)
-        return job_summary(job), job.log_tail() if job else ""
+        return job_summary(job), job.log_tail(LOG_LINES) if job else ""
 
     gr.Timer(1.0).tick(refresh, None, [status, log])
     return adapter

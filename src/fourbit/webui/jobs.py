@@ -110,7 +110,7 @@ class Job:
     def log_tail(self, lines: int = 30) -> str:
         """The log's last lines, each progress bar at its latest state (tqdm redraws with '\\r')."""
         try:
-            text = (self.folder / LOG_FILE).read_text(errors="replace")
+            text = (self.folder / LOG_FILE).read_bytes().decode(errors="replace")  # keeps '\r' (read_text would not)
         except FileNotFoundError:
             return ""
         shown = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]

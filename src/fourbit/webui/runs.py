@@ -23,6 +23,7 @@ from ..train.plot import loss_figure
 from .jobs import Job, jobs
 
 CONFIG_FILE = "train.yaml"
+LOG_LINES = 20  # the log's last lines the tab shows, all in view
 _PROGRESS = re.compile(r"^training:.*?\|\s*(\d+)/(\d+)\b", re.M)
 
 
@@ -79,7 +80,7 @@ def view(workdir: Path, name: str) -> RunView:
     folder = job_folder(workdir, name)
     job = Job.load(folder)
     out = run_folder(workdir, name)
-    run = RunView(name, job.state(), log=job.log_tail(), error=job.error_line())
+    run = RunView(name, job.state(), log=job.log_tail(LOG_LINES), error=job.error_line())
     for record in _records(out / METRICS_FILE):
         if "eval_loss" in record:
             run.eval_losses.append((record["step"], record["eval_loss"]))

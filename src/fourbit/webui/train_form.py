@@ -66,7 +66,7 @@ FORM: list[tuple[str, list[Field]]] = [
         Field("per_device_train_batch_size", "batch size", "number"),
         Field("gradient_accumulation_steps", "gradient accumulation", "number"),
         Field("cutoff_len", "cutoff length", "number", "tokens per example"),
-        Field("gradient_checkpointing", "gradient checkpointing", "bool", "recompute activations: less memory, ~30% slower"),
+        Field("gradient_checkpointing", "gradient checkpointing", "bool", "less memory, slower"),
         Field("save_steps", "save every N steps", "number"),
         Field("seed", "seed", "number"),
     ]),

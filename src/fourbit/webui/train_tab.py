@@ -100,41 +100,46 @@ def demo_dataset(workdir: Path) -> tuple[str, str]:
 def build(workdir: Path):
     """The tab's components and events; returns the run selector (the other tabs list runs too)."""
     inputs: dict[str, gr.components.Component] = {}
-    with gr.Row():
-        name = gr.Textbox(label="run name", value="run-1", elem_id="run-name", scale=2,
-                          info=f"its folder: {workdir / 'runs'}/NAME")
-        overwrite = gr.Checkbox(label="overwrite a run of that name", value=False, elem_id="overwrite")
-    for group, fields in FORM:
-        with gr.Accordion(group, open=True), gr.Row():
-            for field in fields:
-                inputs[field.key] = _component(field)
-    with gr.Row():
-        upload = gr.File(label="upload a dataset (.json, .jsonl)", file_types=[".json", ".jsonl"], elem_id="upload",
-                         height=100)
-        demo = gr.Button("use the built-in demo task", elem_id="demo-task", size="sm")
-    with gr.Row():
-        check = gr.Button("check and preview", elem_id="check")
-        start = gr.Button("start training", variant="primary", elem_id="start")
-    message = gr.Markdown(elem_id="train-message")
-    with gr.Accordion("preview: the first rows as the template renders them", open=True):
-        rows = gr.HighlightedText(label="masked: not learned (prompt); trained: learned", elem_id="preview",
-                                  color_map={"trained": "green", "masked": "gray"}, show_legend=True,
-                                  combine_adjacent=True)
-    with gr.Row():
-        memory = gr.Code(label="memory estimate", language=None, elem_id="memory", interactive=False)
-        config_text = gr.Code(label="config (YAML)", language="yaml", elem_id="yaml", interactive=False)
-    command = gr.Textbox(label="the same run from a terminal", elem_id="command", interactive=False)
-
-    gr.Markdown("### Runs")
-    with gr.Row():
-        selected = gr.Dropdown(label="run", choices=runs.run_names(workdir), elem_id="runs", scale=3,
-                               allow_custom_value=False)
-        stop = gr.Button("stop", elem_id="stop", size="sm")
-        resume = gr.Button("resume", elem_id="resume", size="sm")
-        reopen = gr.Button("load its settings", elem_id="reopen", size="sm")
-    status = gr.Markdown(elem_id="run-status")
-    curve = gr.Plot(label="loss", elem_id="curve", format="png")
-    log = gr.Code(label="log (last lines)", language=None, elem_id="log", interactive=False)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):  # the form, its checks and what the run will be
+            with gr.Row():
+                name = gr.Textbox(label="run name", value="run-1", elem_id="run-name", scale=2,
+                                  info=f"its folder: {workdir / 'runs'}/NAME")
+                overwrite = gr.Checkbox(label="overwrite a run of that name", value=False, elem_id="overwrite")
+            for group, fields in FORM:
+                with gr.Accordion(group, open=True), gr.Row():
+                    for field in fields:
+                        inputs[field.key] = _component(field)
+            with gr.Row():
+                upload = gr.File(label="upload a dataset (.json, .jsonl)", file_types=[".json", ".jsonl"],
+                                 elem_id="upload", height=100)
+                demo = gr.Button("use the built-in demo task", elem_id="demo-task", size="sm")
+            with gr.Row():
+                check = gr.Button("check and preview", elem_id="check")
+                start = gr.Button("start training", variant="primary", elem_id="start")
+            message = gr.Markdown(elem_id="train-message")
+            rows = gr.HighlightedText(label="preview: the first rows as the template renders them (masked: not "
+                                            "learned; trained: learned)", elem_id="preview",
+                                      color_map={"trained": "green", "masked": "gray"}, show_legend=True,
+                                      combine_adjacent=True)
+            with gr.Row():
+                memory = gr.Code(label="memory estimate", language=None, elem_id="memory", interactive=False,
+                                 max_lines=16)
+                config_text = gr.Code(label="config (YAML)", language="yaml", elem_id="yaml", interactive=False,
+                                      max_lines=16)
+            command = gr.Textbox(label="the same run from a terminal", elem_id="command", interactive=False)
+        with gr.Column(scale=2):  # the runs: one watched live
+            gr.Markdown("### Runs")
+            selected = gr.Dropdown(label="run", choices=runs.run_names(workdir), elem_id="runs",
+                                   allow_custom_value=False)
+            with gr.Row():
+                stop = gr.Button("stop", elem_id="stop", size="sm")
+                resume = gr.Button("resume", elem_id="resume", size="sm")
+                reopen = gr.Button("load its settings", elem_id="reopen", size="sm")
+            status = gr.Markdown(elem_id="run-status")
+            curve = gr.Plot(label="loss", elem_id="curve", format="png")
+            log = gr.Code(label="log (last lines)", language=None, elem_id="log", interactive=False,
+                          max_lines=runs.LOG_LINES)
     shown = gr.State(None)  # (run, records drawn): the figure is redrawn only when it changed
 
     form = [inputs[k] for k in FORM_KEYS]
