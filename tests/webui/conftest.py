@@ -41,7 +41,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """``served(auth=None)``: the UI on a free port over a fresh working folder; (url, workdir)."""
+    """``served(auth=None)``: the UI on a free port over a fresh working folder; (url, workdir, app)."""
     from fourbit.webui.app import launch
 
     apps = []
@@ -50,7 +50,7 @@ def served(tmp_path_factory):
         workdir = tmp_path_factory.mktemp("webui-work")
         port = free_port()
         apps.append(launch(workdir, port=port, auth=auth, block=False))
-        return f"http://127.0.0.1:{port}/", workdir
+        return f"http://127.0.0.1:{port}/", workdir, apps[-1]
 
     yield serve
     for app in apps:

@@ -49,7 +49,7 @@ def steps_recorded(folder) -> list[int]:
 
 def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evaluates_and_exports(
         served, browser, model, data, tmp_path):
-    url, workdir = served()
+    url, workdir, app = served()
     page = browser
     page.open(url)
     start_form(page, model, data, "sums", max_steps=10, save_steps=3)
@@ -91,14 +91,13 @@ def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evalu
     page.fill("chat-model", model)
     page.click("chat-load")
     page.wait_text("chat-status", lambda t: t.startswith(("loaded", "**error")))
-    page.choose("chat-adapter", "sums")
     page.fill("chat-max-new", 40)
-    page.fill("chat-input", "What is 1 plus 2?")
+    page.fill("chat-input", "Write two sentences about the sea.")
     page.click("chat-send")
     seen = []  # the answer's text as the browser showed it, piece by piece
 
     def answered():  # the text has stopped changing for a second
-        bots = page.all("#chatbot .bot")
+        bots = page.all("#chatbot .bot-row")
         text = bots[-1].text if len(bots) == 1 else ""
         if not seen or seen[-1][0] != text:
             seen.append((text, time.monotonic()))
@@ -106,12 +105,12 @@ def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evalu
     page.wait(answered, 60, "the first answer")
     seen = {text for text, _ in seen if text}
     assert len({s for s in seen if s}) >= 3, seen  # streamed: the text grew in several steps
-    page.choose("chat-adapter", "base (no adapter)")  # mid-conversation
-    page.fill("chat-input", "And 2 plus 2?")
+    page.choose("chat-adapter", "sums")  # mid-conversation: the run's adapter answers next
+    page.fill("chat-input", "What is 1 plus 2?")
     page.click("chat-send")
-    page.wait(lambda: len(page.all("#chatbot .bot")) == 2 and page.all("#chatbot .bot")[-1].text.strip(), 60,
-              "the second answer")
-    assert len(page.all("#chatbot .user")) == 2
+    page.wait(lambda: len(page.all("#chatbot .user-row")) == 2 and len(page.all("#chatbot .bot-row")) == 2
+              and page.all("#chatbot .bot-row")[-1].text.strip(), 60, "the second answer")
+    assert app.chat.engine.adapters.names == ["sums"]  # loaded into the serving engine when chosen
     page.screenshot("chat")
 
     text = tmp_path / "text.txt"
@@ -139,7 +138,7 @@ def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evalu
 
 
 def test_a_stopped_run_keeps_its_checkpoints_and_the_ui_goes_on(served, browser, model, data):
-    url, workdir = served()
+    url, workdir, _ = served()
     page = browser
     page.open(url)
     start_form(page, model, data, "stopped", max_steps=200, save_steps=3)
@@ -159,7 +158,7 @@ def test_a_stopped_run_keeps_its_checkpoints_and_the_ui_goes_on(served, browser,
 
 
 def test_the_browser_shows_the_command_lines_refusal(served, browser, model, data, capsys):
-    url, workdir = served()
+    url, workdir, _ = served()
     page = browser
     page.open(url)
     start_form(page, model, data, "bad", max_steps=4, save_steps=4)
@@ -173,7 +172,7 @@ def test_the_browser_shows_the_command_lines_refusal(served, browser, model, dat
 
 
 def test_with_auth_nothing_is_served_before_the_login(served):
-    url, _ = served(auth="ada:s3cret")
+    url, _, _ = served(auth="ada:s3cret")
     with httpx.Client(base_url=url) as client:
         assert client.get("config").status_code in (401, 403)
         assert client.post("login", data={"username": "ada", "password": "wrong"}).status_code >= 400
