@@ -51,6 +51,9 @@ def served(chat_model, tmp_path_factory):
            "adapters": adapters, "root": root, "engine": engine}
     server.shutdown()
     server.server_close()
+    # its worker thread ends, and with it that thread's OpenMP pool: left alive, two pools on 2 CPUs
+    # stop libgomp spinning and every later test's torch ops run ~1.5x slower (serve/engine.py on_own_thread)
+    engine.close(timeout=30)
 
 
 def expected_chat(s, messages, max_tokens, adapter=None):

@@ -149,9 +149,13 @@ def test_unloading_an_adapter_fails_its_own_requests_only(served):
         t.join()
     assert status == 200
     assert results["base"] == expected(served, 20) and results["poet"] == expected(served, 20, "poet")
-    for i in range(3):  # each either finished before the unload or failed with a 4xx naming it
-        assert isinstance(results[f"spare{i}"], str) or (isinstance(results[f"spare{i}"], openai.BadRequestError)
-                                                         and "unloaded" in str(results[f"spare{i}"]))
+    # each finished before the unload, or failed with a 4xx naming the adapter: unloaded while it
+    # ran, or (a thread that reached the server only after the unload) not loaded at all
+    for i in range(3):
+        answer = results[f"spare{i}"]
+        assert isinstance(answer, str) or (isinstance(answer, openai.BadRequestError) and (
+            "adapter 'spare' was unloaded while the request ran" in str(answer)
+            or "no adapter named 'spare' is loaded" in str(answer))), answer
     api.reserve(api.limits.max_concurrent, None).release()  # a 429 here: rows were not given back
 
 

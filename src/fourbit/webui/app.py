@@ -81,6 +81,8 @@ def launch(workdir: str | os.PathLike = "fourbit-webui", host: str = "127.0.0.1"
         raise InputError("the web UI needs Gradio: pip install 'fourbit[webui]'") from None
     app = build_app(workdir)
     app.queue(default_concurrency_limit=4)
+    # allowed_paths: the files the page shows (the compare plot) are under the working folder
     app.launch(server_name=host, server_port=port, auth=credentials, prevent_thread_lock=not block, quiet=not block,
-               theme=theme(), ssr_mode=False, footer_links=[], show_error=True)
+               theme=theme(), ssr_mode=False, footer_links=[], show_error=True,
+               allowed_paths=[str(Path(workdir).resolve())])
     return app

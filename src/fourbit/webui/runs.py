@@ -93,7 +93,7 @@ def view(workdir: Path, name: str) -> RunView:
     bars = _PROGRESS.findall(job.log_tail(200))
     run.total_steps = int(bars[-1][1]) if bars else None
     run.checkpoints = [c.name for c in checkpoints(out)] if out.is_dir() else []
-    run.adapter = str(out) if (out / WEIGHTS_FILE).is_file() and job.state() == "finished" else None
+    run.adapter = str(out) if (out / WEIGHTS_FILE).is_file() and run.state == "finished" else None
     return run
 
 

@@ -21,9 +21,11 @@ import yaml
 from ..errors import InputError
 from ..io.datasets import resolve_dataset
 from ..io.sources import open_source
-from ..train.config import FIELDS, TrainConfig, load_config
+from ..optim import OPTIMIZERS
+from ..train.config import FIELDS, QUANT_TYPES, SCHEDULERS, TrainConfig, load_config
 from ..train.data import IGNORE_INDEX, encode_conversation
 from ..train.estimate import estimate_memory
+from ..train.report import REPORTERS
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ FORM: list[tuple[str, list[Field]]] = [
         Field("model_name_or_path", "model", "text",
               "a Hugging Face folder, a .gguf file or a hub id; empty: the embedded SmolLM2-135M-Instruct"),
         Field("quantization_bit", "quantization bits", "choice", "4: QLoRA; none: 16-bit LoRA", ("4", "none")),
-        Field("quantization_type", "4-bit data type", "choice", "", ("nf4", "fp4")),
+        Field("quantization_type", "4-bit data type", "choice", "", QUANT_TYPES),
         Field("double_quantization", "double quantization", "bool", "the absmax constants in 8 bits"),
         Field("template", "chat template", "text", "auto: the model's own; or chatml, llama3, alpaca, ..."),
     ]),
@@ -54,10 +56,9 @@ FORM: list[tuple[str, list[Field]]] = [
         Field("use_rslora", "rsLoRA", "bool", "scale alpha / sqrt(rank)"),
     ]),
     ("Optimization", [
-        Field("optim", "optimizer", "choice", "paged_*: state pages to the CPU under memory pressure",
-              ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")),
+        Field("optim", "optimizer", "choice", "paged_*: state pages to the CPU under memory pressure", OPTIMIZERS),
         Field("learning_rate", "learning rate", "number"),
-        Field("lr_scheduler_type", "scheduler", "choice", "", ("cosine", "linear", "constant", "constant_with_warmup")),
+        Field("lr_scheduler_type", "scheduler", "choice", "", SCHEDULERS),
         Field("warmup_ratio", "warmup ratio", "number"),
         Field("num_train_epochs", "epochs", "number"),
         Field("max_steps", "max steps", "number", "> 0 overrides epochs"),
@@ -69,6 +70,8 @@ FORM: list[tuple[str, list[Field]]] = [
         Field("gradient_checkpointing", "gradient checkpointing", "bool", "less memory, slower"),
         Field("save_steps", "save every N steps", "number"),
         Field("seed", "seed", "number"),
+        Field("report_to", "report to", "choice", "a tracker, through its own writer (an extra to install)",
+              ("none", *REPORTERS)),
     ]),
     ("Data", [
         Field("dataset", "dataset", "text",
@@ -76,6 +79,8 @@ FORM: list[tuple[str, list[Field]]] = [
         Field("dataset_dir", "dataset_dir", "text", "where dataset_info.json lives; empty: the UI's working folder"),
         Field("eval_dataset", "held-out exact-match set", "text", "optional: accuracy before and after training"),
         Field("train_on_prompt", "train on prompt", "bool", "also learn the prompt tokens"),
+        Field("val_size", "held out for the eval loss", "number", "a fraction (0.05) or a count (200); 0: none"),
+        Field("eval_steps", "eval loss every N steps", "text", "empty: at each save, and at the end"),
     ]),
 ]
 FORM_KEYS = [f.key for _, fields in FORM for f in fields]
