@@ -201,7 +201,8 @@ def test_local_completions_through_fourbit_serve_equals_the_harness_hf_model(tin
     model, tokenizer = fourbit.load_model(tiny["dense"], quantization=None, compute_dtype="float32")
     adapters = AdapterSet(model)
     adapters.add("capitals-lora", tiny["adapter"])
-    server = make_http_server(OpenAIServer(Engine(model, tokenizer, adapters, max_batch=8), "tiny"), "127.0.0.1", 0)
+    engine = Engine(model, tokenizer, adapters, max_batch=8)
+    server = make_http_server(OpenAIServer(engine, "tiny"), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
     tasks = TaskManager(include_defaults=False, include_path=str(task_file.parent))  # the file's task alone: quick
@@ -225,6 +226,7 @@ def test_local_completions_through_fourbit_serve_equals_the_harness_hf_model(tin
     finally:
         server.shutdown()
         server.server_close()
+        engine.close(timeout=30)  # its worker's OpenMP pool must not outlive the test (tests/conftest.py)
 
 
 def test_eval_tasks_bad_input_is_one_line_and_loads_nothing(tiny, task_file, tmp_path, capsys):

@@ -92,19 +92,27 @@ def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evalu
     page.fill("chat-model", model)
     page.click("chat-load")
     page.wait_text("chat-status", lambda t: t.startswith(("loaded", "**error")))
-    page.fill("chat-max-new", 40)
+    page.fill("chat-max-new", 60)
     page.fill("chat-input", "Write two sentences about the sea.")
+    # every text the answer's row shows, recorded by the page itself as the DOM changes (polling
+    # from here could miss a fast stream's intermediate states)
+    page.driver.execute_script("""
+        window.seen = [];
+        new MutationObserver(() => {
+            const rows = document.querySelectorAll('#chatbot .bot-row');
+            const text = rows.length ? rows[rows.length - 1].innerText : '';
+            if (text && window.seen[window.seen.length - 1] !== text) window.seen.push(text);
+        }).observe(document.querySelector('#chatbot'), {childList: true, subtree: true, characterData: true});""")
     page.click("chat-send")
-    seen = []  # the answer's text as the browser showed it, piece by piece
 
     def answered():  # the text has stopped changing for a second
-        bots = page.all("#chatbot .bot-row")
-        text = bots[-1].text if len(bots) == 1 else ""
-        if not seen or seen[-1][0] != text:
-            seen.append((text, time.monotonic()))
-        return text.strip() and time.monotonic() - seen[-1][1] > 1.0
+        texts = page.driver.execute_script("return window.seen")
+        if texts != answered.last:
+            answered.last, answered.since = texts, time.monotonic()
+        return texts and time.monotonic() - answered.since > 1.0
+    answered.last, answered.since = None, time.monotonic()
     page.wait(answered, 60, "the first answer")
-    seen = {text for text, _ in seen if text}
+    seen = page.driver.execute_script("return window.seen")
     assert len({s for s in seen if s}) >= 3, seen  # streamed: the text grew in several steps
     page.choose("chat-adapter", "sums")  # mid-conversation: the run's adapter answers next
     page.fill("chat-input", "What is 1 plus 2?")
