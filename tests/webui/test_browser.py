@@ -181,7 +181,8 @@ def test_the_browser_shows_the_command_lines_refusal(served, browser, model, dat
 
 
 def test_with_auth_nothing_is_served_before_the_login(served):
-    url, _, _ = served(auth="ada:s3cret")
+    url, _, app = served(auth="ada:s3cret")
+    assert app.server_name == "127.0.0.1"  # the default: this machine only
     with httpx.Client(base_url=url) as client:
         assert client.get("config").status_code in (401, 403)
         assert client.post("login", data={"username": "ada", "password": "wrong"}).status_code >= 400
