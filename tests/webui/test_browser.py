@@ -166,6 +166,29 @@ def test_a_stopped_run_keeps_its_checkpoints_and_the_ui_goes_on(served, browser,
     page.wait_text("train-message", lambda t: t.startswith(("checked", "**error", "error")))
 
 
+def test_compare_shows_its_table_and_its_plot(served, browser, model, tmp_path):
+    url, _, _ = served()
+    page = browser
+    page.open(url)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    page.tab("Evaluate")
+    page.fill("eval-model", model)
+    page.fill("eval-text", text)
+    page.fill("eval-context", 64)
+    page.tab("compare quantization methods")
+    for label in page.all("#eval-methods label"):  # bf16 and nf4 stay ticked
+        if label.text.strip() in ("nf4-dq", "fp4", "int4-rtn"):
+            label.click()
+    page.fill("eval-group-size", 32)
+    page.click("eval-compare")
+    page.wait_text("eval-status", lambda t: "compare: finished" in t or "failed" in t, 120)
+    log = page.text("eval-log")
+    assert "method" in log and "\nbf16 " in log and "\nnf4 " in log  # compare's table, a row per method
+    assert page.wait(lambda: page.find("#eval-plot img"), 10, "the plot").get_attribute("src")
+    page.screenshot("compare")
+
+
 def test_the_browser_shows_the_command_lines_refusal(served, browser, model, data, capsys):
     url, workdir, _ = served()
     page = browser

@@ -12,13 +12,14 @@ from fourbit.webui.chat_tab import BASE
 def test_each_evaluate_job_is_a_command_fourbit_parses(tmp_path, kind, adapter):
     folder = tmp_path / "jobs" / "job-1"
     args, output = command_tabs.evaluate_command(kind, tmp_path, folder, "some/model", adapter, "text.txt", 256,
-                                                 ["bf16", "nf4"], "arc_easy,my_task.yaml", 0.1)
+                                                 ["bf16", "nf4"], 32, "arc_easy,my_task.yaml", 0.1)
     parsed = build_parser().parse_args(args)
     assert parsed.source == "some/model"
     if kind == "perplexity":
         assert (parsed.perplexity, parsed.context, output) == ("text.txt", 256, None)
     elif kind == "compare":  # compare measures the quantization methods on the base alone
         assert (parsed.methods, parsed.plot, parsed.perplexity) == ("bf16,nf4", str(folder / "compare.png"), "text.txt")
+        assert parsed.group_size == 32
         assert output == parsed.plot
     else:
         assert (parsed.tasks, parsed.limit, parsed.output) == ("arc_easy,my_task.yaml", 0.1, str(folder / "results.json"))

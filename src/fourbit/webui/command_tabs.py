@@ -6,7 +6,7 @@ own progress bars and tables) and, once it has finished, what it wrote. The comm
 own input, so a refusal reads exactly as in a terminal (the job's last log line).
 
     Evaluate   perplexity   fourbit eval SRC [--adapter DIR] --perplexity FILE --context N
-               compare      fourbit compare SRC --methods ... --plot compare.png [--perplexity FILE]
+               compare      fourbit compare SRC --methods ... --group-size N --plot compare.png [--perplexity FILE]
                harness      fourbit eval SRC [--adapter DIR] --tasks ... [--limit N] --output results.json
     Export     merge        fourbit merge --base SRC --adapter DIR --output DIR [--requantize nf4]
                quantize     fourbit quantize SRC --method M --output DIR
@@ -33,7 +33,8 @@ GGUF_TYPES = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "f16", "bf16")
 
 
 def evaluate_command(kind: str, workdir: Path, folder: Path, source: str, adapter: str, text_file: str,
-                     context: int, methods: list[str], tasks: str, limit: float | None) -> tuple[list[str], str | None]:
+                     context: int, methods: list[str], group_size: int, tasks: str, limit: float | None
+                     ) -> tuple[list[str], str | None]:
     """(fourbit's arguments, the file it writes) for one Evaluate job."""
     src = [source] if source else []
     with_adapter = ["--adapter", str(runs.run_folder(workdir, adapter))] if adapter and adapter != BASE else []
@@ -41,7 +42,7 @@ def evaluate_command(kind: str, workdir: Path, folder: Path, source: str, adapte
         return ["eval", *src, *with_adapter, "--perplexity", text_file, "--context", str(int(context))], None
     if kind == "compare":
         plot = str(folder / "compare.png")
-        return (["compare", *src, "--methods", ",".join(methods), "--plot", plot]
+        return (["compare", *src, "--methods", ",".join(methods), "--group-size", str(int(group_size)), "--plot", plot]
                 + (["--perplexity", text_file] if text_file else []) + ["--context", str(int(context))]), plot
     output = str(folder / "results.json")
     return (["eval", *src, *with_adapter, "--tasks", tasks, "--output", output]
@@ -117,6 +118,8 @@ def build_evaluate(workdir: Path):
         methods = gr.CheckboxGroup(list(COMPARE_METHODS), value=["bf16", "nf4", "nf4-dq", "fp4", "int4-rtn"],
                                    label="methods (on the model without adapter; text: the file above, or Python's "
                                          "documentation)", elem_id="eval-methods")
+        group_size = gr.Number(value=128, precision=0, label="group size (int4-rtn, gptq, awq; -1: one per row)",
+                               elem_id="eval-group-size")
         compare = gr.Button("compare", variant="primary", elem_id="eval-compare")
     with gr.Tab("lm-evaluation-harness"):
         with gr.Row():
@@ -129,16 +132,17 @@ def build_evaluate(workdir: Path):
                     visible=False)
 
     def run(kind):
-        def go(src, name, text, ctx, chosen, task_names, limit_):
+        def go(src, name, text, ctx, chosen, group, task_names, limit_):
             try:
                 start_command(workdir, kind, lambda folder: evaluate_command(
-                    kind, workdir, folder, src.strip(), name, text.strip(), ctx or 512, chosen, task_names, limit_))
+                    kind, workdir, folder, src.strip(), name, text.strip(), ctx or 512, chosen, group or 128, task_names,
+                    limit_))
             except Exception as e:  # shown on the page; the UI goes on
                 return f"**error:** {one_line(e)}"
             return job_summary(latest(workdir, EVALUATE_KINDS))
         return go
 
-    inputs = [source, adapter, text_file, context, methods, tasks, limit]
+    inputs = [source, adapter, text_file, context, methods, group_size, tasks, limit]
     perplexity.click(run("perplexity"), inputs, status)
     compare.click(run("compare"), inputs, status)
     harness.click(run("harness"), inputs, status)
