@@ -133,19 +133,14 @@ def build_evaluate(workdir: Path):
 
     def run(kind):
         def go(src, name, text, ctx, chosen, group, task_names, limit_):
-            try:
-                start_command(workdir, kind, lambda folder: evaluate_command(
-                    kind, workdir, folder, src.strip(), name, text.strip(), ctx or 512, chosen, group or 128, task_names,
-                    limit_))
-            except Exception as e:  # shown on the page; the UI goes on
-                return f"**error:** {one_line(e)}"
-            return job_summary(latest(workdir, EVALUATE_KINDS))
+            return _started(workdir, kind, EVALUATE_KINDS, lambda folder: evaluate_command(
+                kind, workdir, folder, src.strip(), name, text.strip(), ctx or 512, chosen, group or 128, task_names,
+                limit_))
         return go
 
     inputs = [source, adapter, text_file, context, methods, group_size, tasks, limit]
-    perplexity.click(run("perplexity"), inputs, status)
-    compare.click(run("compare"), inputs, status)
-    harness.click(run("harness"), inputs, status)
+    for button, kind in zip((perplexity, compare, harness), EVALUATE_KINDS, strict=True):
+        button.click(run(kind), inputs, status)
     stop.click(lambda: _stop(latest(workdir, EVALUATE_KINDS)), None, None)
 
     def refresh():
@@ -180,18 +175,13 @@ def build_export(workdir: Path):
     def run(kind):
         def go(src, adapter_, name_, merge_as_, method_, gguf_type_):
             chosen = merge_as_ if kind == "merge" else method_
-            try:
-                start_command(workdir, kind, lambda folder: export_command(
-                    kind, workdir, src.strip(), adapter_, name_.strip(), chosen, gguf_type_))
-            except Exception as e:  # shown on the page; the UI goes on
-                return f"**error:** {one_line(e)}"
-            return job_summary(latest(workdir, EXPORT_KINDS))
+            return _started(workdir, kind, EXPORT_KINDS, lambda folder: export_command(
+                kind, workdir, src.strip(), adapter_, name_.strip(), chosen, gguf_type_))
         return go
 
     inputs = [source, adapter, name, merge_as, method, gguf_type]
-    merge.click(run("merge"), inputs, status)
-    quantize.click(run("quantize"), inputs, status)
-    gguf.click(run("gguf"), inputs, status)
+    for button, kind in zip((merge, quantize, gguf), EXPORT_KINDS, strict=True):
+        button.click(run(kind), inputs, status)
     stop.click(lambda: _stop(latest(workdir, EXPORT_KINDS)), None, None)
 
     def refresh():
@@ -200,6 +190,15 @@ def build_export(workdir: Path):
 
     gr.Timer(1.0).tick(refresh, None, [status, log])
     return adapter
+
+
+def _started(workdir: Path, kind: str, kinds: tuple[str, ...], build) -> str:
+    """Start ``build``'s command as a job of ``kind``: the tab's status, or why it was refused."""
+    try:
+        start_command(workdir, kind, build)
+    except Exception as e:  # shown on the page; the UI goes on
+        return f"**error:** {one_line(e)}"
+    return job_summary(latest(workdir, kinds))
 
 
 def _stop(job: jobs.Job | None) -> None:
