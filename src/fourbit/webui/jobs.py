@@ -141,7 +141,7 @@ def check_name(name: str, what: str = "run name") -> str:
 
 
 def start(folder: str | os.PathLike, kind: str, argv: list[str], output: str | None = None,
-          env: dict[str, str] | None = None, append_log: bool = False) -> Job:
+          append_log: bool = False) -> Job:
     """Run ``argv`` as job ``folder`` (created; a finished job's folder is reused, its log kept
     when ``append_log``). Refuses a folder whose job is still running."""
     folder = Path(folder).resolve()
@@ -150,15 +150,14 @@ def start(folder: str | os.PathLike, kind: str, argv: list[str], output: str | N
     folder.mkdir(parents=True, exist_ok=True)
     for marker in (EXIT_FILE, STOPPED_FILE):
         (folder / marker).unlink(missing_ok=True)
-    exit_file = folder / EXIT_FILE
+    exit_file = shlex.quote(str(folder / EXIT_FILE))
     # the shell records the exit status atomically (a reader never sees a half-written number)
-    script = f'"$@"; code=$?; echo $code > {shlex.quote(str(exit_file))}.tmp && mv {shlex.quote(str(exit_file))}.tmp ' \
-             f'{shlex.quote(str(exit_file))}'
+    script = f'"$@"; echo $? > {exit_file}.tmp && mv {exit_file}.tmp {exit_file}'
     log = open(folder / LOG_FILE, "ab" if append_log else "wb")
     try:
         child = subprocess.Popen(
             ["sh", "-c", script, str(folder), *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=os.getcwd(), env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the log fills as it prints
         )
     finally:
         log.close()
