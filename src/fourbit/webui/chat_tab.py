@@ -49,14 +49,16 @@ class ChatModel:
         return f"loaded {source or 'SmolLM2-135M-Instruct (embedded)'} ({quantization})"
 
     def use(self, name: str, folder: Path) -> None:
-        """Load run ``name``'s adapter into the engine unless its current version is there."""
-        mtime = (folder / WEIGHTS_FILE).stat().st_mtime
-        if self._versions.get(name) == mtime:
-            return
-        if name in self._versions:
-            self.engine.unload_adapter(name)
-        self.engine.load_adapter(name, folder)
-        self._versions[name] = mtime
+        """Load run ``name``'s adapter into the engine unless its current version is there (under
+        the lock: two browser tabs choosing it at once load it once)."""
+        with self._lock:
+            mtime = (folder / WEIGHTS_FILE).stat().st_mtime
+            if self._versions.get(name) == mtime:
+                return
+            if name in self._versions:
+                self.engine.unload_adapter(name)
+            self.engine.load_adapter(name, folder)
+            self._versions[name] = mtime
 
     def answer(self, conversation: list[dict], adapter: str | None, sampling: Sampling) -> Iterator[str]:
         """The answer's text so far, after each decoded piece."""

@@ -82,17 +82,17 @@ def latest(workdir: Path, kinds: tuple[str, ...]) -> jobs.Job | None:
     return found[0] if found else None
 
 
-def job_summary(job: jobs.Job | None) -> str:
+def shown(job: jobs.Job | None) -> tuple[str, str]:
+    """(the job's summary, its log's last lines), from one read of its folder."""
     if job is None:
-        return "no job yet"
-    state = job.state()
-    lines = [f"**{job.kind}**: {state}", f"`{job.command}`"]
-    if state == "finished" and job.output:
+        return "no job yet", ""
+    status = job.status(LOG_LINES)
+    lines = [f"**{job.kind}**: {status.state}", f"`{job.command}`"]
+    if status.state == "finished" and job.output:
         lines.append(f"output: `{job.output}`")
-    error = job.error_line()
-    if error:
-        lines.append(f"**error:** `{error}`")
-    return "\n\n".join(lines)
+    if status.error:
+        lines.append(f"**error:** `{status.error}`")
+    return "\n\n".join(lines), status.log
 
 
 def _panel(prefix: str):
@@ -146,7 +146,7 @@ def build_evaluate(workdir: Path):
     def refresh():
         job = latest(workdir, EVALUATE_KINDS)
         image = job.output if job and job.kind == "compare" and Path(job.output or "").is_file() else None
-        return job_summary(job), job.log_tail(LOG_LINES) if job else "", gr.update(value=image, visible=image is not None)
+        return *shown(job), gr.update(value=image, visible=image is not None)
 
     gr.Timer(1.0).tick(refresh, None, [status, log, plot])
     return adapter
@@ -185,8 +185,7 @@ def build_export(workdir: Path):
     stop.click(lambda: _stop(latest(workdir, EXPORT_KINDS)), None, None)
 
     def refresh():
-        job = latest(workdir, EXPORT_KINDS)
-        return job_summary(job), job.log_tail(LOG_LINES) if job else ""
+        return shown(latest(workdir, EXPORT_KINDS))
 
     gr.Timer(1.0).tick(refresh, None, [status, log])
     return adapter
@@ -198,7 +197,7 @@ def _started(workdir: Path, kind: str, kinds: tuple[str, ...], build) -> str:
         start_command(workdir, kind, build)
     except Exception as e:  # shown on the page; the UI goes on
         return f"**error:** {one_line(e)}"
-    return job_summary(latest(workdir, kinds))
+    return shown(latest(workdir, kinds))[0]
 
 
 def _stop(job: jobs.Job | None) -> None:

@@ -43,6 +43,15 @@ def fourbit_command(*args: str) -> list[str]:
 
 
 @dataclass
+class Status:
+    """What a job's folder says: its state, the log's last lines, a failed command's last line."""
+
+    state: str
+    log: str
+    error: str | None
+
+
+@dataclass
 class Job:
     folder: Path
     kind: str
@@ -119,12 +128,16 @@ class Job:
             shown.pop()
         return "\n".join(shown[-lines:])
 
+    def status(self, lines: int = 30) -> Status:
+        """The state, the log's last ``lines`` and, for a failed or crashed command, the last line
+        it printed ('fourbit train: error: ...', or a traceback's last line): each read once."""
+        state, log = self.state(), self.log_tail(lines)
+        printed = [line for line in log.splitlines() if line.strip()]
+        failed = state.startswith(("failed", "crashed")) and printed
+        return Status(state, log, printed[-1] if failed else None)
+
     def error_line(self) -> str | None:
-        """What a failed command printed last ('fourbit train: error: ...', or a traceback's last line)."""
-        if self.state().startswith(("failed", "crashed")):
-            tail = [line for line in self.log_tail(200).splitlines() if line.strip()]
-            return tail[-1] if tail else None
-        return None
+        return self.status().error
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

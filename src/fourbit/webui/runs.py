@@ -80,7 +80,8 @@ def view(workdir: Path, name: str) -> RunView:
     folder = job_folder(workdir, name)
     job = Job.load(folder)
     out = run_folder(workdir, name)
-    run = RunView(name, job.state(), log=job.log_tail(LOG_LINES), error=job.error_line())
+    status = job.status(200)  # enough lines for the progress bar's last state
+    run = RunView(name, status.state, log="\n".join(status.log.splitlines()[-LOG_LINES:]), error=status.error)
     for record in _records(out / METRICS_FILE):
         if "eval_loss" in record:
             run.eval_losses.append((record["step"], record["eval_loss"]))
@@ -90,7 +91,7 @@ def view(workdir: Path, name: str) -> RunView:
             run.learning_rates.append(record["lr"])
             run.tokens_per_s = record.get("tokens_per_s")
     run.step = run.steps[-1] if run.steps else 0
-    bars = _PROGRESS.findall(job.log_tail(200))
+    bars = _PROGRESS.findall(status.log)
     run.total_steps = int(bars[-1][1]) if bars else None
     run.checkpoints = [c.name for c in checkpoints(out)] if out.is_dir() else []
     run.adapter = str(out) if (out / WEIGHTS_FILE).is_file() and run.state == "finished" else None

@@ -44,8 +44,9 @@ def prepare(workdir: Path, name: str, values: dict[str, Any], overwrite: bool = 
 
 
 def start_run(workdir: Path, name: str, values: dict[str, Any], overwrite: bool = False) -> jobs.Job:
+    name = check_name(name)
     config, text, _ = prepare(workdir, name, values, overwrite)
-    folder = runs.job_folder(workdir, check_name(name))
+    folder = runs.job_folder(workdir, name)
     if (folder / jobs.JOB_FILE).exists() and jobs.Job.load(folder).running():
         raise ValueError(f"run {name!r} is still running; stop it first")
     folder.mkdir(parents=True, exist_ok=True)
