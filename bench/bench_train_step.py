@@ -1,30 +1,41 @@
-"""One QLoRA training step on CPU: fourbit vs transformers + bitsandbytes + peft, side by side.
+"""One LoRA training step on CPU: fourbit's QLoRA, transformers + bitsandbytes + peft, and
+fourbit's LoRA on the unquantized model, side by side.
 
-    python bench/bench_train_step.py [--steps 5] [--warmup 1] [--rounds 1] [--threads N]
-                                     [--batch 4] [--seq 128] [--gradient-checkpointing]
+    python bench/bench_train_step.py [--compute-dtype auto|float32|bfloat16] [--steps 5] [--warmup 1]
+                                     [--rounds 1] [--threads N] [--batch 4] [--seq 128]
+                                     [--gradient-checkpointing] [--sides ours,peer,lora]
     python bench/bench_train_step.py --steps 1 --warmup 0 --layers 2 --threads 1   # smoke test
 
 Question: how long does one QLoRA step of the default model (SmolLM2-135M-Instruct, a Llama:
 hidden 576, 30 layers, vocab 49152, tied embeddings) take with fourbit, next to the usual
-stack, and how much memory does each add?
+stack, and how much memory does each add? And what does 4 bits cost over no quantization at
+all: the third side ("lora") trains the same adapters on the unquantized model, its weights in
+the compute dtype (bf16 with "auto" on a CPU with native bf16: 16-bit LoRA), so ours / lora is
+the price of dequantizing.
 
 Method
-- Same work on both sides: the embedded SmolLM2 GGUF, dequantized to fp32 (ours: fourbit's
-  loader, streaming; peer: transformers' GgufConfig(dequantize=True), saved once as a dense
+- Same work on every side: the embedded SmolLM2 GGUF, dequantized (ours and lora: fourbit's
+  loader, streaming; peer: transformers' GgufConfig(dequantize=True), saved once as a dense fp32
   folder under <fourbit cache>/bench/smollm2-hf), then NF4 + double quantization of every linear
-  but lm_head, fp32 compute; LoRA r=16, alpha=32, dropout 0 on q,k,v,o,gate,up,down; AdamW lr 1e-4,
-  weight decay 0 (fourbit's default; torch's own default of 0.01 is overridden); one batch of
-  random token ids (fixed seed, labels = inputs, all positions attended). Gradient checkpointing
-  only with --gradient-checkpointing (non-reentrant on both; the peer then goes through
+  but lm_head (not on the lora side); the unquantized weights (embeddings, norms) in the compute
+  dtype as fourbit's load_model keeps them, and so for the peer (dtype=, bnb_4bit_compute_dtype=);
+  "auto" is resolved once in the parent, as fourbit resolves it (precision.py). LoRA r=16,
+  alpha=32, dropout 0 on q,k,v,o,gate,up,down; AdamW lr 1e-4, weight decay 0 (fourbit's
+  default; torch's own default of 0.01 is overridden); adapters in fp32 on every side
+  (fourbit's default, and PEFT's autocast_adapter_dtype); one batch of random token ids (fixed
+  seed, labels = inputs, all positions attended). Gradient checkpointing only with
+  --gradient-checkpointing (non-reentrant everywhere; the peer then goes through
   peft.prepare_model_for_kbit_training). Loss: ours = causal_lm_loss(...) / predicted tokens,
   peer = model(..., labels).loss; both the mean next-token cross-entropy.
 - Sanity: LoRA B starts at 0, so each side's first loss is the base model's loss on the batch;
-  the two should agree within ~2% (same weights, same NF4 codes). Both are printed; a larger gap
+  ours and peer should agree within ~2% (same weights, same NF4 codes), lora within a few
+  percent of them (NF4's rounding of the weights moves a random batch's loss by ~1%). Both are printed; a larger gap
   is flagged loudly, since a benchmark comparing different work is worthless.
 - Each side runs in its own subprocess (peak memory is per side). Step = forward + backward +
-  optimizer.step() + zero_grad(), timed with time.perf_counter; warm-up steps are untimed. With
-  --rounds R the two subprocesses alternate (ours, peer, peer, ours, ...) so drift hits both
-  alike; each side's figure is the median of all its timed steps. torch threads (and
+  optimizer.step() + zero_grad(), timed with time.perf_counter; warm-up steps are untimed (the
+  first step also compiles fourbit's CPU kernels where they are compiled). With --rounds R the
+  subprocesses take turns in a rotating order (ours, peer, lora; peer, lora, ours; ...) so drift
+  hits all alike; each side's figure is the median of all its timed steps. torch threads (and
   OMP_NUM_THREADS) = --threads in both children.
 - Memory: "peak added" = VmHWM (the kernel's high-water RSS, fourbit.peak_memory, reset through
   /proc/self/clear_refs just before building) minus RSS right before building the model, so the
@@ -34,9 +45,10 @@ Method
   both minus the same baseline, so step peak - after build is what a step itself adds. "model" =
   bytes of the model's state (parameters, buffers, 4-bit quant states, LoRA), shared storage counted once.
 - Reading it: ratio time = peer s/step / ours (>1: we are faster); ratio peak = peer peak / ours
-  (>1: we use less). --layers N keeps only the first N decoder layers (after loading, on both
-  sides): a smoke test only, its numbers mean nothing. The table goes to
-  bench/results/train-step-cpu.json (or $OUT when set).
+  (>1: we use less); ours/lora time = ours s/step / lora's (1.10: 4 bits cost 10%). --layers N
+  keeps only the first N decoder layers (after loading, on every side): a smoke test only, its
+  numbers mean nothing. The table goes to bench/results/train-step-cpu-<dtype>.json (or $OUT
+  when set).
 """
 
 from __future__ import annotations
@@ -53,6 +65,7 @@ import warnings
 from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIDES = {"ours": "fourbit QLoRA", "peer": "transformers + bitsandbytes + peft", "lora": "fourbit LoRA, unquantized"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,9 +80,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--layers", type=int, default=None, help="keep the first N layers (smoke tests only)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the matmuls (and of the unquantized weights); auto: as fourbit chooses")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child", choices=["ours", "peer", "prepare"], help=argparse.SUPPRESS)
-    return p.parse_args()
+    p.add_argument("--child", choices=[*SIDES, "prepare"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.sides = args.sides.split(",")
+    if unknown := set(args.sides) - set(SIDES):
+        p.error(f"unknown side(s) {sorted(unknown)}; expected some of {','.join(SIDES)}")
+    return args
 
 
 def peer_folder() -> Path:  # mirrors fourbit.io.default_model.cache_dir(), without importing torch here
@@ -101,10 +121,12 @@ def prepare() -> None:
 def build(side: str, args):
     import torch
 
-    if side == "ours":
+    dtype = getattr(torch, args.compute_dtype)  # resolved by the parent: float32 or bfloat16
+    if side in ("ours", "lora"):
         import fourbit
 
-        model, _ = fourbit.load_model(None, quantization="nf4", double_quant=True, compute_dtype="float32")
+        quantization = "nf4" if side == "ours" else None
+        model, _ = fourbit.load_model(None, quantization=quantization, double_quant=True, compute_dtype=dtype)
         truncate(model, args.layers)
         fourbit.add_lora(model, r=args.rank, alpha=args.alpha, target="all-linear", verbose=False)
         if args.gradient_checkpointing:
@@ -119,8 +141,8 @@ def build(side: str, args):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        model = AutoModelForCausalLM.from_pretrained(peer_folder(), dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+        model = AutoModelForCausalLM.from_pretrained(peer_folder(), dtype=dtype, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
         truncate(model, args.layers)
         if args.gradient_checkpointing:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -228,19 +250,22 @@ def main() -> None:
         return child(args.child, args)
 
     env = environment(args.threads)
+    command = "python bench/bench_train_step.py " + " ".join(sys.argv[1:])
+    if args.compute_dtype == "auto":
+        args.compute_dtype = env["auto_compute_dtype"].removeprefix("torch.")
     print("  ".join(f"{k}: {v}" for k, v in env.items()))
     print(f"batch {args.batch} x {args.seq} tokens, LoRA r={args.rank} alpha={args.alpha:g} on {','.join(TARGETS)}, "
-          f"NF4 + double quant, fp32 compute, AdamW lr 1e-4, gradient checkpointing "
+          f"NF4 + double quant, {args.compute_dtype} compute, AdamW lr 1e-4, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}, layers {args.layers or 'all'}, "
           f"{args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s)")
-    argv = sys.argv[1:]
-    if not (peer_folder() / "config.json").is_file():
+    argv = [*sys.argv[1:], "--compute-dtype", args.compute_dtype]  # the children's: resolved (argparse keeps the last)
+    if "peer" in args.sides and not (peer_folder() / "config.json").is_file():
         print(f"preparing the dense peer folder {peer_folder()} (once)")
         run_child("prepare", argv, args.threads)
 
-    runs = {"ours": [], "peer": []}
+    runs = {side: [] for side in args.sides}
     for r in range(args.rounds):
-        for side in (["ours", "peer"] if r % 2 == 0 else ["peer", "ours"]):
+        for side in args.sides[r % len(args.sides):] + args.sides[:r % len(args.sides)]:
             res = run_child(side, argv, args.threads)
             runs[side].append(res)
             print(f"round {r} {side}: steps {' '.join(f'{t:.3f}' for t in res['times'])} s, first loss "
@@ -259,30 +284,38 @@ def main() -> None:
             "trainable": results[0]["trainable"],
         }
         rows[side]["tokens_per_s"] = tokens / rows[side]["median_s"]
-    gap = abs(rows["ours"]["initial_loss"] - rows["peer"]["initial_loss"]) / rows["peer"]["initial_loss"]
-    ratio_time = rows["peer"]["median_s"] / rows["ours"]["median_s"]
-    ratio_peak = rows["peer"]["peak_added_mib"] / rows["ours"]["peak_added_mib"]
+    ratios = {}
+    if {"ours", "peer"} <= rows.keys():
+        ratios["peer/ours time"] = rows["peer"]["median_s"] / rows["ours"]["median_s"]
+        ratios["peer/ours peak"] = rows["peer"]["peak_added_mib"] / rows["ours"]["peak_added_mib"]
+    if {"ours", "lora"} <= rows.keys():
+        ratios["ours/lora time"] = rows["ours"]["median_s"] / rows["lora"]["median_s"]
+    gaps = {side: abs(row["initial_loss"] - rows["ours"]["initial_loss"]) / rows["ours"]["initial_loss"]
+            for side, row in rows.items() if side != "ours" and "ours" in rows}
 
     print(f"\n{'side':<6}{'s/step':>9}{'tokens/s':>10}{'peak added MiB':>16}{'after build':>13}{'step peak':>11}"
-          f"{'model MiB':>11}{'first loss':>12}")
+          f"{'model MiB':>11}{'first loss':>12}   {args.compute_dtype} compute")
     for side, row in rows.items():
         print(f"{side:<6}{row['median_s']:>9.3f}{row['tokens_per_s']:>10.1f}{row['peak_added_mib']:>16.0f}"
               f"{row['ready_added_mib']:>13.0f}{row['step_peak_added_mib']:>11.0f}{row['model_mib']:>11.1f}"
-              f"{row['initial_loss']:>12.4f}")
-    print(f"ratio time peer/ours {ratio_time:.2f}x (>1: we are faster)   "
-          f"ratio peak peer/ours {ratio_peak:.2f}x (>1: we use less)")
+              f"{row['initial_loss']:>12.4f}   {SIDES[side]}")
+    meaning = {"peer/ours time": ">1: we are faster", "peer/ours peak": ">1: we use less",
+               "ours/lora time": "what 4 bits cost over the unquantized model"}
+    print("   ".join(f"{name} {value:.2f}x ({meaning[name]})" for name, value in ratios.items()))
     if not all(res["peak_reset"] for results in runs.values() for res in results):
         print("note: /proc/self/clear_refs was not writable: peaks are since process start, step peak = overall peak")
-    if gap > 0.02:
-        print(f"\n!!! WARNING: first losses differ by {100 * gap:.1f}% (> 2%): the two sides do NOT compute the same "
-              f"thing; do not trust the ratio !!!")
+    limits = {"peer": 0.02, "lora": 0.05}  # same NF4 codes; NF4's rounding of every weight (see Method)
+    for side, gap in gaps.items():
+        if gap > limits[side]:
+            print(f"\n!!! WARNING: first losses of ours and {side} differ by {100 * gap:.1f}% (> {100 * limits[side]:.0f}%):"
+                  f" the two do NOT compute the same thing; do not trust their ratio !!!")
 
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "train-step-cpu.json"
-    path.write_text(json.dumps({"command": "python bench/bench_train_step.py " + " ".join(argv), "environment": env,
+    path = out_dir / f"train-step-cpu-{args.compute_dtype}.json"
+    path.write_text(json.dumps({"command": command, "environment": env,
                                 "settings": {k: v for k, v in vars(args).items() if k != "child"}, "rows": rows,
-                                "ratio_time": ratio_time, "ratio_peak": ratio_peak, "loss_gap": gap}, indent=1) + "\n")
+                                "ratios": ratios, "first_loss_gaps": gaps}, indent=1) + "\n")
     print(f"wrote {path}")
 
 
