@@ -9,7 +9,10 @@ it on this op with ``dequantize_4bit_op.register_kernel`` and is tested against 
 CUDA kernel: the Triton kernel in kernels/triton/dequantize.py (one pass, double quantization
 included), imported the first time a CUDA tensor arrives.
 
-CPU kernel: one lookup per two packed bytes instead of unpacking nibbles. A byte b holds the
+CPU kernels: for a weight of 64 Ki values or more, the reference's formula compiled by
+torch.compile (kernels/cpu/dequantize.py: one fused, vectorized pass; 2-3x faster than the
+table kernel below, which it falls back to where it cannot compile). The table kernel (smaller
+weights, odd sizes): one lookup per two packed bytes instead of unpacking nibbles. A byte b holds the
 codes (b >> 4, b & 15), so two bytes read as a little-endian 16-bit index b0 + 256 b1 select
 a row of a 65536 x 4 table (1 MiB, cache-resident) holding their four values in order; one
 gather yields the interleaved values and each block is then scaled in place by its absmax.
@@ -27,6 +30,7 @@ import torch
 from ..quant.double_quant import NestedState
 from ..quant.four_bit import dequantize_4bit_reference
 from ..quant.state import QuantState
+from .cpu import dequantize as compiled
 
 
 @torch.library.custom_op("fourbit::dequantize_4bit", mutates_args=())
@@ -48,6 +52,20 @@ def dequantize_4bit_op(
 
 @dequantize_4bit_op.register_kernel("cpu")
 def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype):
+    numel = math.prod(shape)
+    if packed.numel() * packed.element_size() == (numel + 1) // 2 and compiled.supports(
+            numel, blocksize, nested_absmax is not None, dtype):
+        weight = compiled.dequantize_4bit(
+            packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype)
+        if weight is not None:
+            return weight
+    return dequantize_4bit_table(
+        packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype)
+
+
+def dequantize_4bit_table(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                          shape, dtype):
+    """The eager CPU kernel (the 65536-entry table, see above)."""
     state = _state(absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype)
     numel = state.numel
     data = packed.reshape(-1).view(torch.uint8)
