@@ -3,8 +3,11 @@
     python bench/bench_serve.py [--new-tokens 32] [--requests 16] [--concurrency 8] [--device cpu|cuda]
 
 Questions: (1) how many tokens a second does fourbit's generation loop decode for one sequence,
-next to transformers' own ``generate`` on the same loaded model; (2) how many requests a second
-does ``fourbit serve`` answer when many arrive at once, and how much of that is batching.
+next to transformers' own ``generate`` on the same loaded model; (2) on a CPU, what decoding
+straight from the 4-bit weights costs next to the dense cache the engine keeps there by
+default, at batch 1 and 8, and how far both are from llama.cpp on the embedded model's own
+GGUF; (3) how many requests a second does ``fourbit serve`` answer when many arrive at once,
+and how much of that is batching.
 
 Method
 - Model: the embedded SmolLM2-135M-Instruct, NF4 + double quant (fourbit.load_model; compute
@@ -14,6 +17,13 @@ Method
   same KV cache type), alternating, median of --repeats after a warm-up; tokens/s = new tokens
   / seconds (the prefill included, as a user waits for it). On a CPU both run inside
   ``dense_weights`` (what the engine does there by default), so neither dequantizes per token.
+- CPU decode (question 2): fourbit ``serve.generate`` on --batch-rows copies of the prompt
+  (1 and 8), once inside ``dense_weights`` (the engine's default on a CPU: every Linear4bit
+  dequantized once and prepacked, the dense model's memory) and once without it (each product
+  dequantizes its 4-bit weight: the 4-bit model's memory), and llama-cpp-python (test extra)
+  on the GGUF the embedded model ships as (Q4_1 linears) at batch 1, greedy with EOS ignored,
+  n_threads = torch's threads; the same --new-tokens each, prefill included, the variants
+  alternating, median of --repeats. tokens/s counts every row's tokens.
 - Load: the OpenAI server (serve/server.py) in this process on a free port, driven over HTTP by
   --concurrency client threads sending --requests chat requests (max_tokens = --new-tokens).
   Once with the engine batching up to 16 rows, once with max_batch=1 (one request at a time,
@@ -88,6 +98,43 @@ def _time_both(ours, theirs, ids, args) -> dict:
     return {"tokens_per_s": rates, "ratio": rates["fourbit"] / rates["transformers"], "same_tokens": same}
 
 
+def decode_cpu(model, tokenizer, ids: list[int], args) -> dict:
+    """tokens/s of fourbit's generation from dense-cached and from 4-bit weights, and of llama.cpp."""
+    sampling = Sampling(max_new_tokens=args.new_tokens)
+    variants = {}
+    for rows in args.batch_rows:
+        def ours(rows=rows):
+            return generate(model, tokenizer, [ids] * rows, sampling, eos_ids=set())
+        variants[f"dense cache, batch {rows}"] = (ours, rows, True)
+        variants[f"4-bit, batch {rows}"] = (ours, rows, False)
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed (pip install 'fourbit[test]'): no llama.cpp row")
+    else:
+        from fourbit.io.default_model import default_model_path
+
+        llm = llama_cpp.Llama(str(default_model_path()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+        def theirs():
+            produced = 0
+            for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):  # never stops by itself: EOS ignored
+                produced += 1
+                if produced == args.new_tokens:
+                    return
+        variants["llama.cpp Q4_1, batch 1"] = (theirs, 1, False)
+
+    times = {name: [] for name in variants}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for name, (fn, _rows, dense) in variants.items():
+            with dense_weights(model) if dense else contextlib.nullcontext():
+                start = time.perf_counter()
+                fn()
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+    return {name: variants[name][1] * args.new_tokens / statistics.median(t) for name, t in times.items()}
+
+
 def load(model, tokenizer, adapters, args, max_batch: int) -> dict:
     engine = Engine(model, tokenizer, adapters, max_batch=max_batch)
     server = make_http_server(OpenAIServer(engine, "bench"), "127.0.0.1", 0)
@@ -133,30 +180,54 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-rows", default="1,8", help="rows of the CPU decode comparison, comma-separated")
+    p.add_argument("--skip-load", action="store_true", help="only the decode measurements")
     args = p.parse_args()
+    args.batch_rows = [int(r) for r in args.batch_rows.split(",")]
     model, tokenizer = fourbit.load_model(None, device=args.device)
     text = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+    from fourbit.precision import cpu_kind
+
+    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({cpu_kind()})",
            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
            "fourbit": fourbit.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     one = batch_one(model, tokenizer, ids, args)
     print(f"batch 1: {one}", flush=True)
-    adapters = AdapterSet(model)  # as `fourbit serve` runs (no adapter loaded): wrapped once, for both engines
-    loads = [load(model, tokenizer, adapters, args, 16), load(model, tokenizer, adapters, args, 1)]
+    decode = decode_cpu(model, tokenizer, ids, args) if args.device == "cpu" else {}
+    if decode:
+        print(f"CPU decode: {decode}", flush=True)
+    loads = []
+    if not args.skip_load:
+        adapters = AdapterSet(model)  # as `fourbit serve` runs (no adapter loaded): wrapped once, for both engines
+        loads = [load(model, tokenizer, adapters, args, 16), load(model, tokenizer, adapters, args, 1)]
     for row in loads:
         print(f"load: {row}", flush=True)
 
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"serve-{args.device}.json"
-    path.write_text(json.dumps({"env": env, "args": vars(args), "batch1": one, "load": loads}, indent=2) + "\n")
+    path.write_text(json.dumps({"env": env, "args": vars(args), "batch1": one, "cpu_decode": decode, "load": loads},
+                               indent=2) + "\n")
 
     print(f"\nSmolLM2-135M-Instruct NF4, {env['device']}, {args.new_tokens} new tokens ({path})")
     r = one["tokens_per_s"]
     print(f"batch 1 decode: fourbit {r['fourbit']:.1f} tok/s, transformers generate {r['transformers']:.1f} tok/s, "
           f"ratio {one['ratio']:.2f} (same tokens: {one['same_tokens']})")
+    if decode:
+        print(f"{'CPU decode':<26} {'tok/s':>7}")
+        for name, rate in decode.items():
+            print(f"{name:<26} {rate:>7.1f}")
+        for rows in args.batch_rows:
+            ratio = decode[f"4-bit, batch {rows}"] / decode[f"dense cache, batch {rows}"]
+            print(f"batch {rows}: 4-bit / dense cache {ratio:.2f}x")
+        if "llama.cpp Q4_1, batch 1" in decode:
+            llama = decode["llama.cpp Q4_1, batch 1"]
+            print(f"batch 1 vs llama.cpp: dense cache {decode['dense cache, batch 1'] / llama:.2f}x, "
+                  f"4-bit {decode['4-bit, batch 1'] / llama:.2f}x")
+    if not loads:
+        return
     print(f"{'server':<22} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'mean batch':>11}")
     for row in loads:
         name = f"max_batch={row['max_batch']}"
