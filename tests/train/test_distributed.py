@@ -22,7 +22,11 @@ lr = 5e-3 per step; a wrong scale of the gradient, to which Adam is blind, shows
 At bfloat16 compute the same bounds hold: each micro-batch's forward and backward are the same
 operations on the same data in one process and on a rank, and only the float32 sums over
 micro-batches and ranks are ordered differently. (Gathering the LoRA weights in bf16 under
-FSDP2, as fourbit once did, moved the adapter 8e-3 from one process's.)
+FSDP2, as fourbit once did, moved the adapter 8e-3 from one process's.) For that, the
+one-process runs here take their loss through the model's forward, as the ranks do: on its own
+a process fuses the head into the loss (train/loss.py), which at bf16 rounds the head's
+gradient before its scale by 1/tokens instead of after (tests/train/test_loss.py covers that
+path; here it moved a loss by 8e-4 relative over 4 steps at lr 5e-3).
 """
 
 import json
@@ -37,6 +41,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from fourbit.train import loss
 from fourbit.train.config import load_config
 from fourbit.train.distributed import Ranks
 from fourbit.train.parallel import micro_batches_per_step, shard
@@ -84,9 +89,16 @@ def write_setup(root: Path, chat_tokenizer, make_tiny_llama, compute_dtype: str)
     return root
 
 
+def run_one_process(config):
+    """``run(config)`` in this process, its loss through the model's forward (see the docstring)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loss, "fused_head", lambda model: None)
+        return run(config)
+
+
 @pytest.fixture(scope="module")
 def one_process(setup):
-    return run(load_config(setup / "config.yaml", {"output_dir": str(setup / "one")}))
+    return run_one_process(load_config(setup / "config.yaml", {"output_dir": str(setup / "one")}))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +121,7 @@ def worker(setup):
 def bf16_runs(tmp_path_factory, chat_tokenizer, make_tiny_llama):
     """The same training at bfloat16 compute: one process, DDP and FSDP2 (the worker's training alone)."""
     root = write_setup(tmp_path_factory.mktemp("distributed-bf16"), chat_tokenizer, make_tiny_llama, "bfloat16")
-    run(load_config(root / "config.yaml", {"output_dir": str(root / "one")}))
+    run_one_process(load_config(root / "config.yaml", {"output_dir": str(root / "one")}))
     result = torchrun("-m", "fourbit", "train", "config.yaml", cwd=root)
     assert result.returncode == 0, result.stdout[-3000:]
     (root / "worker").mkdir()

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from fourbit.cli import main
+from fourbit.precision import resolve_compute_dtype
 from fourbit.train.config import load_config
 from fourbit.train.estimate import estimate_memory
 
@@ -30,7 +31,13 @@ def test_the_rows_follow_the_formulas(config):
     lora = 16 * ((64 + 64) + 2 * (32 + 64) + (64 + 64) + 2 * (160 + 64) + (64 + 160)) * 2
     assert rows["LoRA weights (fp32)"] == rows["LoRA gradients (fp32)"] == 4 * lora
     assert rows["optimizer state (adamw)"] == 8 * lora
-    assert rows["logits + their gradient"] == 2 * 64 * 256 * 4 * 2
+    # one process, a Llama: the head is fused into the loss, the 128 tokens' logits in one chunk
+    # (16 Mi values hold more than 128 x 256): float32 logits, their compute-dtype copy and
+    # gradient (bf16 on this machine's "auto", 4 bytes without native bf16), and dL/dh
+    compute_bytes = 2 if "bfloat16" in str(resolve_compute_dtype("auto", "cpu")) else 4
+    assert rows["logits (chunked into the loss)"] == 128 * 256 * (4 + 2 * compute_bytes) + 128 * 64 * compute_bytes
+    ddp = estimate_memory(config, "cuda", gpus=2, strategy="ddp").rows  # DDP's forward runs: the full logits
+    assert ddp["logits + their gradient"] == 2 * 64 * 256 * 4 * 2
 
 
 def test_fsdp_divides_the_sharded_parts_by_the_number_of_gpus(config):

@@ -13,7 +13,10 @@ summed over the adapted linears, block size b, and N GPUs:
     activations            per layer ~ B T (12 H + 3 I) values kept for backward; with
                            checkpointing only each layer's input (B T H) is kept, plus one
                            layer's worth recomputed
-    logits                 B T V float32, twice (the logits and their gradient)
+    logits                 B T V float32, twice (the logits and their gradient); in one process,
+                           for a model whose head fuses into the loss (train/loss.py), one
+                           chunk's logits (float32, their copy in the compute dtype and the
+                           gradient's) and dL/dh (B T H in the compute dtype) instead
 
 Strategies. ``ddp``: every GPU holds all of the above. ``fsdp`` (FSDP2): the parameters, their
 gradients and the optimizer state are sharded, so codes, unquantized weights, LoRA weights,
@@ -35,8 +38,10 @@ import torch
 
 from ..errors import InputError
 from ..io.sources import open_source
+from ..kernels.linear_cross_entropy import CHUNK_VALUES
 from ..precision import native_bf16
 from .config import STRATEGIES, TrainConfig
+from .loss import PLAIN_HEAD_MODEL_TYPES
 
 
 @dataclass
@@ -108,7 +113,11 @@ def estimate_memory(
         rows["FSDP gathered layers (2)"] = int(2 * (per_layer * (0.5 if quantized else compute_bytes)
                                                     + lora_per_layer * compute_bytes) * (1 - 1 / gpus))
     rows["activations" + (" (checkpointed)" if config.gradient_checkpointing else "")] = int(activations)
-    rows["logits + their gradient"] = int(tokens * V * 4 * 2)
+    if strategy is None and getattr(c, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
+        chunk = min(tokens, max(1, CHUNK_VALUES // V))
+        rows["logits (chunked into the loss)"] = int(chunk * V * (4 + 2 * compute_bytes) + tokens * H * compute_bytes)
+    else:
+        rows["logits + their gradient"] = int(tokens * V * 4 * 2)
     where = f"per GPU, {gpus} x {strategy}" if strategy else "one process"
     return MemoryEstimate(rows, f"memory estimate {where}, {tokens} tokens per micro-batch")
 

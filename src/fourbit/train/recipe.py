@@ -66,6 +66,7 @@ from .data import (
 from .distributed import Ranks, init_ranks
 from .estimate import estimate_memory
 from .evaluate import greedy_answers, score_answers
+from .loss import causal_lm_loss
 from .optimizer_state import build_optimizer
 from .parallel import (
     check_strategy,
@@ -283,16 +284,6 @@ def compile_decoder_layers(model) -> None:
     one graph); a second sequence length recompiles once, after which lengths are dynamic."""
     for layer in decoder_layers(model):
         layer.compile()
-
-
-def causal_lm_loss(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy over the tokens whose label is not -100."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    targets = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 @torch.no_grad()
