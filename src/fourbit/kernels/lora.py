@@ -1,13 +1,14 @@
 """A QLoRA linear in one autograd node: the frozen 4-bit base and the trainable low-rank update.
 
-    y = base(x) + s * (x A^T) B^T        base(x) = x W^T + b, W 4-bit [out, in]; A [r, in], B [out, r]
+    y = base(x) + (s x A^T) B^T        base(x) = x W^T + b, W 4-bit [out, in]; A [r, in], B [out, r]
 
 computed exactly as LoRALinear's modules compute it (the update in the adapter's dtype, then
-cast to y's and added), with the chain rule written out (g = dL/dy):
+cast to y's and added; s applied on the rank side, to r values per token instead of out), with
+the chain rule written out (g = dL/dy, xa = s x A^T kept from forward):
 
-    g_s   = s * g                               in the adapter's dtype    [tokens, out]
-    dL/dB = g_s^T (x A^T)                       x A^T kept from forward   [out, r]
-    g_xa  = g_s B                                                         [tokens, r]
+    g'    = g in the adapter's dtype                                      [tokens, out]
+    dL/dB = g'^T xa                                                       [out, r]
+    g_xa  = s * (g' B)                          dL/d(x A^T)               [tokens, r]
     dL/dA = g_xa^T x                                                      [r, in]
     dL/dx = g W + g_xa A                        W dequantized again       [tokens, in]
 
@@ -36,8 +37,8 @@ class _QLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, state: QuantState, bias, lora_a, lora_b, scaling: float, compute_dtype):
         base = matmul_4bit(x.to(compute_dtype), packed, state, bias).to(x.dtype)
-        xa = F.linear(x.to(lora_a.dtype), lora_a)
-        update = F.linear(xa, lora_b) * scaling
+        xa = F.linear(x.to(lora_a.dtype), lora_a) * scaling
+        update = F.linear(xa, lora_b)
         ctx.state, ctx.scaling, ctx.compute_dtype = state, scaling, compute_dtype
         ctx.save_for_backward(x, packed, xa, lora_a, lora_b)
         return base + update.to(base.dtype)
@@ -46,10 +47,10 @@ class _QLoRALinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, packed, xa, lora_a, lora_b = ctx.saved_tensors
         grad_x = grad_a = grad_b = None
-        g_s = grad.to(lora_a.dtype) * ctx.scaling
+        g = grad.to(lora_a.dtype)
         if ctx.needs_input_grad[5]:
-            grad_b = g_s.reshape(-1, g_s.shape[-1]).T @ xa.reshape(-1, xa.shape[-1])
-        g_xa = g_s @ lora_b
+            grad_b = g.reshape(-1, g.shape[-1]).T @ xa.reshape(-1, xa.shape[-1])
+        g_xa = (g @ lora_b) * ctx.scaling
         if ctx.needs_input_grad[4]:
             grad_a = g_xa.reshape(-1, g_xa.shape[-1]).T @ x.to(lora_a.dtype).reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:

@@ -1,6 +1,6 @@
 """LoRA: named low-rank updates beside a frozen linear layer, which it wraps.
 
-    y = base(x) + sum_a w_a * s_a * B_a A_a dropout_a(x)       A_a: [r_a, in], B_a: [out, r_a]
+    y = base(x) + sum_a w_a * B_a (s_a A_a dropout_a(x))       A_a: [r_a, in], B_a: [out, r_a]
     s_a = alpha_a / r_a        (rsLoRA: alpha_a / sqrt(r_a), which keeps the update's scale as r grows)
 
 One layer for training and serving. Training adds one adapter, named "default" as PEFT names
@@ -105,7 +105,7 @@ class LoRAAdapter(nn.Module):
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """s * B A dropout(x), in the adapter's dtype."""
-        return self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))) * self.scaling
+        return self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)) * self.scaling)
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.use_dora else "LoRA"
@@ -183,7 +183,7 @@ class LoRALinear(nn.Module):
                                 adapter.lora_B.weight, adapter.scaling, base.compute_dtype)
         result = self.base_layer(x)
         dropped = adapter.lora_dropout(x).to(adapter.lora_A.weight.dtype)
-        update = adapter.lora_B(adapter.lora_A(dropped)) * adapter.scaling
+        update = adapter.lora_B(adapter.lora_A(dropped) * adapter.scaling)  # s on the r side: r values a token, not out
         if not adapter.use_dora:
             return result + update.to(result.dtype)
         return self._dora(adapter, dropped, result, update)
