@@ -24,9 +24,10 @@ Method
   default; torch's own default of 0.01 is overridden); adapters in fp32 on every side
   (fourbit's default, and PEFT's autocast_adapter_dtype); one batch of random token ids (fixed
   seed, labels = inputs, all positions attended). Gradient checkpointing only with
-  --gradient-checkpointing (non-reentrant everywhere; the peer then goes through
-  peft.prepare_model_for_kbit_training). Loss: ours = causal_lm_loss(...) / predicted tokens,
-  peer = model(..., labels).loss; both the mean next-token cross-entropy.
+  --gradient-checkpointing (non-reentrant everywhere; ours and lora as ``fourbit train`` turns it
+  on, train/recipe.py; the peer through peft.prepare_model_for_kbit_training). Loss: ours =
+  causal_lm_loss(...) / predicted tokens, peer = model(..., labels).loss; both the mean
+  next-token cross-entropy.
 - Sanity: LoRA B starts at 0, so each side's first loss is the base model's loss on the batch;
   ours and peer should agree within ~2% (same weights, same NF4 codes), lora within a few
   percent of them (NF4's rounding of the weights moves a random batch's loss by ~1%). Both are printed; a larger gap
@@ -129,8 +130,10 @@ def build(side: str, args):
         model, _ = fourbit.load_model(None, quantization=quantization, double_quant=True, compute_dtype=dtype)
         truncate(model, args.layers)
         fourbit.add_lora(model, r=args.rank, alpha=args.alpha, target="all-linear", verbose=False)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.gradient_checkpointing:  # as `fourbit train` turns it on (non-reentrant, 4-bit weights kept once)
+            from fourbit.train.recipe import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = fourbit.optim.build_optimizer("adamw", params, lr=1e-4)
         from fourbit.train.recipe import causal_lm_loss

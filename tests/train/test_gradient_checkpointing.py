@@ -35,3 +35,25 @@ def test_every_lora_parameter_gets_the_same_nonzero_gradient_with_and_without(ti
         assert checkpointed[name] is not None and grad.abs().sum() > 0, name
         # The recomputed forward repeats the same fp32 ops: equal up to summation order.
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_on_a_cpu_each_weight_is_dequantized_twice_a_step_not_three_times(tiny_llama, monkeypatch):
+    # Under checkpointing a QLoRA layer keeps its recomputed forward's dequantized weight for dL/dx
+    # (kernels/lora.py). Tiny Llama: 14 adapted 4-bit linears; without checkpointing layer 0's
+    # q, k, v take no dL/dx (frozen embeddings below them); with it transformers makes the
+    # embeddings' output require grad, and they do.
+    from fourbit.kernels import lora as kernel
+
+    calls = []
+    real_dequantize, real_matmul = kernel.dequantize_4bit, kernel.matmul_4bit
+    monkeypatch.setattr(kernel, "dequantize_4bit", lambda *a, **k: calls.append("dequantize") or real_dequantize(*a, **k))
+    monkeypatch.setattr(kernel, "matmul_4bit", lambda *a, **k: calls.append("matmul") or real_matmul(*a, **k))
+    folder, _ = tiny_llama
+    lora_grads(folder, checkpointing=False)
+    # forward: a product each (matmul_4bit dequantizes inside); backward: 11 dequantized again
+    assert (calls.count("matmul"), calls.count("dequantize")) == (14, 11)
+    calls.clear()
+    lora_grads(folder, checkpointing=True)
+    # forward and recomputed forward: each of the 14 dequantized and kept (the first forward's
+    # weight dropped by checkpointing), nothing dequantized in backward: 28, where it was 14 x 3
+    assert (calls.count("matmul"), calls.count("dequantize")) == (0, 28)

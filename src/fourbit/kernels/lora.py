@@ -12,6 +12,13 @@ the chain rule written out (g = dL/dy, xa = s x A^T kept from forward):
     dL/dA = g_xa^T x                                                      [r, in]
     dL/dx = g W + g_xa A                        W dequantized again       [tokens, in]
 
+With ``keep_weight`` the forward's dequantized W is kept for dL/dx instead of dequantized again.
+Made for non-reentrant gradient checkpointing: it drops what the first forward saves and keeps
+what the recomputation saves only until this layer's backward, so one layer's dense weights
+live at a time and each weight is dequantized twice a step instead of three times (worth it on
+a CPU, where dequantizing is a tenth of a step; bench/RESULTS.md). Without checkpointing it
+would keep every dense weight until backward, the memory 4 bits are there to save.
+
 Why one node: as separate modules a QLoRA linear is seven autograd nodes (base, cast, A, B,
 scale, cast, add), each a Python call and a kernel launch per pass, and with gradient
 checkpointing a step runs each forward twice; on a GPU the host then cannot keep up with the
@@ -35,17 +42,23 @@ from .matmul_4bit import matmul_4bit
 
 class _QLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, packed, state: QuantState, bias, lora_a, lora_b, scaling: float, compute_dtype):
-        base = matmul_4bit(x.to(compute_dtype), packed, state, bias).to(x.dtype)
+    def forward(ctx, x, packed, state: QuantState, bias, lora_a, lora_b, scaling: float, compute_dtype,
+                keep_weight: bool):
+        weight = None
+        if keep_weight and ctx.needs_input_grad[0]:
+            weight = dequantize_4bit(packed, state, compute_dtype)
+            base = F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
+        else:
+            base = matmul_4bit(x.to(compute_dtype), packed, state, bias).to(x.dtype)
         xa = F.linear(x.to(lora_a.dtype), lora_a) * scaling
         update = F.linear(xa, lora_b)
         ctx.state, ctx.scaling, ctx.compute_dtype = state, scaling, compute_dtype
-        ctx.save_for_backward(x, packed, xa, lora_a, lora_b)
+        ctx.save_for_backward(x, packed, xa, lora_a, lora_b, weight)
         return base + update.to(base.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, packed, xa, lora_a, lora_b = ctx.saved_tensors
+        x, packed, xa, lora_a, lora_b, weight = ctx.saved_tensors
         grad_x = grad_a = grad_b = None
         g = grad.to(lora_a.dtype)
         if ctx.needs_input_grad[5]:
@@ -54,9 +67,10 @@ class _QLoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_a = g_xa.reshape(-1, g_xa.shape[-1]).T @ x.to(lora_a.dtype).reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
-            weight = dequantize_4bit(packed, ctx.state, ctx.compute_dtype)
+            if weight is None:
+                weight = dequantize_4bit(packed, ctx.state, ctx.compute_dtype)
             grad_x = (grad.to(ctx.compute_dtype) @ weight).to(x.dtype) + (g_xa @ lora_a).to(x.dtype)
-        return grad_x, None, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, None, grad_a, grad_b, None, None, None
 
 
 def qlora_linear(
@@ -68,10 +82,12 @@ def qlora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     compute_dtype: torch.dtype | None = None,
+    keep_weight: bool = False,
 ) -> torch.Tensor:
-    """``x W^T + b + scaling * (x A^T) B^T`` with W 4-bit (``packed``, ``state``); b does not train."""
+    """``x W^T + b + scaling * (x A^T) B^T`` with W 4-bit (``packed``, ``state``); b does not train.
+    ``keep_weight``: keep the forward's dequantized W for backward (under gradient checkpointing)."""
     if bias is not None and bias.requires_grad:
         raise InputError("qlora_linear keeps the base frozen: its bias must not require grad")
     compute_dtype = compute_dtype or x.dtype
     bias = bias.to(compute_dtype) if bias is not None else None
-    return _QLoRALinear.apply(x, packed, state, bias, lora_a, lora_b, scaling, compute_dtype)
+    return _QLoRALinear.apply(x, packed, state, bias, lora_a, lora_b, scaling, compute_dtype, keep_weight)

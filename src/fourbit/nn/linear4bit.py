@@ -58,6 +58,9 @@ class Linear4bit(FrozenLinear):
     # never saved), prepacked for oneDNN on a CPU; forward uses it instead of dequantizing when the
     # dtypes agree and no gradient for x is wanted.
     dense_copy: torch.Tensor | None = None
+    # Set under gradient checkpointing on a CPU (train/recipe.py): a QLoRA product keeps its
+    # forward's dequantized weight for backward (kernels/lora.py says why that is cheap there).
+    keep_weight_for_backward: bool = False
 
     def __init__(
         self,

@@ -180,7 +180,7 @@ class LoRALinear(nn.Module):
         if self._fusable(adapter):  # the same function in one autograd node (kernels/lora.py)
             base = self.base_layer
             return qlora_linear(x, base.weight, base.quant_state, base.bias, adapter.lora_A.weight,
-                                adapter.lora_B.weight, adapter.scaling, base.compute_dtype)
+                                adapter.lora_B.weight, adapter.scaling, base.compute_dtype, base.keep_weight_for_backward)
         result = self.base_layer(x)
         dropped = adapter.lora_dropout(x).to(adapter.lora_A.weight.dtype)
         update = adapter.lora_B(adapter.lora_A(dropped) * adapter.scaling)  # s on the r side: r values a token, not out
