@@ -7,6 +7,12 @@ and fp32 on the others (precision.py), so the suite runs differently on the two 
 machine. Run it as on the other kind with ``FOURBIT_CPU_BF16=0`` (as on an AVX2-only CPU) or
 ``FOURBIT_CPU_BF16=1`` (as on an AVX512-BF16 one); the header of the run says which it is.
 Tests whose tolerance assumes fp32 compute pin ``compute_dtype="float32"``.
+
+The compiled CPU dequantization kernel (kernels/cpu/dequantize.py) is off for the suite
+(``FOURBIT_CPU_COMPILE=0``, unless set otherwise): its first compile in a fresh Inductor cache
+takes ~25 s a process, and every test process and subprocess would pay it on a clean machine.
+It computes the table kernel's values bit for bit; tests/kernels/test_cpu_dequantize.py turns it
+on to check that, and a training step and a serving thread through it.
 """
 
 import copy
@@ -19,6 +25,7 @@ import torch
 # before a kernel module is first imported (triton.jit reads it when decorating).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FOURBIT_CPU_COMPILE", "0")  # see above; subprocesses inherit it
 
 
 def cpu_kind_line() -> str:

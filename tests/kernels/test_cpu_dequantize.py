@@ -1,7 +1,11 @@
 """The compiled CPU dequantization kernel (kernels/cpu/dequantize.py) against the plain-torch
-reference, and the op's choice between it and the table kernel."""
+reference, the op's choice between it and the table kernel, and a QLoRA step and a serving
+thread through it. The suite turns the kernel off elsewhere (tests/conftest.py); here it is on.
+Each distinct (size, dtype, double quantization) compiles once per process, so the tests share
+two sizes."""
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -14,9 +18,10 @@ from fourbit.quant import dequantize_4bit_reference, quantize_4bit
 
 
 @pytest.fixture(autouse=True)
-def fresh_variants():
-    """Each test starts with no compiled variant claimed and compiling allowed (module state,
-    shared by the whole process otherwise)."""
+def fresh_variants(monkeypatch):
+    """Each test starts with the kernel on, no compiled variant claimed and compiling allowed
+    (module state, shared by the whole process otherwise)."""
+    monkeypatch.setenv(compiled.ENV, "1")
     compiled._variants.clear()
     compiled._failed = False
     yield
@@ -34,13 +39,12 @@ def direct(packed, state, dtype):
 
 # Sizes of at least MIN_VALUES (65536) values in whole blocks, odd on each side: 257 x 320 has 1285
 # blocks of 64 (1285 = 5 x 256 + 5: a partial last block of the nested absmax codes), 515 x 128
-# has 515 blocks of 128.
-@pytest.mark.parametrize("shape,quant_type,blocksize,double_quant", [
-    ((257, 320), "nf4", 64, True),
-    ((257, 320), "fp4", 64, False),
-    ((515, 128), "nf4", 128, True),
+# has 515 blocks of 128. Both output dtypes, with and without double quantization.
+@pytest.mark.parametrize("shape,quant_type,blocksize,double_quant,dtype", [
+    ((257, 320), "nf4", 64, True, torch.bfloat16),
+    ((257, 320), "fp4", 64, False, torch.float32),
+    ((515, 128), "nf4", 128, True, torch.float32),
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_equals_the_reference_bit_for_bit(shape, quant_type, blocksize, double_quant, dtype):
     # Fresh random weights each run; the same float32 products in the same order as the
     # reference (code value times decoded scale, then the cast), so nothing may differ.
@@ -52,18 +56,57 @@ def test_compiled_kernel_equals_the_reference_bit_for_bit(shape, quant_type, blo
 
 
 def test_the_op_takes_the_compiled_kernel_for_large_weights_and_the_table_for_small_ones():
-    big, small = quantize_4bit(torch.randn(256, 512)), quantize_4bit(torch.randn(64, 96))
+    big, small = quantize_4bit(torch.randn(257, 320)), quantize_4bit(torch.randn(64, 96))
     for packed, state in (big, small):
         assert torch.equal(dequantize_4bit(packed, state, torch.bfloat16),
                            dequantize_4bit_reference(packed, state, torch.bfloat16))
-    assert compiled._variants == {(256 * 512, 64, True, torch.bfloat16)}
+    assert compiled._variants == {(257 * 320, 64, True, torch.bfloat16)}
 
 
 def test_float_storage_of_the_packed_bytes_reads_the_same():
     # FSDP keeps the packed bytes in a float tensor; the kernel reads them as bytes.
-    packed, state = quantize_4bit(torch.randn(256, 512))
+    packed, state = quantize_4bit(torch.randn(257, 320), "fp4", 64, False)
     assert torch.equal(direct(packed.reshape(-1).view(torch.float32), state, torch.float32),
                        dequantize_4bit_reference(packed, state, torch.float32))
+
+
+def test_a_qlora_step_through_it_equals_one_through_the_table_kernel(monkeypatch):
+    # The fused QLoRA node (kernels/lora.py) dequantizes in forward and again in backward, under
+    # grad mode and not: the same values as the table kernel, so the same outputs and gradients.
+    from fourbit.nn.linear4bit import Linear4bit
+    from fourbit.nn.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(320, 257), compute_dtype=torch.bfloat16))
+    layer.add_adapter(r=8, alpha=16)
+    torch.nn.init.normal_(layer.adapter("default").lora_B.weight, std=0.02)
+    x = torch.randn(2, 5, 320)
+
+    def step():
+        layer.zero_grad()
+        xs = x.clone().requires_grad_()
+        out = layer(xs)
+        out.float().square().sum().backward()
+        return out, xs.grad, [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+
+    with_kernel = step()
+    assert compiled._variants == {(257 * 320, 64, True, torch.bfloat16)}  # the layer went through it
+    monkeypatch.setenv(compiled.ENV, "0")
+    without = step()
+    assert torch.equal(with_kernel[0], without[0]) and torch.equal(with_kernel[1], without[1])
+    assert all(torch.equal(a, b) for a, b in zip(with_kernel[2], without[2]))
+
+
+def test_a_thread_that_is_not_the_main_one_compiles_and_runs_it():
+    # The serving engine computes on its own thread; its first product may be the first compile
+    # (a variant no other test here compiles).
+    packed, state = quantize_4bit(torch.randn(515, 128), "nf4", 128, True)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(dequantize_4bit(packed, state, torch.bfloat16)))
+    worker.start()
+    worker.join()
+    assert compiled._variants == {(515 * 128, 128, True, torch.bfloat16)}
+    assert torch.equal(results[0], dequantize_4bit_reference(packed, state, torch.bfloat16))
 
 
 def test_variants_beyond_the_limit_take_the_table_kernel(monkeypatch):
