@@ -15,7 +15,8 @@ issue 20, with the forms that measured slower). The same float32 products in the
 bit-identical to the reference (tests/kernels/test_cpu_dequantize.py).
 
 When it is used (``supports``), and why not always:
-- Compilation takes seconds per distinct (size, dtype, blocksize, double quantization) and
+- Compilation takes about a second per distinct (size, dtype, blocksize, double quantization),
+  the first of a process about 3 s (25 s where Inductor's disk cache is empty), and
   Inductor specializes on sizes (its code for symbolic sizes measured several times slower),
   so only weights of at least MIN_VALUES values are compiled, the ones where the pass costs
   more than a call, and at most MAX_VARIANTS variants per process (torch._dynamo's own limit of
