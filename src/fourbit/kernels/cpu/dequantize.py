@@ -9,10 +9,10 @@ the reference's formula (quant/four_bit.py), written once in torch and handed to
 ``torch.compile``. Inductor's CPU backend turns it into two C++ loops: one over the bytes that
 looks up each byte's two values (a scalar loop: the table gather does not vectorize), and one
 vectorized pass that decodes the scales, multiplies and casts to the output dtype; the eager
-kernels make more passes and a float32 -> bf16 copy besides. Measured 2.1-2.6x faster than the
-table kernel of kernels/dequantize.py on a 1536 x 576 weight, bf16 and fp32 out (bench/RESULTS.md,
-issue 20, with the forms that measured slower). The same float32 products in the same order:
-bit-identical to the reference (tests/kernels/test_cpu_dequantize.py).
+kernels make more passes and a float32 -> bf16 copy besides. Measured 2.6-4.5x faster than the
+table kernel of kernels/dequantize.py (bench/bench_dequantize.py, bf16 out; bench/RESULTS.md,
+issue 20, with the forms that measured slower); bitsandbytes' native kernel is 3-4.5x faster
+still. The same float32 products in the same order: bit-identical to the reference (tests/kernels/test_cpu_dequantize.py).
 
 When it is used (``supports``), and why not always:
 - Compilation takes about a second per distinct (size, dtype, blocksize, double quantization),
