@@ -26,6 +26,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FOURBIT_CPU_COMPILE", "0")  # see above; subprocesses inherit it
+# Tests never download: a hub dataset is read from a local folder, and `datasets` must not try
+# the network for it (read when `datasets` is imported; subprocesses inherit it).
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def cpu_kind_line() -> str:

@@ -70,10 +70,55 @@ def test_llama3_needs_its_tokens_in_the_vocabulary(fresh_tokenizer):
 
 
 def test_unknown_name_lists_allowed(fresh_tokenizer):
-    with pytest.raises(ValueError, match="unknown template 'vicuna'; allowed: auto, chatml, "
-                                         "llama3, alpaca"):
+    with pytest.raises(ValueError, match=r"unknown template 'vicuna' \(fourbit's: auto, chatml, "
+                                         r"llama3, alpaca; LLaMA-Factory's family names.*: qwen, "):
         apply_template(fresh_tokenizer, "vicuna")
     assert ALLOWED == ("auto", "chatml", "llama3", "alpaca")
+
+
+def test_unknown_name_suggests_the_nearest(fresh_tokenizer):
+    with pytest.raises(ValueError, match="unknown template 'qwen3_nothnk'; did you mean 'qwen3_nothink'"):
+        apply_template(fresh_tokenizer, "qwen3_nothnk")
+
+
+# A chat template with Qwen3's thinking switch, written for this test (the logic Qwen3's template
+# has: with enable_thinking false, the generation prompt carries an empty think block).
+THINKING = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize("name, thinking, prompt_ends", [
+    ("qwen3", None, "<|im_start|>assistant\n"),
+    ("qwen3_nothink", None, "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    ("qwen3", False, "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    ("auto", False, "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+])
+def test_llamafactory_family_names_use_the_models_template(fresh_tokenizer, name, thinking, prompt_ends):
+    """A family name keeps the model's own template; qwen3_nothink (or enable_thinking: false)
+    fixes the thinking switch in it, so a render that passes enable_thinking=True still sees false."""
+    fresh_tokenizer.chat_template = THINKING
+    apply_template(fresh_tokenizer, name, thinking)
+    assert fresh_tokenizer.eos_token == "<|im_end|>"  # the model's own, untouched
+    for passed in ({}, {"enable_thinking": True}) if prompt_ends.endswith("</think>\n\n") else ({},):
+        prompt = fresh_tokenizer.apply_chat_template(CHAT[:2], add_generation_prompt=True, tokenize=False, **passed)
+        assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" + prompt_ends
+
+
+def test_family_name_without_a_chat_template_says_so(fresh_tokenizer):
+    fresh_tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="template 'mistral' .LLaMA-Factory's name.*has none.*template: chatml"):
+        apply_template(fresh_tokenizer, "mistral")
+
+
+def test_nothink_and_enable_thinking_true_disagree(fresh_tokenizer):
+    with pytest.raises(ValueError, match="'qwen3_nothink' turns thinking off.*use template 'qwen3'"):
+        apply_template(fresh_tokenizer, "qwen3_nothink", True)
 
 
 def test_auto_without_a_chat_template_suggests_chatml(fresh_tokenizer):

@@ -22,12 +22,24 @@ that token: ``<|im_end|>`` for chatml, ``<|eot_id|>`` for llama3, unchanged for 
 It also sets ``pad_token`` to the EOS token when the tokenizer has none (padding is masked by
 length, never by id, so sharing the id is harmless).
 
+**LLaMA-Factory's names.** LLaMA-Factory names a template per model family (``qwen3``,
+``qwen3_nothink``, ``mistral``, ``gemma``, ``phi``, ``deepseek3``, ...) and writes each family's
+format itself. fourbit takes a family's format from the model's own chat template (``auto``), which
+is the format the family's models were trained with, and keeps its built-ins for the names it
+shares (``chatml``, ``llama3``, ``alpaca``). Some names carry an option for the chat template:
+``qwen3_nothink`` is Qwen3's template with ``enable_thinking`` false. ``enable_thinking`` (the
+config key, or a name's option) is written into the template itself as its first statement, so
+every render of this tokenizer, in training and after, sees the same value.
+
 The special tokens a built-in template writes must already be single tokens of the vocabulary:
 adding tokens would mean resizing the (quantized) embeddings, which fourbit does not do. A
 tokenizer that lacks them gets an error suggesting ``alpaca``, which needs only an EOS token.
 """
 
 from __future__ import annotations
+
+import difflib
+import json
 
 from .errors import InputError
 
@@ -81,23 +93,54 @@ BUILTIN = {
 }
 ALLOWED = ("auto", *BUILTIN)
 
+# LLaMA-Factory's template names for families whose models ship a chat template -> the options
+# that name sets (the format itself is the model's own, "auto").
+FAMILIES: dict[str, dict] = {
+    **dict.fromkeys(("qwen", "qwen2", "qwen3", "qwen3_5", "llama2", "llama4", "mistral", "ministral", "mistral_small",
+                     "mixtral", "gemma", "gemma2", "gemma3", "gemma3n", "phi", "phi_small", "phi4", "phi4_mini",
+                     "deepseek", "deepseek3", "deepseekr1", "gpt", "gpt_oss", "glm4", "yi", "olmo", "olmo2",
+                     "granite3", "granite4", "smollm", "smollm2", "cohere", "falcon_h1", "hunyuan", "internlm2",
+                     "internlm3", "ernie", "nanbeige", "seed_oss", "kimi", "minimax", "zephyr"), {}),
+    **dict.fromkeys(("qwen3_nothink", "qwen3_5_nothink", "ernie_nothink", "nanbeige_nothink"),
+                    {"enable_thinking": False}),
+}
 
-def apply_template(tokenizer, name: str | None):
-    """Set ``tokenizer.chat_template`` (and its EOS/end-of-turn token) for ``template: name``.
+
+def template_names() -> tuple[str, ...]:
+    """Every name ``template`` takes: fourbit's, then LLaMA-Factory's family names."""
+    return (*ALLOWED, *FAMILIES)
+
+
+def apply_template(tokenizer, name: str | None, enable_thinking: bool | None = None):
+    """Set ``tokenizer.chat_template`` (and its EOS/end-of-turn token) for ``template: name``;
+    ``enable_thinking`` (None: the template's default) is fixed in the template.
 
     Returns the same tokenizer, changed in place.
     """
-    if name is None or name == "auto":
+    name = "auto" if name is None else name
+    options = dict(FAMILIES.get(name, {}))
+    if enable_thinking is not None:
+        if options.get("enable_thinking", enable_thinking) != enable_thinking:
+            raise InputError(f"template {name!r} turns thinking off, but enable_thinking is {enable_thinking}; "
+                             f"use template {name.removesuffix('_nothink')!r} to think")
+        options["enable_thinking"] = enable_thinking
+    if name == "auto" or name in FAMILIES:
         if not getattr(tokenizer, "chat_template", None):
+            family = "" if name == "auto" else (" (LLaMA-Factory's name for its family's format, which fourbit "
+                                                "takes from the model's own chat template)")
             raise InputError(
-                "template 'auto' uses the tokenizer's own chat template, but this tokenizer has "
+                f"template {name!r}{family} uses the tokenizer's own chat template, but this tokenizer has "
                 "none (a base model?); set `template: chatml` (or llama3, alpaca)"
             )
-        _require_eos(tokenizer, "auto")
+        _require_eos(tokenizer, name)
+        _set_options(tokenizer, options)
         _default_pad(tokenizer)
         return tokenizer
     if name not in BUILTIN:
-        raise InputError(f"unknown template {name!r}; allowed: {', '.join(ALLOWED)}")
+        close = difflib.get_close_matches(name, template_names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"unknown template {name!r}{hint} (fourbit's: {', '.join(ALLOWED)}; LLaMA-Factory's family "
+                         f"names, which use the model's own chat template: {', '.join(FAMILIES)})")
     source, end_of_turn, writes = BUILTIN[name]
     for token in writes:
         if not _is_single_token(tokenizer, token):
@@ -110,8 +153,16 @@ def apply_template(tokenizer, name: str | None):
         tokenizer.eos_token = end_of_turn
     _require_eos(tokenizer, name)
     tokenizer.chat_template = source
+    _set_options(tokenizer, options)
     _default_pad(tokenizer)
     return tokenizer
+
+
+def _set_options(tokenizer, options: dict) -> None:
+    """Each option as a ``set`` statement at the top of the chat template: a top-level ``set``
+    shadows the render call's variable of that name, so every render sees the value."""
+    for key, value in options.items():
+        tokenizer.chat_template = "{%- set " + key + " = " + json.dumps(value) + " -%}" + tokenizer.chat_template
 
 
 def _is_single_token(tokenizer, token: str) -> bool:

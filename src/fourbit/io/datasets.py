@@ -21,25 +21,33 @@ alternating, starting with user and ending with assistant; contents are non-empt
 
 **Registry.** ``resolve_dataset("a,b", dataset_dir)`` looks each comma-separated name up in
 ``dataset_dir/dataset_info.json``, LLaMA-Factory's layout. Supported keys of an entry:
-``file_name`` (relative to dataset_dir), ``formatting`` (``alpaca``, the default, ``sharegpt``,
-or fourbit's ``openai``), ``columns`` (alpaca: prompt, query, response, system, history;
-sharegpt/openai: messages, system) and ``tags`` (role_tag, content_tag, user_tag,
-assistant_tag, system_tag; observation_tag and function_tag are accepted but rows using those
-roles are rejected). Not supported, and an error when present: hub or script sources
-(hf_hub_url, ms_hub_url, om_hub_url, script_url, cloud_file_name), folders, subsets, splits,
-num_samples, preference data (``ranking: true``, chosen/rejected, kto_tag), tools and function
-calls, images/videos/audios. A spec that is not a registered name is read as a file path.
+``file_name`` (relative to dataset_dir) or ``hf_hub_url`` (a dataset on the Hugging Face hub, read
+by io/hub_datasets.py, with ``subset``, ``split`` (default ``train``) and ``folder``),
+``formatting`` (``alpaca``, the default, ``sharegpt``, or fourbit's ``openai``), ``columns``
+(alpaca: prompt, query, response, system, history; sharegpt/openai: messages, system), ``tags``
+(role_tag, content_tag, user_tag, assistant_tag, system_tag; observation_tag and function_tag are
+accepted but rows using those roles are rejected) and ``num_samples`` (that many rows drawn at
+random, without repeats until every row is taken, as LLaMA-Factory samples them; seeded). Not
+supported, and an error when present: ModelScope, Modelers and script sources (ms_hub_url alone,
+om_hub_url, script_url, cloud_file_name), folders, preference data (``ranking: true``,
+chosen/rejected, kto_tag), tools and function calls, images/videos/audios. A spec that is not a
+registered name is read as a file path, and failing that, when it looks like ``org/name``, as a
+hub dataset. ``max_samples`` then keeps each dataset's first rows (LLaMA-Factory's meaning).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
+from .hub_datasets import load_hub_rows
 
 FORMATS = ("alpaca", "sharegpt", "openai")
 _DETECT_KEYS = {"messages": "openai", "conversations": "sharegpt", "instruction": "alpaca"}
@@ -57,7 +65,8 @@ _DEFAULT_TAGS = {
                "assistant_tag": "assistant", "system_tag": "system"},
 }
 _IGNORED_TAGS = {"observation_tag", "function_tag"}
-_ENTRY_KEYS = ("file_name", "formatting", "columns", "tags")
+_ENTRY_KEYS = ("file_name", "hf_hub_url", "subset", "split", "folder", "num_samples", "formatting", "columns", "tags")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass(frozen=True)
@@ -242,34 +251,77 @@ def _conversation_messages(row: Mapping, fmt: DatasetFormat, index: int) -> list
 # ------------------------------------------------------------------------------ registry
 
 
-def resolve_dataset(spec: str | os.PathLike, dataset_dir: str | os.PathLike | None = None
-                    ) -> list[list[dict]]:
-    """Conversations of ``spec``: comma-separated registered names or file paths, in order."""
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where one dataset's rows come from: a local file or a hub dataset, with its format (None:
+    detected from the first row) and how many rows to draw (``num_samples``)."""
+
+    name: str
+    file: Path | None = None
+    hub: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    fmt: DatasetFormat | None = None
+    num_samples: int | None = None
+
+    def rows(self) -> list[dict]:
+        if self.file is not None:
+            return load_rows(self.file)
+        return load_hub_rows(self.hub, self.subset, self.split, self.folder)
+
+    def __str__(self) -> str:
+        return str(self.file) if self.file is not None else f"hub {self.hub}"
+
+
+def resolve_dataset(spec: str | os.PathLike, dataset_dir: str | os.PathLike | None = None, *,
+                    max_samples: int | None = None, seed: int = 0) -> list[list[dict]]:
+    """Conversations of ``spec``: comma-separated registered names, file paths or hub ids, in
+    order; ``max_samples`` keeps each one's first rows, ``seed`` draws ``num_samples``."""
     parts = [part.strip() for part in str(spec).split(",") if part.strip()]
     if not parts:
-        raise InputError("no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
+        raise InputError("no dataset given; name a .json/.jsonl file, a dataset_info.json entry or a hub dataset")
+    if dataset_dir is not None and str(dataset_dir).startswith("REMOTE:"):
+        raise InputError(f"dataset_dir {dataset_dir!r}: fourbit reads dataset_info.json from a local folder; download "
+                         f"the hub repository ({str(dataset_dir).removeprefix('REMOTE:')}) and point dataset_dir at it")
     registry = _read_registry(dataset_dir) if dataset_dir is not None else None
     conversations = []
-    for part in parts:
-        if registry is not None and part in registry:
-            path, fmt = _registry_entry(part, registry[part], Path(dataset_dir))
-        elif Path(part).is_file():
-            path, fmt = Path(part), None
-        elif dataset_dir is not None and (Path(dataset_dir) / part).is_file():
-            path, fmt = Path(dataset_dir) / part, None
-        else:
-            where = (f"registered in {Path(dataset_dir) / 'dataset_info.json'}: "
-                     f"{', '.join(sorted(registry)) or 'none'}" if registry is not None
-                     else "no dataset_dir was given to look names up in")
-            raise InputError(f"dataset {part!r} is neither a file nor a registered name ({where})")
-        rows = load_rows(path)
-        fmt = fmt or DatasetFormat.of(detect_format(rows, str(path)))
+    for position, part in enumerate(parts):
+        source = _source(part, registry, dataset_dir)
+        rows = _sample(source.rows(), source.num_samples, np.random.default_rng([seed, position]))
+        rows = rows[:max_samples] if max_samples is not None else rows
+        fmt = source.fmt or DatasetFormat.of(detect_format(rows, str(source)))
         for index, row in enumerate(rows):
             try:
                 conversations.append(to_messages(row, fmt, index))
             except ValueError as e:
-                raise InputError(f"dataset {part!r} ({path}) {e}") from e
+                raise InputError(f"dataset {part!r} ({source}) {e}") from e
     return conversations
+
+
+def _source(part: str, registry: dict | None, dataset_dir) -> DatasetSource:
+    if registry is not None and part in registry:
+        return _registry_entry(part, registry[part], Path(dataset_dir))
+    if Path(part).is_file():
+        return DatasetSource(part, file=Path(part))
+    if dataset_dir is not None and (Path(dataset_dir) / part).is_file():
+        return DatasetSource(part, file=Path(dataset_dir) / part)
+    if _HUB_ID.fullmatch(part) and Path(part).suffix not in (".json", ".jsonl"):
+        return DatasetSource(part, hub=part)
+    where = (f"registered in {Path(dataset_dir) / 'dataset_info.json'}: {', '.join(sorted(registry)) or 'none'}"
+             if registry is not None else "no dataset_dir was given to look names up in")
+    raise InputError(f"dataset {part!r} is neither a file, a registered name ({where}) nor a hub id 'org/name'")
+
+
+def _sample(rows: list[dict], count: int | None, rng: np.random.Generator) -> list[dict]:
+    """``count`` rows drawn as LLaMA-Factory draws num_samples: a random order of all rows, cut
+    to ``count``; past the dataset's size, further rows drawn at random with repeats."""
+    if count is None:
+        return rows
+    picked = rng.permutation(len(rows))[:count]
+    if count > len(rows):
+        picked = np.concatenate([picked, rng.choice(len(rows), count - len(rows))])
+    return [rows[i] for i in picked]
 
 
 def _read_registry(dataset_dir: str | os.PathLike) -> dict:
@@ -285,21 +337,38 @@ def _read_registry(dataset_dir: str | os.PathLike) -> dict:
     return registry
 
 
-def _registry_entry(name: str, entry, dataset_dir: Path) -> tuple[Path, DatasetFormat]:
+def _registry_entry(name: str, entry, dataset_dir: Path) -> DatasetSource:
     where = f"dataset {name!r} in {dataset_dir / 'dataset_info.json'}"
     if not isinstance(entry, dict):
-        raise InputError(f"{where}: expected an object with file_name, formatting, columns, tags")
+        raise InputError(f"{where}: expected an object with file_name or hf_hub_url, formatting, columns, tags")
     for key, value in entry.items():
         if key == "ranking" and not value:
             continue
+        if key == "ms_hub_url" and "hf_hub_url" in entry:
+            continue  # LLaMA-Factory too reads hf_hub_url unless told to use ModelScope
         if key not in _ENTRY_KEYS:
-            raise InputError(f"{where}: key {key!r} is not supported; fourbit reads local files "
-                             f"with {', '.join(_ENTRY_KEYS)}")
-    if not isinstance(entry.get("file_name"), str):
-        raise InputError(f"{where}: needs 'file_name', a .json/.jsonl file in {dataset_dir}")
+            raise InputError(f"{where}: key {key!r} is not supported; fourbit reads local files and Hugging Face hub "
+                             f"datasets with {', '.join(_ENTRY_KEYS)}")
     try:
-        fmt = DatasetFormat.of(entry.get("formatting", "alpaca"), entry.get("columns"),
-                               entry.get("tags"))
+        fmt = DatasetFormat.of(entry.get("formatting", "alpaca"), entry.get("columns"), entry.get("tags"))
     except ValueError as e:
         raise InputError(f"{where}: {e}") from e
-    return dataset_dir / entry["file_name"], fmt
+    num_samples = entry.get("num_samples")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+        raise InputError(f"{where}: num_samples {num_samples!r} is not allowed; expected an integer >= 1")
+    split = entry.get("split", "train")
+    for key in ("subset", "split", "folder"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise InputError(f"{where}: {key} {entry[key]!r} is not allowed; expected a string")
+    if isinstance(entry.get("hf_hub_url"), str):
+        return DatasetSource(name, hub=entry["hf_hub_url"], subset=entry.get("subset"), split=split,
+                             folder=entry.get("folder"), fmt=fmt, num_samples=num_samples)
+    if "hf_hub_url" in entry:
+        raise InputError(f"{where}: hf_hub_url {entry['hf_hub_url']!r} is not allowed; expected a dataset id 'org/name'")
+    if not isinstance(entry.get("file_name"), str):
+        raise InputError(f"{where}: needs 'file_name', a .json/.jsonl file in {dataset_dir}, or 'hf_hub_url'")
+    unused = [key for key in ("subset", "folder") if key in entry] + (["split"] if split != "train" else [])
+    if unused:
+        raise InputError(f"{where}: {', '.join(unused)} apply to hub datasets (hf_hub_url); a local file is one "
+                         "train split")
+    return DatasetSource(name, file=dataset_dir / entry["file_name"], fmt=fmt, num_samples=num_samples)

@@ -64,6 +64,7 @@ RESUMABLE_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "save_steps", "save_total_limit",
     "logging_steps", "plot_loss", "eval_dataset", "eval_max_new_tokens", "eval_steps", "per_device_eval_batch_size",
     "report_to", "run_name", "logging_dir", "strategy", "ddp_backend", "ddp_timeout", "dataset_dir",
+    "eval_strategy", "do_eval", "save_only_model", "preprocessing_num_workers",
 })
 
 
@@ -78,19 +79,22 @@ class TrainState:
 
 def save_checkpoint(
     folder: Path, model, optimizer, scheduler, state: TrainState, base_model: str | None, run_config: dict,
-    ranks: Ranks = SINGLE,
+    ranks: Ranks = SINGLE, model_only: bool = False,
 ) -> Path:
+    """``model_only`` (save_only_model): the adapter, the position and the config, without the
+    optimizer, scheduler and RNG states; such a checkpoint cannot be resumed."""
     adapter = adapter_state_dict(model)  # gathered whole: every rank calls these two
-    optimizer_state = full_optimizer_state(model, optimizer, ranks)
+    optimizer_state = None if model_only else full_optimizer_state(model, optimizer, ranks)
     if ranks.is_main:
         with atomic_dir(folder, overwrite=True) as tmp:
             write_adapter_files(model, tmp, base_model, adapter)
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(
-                {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-                tmp / "rng.pt",
-            )
+            if not model_only:
+                torch.save(optimizer_state, tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(
+                    {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                    tmp / "rng.pt",
+                )
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
             (tmp / RUN_FILE).write_text(json.dumps(run_config, indent=2, default=str))
     ranks.barrier()
@@ -100,9 +104,20 @@ def save_checkpoint(
 def load_checkpoint_adapter(folder: Path, model) -> None:
     """The checkpoint's adapter weights into the (not yet wrapped) model."""
     missing = [n for n in (WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE) if not (folder / n).is_file()]
+    if missing and _model_only(folder):
+        raise InputError(f"{folder} was written with save_only_model: true: it holds the adapter but not the optimizer's, "
+                         "scheduler's and random generators' states, so the run cannot continue exactly from it; "
+                         "start afresh, or use its adapter (fourbit.load_adapter, fourbit merge)")
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete fourbit checkpoint: it lacks {missing}")
     load_adapter_weights(model, read_adapter(folder).tensors, str(folder))
+
+
+def _model_only(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / RUN_FILE).read_text()).get("save_only_model"))
+    except (OSError, ValueError):
+        return False
 
 
 def check_same_run(folder: Path, run_config: dict) -> None:

@@ -3,13 +3,16 @@
 A YAML file of ``key: value`` lines, overridden by ``key=value`` arguments on the command line
 (values parsed as YAML scalars, so ``learning_rate=1e-4`` is a float and ``packing=true`` a
 bool). Every key is validated and an error names the key, the value and what is allowed; an
-unknown key suggests the closest known one (a typo must not be silently ignored).
+unknown key suggests the closest known one (a typo must not be silently ignored). LLaMA-Factory's
+keys without a field here (``stage``, ``bf16``, ``deepspeed``, ...) are mapped, accepted or
+refused by train/llamafactory.py, which also gives a LLaMA-Factory config its own defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +23,17 @@ import yaml
 from ..errors import InputError
 from ..optim import OPTIMIZERS
 from ..quant.blockwise import BLOCKSIZES
+from . import llamafactory
 from .report import REPORTERS
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("nccl", "gloo")
+EVAL_STRATEGIES = ("steps", "epoch", "no")
 
 
 @dataclass
@@ -70,7 +77,10 @@ class TrainConfig:
     dataset_dir: str | None = None  # where dataset_info.json lives; default: the config's folder
     eval_dataset: str | None = None  # exact-match accuracy before and after training
     val_size: float = 0.0  # held out of dataset for an eval loss: a fraction in (0, 1), or a count >= 1; 0: none
+    max_samples: int | None = None  # each dataset's first N rows only (LLaMA-Factory's meaning); None: all
+    preprocessing_num_workers: int | None = None  # processes that tokenize the dataset; None: this one
     template: str = "auto"
+    enable_thinking: bool | None = None  # passed to the chat template (Qwen3's thinking switch); None: its default
     cutoff_len: int = 1024
     train_on_prompt: bool = False
     allow_truncated_answers: bool = False  # train even when cutoff_len cuts most answers' end of turn
@@ -80,8 +90,11 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     save_steps: int = 500
     save_total_limit: int | None = None
+    save_only_model: bool = False  # checkpoints hold the adapter only (no optimizer state): smaller, not resumable
     logging_steps: int = 1
+    eval_strategy: str = "steps"  # with val_size: the eval loss every eval_steps ("steps"), at each epoch's end, or "no"
     eval_steps: int | None = None  # with val_size: the eval loss every N steps and at the last; None: at each save
+    do_eval: bool = False  # with val_size: the eval loss at the end even with eval_strategy "no"
     per_device_eval_batch_size: int | None = None  # None: per_device_train_batch_size
     report_to: str | list[str] = "none"  # tensorboard, wandb, mlflow: a name, a list or comma-separated (train/report.py)
     run_name: str | None = None  # the trackers' name for the run; None: output_dir's folder name
@@ -145,14 +158,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         values |= loaded
         values.setdefault("dataset_dir", str(path.parent))
     values |= parse_overrides(overrides or [])
+    values, notes = llamafactory.translate(values)
     unknown = [k for k in values if k not in FIELDS]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(key, FIELDS, n=1)
+        close = difflib.get_close_matches(key, [*FIELDS, *llamafactory.KEYS], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise InputError(f"unknown config key {key!r}{hint} (known keys: {', '.join(FIELDS)})")
+        raise InputError(f"unknown config key {key!r}{hint} (known keys: {', '.join(FIELDS)}; and LLaMA-Factory's "
+                         f"{', '.join(llamafactory.KEYS)})")
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     validate(config)
+    for note in notes:
+        log.warning("%s", note)
     return config
 
 
@@ -174,6 +191,8 @@ def parse_overrides(overrides: list[str] | dict) -> dict[str, Any]:
 def _coerce(key: str, value: Any) -> Any:
     """Accept the natural spellings: '1e-4' for a float, 'true' for a bool, 'none' for None."""
     kind = FIELDS[key].type
+    if key == "eval_strategy" and value is False:
+        return "no"  # YAML 1.1 reads a bare `no` as false
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in kind):
         return None
     try:
@@ -204,7 +223,8 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 def validate(c: TrainConfig) -> None:
-    _check(c.quantization_bit in (4, None), "quantization_bit", c.quantization_bit, "4, or none for 16-bit LoRA")
+    _check(c.quantization_bit in (4, None), "quantization_bit", c.quantization_bit,
+           "4, or none for 16-bit LoRA (8-bit LLM.int8() is for inference: `fourbit quantize --method int8`)")
     _check(c.quantization_type in QUANT_TYPES, "quantization_type", c.quantization_type, f"one of {QUANT_TYPES}")
     _check(c.quantization_blocksize in BLOCKSIZES, "quantization_blocksize", c.quantization_blocksize, f"one of {BLOCKSIZES}")
     _check(c.compute_dtype in COMPUTE_DTYPES, "compute_dtype", c.compute_dtype, f"one of {COMPUTE_DTYPES}")
@@ -243,6 +263,12 @@ def validate(c: TrainConfig) -> None:
     _check(c.val_size == 0 or 0 < c.val_size < 1 or (c.val_size >= 1 and float(c.val_size).is_integer()),
            "val_size", c.val_size, "0 (none), a fraction in (0, 1) of the dataset's examples, or a whole number >= 1 of them")
     _check(c.eval_steps is None or c.eval_steps > 0, "eval_steps", c.eval_steps, "none (at every save_steps) or an integer > 0")
+    _check(c.eval_strategy in EVAL_STRATEGIES, "eval_strategy", c.eval_strategy, f"one of {EVAL_STRATEGIES}")
+    _check(not c.do_eval or c.val_size > 0, "do_eval", c.do_eval,
+           "false, or val_size > 0: the eval loss is computed on the examples val_size holds out")
+    _check(c.max_samples is None or c.max_samples > 0, "max_samples", c.max_samples, "none (all rows) or an integer > 0")
+    _check(c.preprocessing_num_workers is None or c.preprocessing_num_workers > 0, "preprocessing_num_workers",
+           c.preprocessing_num_workers, "none (tokenize in this process) or an integer > 0")
     _check(c.per_device_eval_batch_size is None or c.per_device_eval_batch_size > 0, "per_device_eval_batch_size",
            c.per_device_eval_batch_size, "none (per_device_train_batch_size) or an integer > 0")
     _check(all(name in REPORTERS for name in c.trackers), "report_to", c.report_to,

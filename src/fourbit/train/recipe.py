@@ -124,12 +124,13 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
     _seed_everything(config.seed)
 
-    apply_template(tokenizer, config.template)
-    conversations = resolve_dataset(config.dataset, config.dataset_dir)
+    apply_template(tokenizer, config.template, config.enable_thinking)
+    conversations = resolve_dataset(config.dataset, config.dataset_dir, max_samples=config.max_samples, seed=config.seed)
     if not conversations:
         raise InputError(f"dataset {config.dataset!r} has no rows")
     truncation = Truncation()
-    examples = encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation)
+    examples = encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation,
+                              workers=config.preprocessing_num_workers)
     cut = truncation.check(config.cutoff_len, config.allow_truncated_answers)  # refuses training that cannot learn
     if cut and ranks.is_main:
         log.warning("%s", cut)
@@ -225,7 +226,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
             if state.step % config.logging_steps == 0:
                 progress.set_postfix(epoch=f"{record['epoch']:.2f}", loss=f"{loss_sum:.4f}",
                                      lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if held_out and (state.step % (config.eval_steps or config.save_steps) == 0 or state.step == total_steps):
+            if held_out and _eval_due(config, state, total_steps, micro_per_epoch):
                 loss = eval_loss(engine, held_out, config.per_device_eval_batch_size or config.per_device_train_batch_size,
                                  pad, ranks, device)
                 state.eval_losses.append([state.step, loss])  # before the checkpoint, which keeps it
@@ -235,7 +236,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
             if state.step % config.save_steps == 0 or state.step == total_steps:
                 last_checkpoint = save_checkpoint(
                     out / f"checkpoint-{state.step}", model, optimizer, scheduler, state, _base_name(model), run_config,
-                    ranks,
+                    ranks, model_only=config.save_only_model,
                 )
                 if ranks.is_main:
                     rotate(out, config.save_total_limit)
@@ -322,6 +323,17 @@ def _record(record: dict, metrics, reporters: Reporters) -> None:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
     reporters.log(record)
+
+
+def _eval_due(config: TrainConfig, state: TrainState, total_steps: int, micro_per_epoch: int) -> bool:
+    """Whether the step just taken is followed by an eval loss (eval_strategy; the last step
+    always with "steps" and "epoch", and with "no" where do_eval asks for it)."""
+    last = state.step == total_steps
+    if config.eval_strategy == "steps":
+        return state.step % (config.eval_steps or config.save_steps) == 0 or last
+    if config.eval_strategy == "epoch":
+        return state.micro_batch >= micro_per_epoch or last
+    return last and config.do_eval
 
 
 def _next_micro_batches(n_examples: int, config: TrainConfig, state: TrainState, per_step: int) -> list[list[int]]:

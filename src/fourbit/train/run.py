@@ -54,7 +54,7 @@ def preflight(config: TrainConfig, tokenizer=None) -> str | None:
         raise InputError("config key 'dataset': no dataset given; name a .json/.jsonl file or a dataset_info.json entry")
     if not config.output_dir:
         raise InputError("config key 'output_dir': required, the folder the adapter and checkpoints go to")
-    conversations = resolve_dataset(config.dataset, config.dataset_dir)
+    conversations = resolve_dataset(config.dataset, config.dataset_dir, max_samples=config.max_samples, seed=config.seed)
     held_out_count(len(conversations), config.val_size)  # an example a row, so the recipe's split is refused here too
     if config.eval_dataset:
         resolve_dataset(config.eval_dataset, config.dataset_dir)
@@ -63,7 +63,8 @@ def preflight(config: TrainConfig, tokenizer=None) -> str | None:
     check_trackers(config)
     if tokenizer is None:
         return None
-    apply_template(tokenizer, config.template)
+    apply_template(tokenizer, config.template, config.enable_thinking)
     truncation = Truncation()
-    encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation)
+    encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation,
+                              workers=config.preprocessing_num_workers)
     return truncation.check(config.cutoff_len, config.allow_truncated_answers)

@@ -153,8 +153,8 @@ def preview(config: TrainConfig, rows: int = 3) -> list[tuple[str, str | None]]:
     from ..chat_templates import apply_template
 
     tokenizer = copy.copy(tokenizer_of(config.model_name_or_path))  # the template is set on a copy
-    apply_template(tokenizer, config.template)
-    conversations = resolve_dataset(config.dataset, config.dataset_dir)
+    apply_template(tokenizer, config.template, config.enable_thinking)
+    conversations = resolve_dataset(config.dataset, config.dataset_dir, max_samples=config.max_samples, seed=config.seed)
     pieces: list[tuple[str, str | None]] = []
     for index, messages in enumerate(conversations[:rows]):
         example = encode_conversation(tokenizer, messages, config.cutoff_len, config.train_on_prompt, index=index)
