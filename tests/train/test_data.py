@@ -12,6 +12,7 @@ import torch
 from fourbit.io.datasets import detect_format, load_rows, resolve_dataset, to_messages
 from fourbit.train.data import (
     IGNORE_INDEX,
+    Truncation,
     batches,
     collate,
     encode_conversation,
@@ -192,6 +193,96 @@ def test_registry_errors(tmp_path):
     _write(tmp_path / "plain.json", [{"instruction": "Q", "output": "A"}, {"instruction": "Q"}])
     with pytest.raises(ValueError, match=r"dataset 'plain' \(.*plain.json\) row 1 \(alpaca"):
         resolve_dataset("plain", tmp_path)
+
+
+def _numbered(path, n):
+    _write(path, [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(n)])
+
+
+def _answers(conversations):
+    return [c[-1]["content"] for c in conversations]
+
+
+def test_max_samples_keeps_each_datasets_first_rows(tmp_path):
+    """LLaMA-Factory's max_samples: each dataset cut to its first N rows, before they are joined."""
+    _numbered(tmp_path / "a.json", 5)
+    _write(tmp_path / "b.json", [{"instruction": f"q{i}", "output": f"b{i}"} for i in range(4)])
+    assert _answers(resolve_dataset("a.json,b.json", tmp_path, max_samples=3)) == ["A0", "A1", "A2", "b0", "b1", "b2"]
+    assert len(resolve_dataset("a.json,b.json", tmp_path, max_samples=100)) == 9
+
+
+def test_num_samples_draws_rows_as_llamafactory_does(tmp_path):
+    """num_samples: distinct rows while the dataset has them, then repeats; the draw is the seed's."""
+    _numbered(tmp_path / "ten.json", 10)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "four": {"file_name": "ten.json", "num_samples": 4}, "fifteen": {"file_name": "ten.json", "num_samples": 15},
+        "bad": {"file_name": "ten.json", "num_samples": 0}}))
+    four = _answers(resolve_dataset("four", tmp_path, seed=1))
+    assert len(four) == len(set(four)) == 4 and set(four) <= {f"A{i}" for i in range(10)}
+    assert four == _answers(resolve_dataset("four", tmp_path, seed=1))
+    assert any(_answers(resolve_dataset("four", tmp_path, seed=s)) != four for s in range(2, 6))
+    fifteen = _answers(resolve_dataset("fifteen", tmp_path, seed=1))
+    assert len(fifteen) == 15 and set(fifteen) == {f"A{i}" for i in range(10)}  # every row, then 5 repeats
+    assert _answers(resolve_dataset("fifteen", tmp_path, seed=1, max_samples=10)) == fifteen[:10]
+    with pytest.raises(ValueError, match="num_samples 0 is not allowed; expected an integer >= 1"):
+        resolve_dataset("bad", tmp_path)
+
+
+def _hub_folder(root, name="someone/echo"):
+    """A dataset folder as the hub holds one (a file per split), read by `datasets` offline."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    _write(folder / "train.jsonl", [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(6)], jsonl=True)
+    _write(folder / "test.jsonl", [{"instruction": "Hi", "output": "Hello"}], jsonl=True)
+    return folder
+
+
+def test_hub_entries_load_through_the_datasets_library(tmp_path):
+    folder = _hub_folder(tmp_path)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "echo": {"hf_hub_url": str(folder), "num_samples": 3},
+        "echo_test": {"hf_hub_url": str(folder), "split": "test", "columns": {"prompt": "instruction"}},
+        "echo_missing": {"hf_hub_url": str(folder), "split": "validation"},
+        "modelscope_only": {"ms_hub_url": "someone/echo"},
+        "both": {"hf_hub_url": str(folder), "ms_hub_url": "someone/echo"},
+    }))
+    assert len(resolve_dataset("echo", tmp_path)) == 3
+    assert resolve_dataset("echo_test", tmp_path) == [[{"role": "user", "content": "Hi"},
+                                                       {"role": "assistant", "content": "Hello"}]]
+    assert _answers(resolve_dataset("both", tmp_path)) == [f"A{i}" for i in range(6)]
+    with pytest.raises(ValueError, match="hub dataset .*echo.*cannot be loaded .*validation"):
+        resolve_dataset("echo_missing", tmp_path)
+    with pytest.raises(ValueError, match="key 'ms_hub_url' is not supported"):
+        resolve_dataset("modelscope_only", tmp_path)
+
+
+def test_a_hub_id_as_the_dataset(tmp_path, monkeypatch):
+    """``dataset: org/name`` that is neither a file nor a registered name is read from the hub
+    (here a folder of that name, which `datasets` reads the same way), rows checked as a file's."""
+    monkeypatch.chdir(tmp_path)
+    _hub_folder(tmp_path)
+    assert _answers(resolve_dataset("someone/echo", max_samples=2)) == ["A0", "A1"]
+    _write(tmp_path / "someone" / "echo" / "train.jsonl", [{"instruction": "Q", "output": "A"}, {"instruction": "Q"}],
+           jsonl=True)
+    with pytest.raises(ValueError, match=r"dataset 'someone/echo' \(hub someone/echo\) row 1 \(alpaca format\)"):
+        resolve_dataset("someone/echo")
+
+
+def test_hub_without_the_datasets_library_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(ValueError, match=r"needs the `datasets` library: pip install \"fourbit\[hub\]\""):
+        resolve_dataset("someone/echo")
+
+
+def test_registry_entry_keys_for_hub_only_on_a_local_file(tmp_path):
+    _numbered(tmp_path / "ten.json", 10)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"x": {"file_name": "ten.json", "subset": "en"}}))
+    with pytest.raises(ValueError, match="subset apply to hub datasets"):
+        resolve_dataset("x", tmp_path)
+    with pytest.raises(ValueError, match="dataset_dir 'REMOTE:org/data'.*download"):
+        resolve_dataset("x", "REMOTE:org/data")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -400,3 +491,22 @@ def test_batches_resume_from_step_and_drop_last():
     assert dropped == full[:12] and steps_per_epoch(50, 4, drop_last=True) == 12
     with pytest.raises(ValueError, match="batch_size >= 1"):
         next(batches(10, 0, seed=0, epoch=0))
+
+
+def test_preprocessing_workers_encode_as_one_process_does(chat_tokenizer, monkeypatch):
+    """preprocessing_num_workers: the dataset tokenized in worker processes, in contiguous parts:
+    the same examples in the same order and the same cut counted as in one process; a bad row is
+    named by its index in the whole dataset."""
+    from fourbit.train import data
+
+    monkeypatch.setattr(data, "MIN_ROWS_PER_WORKER", 2)  # workers for a small dataset
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 4)
+    rows = [{"instruction": f"Say {i}.", "output": "word " * (i % 4 + 1)} for i in range(7)]
+    alone, together = Truncation(), Truncation()
+    expected = encode_dataset(chat_tokenizer, rows, cutoff_len=38, truncation=alone)
+    assert encode_dataset(chat_tokenizer, rows, cutoff_len=38, truncation=together, workers=3) == expected
+    assert together == alone and alone.answers_cut > 0  # the cut costs something, counted in every part
+    conversations = [to_messages(row, "alpaca", i) for i, row in enumerate(rows)]
+    conversations[5] = [{"role": "user", "content": "no answer"}]
+    with pytest.raises(ValueError, match="row 5: conversation has no assistant turn"):
+        encode_dataset(chat_tokenizer, conversations, cutoff_len=38, workers=3)

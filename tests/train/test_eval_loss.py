@@ -82,6 +82,20 @@ def test_without_eval_steps_it_evaluates_at_each_save_and_the_last_step(tmp_path
     assert steps == [1, 2, 2, 3, 4, 4, 5, 5]  # each evaluation after its step's training line
 
 
+@pytest.mark.parametrize("strategy, do_eval, steps", [
+    ("epoch", False, [3, 5]),  # at the first epoch's end, and at the last step (max_steps cuts the second)
+    ("no", False, []),  # held out, never evaluated (transformers' eval_strategy "no")
+    ("no", True, [5]),  # do_eval: once, at the end
+    ("steps", False, [3, 5]),  # every eval_steps, and the last
+])
+def test_eval_strategy_decides_when(tmp_path, config_for, strategy, do_eval, steps):
+    """8 echo rows, 2 held out: 6 train in steps of 2, so an epoch is 3 steps; the run takes 5."""
+    out = tmp_path / "out"
+    run(config_for(out, val_size=2, max_steps=5, save_steps=5, eval_steps=3, per_device_train_batch_size=2,
+                   eval_strategy=strategy, do_eval=do_eval))
+    assert [r["step"] for r in eval_lines(out)] == steps
+
+
 def test_a_resumed_run_ends_with_the_eval_points_of_the_uninterrupted_run(tmp_path, monkeypatch, config_for,
                                                                              kill_in_step):
     settings = dict(val_size=2, eval_steps=2, max_steps=8, save_steps=3, lora_dropout=0.1)

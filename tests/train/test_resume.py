@@ -131,3 +131,20 @@ def test_a_checkpoint_written_before_val_size_existed_resumes(tmp_path, config_f
     assert resumed.losses == straight.losses and resumed.eval_losses == []
     with pytest.raises(ValueError, match=r"belongs to another run \(val_size: 0\.0 there, 2\.0 now\)"):
         run(config_for(tmp_path / "other", val_size=2, resume_from_checkpoint=str(checkpoint)))
+
+
+def test_save_only_model_checkpoints_hold_the_adapter_and_refuse_to_resume(tmp_path, config_for):
+    """save_only_model (transformers' meaning): the adapter without the optimizer's, scheduler's and
+    RNGs' states; resuming from such a checkpoint says why it cannot, and the adapter loads."""
+    from fourbit.io.peft import read_adapter
+
+    out = tmp_path / "out"
+    run(config_for(out, save_only_model=True))
+    kept = sorted(p.name for p in (out / "checkpoint-3").iterdir())
+    assert "optimizer.pt" not in kept and "scheduler.pt" not in kept and "rng.pt" not in kept
+    assert "adapter_model.safetensors" in kept and read_adapter(out / "checkpoint-3").tensors
+    full = run(config_for(tmp_path / "full"))
+    assert (tmp_path / "full" / "checkpoint-3" / "optimizer.pt").is_file()  # the default keeps them
+    assert full.losses == run(config_for(tmp_path / "again", save_only_model=True)).losses  # training is the same
+    with pytest.raises(ValueError, match="written with save_only_model: true.*cannot continue exactly"):
+        run(config_for(out, resume_from_checkpoint=str(out / "checkpoint-3"), save_only_model=True))

@@ -27,7 +27,8 @@ def load_hub_rows(path: str, subset: str | None = None, split: str = "train", fo
                          "pip install \"fourbit[hub]\" (or download the data and name the file)") from None
     try:
         data = datasets.load_dataset(path, name=subset, split=split, data_dir=folder)
-    except (FileNotFoundError, ConnectionError, ValueError) as e:  # no such dataset, offline, bad subset or split
+    except (FileNotFoundError, ConnectionError, ValueError,  # no such dataset, offline, a bad subset or split
+            datasets.exceptions.DatasetGenerationError) as e:  # files it cannot read as one table
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{where}: cannot be loaded ({problem})") from e
     if not isinstance(data, datasets.Dataset):

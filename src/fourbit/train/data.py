@@ -178,6 +178,7 @@ def encode_dataset(tokenizer, rows_or_messages: Sequence, cutoff_len: int,
         return _encode_part(tokenizer, items, 0, cutoff_len, train_on_prompt, truncation)[0]
     bounds = np.linspace(0, len(items), workers + 1).astype(int).tolist()
     context = multiprocessing.get_context("forkserver")  # not fork: the parent may hold OpenMP and tokenizer threads
+    context.set_forkserver_preload([__name__])  # imported once by the server, not by every worker
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         parts = [pool.submit(_encode_part, tokenizer, items[start:end], start, cutoff_len, train_on_prompt,
                              Truncation()) for start, end in zip(bounds[:-1], bounds[1:])]
