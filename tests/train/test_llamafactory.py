@@ -270,3 +270,23 @@ def test_accepted_and_refused_values(key, value, allowed):
 def test_quantization_bit_8_says_what_instead():
     with pytest.raises(ValueError, match="'quantization_bit': 8 is not allowed.*fourbit quantize --method int8"):
         load_config(None, {"quantization_bit": 8})
+
+
+def test_dataset_dir_defaults_to_data_as_in_llamafactory(tmp_path, monkeypatch, registry):
+    """LLaMA-Factory reads data/dataset_info.json from where the command runs; fourbit's own
+    configs read the registry beside the config file."""
+    import shutil
+
+    from fourbit.train.run import preflight
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(registry, tmp_path / "data")
+    (tmp_path / "examples").mkdir()
+    path = tmp_path / "examples" / "qwen3_lora_sft.yaml"
+    path.write_text(yaml.safe_dump(EXAMPLES["qwen3_lora_sft"]))
+    config = load_config(path)
+    assert config.dataset_dir == "data"
+    preflight(config)  # identity and alpaca_en_demo found in ./data
+    own = tmp_path / "examples" / "own.yaml"
+    own.write_text(yaml.safe_dump({"dataset": "identity"}))
+    assert load_config(own).dataset_dir == str(tmp_path / "examples")

@@ -156,8 +156,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         if not isinstance(loaded, dict):
             raise InputError(f"{path}: expected a mapping of key: value lines, got {type(loaded).__name__}")
         values |= loaded
-        values.setdefault("dataset_dir", str(path.parent))
     values |= parse_overrides(overrides or [])
+    if path is not None and not llamafactory.is_llamafactory(values):
+        values.setdefault("dataset_dir", str(path.parent))  # LLaMA-Factory's default is data/ (translate)
     values, notes = llamafactory.translate(values)
     unknown = [k for k in values if k not in FIELDS]
     if unknown:

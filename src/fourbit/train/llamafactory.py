@@ -17,7 +17,8 @@ that a file means what LLaMA-Factory documents for it: no ``quantization_bit`` i
 there (fourbit's own default is 4), ``lora_rank`` 8, and transformers' TrainingArguments defaults
 (learning rate 5e-5, a linear schedule, 8 examples per device, a log line every 500 steps, no
 evaluation during training unless ``eval_strategy`` says so, ``eval_steps`` = ``logging_steps``),
-``cutoff_len`` 2048 and no loss plot. ``translate`` returns the notes it wants printed (which
+``cutoff_len`` 2048, no loss plot, and ``dataset_dir: data`` (relative to the working directory;
+fourbit's own default is the config file's folder). ``translate`` returns the notes it wants printed (which
 defaults it took, what it accepted without effect).
 """
 
@@ -42,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "logging_steps": 500,
     "plot_loss": False,
     "eval_strategy": "no",
+    "dataset_dir": "data",  # dataset_info.json's folder, relative to where the command runs
 }
 
 MULTI_GPU = ("fourbit trains on several GPUs through PyTorch's own engine: launch `torchrun --nproc-per-node N "
@@ -100,6 +102,8 @@ KEYS: dict[str, Key] = {
     "pure_bf16": Key(None, maps_to="compute_dtype", value="bfloat16"),
     "fp16": Key(None, maps_to="compute_dtype", value="float16"),
     "evaluation_strategy": Key(None, maps_to="eval_strategy"),
+    # fourbit's packing is LLaMA-Factory's neat packing: each example attends only to itself
+    "neat_packing": Key(None, maps_to="packing", value=True),
     # several processes, other engines
     "deepspeed": Key((None,), MULTI_GPU),
     "ray_num_workers": Key((None, 1), MULTI_GPU),

@@ -45,7 +45,8 @@ FORM: list[tuple[str, list[Field]]] = [
         Field("quantization_bit", "quantization bits", "choice", "4: QLoRA; none: 16-bit LoRA", ("4", "none")),
         Field("quantization_type", "4-bit data type", "choice", "", QUANT_TYPES),
         Field("double_quantization", "double quantization", "bool", "the absmax constants in 8 bits"),
-        Field("template", "chat template", "text", "auto: the model's own; or chatml, llama3, alpaca, ..."),
+        Field("template", "chat template", "text",
+              "auto: the model's own; chatml, llama3, alpaca; or LLaMA-Factory's names (qwen3_nothink, ...)"),
     ]),
     ("LoRA", [
         Field("lora_rank", "rank", "number"),
