@@ -290,3 +290,12 @@ def test_dataset_dir_defaults_to_data_as_in_llamafactory(tmp_path, monkeypatch, 
     own = tmp_path / "examples" / "own.yaml"
     own.write_text(yaml.safe_dump({"dataset": "identity"}))
     assert load_config(own).dataset_dir == str(tmp_path / "examples")
+
+
+def test_a_key_without_effect_is_said_once_when_not_at_its_default(caplog):
+    with caplog.at_level(logging.WARNING, logger="fourbit"):
+        load_config(None, {"use_fast_tokenizer": True, "trust_remote_code": False, "dataloader_num_workers": 0})
+    assert caplog.text == ""  # LLaMA-Factory's defaults: what fourbit does anyway
+    with caplog.at_level(logging.WARNING, logger="fourbit"):
+        load_config(None, {"use_fast_tokenizer": False, "dataloader_num_workers": 4})
+    assert caplog.text.count("use_fast_tokenizer:") == 1 and caplog.text.count("dataloader_num_workers:") == 1

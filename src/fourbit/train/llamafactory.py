@@ -54,12 +54,14 @@ TEXT_ONLY = "fourbit fine-tunes text-only models; images, videos and audio are n
 @dataclass(frozen=True)
 class Key:
     """What fourbit does with one LLaMA-Factory key: ``allowed`` values (None: any) are accepted,
-    with ``note`` printed once when the value has no effect; any other value is refused with
-    ``instead``. ``maps_to`` names the fourbit key a true value sets, to ``value``."""
+    with ``note`` printed once when the value is not LLaMA-Factory's ``default`` (fourbit does
+    what the default does); any other value is refused with ``instead``. ``maps_to`` names the
+    fourbit key a true value sets, to ``value``."""
 
     allowed: tuple | None = None
     instead: str = ""
     note: str = ""
+    default: Any = None
     maps_to: str | None = None
     value: Any = None
 
@@ -75,28 +77,28 @@ KEYS: dict[str, Key] = {
     "quantization_method": Key(("bnb", "bitsandbytes"),
                                "fourbit quantizes the base to bitsandbytes' NF4/FP4 (quantization_method: bnb); "
                                "for GPTQ or AWQ, quantize with `fourbit quantize --method gptq|awq` and serve that"),
-    "trust_remote_code": Key(None, note="trust_remote_code is accepted, but fourbit never runs a model's own code "
+    "trust_remote_code": Key(None, default=False, note="trust_remote_code is accepted, but fourbit never runs a model's own code "
                              "(transformers is called with trust_remote_code=False): a model that needs it is "
                              "refused when it loads"),
-    "use_fast_tokenizer": Key(None, note="use_fast_tokenizer: fourbit reads the model's tokenizer as transformers' "
+    "use_fast_tokenizer": Key(None, default=True, note="use_fast_tokenizer: fourbit reads the model's tokenizer as transformers' "
                               "AutoTokenizer does by default (the fast one where the model has tokenizer.json)"),
-    "upcast_layernorm": Key(None, note="upcast_layernorm: fourbit's norms keep their weights in the compute dtype "
+    "upcast_layernorm": Key(None, default=False, note="upcast_layernorm: fourbit's norms keep their weights in the compute dtype "
                             "and normalize in float32, as transformers' RMSNorm does"),
     "quantization_device_map": Key((None,), "a device map is for inference (LLaMA-Factory refuses it in training "
                                    "too); fourbit trains on one device per process"),
     "use_unsloth": Key((False,), "fourbit has its own fused 4-bit and LoRA kernels, always on; Unsloth is not "
                        "used (use_unsloth: false, or leave it out)"),
     # data
-    "overwrite_cache": Key(None, note="overwrite_cache: fourbit keeps no cache of tokenized data, so there is "
+    "overwrite_cache": Key(None, default=False, note="overwrite_cache: fourbit keeps no cache of tokenized data, so there is "
                            "nothing to overwrite: every run tokenizes its dataset afresh"),
-    "dataloader_num_workers": Key(None, note="dataloader_num_workers: fourbit cuts batches from tokens already in "
+    "dataloader_num_workers": Key(None, default=0, note="dataloader_num_workers: fourbit cuts batches from tokens already in "
                                   "memory, in the training process (preprocessing_num_workers parallelizes the "
                                   "tokenizing); no loader workers are started"),
     "image_max_pixels": Key((None,), TEXT_ONLY),
     "image_min_pixels": Key((None,), TEXT_ONLY),
     "video_max_pixels": Key((None,), TEXT_ONLY),
     "video_min_pixels": Key((None,), TEXT_ONLY),
-    "freeze_vision_tower": Key(None, note="freeze_vision_tower: " + TEXT_ONLY),
+    "freeze_vision_tower": Key(None, default=True, note="freeze_vision_tower: " + TEXT_ONLY),
     # precision (transformers' TrainingArguments; LLaMA-Factory's pure_bf16)
     "bf16": Key(None, maps_to="compute_dtype", value="bfloat16"),
     "pure_bf16": Key(None, maps_to="compute_dtype", value="bfloat16"),
@@ -149,7 +151,7 @@ def translate(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             _map(key, value, rule, out)
         elif rule.allowed is not None and _normal(value) not in rule.allowed:
             raise InputError(f"config key {key!r}: {value!r} is not supported: {rule.instead}")
-        elif rule.note and value not in (None, False):
+        elif rule.note and value is not None and value != rule.default:
             notes.append(rule.note)
     if is_llamafactory(values):
         taken = {k: v for k, v in DEFAULTS.items() if k not in out}
