@@ -155,9 +155,10 @@ def encode_conversation(tokenizer, messages: Sequence[Mapping], cutoff_len: int,
     return {"input_ids": input_ids, "labels": labels}
 
 
-# preprocessing_num_workers: a worker process starts in about a second (it imports torch), so
-# each takes at least this many conversations (tokenizing one takes a few milliseconds).
-MIN_ROWS_PER_WORKER = 2000
+# preprocessing_num_workers: each worker takes at least this many conversations, about half a
+# second's tokenizing (bench/bench_tokenize.py: ~0.6 ms a conversation), so that starting it and
+# sending its part and its examples across cost a small share.
+MIN_ROWS_PER_WORKER = 1000
 
 
 def encode_dataset(tokenizer, rows_or_messages: Sequence, cutoff_len: int,
@@ -165,8 +166,9 @@ def encode_dataset(tokenizer, rows_or_messages: Sequence, cutoff_len: int,
                    truncation: Truncation | None = None, workers: int | None = None) -> list[dict]:
     """Encode raw rows (format detected unless ``fmt``) or conversations; errors name the row;
     ``truncation`` counts what cutoff_len cut. With ``workers`` (preprocessing_num_workers) a
-    large dataset is tokenized in that many processes, in contiguous parts: the same examples, in
-    the same order, as in one process."""
+    large dataset is tokenized in that many processes (at most one per CPU and per
+    MIN_ROWS_PER_WORKER conversations), in contiguous parts: the same examples, in the same order,
+    as in one process."""
     items = list(rows_or_messages)
     if not items:
         raise InputError("dataset has no rows")
@@ -177,8 +179,10 @@ def encode_dataset(tokenizer, rows_or_messages: Sequence, cutoff_len: int,
     if workers <= 1:
         return _encode_part(tokenizer, items, 0, cutoff_len, train_on_prompt, truncation)[0]
     bounds = np.linspace(0, len(items), workers + 1).astype(int).tolist()
-    context = multiprocessing.get_context("forkserver")  # not fork: the parent may hold OpenMP and tokenizer threads
-    context.set_forkserver_preload([__name__])  # imported once by the server, not by every worker
+    # fork, as datasets.map does: a worker starts in milliseconds with the tokenizer already in
+    # memory (forkserver's or spawn's import of torch, ~3 s a worker, outweighed the gain). The
+    # workers only tokenize: no torch op, no OpenMP, so the parent's threads are not missed there.
+    context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         parts = [pool.submit(_encode_part, tokenizer, items[start:end], start, cutoff_len, train_on_prompt,
                              Truncation()) for start, end in zip(bounds[:-1], bounds[1:])]
