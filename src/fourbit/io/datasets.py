@@ -1,4 +1,4 @@
-"""Instruction datasets as files: rows, their layouts (alpaca, sharegpt, openai), and LLaMA-Factory's
+"""Instruction datasets as files or on the hub: rows, their layouts (alpaca, sharegpt, openai), and LLaMA-Factory's
 registry of named datasets (``dataset_info.json``) -> conversations. train/data.py turns the
 conversations into tokens; GPTQ/AWQ calibration and perplexity read the same files.
 

@@ -37,9 +37,15 @@ def run(config: TrainConfig) -> TrainResult:
     )
     if tokenizer is None:
         raise InputError(f"{config.model_name_or_path} has no tokenizer files; training needs one")
+    return adapt_and_train(model, tokenizer, config, verbose=ranks.is_main)
+
+
+def adapt_and_train(model, tokenizer, config: TrainConfig, verbose: bool = True) -> TrainResult:
+    """LoRA as ``config`` says on ``model`` (any base: 4-bit, 16-bit, or one built by hand), then
+    train it."""
     torch.manual_seed(config.seed)  # the adapters' initialization is part of the run's seed
     add_lora(model, r=config.lora_rank, alpha=config.alpha, target=config.targets, dropout=config.lora_dropout,
-             use_rslora=config.use_rslora, use_dora=config.use_dora, verbose=ranks.is_main,
+             use_rslora=config.use_rslora, use_dora=config.use_dora, verbose=verbose,
              target_parameters=config.target_parameters)
     return train(model, tokenizer, config)
 
