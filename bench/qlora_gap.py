@@ -16,6 +16,13 @@ Method
   then held in the compute dtype) into the unquantized model of (a) in its place: the weights
   QLoRA trains against, with no 4-bit code path. The adapters, data order and schedule are the
   seed's on all three (train/run.py ``adapt_and_train``).
+- (p) the peer in the same harness: the same model (fourbit's safetensors copy of the embedded
+  GGUF, fp32) loaded by transformers with bitsandbytes' NF4 + double quant at the compute dtype,
+  ``peft.prepare_model_for_kbit_training`` (it casts every unquantized weight to fp32) and a
+  LoraConfig of the same rank, alpha and targets; trained on fourbit's tokenized rows in the same
+  batches (``data.batches`` of the seed), with torch's AdamW, transformers' cosine schedule, the
+  same warm-up and clipping, the loss transformers' model returns; scored by the same greedy
+  exact-match code on the same 90 questions.
 - Each run appends one JSON line to ``--results`` (variant, dtype, seed, accuracy before and
   after, final loss, seconds, versions, CPU); runs already there are skipped, so the script can be
   stopped and rerun. ``--table`` prints the means by variant and dtype from that file.
@@ -34,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = {"a": "16-bit LoRA", "b": "LoRA on the dequantized NF4 weights", "c": "QLoRA (NF4 + double quant)"}
+VARIANTS = {"a": "16-bit LoRA", "b": "LoRA on the dequantized NF4 weights", "c": "QLoRA (NF4 + double quant)",
+            "p": "transformers + bitsandbytes + peft QLoRA"}
 
 
 def one_run(variant: str, dtype: str, seed: int) -> dict:
@@ -52,7 +60,9 @@ def one_run(variant: str, dtype: str, seed: int) -> dict:
         overrides = [f"seed={seed}", f"compute_dtype={dtype}", f"output_dir={scratch}/out"]
         config = default_config(overrides + (["quantization_bit=none"] if variant == "a" else []))
         start = time.perf_counter()
-        if variant == "b":
+        if variant == "p":
+            result = _peer_run(config, getattr(torch, dtype))
+        elif variant == "b":
             four_bit, _ = fourbit.load_model(config.model_name_or_path, quantization="nf4", double_quant=True,
                                              blocksize=64, compute_dtype=dtype)
             dense, tokenizer = fourbit.load_model(config.model_name_or_path, quantization=None, compute_dtype=dtype)
@@ -71,6 +81,59 @@ def one_run(variant: str, dtype: str, seed: int) -> dict:
             "final_loss": result.losses[-1], "seconds": round(seconds, 1), "train_seconds": round(result.seconds, 1),
             "date": time.strftime("%Y-%m-%d"), "cpu": cpu_kind(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _peer_run(config, dtype):
+    """The main job through transformers + bitsandbytes + peft; returns what train() would."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
+
+    from fourbit.chat_templates import apply_template, pad_id
+    from fourbit.io.datasets import resolve_dataset
+    from fourbit.io.sources import open_source
+    from fourbit.train.data import batches, collate, encode_dataset, steps_per_epoch
+    from fourbit.train.evaluate import greedy_answers, score_answers
+
+    source = open_source(config.model_name_or_path)
+    tokenizer = apply_template(source.tokenizer(), config.template)
+    examples = encode_dataset(tokenizer, resolve_dataset(config.dataset, config.dataset_dir), config.cutoff_len)
+    questions = resolve_dataset(config.eval_dataset)
+    model = AutoModelForCausalLM.from_pretrained(source.hf_folder(), dtype=dtype, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    torch.manual_seed(config.seed)
+    model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules="all-linear",
+                                             lora_dropout=config.lora_dropout, task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * config.max_steps)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=config.max_steps)
+    before = score_answers(greedy_answers(model, tokenizer, questions, config.eval_max_new_tokens), questions)
+    model.config.use_cache = False
+    model.train()
+    per_epoch, losses, epoch = steps_per_epoch(len(examples), config.per_device_train_batch_size), [], 0
+    start = time.perf_counter()
+    while len(losses) < config.max_steps:
+        for step, indices in enumerate(batches(len(examples), config.per_device_train_batch_size, config.seed, epoch)):
+            if len(losses) == config.max_steps or step == per_epoch:
+                break
+            batch = collate([examples[i] for i in indices], pad_id(tokenizer))
+            loss = model(**batch, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        epoch += 1
+    seconds = time.perf_counter() - start
+    after = score_answers(greedy_answers(model, tokenizer, questions, config.eval_max_new_tokens), questions)
+    return SimpleNamespace(eval_before=before, eval_after=after, losses=losses, seconds=seconds)
 
 
 def table(path: Path) -> None:
