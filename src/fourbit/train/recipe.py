@@ -130,7 +130,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
         raise InputError(f"dataset {config.dataset!r} has no rows")
     truncation = Truncation()
     examples = encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation,
-                              workers=config.preprocessing_num_workers)
+        workers=config.preprocessing_num_workers)
     cut = truncation.check(config.cutoff_len, config.allow_truncated_answers)  # refuses training that cannot learn
     if cut and ranks.is_main:
         log.warning("%s", cut)

@@ -72,5 +72,5 @@ def preflight(config: TrainConfig, tokenizer=None) -> str | None:
     apply_template(tokenizer, config.template, config.enable_thinking)
     truncation = Truncation()
     encode_dataset(tokenizer, conversations, config.cutoff_len, config.train_on_prompt, truncation=truncation,
-                              workers=config.preprocessing_num_workers)
+        workers=config.preprocessing_num_workers)
     return truncation.check(config.cutoff_len, config.allow_truncated_answers)
