@@ -17,6 +17,10 @@ rope_theta 500000, max_position_embeddings 8192, rms_norm_eps 1e-5, untied lm_he
 (``--layers N`` keeps N). ``--tiny``: hidden 64, intermediate 128, 4 heads, 2 kv heads, vocab 512,
 fp32 -- for checking the scripts' logic on a CPU; its numbers mean nothing.
 
+``--family mixtral``: Mixtral-8x7B's shapes instead (MixtralConfig: hidden 4096, 8 experts of
+intermediate 14336, top-2, 32 heads, 8 kv heads, vocab 32000, rope_theta 1e6), 4 of its 32 layers
+by default (6.1 B parameters, 93% of them in the experts); tiny: 4 experts of 128, top-2.
+
 The parents call :func:`ensure_model`, which runs this file as a subprocess when the folder is
 missing, so the 16 GB build never sits in the benchmark's own process.
 """
@@ -45,20 +49,33 @@ SHAPE_TINY = {
     "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
     "vocab_size": 512, "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
 }
+SHAPE_MIXTRAL = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 32000, "max_position_embeddings": 8192, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
+    "num_local_experts": 8, "num_experts_per_tok": 2,
+}
+SHAPE_MIXTRAL_TINY = dict(SHAPE_TINY, num_local_experts=4, num_experts_per_tok=2)
+MIXTRAL_LAYERS = 4
 SEED = 0
 MARKER = "bench_shape.json"
 
 
-def shape(tiny: bool) -> dict:
+FAMILIES = ("llama", "mixtral")
+
+
+def shape(tiny: bool, family: str = "llama") -> dict:
+    if family == "mixtral":
+        return dict(SHAPE_MIXTRAL_TINY if tiny else SHAPE_MIXTRAL)
     return dict(SHAPE_TINY if tiny else SHAPE_8B)
 
 
-def default_layers(tiny: bool) -> int:
-    return 2 if tiny else FULL_LAYERS
+def default_layers(tiny: bool, family: str = "llama") -> int:
+    return 2 if tiny else MIXTRAL_LAYERS if family == "mixtral" else FULL_LAYERS
 
 
-def default_dir(layers: int, tiny: bool) -> Path:
-    name = f"llama3-tiny-L{layers}" if tiny else f"llama3-8b-shape-L{layers}"
+def default_dir(layers: int, tiny: bool, family: str = "llama") -> Path:
+    stem = "mixtral" if family == "mixtral" else "llama3"
+    name = f"{stem}-tiny-L{layers}" if tiny else f"{stem}-8b-shape-L{layers}"
     return Path("/tmp/fourbit-bench") / name
 
 
@@ -66,16 +83,24 @@ def save_dtype(tiny: bool) -> str:
     return "float32" if tiny else "bfloat16"
 
 
-def settings(layers: int, tiny: bool) -> dict:
-    return {"shape": shape(tiny), "layers": layers, "seed": SEED, "dtype": save_dtype(tiny),
-            "initializer_range": 0.02, "tiny": tiny}
+def settings(layers: int, tiny: bool, family: str = "llama") -> dict:
+    found = {"shape": shape(tiny, family), "layers": layers, "seed": SEED, "dtype": save_dtype(tiny),
+             "initializer_range": 0.02, "tiny": tiny}
+    return found if family == "llama" else dict(found, family=family)
 
 
-def make_config(layers: int, tiny: bool):
-    from transformers import LlamaConfig
+def make_config(layers: int, tiny: bool, family: str = "llama"):
+    from transformers import LlamaConfig, MixtralConfig
 
-    s = shape(tiny)
+    s = shape(tiny, family)
     theta = s.pop("rope_theta")
+    if family == "mixtral":
+        kwargs = dict(s, num_hidden_layers=layers, initializer_range=0.02, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, hidden_act="silu")
+        try:
+            return MixtralConfig(**kwargs, rope_parameters={"rope_type": "default", "rope_theta": theta})
+        except TypeError:
+            return MixtralConfig(**kwargs, rope_theta=theta)
     kwargs = dict(s, num_hidden_layers=layers, initializer_range=0.02, tie_word_embeddings=False,
                   bos_token_id=128000 if not tiny else 1, eos_token_id=128001 if not tiny else 2,
                   attention_bias=False, mlp_bias=False, hidden_act="silu")
@@ -86,7 +111,7 @@ def make_config(layers: int, tiny: bool):
     return config
 
 
-def is_ready(folder: Path, layers: int, tiny: bool) -> bool:
+def is_ready(folder: Path, layers: int, tiny: bool, family: str = "llama") -> bool:
     """True if ``folder`` holds this exact model; raises if it holds a different one."""
     marker = folder / MARKER
     if not marker.is_file():
@@ -94,18 +119,18 @@ def is_ready(folder: Path, layers: int, tiny: bool) -> bool:
             raise SystemExit(f"{folder} exists but has no {MARKER}: not a folder this script wrote; pass another --model-dir")
         return False
     found = json.loads(marker.read_text())
-    if found != settings(layers, tiny):
-        raise SystemExit(f"{folder} holds a different model ({found}); expected {settings(layers, tiny)}; "
+    if found != settings(layers, tiny, family):
+        raise SystemExit(f"{folder} holds a different model ({found}); expected {settings(layers, tiny, family)}; "
                          f"pass another --model-dir or delete it")
     return True
 
 
-def build_and_save(folder: Path, layers: int, tiny: bool, device: str) -> None:
+def build_and_save(folder: Path, layers: int, tiny: bool, device: str, family: str = "llama") -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, save_dtype(tiny))
-    config = make_config(layers, tiny)
+    config = make_config(layers, tiny, family)
     start = time.perf_counter()
     torch.manual_seed(SEED)
     if device == "cuda":
@@ -123,24 +148,24 @@ def build_and_save(folder: Path, layers: int, tiny: bool, device: str) -> None:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="5GB")
-    (tmp / MARKER).write_text(json.dumps(settings(layers, tiny), indent=1) + "\n")
+    (tmp / MARKER).write_text(json.dumps(settings(layers, tiny, family), indent=1) + "\n")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(folder)
-    print(f"built a random {params / 1e9:.2f} B-parameter model ({layers} layers, {save_dtype(tiny)}, seed {SEED}, "
+    print(f"built a random {params / 1e9:.2f} B-parameter {family} model ({layers} layers, {save_dtype(tiny)}, seed {SEED}, "
           f"q_proj std {std:.4f}) on {device} in {built - start:.1f} s, saved to {folder} in "
           f"{time.perf_counter() - built:.1f} s", flush=True)
 
 
-def ensure_model(folder: Path, layers: int, tiny: bool, device: str) -> None:
+def ensure_model(folder: Path, layers: int, tiny: bool, device: str, family: str = "llama") -> None:
     """Build and save the model in a subprocess unless ``folder`` already holds it."""
-    if is_ready(folder, layers, tiny):
+    if is_ready(folder, layers, tiny, family):
         print(f"model: reusing {folder}", flush=True)
         return
     print(f"model: building {folder} (once; later runs reuse it)", flush=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--layers", str(layers), "--model-dir", str(folder),
-           "--device", device] + (["--tiny"] if tiny else [])
+           "--device", device, "--family", family] + (["--tiny"] if tiny else [])
     proc = subprocess.run(cmd, check=False)
-    if proc.returncode != 0 or not is_ready(folder, layers, tiny):
+    if proc.returncode != 0 or not is_ready(folder, layers, tiny, family):
         raise SystemExit(f"building the model failed (exit {proc.returncode}); see the output above")
 
 
@@ -253,16 +278,17 @@ def print_header(args) -> dict:
     env = environment(args.device)
     for k, v in env.items():
         print(f"{k:>16}: {v}")
-    print(layers_note(args.layers, args.tiny))
+    print(layers_note(args.layers, args.tiny, getattr(args, "family", "llama")))
     return env
 
 
-def layers_note(layers: int, tiny: bool) -> str:
+def layers_note(layers: int, tiny: bool, family: str = "llama") -> str:
     if tiny:
         return f"layers: {layers} (TINY shape: a logic smoke test, its numbers mean nothing)"
+    full = "Mixtral-8x7B" if family == "mixtral" else "8B"
     if layers < FULL_LAYERS:
-        return f"layers: {layers} of {FULL_LAYERS} (NOT the full 8B model)"
-    return f"layers: {layers} of {FULL_LAYERS} (full 8B shape)"
+        return f"layers: {layers} of {FULL_LAYERS} (NOT the full {full} model)"
+    return f"layers: {layers} of {FULL_LAYERS} (full {full} shape)"
 
 
 def main() -> None:
@@ -271,13 +297,14 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--family", choices=FAMILIES, default="llama")
     args = p.parse_args()
-    layers = args.layers or default_layers(args.tiny)
-    folder = args.model_dir or default_dir(layers, args.tiny)
-    if is_ready(folder, layers, args.tiny):
+    layers = args.layers or default_layers(args.tiny, args.family)
+    folder = args.model_dir or default_dir(layers, args.tiny, args.family)
+    if is_ready(folder, layers, args.tiny, args.family):
         print(f"{folder} already holds this model")
         return
-    build_and_save(folder, layers, args.tiny, args.device)
+    build_and_save(folder, layers, args.tiny, args.device, args.family)
 
 
 if __name__ == "__main__":

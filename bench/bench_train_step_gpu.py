@@ -47,6 +47,13 @@ Method
   peer step peak / ours step peak (>1: we use less). The table goes to
   bench/results/train-step-gpu.json (or $OUT/train-step-gpu.json; "-tiny" added for --tiny).
   --tiny (hidden 64, 4 heads, vocab 512, seq 64, fp32 on the CPU) only checks the logic.
+- ``--moe``: the same on a Mixtral-shaped model (4 of Mixtral-8x7B's 32 layers by default), LoRA
+  r=16 on q,k,v,o and on every expert of both expert weights (PEFT's ``target_parameters``,
+  ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``, on both sides). fourbit quantizes
+  the experts to NF4 too (nn/experts4bit.py); bitsandbytes quantizes nn.Linear modules only, so
+  the peer's experts stay bf16, and the peer skips prepare_model_for_kbit_training (which would
+  cast them to fp32) for gradient checkpointing + ``enable_input_require_grads``. JSON:
+  train-step-gpu-moe.json.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ from pathlib import Path
 import _llama_shape as shape
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MOE_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # PEFT's target_parameters spelling
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,12 +96,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="ours: torch.compile each decoder layer (the recipe's torch_compile: true)")
+    p.add_argument("--moe", action="store_true",
+                   help="a Mixtral-shaped model (bench/_llama_shape.py --family mixtral; default 4 layers): LoRA on "
+                        "q,k,v,o and on every expert of both expert weights (target_parameters); the peer keeps its "
+                        "experts in 16 bits (bitsandbytes quantizes nn.Linear only) and skips "
+                        "prepare_model_for_kbit_training's fp32 upcast, which would make them 32-bit")
     p.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.layers = args.layers or shape.default_layers(args.tiny)
+    args.family = "mixtral" if args.moe else "llama"
+    args.layers = args.layers or shape.default_layers(args.tiny, args.family)
     args.seq = args.seq or (64 if args.tiny else 2048)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    args.model_dir = args.model_dir or shape.default_dir(args.layers, args.tiny)
+    args.model_dir = args.model_dir or shape.default_dir(args.layers, args.tiny, args.family)
     return args
 
 
@@ -113,10 +128,12 @@ def build(side: str, args):
         if getattr(model.config, "_attn_implementation", None) != "sdpa":
             notes.append(f"attention was {model.config._attn_implementation!r}; set to sdpa")
             model.set_attn_implementation("sdpa")
-        fourbit.add_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target="all-linear", verbose=False)
+        targets = MOE_TARGETS if args.moe else TARGETS
+        fourbit.add_lora(model, r=args.rank, alpha=args.alpha, dropout=0.0, target=targets if args.moe else "all-linear",
+                         target_parameters=MOE_PARAMETERS if args.moe else None, verbose=False)
         modules = lora_settings(model).modules
         wrapped = {name.rsplit(".", 1)[-1] for name in modules}
-        if wrapped != set(TARGETS) or len(modules) != len(TARGETS) * args.layers:
+        if wrapped != set(targets) or len(modules) != len(targets) * args.layers:
             notes.append(f"!!! LoRA wrapped {len(modules)} modules named {sorted(wrapped)}")
         enable_gradient_checkpointing(model)
         if args.compile:  # what torch_compile: true does in the recipe
@@ -137,10 +154,17 @@ def build(side: str, args):
         extra = {"device_map": {"": 0}} if args.device == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(str(args.model_dir), dtype=dtype, quantization_config=quant,
                                                      attn_implementation="sdpa", **extra)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS,
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        if args.moe:  # the experts stay 16-bit: no fp32 upcast of every non-4-bit parameter
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+            lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=MOE_TARGETS,
+                              target_parameters=MOE_PARAMETERS, lora_dropout=0.0, task_type="CAUSAL_LM")
+        else:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS, lora_dropout=0.0,
+                              task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
@@ -245,10 +269,11 @@ def main() -> None:
     start = time.monotonic()
     env = shape.print_header(args)
     print(f"batch {args.batch} x {args.seq} random tokens, LoRA r={args.rank} alpha={args.alpha:g} dropout 0 on "
-          f"{','.join(TARGETS)}, NF4 + double quant, {args.dtype} compute, sdpa, non-reentrant gradient checkpointing, "
+          f"{','.join(MOE_TARGETS) + ' + experts' if args.moe else ','.join(TARGETS)}, NF4 + double quant, "
+          f"{args.dtype} compute, sdpa, non-reentrant gradient checkpointing, "
           f"AdamW lr 1e-4 wd 0, {args.warmup} warm-up + {args.steps} timed steps x {args.rounds} round(s), "
           f"device {args.device}", flush=True)
-    shape.ensure_model(args.model_dir, args.layers, args.tiny, args.device)
+    shape.ensure_model(args.model_dir, args.layers, args.tiny, args.device, args.family)
 
     argv = [a for a in sys.argv[1:]]
     if "--model-dir" not in argv:
@@ -325,7 +350,8 @@ def main() -> None:
             if not all(math.isfinite(x) for x in res["losses"]):
                 warnings_.append(f"!!! WARNING: {side}: non-finite loss {res['losses']} !!!")
 
-    path = shape.out_path("train-step-gpu-tiny.json" if args.tiny else "train-step-gpu.json")
+    name = "train-step-gpu-moe" if args.moe else "train-step-gpu"
+    path = shape.out_path(f"{name}-tiny.json" if args.tiny else f"{name}.json")
     path.write_text(json.dumps({
         "environment": env, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                          if k != "child"},
@@ -333,8 +359,8 @@ def main() -> None:
         "warnings": warnings_}, indent=1) + "\n")
 
     device_name = next((row["device_name"] for row in rows.values()), env["device"])
-    print(f"\nQLoRA step, {device_name}, {shape.layers_note(args.layers, args.tiny)}, batch {args.batch} x {args.seq}, "
-          f"median of {args.steps * args.rounds} steps (written to {path})")
+    print(f"\nQLoRA step, {device_name}, {shape.layers_note(args.layers, args.tiny, args.family)}, "
+          f"batch {args.batch} x {args.seq}, median of {args.steps * args.rounds} steps (written to {path})")
     print(f"{'side':<6}{'s/step':>9}{'tokens/s':>10}{'step peak GiB':>15}{'build peak':>12}{'after build':>13}"
           f"{'first loss':>12}{'last loss':>11}{'load s':>8}")
     def fmt(row, key):
