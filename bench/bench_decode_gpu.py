@@ -85,9 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="after timing, one more generate under torch.profiler: GPU kernel time and count per token")
-    p.add_argument("--gemv", default=None, metavar="BLOCK_N,NB,WARPS,SPLIT[,OPTION...]",
-                   help="fourbit's M = 1 launch shape (SPLIT: an int, or auto; OPTIONs: shared, prefetch, words), "
-                        "e.g. 64,4,4,auto,shared,prefetch,words")
+    p.add_argument("--gemv", default=None, metavar="BLOCK_N,NB,WARPS,SPLIT",
+                   help="fourbit's M = 1 launch shape (SPLIT: an int, or auto), e.g. 64,4,4,auto")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.layers = args.layers or shape.default_layers(args.tiny)
@@ -289,13 +288,8 @@ def child(variant: str, args) -> None:
 def gemv_config(text: str):
     from fourbit.kernels.triton.matmul_4bit import Config
 
-    block_n, nb, warps, split, *options = text.split(",")
-    unknown = set(options) - {"shared", "prefetch", "words"}
-    if unknown:
-        raise SystemExit(f"--gemv: unknown option(s) {sorted(unknown)}; expected shared, prefetch, words")
-    return Config("gemv", block_n=int(block_n), nb=int(nb), num_warps=int(warps),
-                  split_k=None if split == "auto" else int(split), table="shared" if "shared" in options else "global",
-                  prefetch="prefetch" in options, unpack="words" if "words" in options else "bytes")
+    block_n, nb, warps, split = text.split(",")
+    return Config(block_n=int(block_n), nb=int(nb), num_warps=int(warps), split_k=None if split == "auto" else int(split))
 
 
 def kernel_profile(run, new_tokens: int, top: int = 12) -> dict:

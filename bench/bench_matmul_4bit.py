@@ -1,6 +1,6 @@
 """4-bit weight x activation matmul at decode-sized batches: fourbit vs bitsandbytes vs bf16 cuBLAS.
 
-    python bench/bench_matmul_4bit.py [--rows 1,4,16,64] [--repeats 30] [--sweep]
+    python bench/bench_matmul_4bit.py [--rows 1,4,16,64] [--repeats 30]
 
 Question: for y = x @ W^T with W 4-bit (NF4 + double quantization, block 64) and x of M = 1 to
 64 rows, how fast is ``fourbit.kernels.matmul_4bit`` next to ``bitsandbytes.matmul_4bit`` on the
@@ -18,11 +18,6 @@ Method (a CUDA GPU; ../shared/PERF.md, the device tool's METHOD.md)
   replayed ``--repeats`` times between CUDA events and the median per call is taken. If a
   method cannot be captured it is timed as an eager loop instead and marked "(eager)".
 - Bytes per call: 4-bit: N*K/2 + absmax N*K/64 + x + y; bf16: 2*N*K + x + y. "GB/s" = bytes / time.
-- ``--sweep``: also times every launch shape of ``sweep_configs`` in kernels/triton/matmul_4bit.py
-  (each checked like the rest first; tests/kernels/test_triton_matmul_4bit.py covers every kernel
-  option on CPU)
-  and reports the fastest per (shape, M); the defaults in kernels/triton/matmul_4bit.py come
-  from such a run.
 - Ratios: bf16 / ours and bnb / ours (>1: we are faster). Table last; JSON to $OUT or
   bench/results/matmul-4bit.json.
 """
@@ -33,15 +28,12 @@ import argparse
 import datetime
 import json
 import os
-import re
-import sys
 from pathlib import Path
 
 import torch
 from _timing import time_per_call
 
 import fourbit
-from fourbit.kernels.dequantize import state_args
 
 try:
     import bitsandbytes
@@ -57,13 +49,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,4,16,64")
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--sweep", action="store_true")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (the kernels are tested on CPU by tests/kernels)")
     import triton
-
-    from fourbit.kernels.triton import matmul_4bit as fused
 
     env = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -73,7 +62,6 @@ def main() -> None:
     for k, v in env.items():
         print(f"{k:>13}: {v}")
     torch.manual_seed(0)
-    gemv_configs, mm_configs = fused.sweep_configs() if args.sweep else ([], [])
     rows_out = []
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda")
@@ -98,87 +86,36 @@ def main() -> None:
             if bnbf:
                 methods["bnb"] = (lambda c, x=x: bitsandbytes.matmul_4bit(x, c[0].t(), quant_state=c[1]),
                                   list(zip([q[0] for q in quant], bnb_states)), qbytes)
-            for cfg in gemv_configs + mm_configs:
-                if (cfg.kernel == "gemv" and m > 4) or (cfg.kernel == "matmul" and cfg.block_m > 16 and m <= 16):
-                    continue
-                methods[f"sweep {cfg}"] = (
-                    lambda c, cfg=cfg, x=x: fused.matmul_4bit(x, c[0], *state_args(c[1]), None, config=cfg), quant, qbytes)
             row = {"shape": name, "n": n, "k": k, "m": m}
             for key, (fn, inputs, wbytes) in methods.items():
-                try:
-                    result = fn(inputs[0])
-                except Exception as e:  # a sweep shape this GPU cannot launch (e.g. out of shared memory)
-                    if not key.startswith("sweep"):
-                        raise
-                    print(f"  {key}: cannot launch ({type(e).__name__}: {str(e)[:80]})")
-                    continue
+                result = fn(inputs[0])
                 err = ((result.double() - ref).norm() / ref.norm()).item()
                 if not err < 2e-2:
                     raise AssertionError(f"{name} m={m} {key}: relative error {err:.3g}")
                 t, captured = time_per_call(fn, inputs, args.repeats)
                 row[key] = {"us": t * 1e6, "gbps": (wbytes + io_bytes) / t / 1e9, "error": err, "graph": captured}
-            sweep = {key: v for key, v in row.items() if key.startswith("sweep")}
-            if sweep:
-                best = min(sweep, key=lambda key: sweep[key]["us"])
-                row["best"] = {"config": best.removeprefix("sweep "), **sweep[best]}
             rows_out.append(row)
-            write_rows(env, args, rows_out)  # after every row: a run stopped at its time limit keeps what it measured
             bnb_us = row.get("bnb", {}).get("us")
             print(f"{name:<8} m={m:<3} ours {row['ours']['us']:8.1f} us  bf16 {row['bf16']['us']:8.1f} us  "
-                  f"bnb {bnb_us if bnb_us is None else round(bnb_us, 1)} us"
-                  + (f"  best sweep {row['best']['us']:.1f} us: {row['best']['config']}" if sweep else ""), flush=True)
+                  f"bnb {bnb_us if bnb_us is None else round(bnb_us, 1)} us", flush=True)
         del quant, dense_copies, bnb_states
         torch.cuda.empty_cache()
 
-    path = write_rows(env, args, rows_out)
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "matmul-4bit.json"
+    path.write_text(json.dumps({"env": env, "args": vars(args), "rows": rows_out}, indent=2) + "\n")
 
     print(f"\n4-bit matmul, NF4 + double quant, bf16 x; {env['device']}; median per call in CUDA graphs ({path})")
-    print(f"{'shape':<8} {'M':>3} {'ours us':>8} {'bnb us':>8} {'bf16 us':>8} {'ours GB/s':>10} {'bf16/ours':>10} {'bnb/ours':>9}"
-          + (f" {'best us':>8}" if args.sweep else ""))
+    print(f"{'shape':<8} {'M':>3} {'ours us':>8} {'bnb us':>8} {'bf16 us':>8} {'ours GB/s':>10} {'bf16/ours':>10} "
+          f"{'bnb/ours':>9}")
     for row in rows_out:
         ours, bf16, bnb = row["ours"], row["bf16"], row.get("bnb")
         mark = "" if all(v["graph"] for v in (ours, bf16, *(bnb and [bnb] or []))) else " (some eager)"
         print(f"{row['shape']:<8} {row['m']:>3} {ours['us']:>8.1f} {bnb['us'] if bnb else float('nan'):>8.1f} "
               f"{bf16['us']:>8.1f} {ours['gbps']:>10.0f} {bf16['us'] / ours['us']:>10.2f} "
-              f"{(bnb['us'] / ours['us']) if bnb else float('nan'):>9.2f}"
-              + (f" {row['best']['us']:>8.1f}" if args.sweep else "") + mark)
-
-
-def write_rows(env: dict, args, rows: list[dict]) -> Path:
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "matmul-4bit.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-# one Llama decoder layer's products at M = 1: q, o; k, v; gate, up; down
-CALLS_PER_LAYER = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}
-CONFIG_FIELDS = re.compile(r"(\w+)=('?[\w.]+'?)")
-
-
-def pick_gemv(path: Path) -> str:
-    """The gemv launch shape of a --sweep run with the least time per decoder layer at M = 1, as
-    bench/bench_decode_gpu.py's --gemv spells it ("" if no gemv shape ran on every layer shape)."""
-    rows = [r for r in json.loads(path.read_text())["rows"] if r["m"] == 1]
-    totals: dict[str, float] = {}
-    for config in {k.removeprefix("sweep ") for r in rows for k in r if k.startswith("sweep Config(kernel='gemv'")}:
-        times = [r.get(f"sweep {config}", {}).get("us") for r in rows]
-        if len(rows) == len(CALLS_PER_LAYER) and None not in times:
-            totals[config] = sum(CALLS_PER_LAYER[r["shape"]] * t for r, t in zip(rows, times))
-    if not totals:
-        return ""
-    fields = {k: v.strip("'") for k, v in CONFIG_FIELDS.findall(min(totals, key=totals.get))}
-    options = [name for name, on in [("shared", fields["table"] == "shared"), ("prefetch", fields["prefetch"] == "True"),
-                                     ("words", fields["unpack"] == "words")] if on]
-    split = "auto" if fields["split_k"] == "None" else fields["split_k"]
-    return ",".join([fields["block_n"], fields["nb"], fields["num_warps"], split, *options])
+              f"{(bnb['us'] / ours['us']) if bnb else float('nan'):>9.2f}" + mark)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--pick-gemv"]:  # bench/gpu_run.sh: the sweep's best M = 1 shape for the decode run
-        print(pick_gemv(Path(sys.argv[2])))
-    else:
-        main()
+    main()

@@ -1,12 +1,12 @@
-"""Machine code of the fused 4-bit matmul kernels for an H100, read on any machine: no GPU needed.
+"""Machine code of the fused 4-bit gemv for an H100, read on any machine: no GPU needed.
 
-    python tools/inspect_sass.py [--blocksize 64] [--configs sweep|default]
+    python tools/inspect_sass.py [--blocksize 64] [--launch BLOCK_N,NB,WARPS ...]
 
-Question: for each launch shape of ``bench_matmul_4bit.py --sweep``, how many machine
-instructions does the K loop spend per weight, of which kinds, and how many registers does a
-thread hold? The device tool's METHOD.md: "read what costs no device time"; at M = 1 the gemv is
-bound by per-weight instructions, not bytes (notes/gpu/README.md), so this count is the
-number a kernel change must move.
+Question: for the op's launch shape (or those given), how many machine instructions does the K
+loop spend per weight, of which kinds, and how many registers does a thread hold? The device
+tool's METHOD.md: "read what costs no device time"; at M = 1 the gemv is bound by per-weight
+instructions, not bytes (notes/gpu/README.md), so this count is the number a kernel change must
+move.
 
 Method
 - ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (sm_90), with the specializations a real
@@ -59,13 +59,11 @@ def compile_for_h100(config: fused.Config, blocksize: int, double_quant: bool = 
     """The kernel ``config`` launches, compiled for sm_90: (cubin bytes, Triton's metadata)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted functions; unset it to compile them")
-    gemv = config.kernel == "gemv"
-    kernel = fused._gemv_4bit_kernel if gemv else fused._matmul_4bit_kernel
-    ints = (["N", "K"] if gemv else ["M", "N", "K"]) + ["stride_xm", "stride_om", "blocks_per_split"]
+    kernel = fused._gemv_4bit_kernel
+    ints = ["N", "K", "stride_xm", "stride_om", "blocks_per_split"]
     signature = dict(zip(POINTERS, POINTER_TYPES)) | {name: "i32" for name in ints}
     constants = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=256, DOUBLE_QUANT=double_quant, HAS_BIAS=False,
-                     BLOCK_N=config.block_n, NB=config.nb, SPLIT=False, SHARED_TABLE=config.table == "shared")
-    constants |= dict(PREFETCH=config.prefetch, WORDS=config.unpack == "words") if gemv else dict(BLOCK_M=config.block_m)
+                     BLOCK_N=config.block_n, NB=config.nb, SPLIT=False)
     signature |= {name: "constexpr" for name in constants}
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in POINTERS + sorted(ALIGNED_INTS)}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
@@ -114,24 +112,16 @@ def inspect(config: fused.Config, blocksize: int) -> dict:
 
 
 def label(config: fused.Config) -> str:
-    text = f"{config.kernel} n{config.block_n} nb{config.nb} w{config.num_warps}"
-    text += f" m{config.block_m} s{config.num_stages}" if config.kernel == "matmul" else ""
-    text += f" split{config.split_k}" if config.split_k else ""
-    text += " shared" if config.table == "shared" else ""
-    return text + (" prefetch" if config.prefetch else "") + (" words" if config.unpack == "words" else "")
+    return f"gemv n{config.block_n} nb{config.nb} w{config.num_warps}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocksize", type=int, default=64)
-    p.add_argument("--configs", choices=["sweep", "default"], default="sweep",
-                   help="every launch shape bench_matmul_4bit.py --sweep times, or the op's defaults for M = 1, 16, 64")
+    p.add_argument("--launch", nargs="*", default=[], metavar="BLOCK_N,NB,WARPS",
+                   help="launch shapes to read (default: the op's, fused.GEMV)")
     args = p.parse_args()
-    if args.configs == "sweep":
-        gemv, mm = fused.sweep_configs()
-        configs = gemv + mm
-    else:
-        configs = list(dict.fromkeys(fused.default_config(m, 4096, 4096) for m in (1, 16, 64)))
+    configs = [fused.Config(*map(int, text.split(","))) for text in args.launch] or [fused.GEMV]
     env = {"triton": triton.__version__, "target": "sm_90 (H100), compiled here without a GPU",
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     rows = []

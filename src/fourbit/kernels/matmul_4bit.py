@@ -7,9 +7,9 @@ One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs
 - CUDA: for a single row of x (decoding one sequence) the fused Triton kernel of
   kernels/triton/matmul_4bit.py reads the 4-bit bytes once and writes only y. For more rows,
   dequantizing into a temporary (one pass at ~2.6 TB/s, the buffer reused through the caching
-  allocator) and calling cuBLAS is faster today: on an H100 the fused kernels are bound by
-  per-weight instructions (the code-table gather), not bytes, so from 2 rows on they lose to
-  dequantize + cuBLAS (bench/RESULTS.md, bench/bench_matmul_4bit.py).
+  allocator) and calling cuBLAS is faster: on an H100 the fused kernels measured so far are
+  bound by per-weight instructions (the code-table gather), not bytes, so from 2 rows on they
+  lose to dequantize + cuBLAS (bench/RESULTS.md).
 
 Gradients are not defined here: Linear4bit's autograd function calls this op in forward and
 dequantizes for the input gradient in backward.
@@ -22,8 +22,6 @@ import torch
 from ..errors import InputError
 from ..quant.state import QuantState
 from .dequantize import dequantize_4bit_cuda, dequantize_4bit_op, state_args
-
-FUSED_MAX_ROWS = 1
 
 
 @torch.library.custom_op("fourbit::matmul_4bit", mutates_args=())
@@ -51,7 +49,7 @@ def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocks
     from .triton import matmul_4bit as fused
 
     rows = x.numel() // max(x.shape[-1], 1)
-    if 0 < rows <= FUSED_MAX_ROWS and fused.supports(x, blocksize, shape[1]):
+    if rows == 1 and fused.supports(x, blocksize, shape[1]):
         return fused.matmul_4bit(
             x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, bias
         )
