@@ -80,7 +80,7 @@ def test_a_qlora_step_through_it_equals_one_through_the_table_kernel(monkeypatch
     layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(320, 257), compute_dtype=torch.bfloat16))
     layer.add_adapter(r=8, alpha=16)
     torch.nn.init.normal_(layer.adapter("default").lora_B.weight, std=0.02)
-    x = torch.randn(2, 5, 320)
+    x = torch.randn(2, 9, 320)  # 18 rows: more than the native 4-bit matmul takes (it would skip dequantizing)
 
     def step():
         layer.zero_grad()

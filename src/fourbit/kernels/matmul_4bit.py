@@ -3,7 +3,11 @@
 One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs:
 
 - every device (the reference): dequantize through ``fourbit::dequantize_4bit`` (itself
-  dispatched: the CPU table kernel, the Triton kernel on CUDA), then ``F.linear``;
+  dispatched: the CPU kernels, the Triton kernel on CUDA), then ``F.linear``;
+- CPU: for up to 16 rows of x (decoding) the native kernel of kernels/cpu/matmul_4bit.py reads
+  the 4-bit codes once, looking them up 16 at a time in vector registers; from a handful of rows on it beats
+  dequantize + matmul, which still serves more rows (prefill, training), where one
+  dequantization is shared by all of them;
 - CUDA: for a single row of x (decoding one sequence) the fused Triton kernel of
   kernels/triton/matmul_4bit.py reads the 4-bit bytes once and writes only y. For more rows,
   dequantizing into a temporary (one pass at ~2.6 TB/s, the buffer reused through the caching
@@ -21,6 +25,7 @@ import torch
 
 from ..errors import InputError
 from ..quant.state import QuantState
+from .cpu import matmul_4bit as cpu_native
 from .dequantize import dequantize_4bit_cuda, dequantize_4bit_op, state_args
 
 
@@ -38,6 +43,18 @@ def matmul_4bit_op(
     shape: list[int],
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
+    weight = dequantize_4bit_op(
+        packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, x.dtype
+    )
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@matmul_4bit_op.register_kernel("cpu")
+def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, bias):
+    if cpu_native.supports(x, blocksize, nested_blocksize, shape[1]):
+        return cpu_native.matmul_4bit(
+            x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, bias
+        )
     weight = dequantize_4bit_op(
         packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, x.dtype
     )

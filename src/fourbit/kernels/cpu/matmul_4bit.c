@@ -1,0 +1,239 @@
+/* CPU: y = x @ dequant(W4)^T for a few rows of x (decoding), reading the 4-bit codes once.
+
+       W4: [N, K] packed row-major, byte j of row n holds W[n, 2j] (high nibble), W[n, 2j+1] (low)
+       scale[n, b] = code8[absmax8[n, b]] * nested[(n K / bs + b) / nested_bs] + offset  (double quant)
+                   = absmax[n, b]                                                      (otherwise)
+       y[m, n]     = sum_b scale[n, b] * sum_{k in block b} code4[W4[n, k]] * x[m, k]
+
+   float32 throughout (x and y may be bfloat16: converted on the way in and out, rounding to
+   nearest even); each block's table is scaled once, so
+   the weights are float32(code4 * scale) exactly as the float32 reference dequantizes them; y is
+   float32. The order of the additions differs from dequantize-then-matmul, so y matches that
+   reference to float32 rounding, not bit for bit (tests/kernels/test_cpu_matmul_4bit.py).
+
+   The code table has 16 entries, so one AVX-512 register holds it and one vpermps looks up 16
+   codes at once; AVX2 holds it in two registers of 8 and blends on the code's fourth bit. Each
+   step takes 8 bytes (16 codes), broadcast and shifted so that each 32-bit lane holds one code in
+   its low 4 bits (all the lookup reads; x is permuted once per call to match the lanes, see
+   LANE_ORDER), then the lookup and one FMA per row of x, into one of several accumulators. Rows of W are split between OpenMP threads; up to 8 rows of x share
+   each decoded weight vector. Built at run time with the machine's own instruction set
+   (-march=native), or with the one a test names; what the compiler was given decides the path
+   (__AVX512F__, __AVX2__ + __FMA__, else plain C).
+
+   The caller (kernels/cpu/matmul_4bit.py) guarantees: blocksize a multiple of 16 dividing K,
+   x contiguous [M, K] and y contiguous [M, N] of one dtype, every pointer valid. */
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <stdlib.h>
+
+#define MAX_ROWS 8
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define PERMUTED_X 1
+#endif
+
+/* LANE_ORDER: in the vector paths, lane L of a 16-value step holds nibble u = L / 2 + 8 (L % 2) of
+   the step's 64-bit word (nibble u = bits 4u..4u+3: the low nibble of byte u / 2 when u is even,
+   the high one when odd), i.e. the weight of column column_of_lane(L); x is permuted once per call
+   into that order (while converted to float32), so the codes need no reordering at all. */
+static inline int64_t column_of_lane(int lane) {
+    int u = lane / 2 + 8 * (lane % 2);
+    return 2 * (u / 2) + 1 - u % 2; /* byte j holds column 2j in its high nibble, 2j + 1 in its low */
+}
+
+typedef struct {
+    const uint8_t *packed;      /* N * K / 2 bytes */
+    const float *absmax;        /* [N * K / bs] float32, when not double-quantized */
+    const uint8_t *absmax8;     /* [N * K / bs] 8-bit codes, when double-quantized */
+    const float *nested_code;   /* 256 values */
+    const float *nested_absmax; /* one per nested_blocksize blocks */
+    float offset;
+    int nested_shift; /* log2 of the nested block size (a power of two; 256 in the format) */
+    const float *code;          /* the 16 values of the 4-bit data type */
+    int64_t n, k, blocksize;
+} weight_4bit;
+
+static inline float block_scale(const weight_4bit *w, int64_t block) {
+    if (w->absmax8)
+        return w->nested_code[w->absmax8[block]] * w->nested_absmax[(uint64_t)block >> w->nested_shift] + w->offset;
+    return w->absmax[block];
+}
+
+const char *fourbit_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
+/* Rows [n0, n1) of W against rows [0, rows) of x (rows <= MAX_ROWS; x and y already offset).
+   Each block's 16 code values are scaled once (the table times the block's scale: float32(code4 *
+   scale), the reference's dequantized weight), so a lookup yields the weight itself. ``chains``
+   independent accumulators per row of x keep the FMAs from waiting on each other (one row of x
+   alone would otherwise wait out the FMA latency every 16 weights). Always inlined with constant
+   ``rows`` and ``chains`` (see row_range_of), so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void row_range(const weight_4bit *w, const float *x, int64_t x_stride,
+                                                            float *y, int64_t y_stride, const int rows,
+                                                            const int chains, int64_t n0, int64_t n1) {
+    const int64_t k = w->k, bs = w->blocksize, blocks = k / bs;
+#if defined(__AVX512F__)
+    const __m512 table = _mm512_loadu_ps(w->code);
+    const __m512i shifts = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *codes = w->packed + n * (k / 2);
+        __m512 acc[MAX_ROWS][4];
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < chains; j++) acc[r][j] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < blocks; b++) {
+            const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(block_scale(w, n * blocks + b)));
+            for (int64_t c = b * bs; c < (b + 1) * bs; c += 16 * chains) {
+                for (int j = 0; j < chains; j++) {
+                    /* the 8 bytes in every 64-bit lane, lane t shifted right by 4t: 32-bit lane 2t + h
+                       then holds nibble t + 8h in its low 4 bits, all vpermps reads (LANE_ORDER) */
+                    __m512i word = _mm512_set1_epi64(*(const int64_t *)(codes + ((uint64_t)(c + 16 * j) >> 1)));
+                    __m512 wv = _mm512_permutexvar_ps(_mm512_srlv_epi64(word, shifts), scaled);
+                    for (int r = 0; r < rows; r++)
+                        acc[r][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * x_stride + c + 16 * j), acc[r][j]);
+                }
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            for (int j = 1; j < chains; j++) acc[r][0] = _mm512_add_ps(acc[r][0], acc[r][j]);
+            y[r * y_stride + n] = _mm512_reduce_add_ps(acc[r][0]);
+        }
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 table_lo = _mm256_loadu_ps(w->code), table_hi = _mm256_loadu_ps(w->code + 8);
+    const __m256i shifts_lo = _mm256_set_epi64x(12, 8, 4, 0), shifts_hi = _mm256_set_epi64x(28, 24, 20, 16);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *codes = w->packed + n * (k / 2);
+        __m256 acc[MAX_ROWS][4];
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < chains; j++) acc[r][j] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < blocks; b++) {
+            const __m256 s = _mm256_set1_ps(block_scale(w, n * blocks + b));
+            const __m256 lo = _mm256_mul_ps(table_lo, s), hi = _mm256_mul_ps(table_hi, s);
+            for (int64_t c = b * bs; c < (b + 1) * bs; c += 16 * chains) {
+                for (int j = 0; j < chains; j++) {
+                    __m256i word = _mm256_set1_epi64x(*(const int64_t *)(codes + ((uint64_t)(c + 16 * j) >> 1)));
+                    for (int half = 0; half < 2; half++) {
+                        /* as AVX-512's, in two halves: lanes 0-7 of LANE_ORDER, then 8-15 */
+                        __m256i idx = _mm256_srlv_epi64(word, half ? shifts_hi : shifts_lo);
+                        /* the code's bit 3, moved to the sign bit, picks the upper half of the table */
+                        __m256 wv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                                                     _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                        for (int r = 0; r < rows; r++)
+                            acc[r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * x_stride + c + 16 * j + 8 * half),
+                                                        acc[r][j]);
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            for (int j = 1; j < chains; j++) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][j]);
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][0]), _mm256_extractf128_ps(acc[r][0], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));
+            y[r * y_stride + n] = _mm_cvtss_f32(v);
+        }
+    }
+#else
+    (void)chains;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *codes = w->packed + n * (k / 2);
+        float acc[MAX_ROWS] = {0};
+        for (int64_t b = 0; b < blocks; b++) {
+            float scaled[16];
+            const float s = block_scale(w, n * blocks + b);
+            for (int i = 0; i < 16; i++) scaled[i] = w->code[i] * s;
+            for (int64_t c = b * bs; c < (b + 1) * bs; c += 2) {
+                const uint8_t byte = codes[(uint64_t)c >> 1];
+                for (int r = 0; r < rows; r++)
+                    acc[r] += scaled[byte >> 4] * x[r * x_stride + c] + scaled[byte & 15] * x[r * x_stride + c + 1];
+            }
+        }
+        for (int r = 0; r < rows; r++) y[r * y_stride + n] = acc[r];
+    }
+#endif
+}
+
+/* One row of x alone gets 4 chains (2 where a block holds only 32 values), 2 or 3 rows get 2,
+   more rows are chains enough. */
+static void row_range_of(const weight_4bit *w, const float *x, int64_t x_stride, float *y, int64_t y_stride,
+                         int rows, int64_t n0, int64_t n1) {
+    const int four = w->blocksize % 64 == 0;
+    switch (rows) {
+    case 1:
+        if (four) row_range(w, x, x_stride, y, y_stride, 1, 4, n0, n1);
+        else row_range(w, x, x_stride, y, y_stride, 1, 2, n0, n1);
+        break;
+    case 2: row_range(w, x, x_stride, y, y_stride, 2, 2, n0, n1); break;
+    case 3: row_range(w, x, x_stride, y, y_stride, 3, 2, n0, n1); break;
+    case 4: row_range(w, x, x_stride, y, y_stride, 4, 1, n0, n1); break;
+    case 5: row_range(w, x, x_stride, y, y_stride, 5, 1, n0, n1); break;
+    case 6: row_range(w, x, x_stride, y, y_stride, 6, 1, n0, n1); break;
+    case 7: row_range(w, x, x_stride, y, y_stride, 7, 1, n0, n1); break;
+    default: row_range(w, x, x_stride, y, y_stride, MAX_ROWS, 1, n0, n1); break;
+    }
+}
+
+static inline float from_bf16(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest, ties to even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* y [m, n] = x [m, k] @ dequant(W)^T, x and y both float32 (bf16 = 0) or both bfloat16 (bf16 = 1);
+   threads: OpenMP threads to use (>= 1). Returns 0, or 1 when scratch memory could not be had. */
+int fourbit_matmul_4bit(const void *x, void *y, int bf16, int64_t m, const uint8_t *packed, const float *absmax,
+                        const uint8_t *absmax8, const float *nested_code, const float *nested_absmax, float offset,
+                        int nested_shift, const float *code, int64_t n, int64_t k, int64_t blocksize, int threads) {
+    weight_4bit w = {packed, absmax, absmax8, nested_code, nested_absmax, offset, nested_shift, code, n, k, blocksize};
+    float *x32 = malloc((size_t)(m * k) * sizeof(float)), *y32 = bf16 ? malloc((size_t)(m * n) * sizeof(float)) : y;
+    if (!x32 || !y32) {
+        free(x32);
+        if (bf16) free(y32);
+        return 1;
+    }
+    for (int64_t i = 0; i < m * k; i += 16) /* x as float32, in LANE_ORDER in the vector paths */
+        for (int lane = 0; lane < 16; lane++) {
+#ifdef PERMUTED_X
+            int64_t from = i + column_of_lane(lane);
+#else
+            int64_t from = i + lane;
+#endif
+            x32[i + lane] = bf16 ? from_bf16(((const uint16_t *)x)[from]) : ((const float *)x)[from];
+        }
+    /* chunks of 16 rows of W: a thread's rows stay together, and there are enough chunks to balance */
+    const int64_t chunk = 16, chunks = (n + chunk - 1) / chunk;
+    for (int64_t m0 = 0; m0 < m; m0 += MAX_ROWS) {
+        int rows = (int)(m - m0 < MAX_ROWS ? m - m0 : MAX_ROWS);
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t n1 = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+            row_range_of(&w, x32 + m0 * k, k, y32 + m0 * n, n, rows, c * chunk, n1);
+        }
+    }
+    if (bf16) {
+        for (int64_t i = 0; i < m * n; i++) ((uint16_t *)y)[i] = to_bf16(y32[i]);
+        free(y32);
+    }
+    free(x32);
+    return 0;
+}

@@ -1,0 +1,164 @@
+"""CPU: y = x @ dequant(W4)^T (+ b) for a few rows of x (decoding), from the 4-bit codes.
+
+    y[m, n] = sum_b scale[n, b] * sum_{k in block b} code4[W4[n, k]] * x[m, k]     (float32)
+
+The kernel is C (matmul_4bit.c beside this file: the table lookup one vector instruction per 16
+codes, the math at its top), compiled at first use for this machine's instruction set with the
+system's C compiler and OpenMP, cached under ``<fourbit cache>/kernels`` by a hash of the source,
+the flags, the compiler and the CPU's flags, and called through ctypes (which releases the GIL).
+Its plain-torch twin is dequantize-then-``F.linear`` (kernels/matmul_4bit.py), which it is tested
+against (tests/kernels/test_cpu_matmul_4bit.py).
+
+Why a kernel of our own: decoding reads every weight once per token, so from the dense cache the
+bytes are 16 bits a weight, and from the 4-bit codes through dequantize-then-matmul each product
+first writes and reads a dense copy. torch.compile's CPU code for the fused product measured 4x
+(a tree of selects for the lookup) to 30x (a gather) slower than the dense bf16 product (bench/
+RESULTS.md, issue 20); no torch op takes a non-uniform 4-bit table.
+
+When it is used (``supports``): on a CPU, for at most ``MAX_ROWS`` rows of x (past that, one
+dequantization shared by all rows and oneDNN's matmul are faster: bench/bench_serve.py), with
+blocks of a multiple of 16 values that tile the rows. ``FOURBIT_CPU_COMPILE=0`` turns it off with
+the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or loading
+fails the reason is logged once and the twin serves every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from ...errors import InputError
+from .dequantize import ENV, enabled
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("matmul_4bit.c")
+MAX_ROWS = 16
+ISA_FLAGS = {  # "native": what this machine has; the others let tests run each code path
+    "native": ["-march=native"],
+    "avx2": ["-mavx2", "-mfma"],
+    "generic": [],
+}
+_lock = threading.Lock()
+_failed: set[str] = set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("FOURBIT_CACHE")
+    return (Path(configured) if configured else Path.home() / ".cache" / "fourbit") / "kernels"
+
+
+def _build(isa: str, compiler: str) -> Path:
+    """Compile the kernel for ``isa`` (once per source, flags, compiler and CPU) and return the library's path."""
+    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", *ISA_FLAGS[isa]]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, compiler, version, _cpu_flags()]).encode()).hexdigest()
+    target = _cache_dir() / f"matmul_4bit-{isa}-{key[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed into place whole
+        built = Path(tmp) / target.name
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library(isa: str) -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc/gcc)")
+    lib = ctypes.CDLL(str(_build(isa, compiler)))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.fourbit_matmul_4bit.argtypes = [p, p, ctypes.c_int, i64, p, p, p, p, p, ctypes.c_float, ctypes.c_int, p, i64,
+                                        i64, i64, ctypes.c_int]
+    lib.fourbit_matmul_4bit.restype = ctypes.c_int
+    lib.fourbit_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def library(isa: str = "native") -> ctypes.CDLL | None:
+    """The compiled kernel for ``isa``, or None where it cannot be built or loaded (said once)."""
+    if isa not in ISA_FLAGS:
+        raise InputError(f"isa {isa!r}: expected one of {', '.join(ISA_FLAGS)}")
+    if isa in _failed:
+        return None
+    with _lock:
+        try:
+            return _library(isa)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _failed.add(isa)
+            log.warning("fourbit: the native CPU 4-bit matmul (%s) is unavailable, dequantize + matmul serves "
+                        "instead: %s", isa, e)
+            return None
+
+
+def supports(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
+    """Whether this product goes to the native kernel (else: dequantize, then matmul)."""
+    rows = x.numel() // max(k, 1)
+    return (x.device.type == "cpu" and 0 < rows <= MAX_ROWS and x.shape[-1] == k and blocksize % 16 == 0
+            and nested_blocksize & (nested_blocksize - 1) == 0
+            and k % blocksize == 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and sys.byteorder == "little" and enabled() and library() is not None)
+
+
+def matmul_4bit(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape,
+                bias, isa: str = "native") -> torch.Tensor:
+    """``x @ dequant(W)^T + bias`` in x's dtype, for the op's arguments (kernels/matmul_4bit.py)."""
+    lib = library(isa)
+    if lib is None:
+        raise RuntimeError(f"the native CPU 4-bit matmul ({isa}) is unavailable; check supports() first")
+    n, k = shape
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    x2 = x.reshape(-1, k).to(dtype).contiguous()
+    out = torch.empty(x2.shape[0], n, dtype=dtype)
+    if nested_absmax is not None:
+        absmax8, absmax32, offset = absmax, None, float(nested_offset)
+        nested_code, nested_absmax = nested_code.to(torch.float32), nested_absmax.to(torch.float32)
+    else:
+        absmax8, absmax32, offset = None, absmax.to(torch.float32), 0.0
+    tensors = [x2, out, packed, absmax32, absmax8, nested_code, nested_absmax, code]
+    if any(t is not None and not t.is_contiguous() for t in tensors) or code.dtype != torch.float32:
+        raise InputError("the native CPU 4-bit matmul takes contiguous tensors and a float32 code table")
+    failed = lib.fourbit_matmul_4bit(
+        x2.data_ptr(), out.data_ptr(), dtype == torch.bfloat16, x2.shape[0], packed.data_ptr(),
+        absmax32.data_ptr() if absmax32 is not None else None, absmax8.data_ptr() if absmax8 is not None else None,
+        nested_code.data_ptr() if nested_absmax is not None else None,
+        nested_absmax.data_ptr() if nested_absmax is not None else None, offset,
+        max(nested_blocksize, 1).bit_length() - 1, code.data_ptr(), n, k, blocksize, torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"the native CPU 4-bit matmul could not allocate its scratch for {x2.shape[0]} x {k} inputs")
+    if bias is not None:
+        out += bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+__all__ = ["ENV", "MAX_ROWS", "library", "matmul_4bit", "supports"]

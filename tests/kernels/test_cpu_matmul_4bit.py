@@ -1,0 +1,153 @@
+"""The native CPU 4-bit matmul (kernels/cpu/matmul_4bit.c) against float64 math and its plain-torch
+twin (dequantize, then F.linear), in each instruction set this CPU can run (its own, AVX2, plain
+C), and the op's and Linear4bit's choice of it. The suite turns the run-time-compiled kernels off
+elsewhere (tests/conftest.py); here they are on."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from fourbit.kernels import matmul_4bit
+from fourbit.kernels.cpu import matmul_4bit as native
+from fourbit.kernels.dequantize import state_args
+from fourbit.nn.linear4bit import Linear4bit
+from fourbit.quant import dequantize_4bit_reference, quantize_4bit
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+# "native" is this machine's own (AVX-512 here, AVX2 on the AVX2-only kind); the explicit ones let
+# every machine check the paths it can run
+ISAS = ["native", "generic"] + (["avx2"] if {"avx2", "fma"} <= _cpu_flags() else [])
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.setenv(native.ENV, "1")
+
+
+def direct(x, packed, state, bias=None, isa="native"):
+    return native.matmul_4bit(x, packed, *state_args(state), bias, isa=isa)
+
+
+def reference64(x, packed, state, bias=None):
+    w = dequantize_4bit_reference(packed, state, torch.float32).double()
+    y = x.double() @ w.T
+    return y + bias.double() if bias is not None else y
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# Odd shapes: rows of W not a multiple of the 16-row chunks, K of 1 to 24 blocks; rows of x from
+# 1 past the 8 that share a decoded weight; double quantization with a partial last nested block.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k,blocksize,quant_type,double_quant", [
+    (37, 192, 64, "nf4", True),
+    (1, 64, 64, "fp4", False),
+    (203, 1536, 64, "nf4", True),
+    (17, 96, 32, "nf4", False),
+    (50, 256, 128, "fp4", True),
+])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 11])
+def test_float32_equals_float64_math(isa, n, k, blocksize, quant_type, double_quant, rows):
+    packed, state = quantize_4bit(torch.randn(n, k), quant_type, blocksize, double_quant)
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    y = direct(x, packed, state, bias, isa)
+    assert y.dtype == torch.float32 and y.shape == (rows, n) and torch.isfinite(y).all()
+    # float32 products summed in float32 over at most 1536 terms: ~1e-7 relative, bound 1e-5
+    assert rel(y, reference64(x, packed, state, bias)) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_in_and_out_is_the_float32_result_rounded(isa):
+    packed, state = quantize_4bit(torch.randn(75, 320), "nf4", 64, True)
+    x = torch.randn(5, 320).bfloat16()
+    y = direct(x, packed, state, isa=isa)
+    assert y.dtype == torch.bfloat16
+    # the same float32 computation on the same (exactly widened) inputs, then the kernel's own
+    # rounding to bf16: it must round as torch does, to nearest even, bit for bit
+    assert torch.equal(y, direct(x.float(), packed, state, isa=isa).bfloat16())
+    # and against float64: bf16 output rounding, 2^-9 relative at most per element
+    assert rel(y, reference64(x, packed, state)) < 4e-3
+
+
+def test_leading_dimensions_and_the_twin():
+    packed, state = quantize_4bit(torch.randn(96, 128), "nf4", 64, True)
+    x = torch.randn(2, 3, 128)
+    y = direct(x, packed, state)
+    assert y.shape == (2, 3, 96)
+    twin = torch.nn.functional.linear(x, dequantize_4bit_reference(packed, state, torch.float32))
+    assert rel(y, twin) < 1e-5  # both float32, the additions in another order
+
+
+def test_threads_do_not_change_the_result():
+    packed, state = quantize_4bit(torch.randn(300, 576), "nf4", 64, True)
+    x = torch.randn(3, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = direct(x, packed, state)
+        torch.set_num_threads(2)
+        two = direct(x, packed, state)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each output is one thread's, its additions in a fixed order
+
+
+def test_the_op_takes_it_for_few_rows_only(monkeypatch):
+    packed, state = quantize_4bit(torch.randn(40, 128), "nf4", 64, True)
+    calls = []
+    kernel = native.matmul_4bit
+    monkeypatch.setattr(native, "matmul_4bit", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    for rows in (1, native.MAX_ROWS, native.MAX_ROWS + 1):
+        x = torch.randn(rows, 128)
+        assert rel(matmul_4bit(x, packed, state), reference64(x, packed, state)) < 1e-5
+    assert calls == [(1, 128), (native.MAX_ROWS, 128)]
+    monkeypatch.setenv(native.ENV, "0")
+    assert not native.supports(torch.randn(1, 128), 64, 256, 128)
+
+
+def test_linear4bit_decodes_through_it_and_trains_through_the_twin(monkeypatch):
+    torch.manual_seed(0)
+    dense = torch.randn(48, 64)
+    layer = Linear4bit(64, 48, bias=False, compute_dtype=torch.float32).quantize_(dense)
+    calls = []
+    kernel = native.matmul_4bit
+    monkeypatch.setattr(native, "matmul_4bit", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    x = torch.randn(1, 64, requires_grad=True)
+    ref = reference64(x.detach(), layer.weight, layer.quant_state)
+    with torch.no_grad():
+        assert rel(layer(x), ref) < 1e-5
+    y = layer(x)  # forward through the kernel too, backward dequantizes for dL/dx
+    y.sum().backward()
+    w64 = dequantize_4bit_reference(layer.weight, layer.quant_state, torch.float32).double()
+    assert rel(x.grad, w64.sum(0, keepdim=True)) < 1e-6
+    assert len(calls) == 2
+
+
+def test_a_compiler_that_fails_is_said_once_and_the_twin_serves(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("FOURBIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_failed", set())
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=native.log.name):
+            assert native.library("generic") is None
+            assert native.library("generic") is None
+        assert sum("unavailable" in r.message for r in caplog.records) == 1
+        packed, state = quantize_4bit(torch.randn(16, 64), "nf4", 64, True)
+        x = torch.randn(1, 64)
+        assert not native.supports(x, 64, 256, 64)  # this machine's own build fails the same way
+        assert rel(matmul_4bit(x, packed, state), reference64(x, packed, state)) < 1e-5
+    finally:
+        native._library.cache_clear()
