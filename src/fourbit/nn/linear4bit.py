@@ -139,7 +139,9 @@ class Linear4bit(FrozenLinear):
 
     def product(self, x, bias, stored):
         state = self._state()
-        if x.device.type == "cpu":  # decoding: the op's CPU kernel called directly, sparing the dispatcher's ~20 us
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # decoding: the op's CPU kernel called directly, sparing the dispatcher's ~20 us (a
+            # compiled graph keeps the op, which it cannot see into)
             args = state_args(state)
             if cpu_matmul_4bit.supports(x, state.blocksize, args[6], state.shape[1]):
                 return cpu_matmul_4bit.matmul_4bit(x, stored[0], *args, bias)
