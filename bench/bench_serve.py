@@ -19,8 +19,9 @@ Method
   ``dense_weights`` (what the engine does there by default), so neither dequantizes per token.
 - CPU decode (question 2): fourbit ``serve.generate`` on --batch-rows copies of the prompt
   (1 and 8), once inside ``dense_weights`` (the engine's default on a CPU: every Linear4bit
-  dequantized once and prepacked, the dense model's memory) and once without it (each product
-  dequantizes its 4-bit weight: the 4-bit model's memory), and llama-cpp-python (test extra)
+  dequantized once and prepacked, the dense model's memory) and once without it (the 4-bit
+  model's memory: each decoding product reads the 4-bit codes through the native kernel,
+  kernels/cpu/matmul_4bit.py; the prefill's products dequantize), and llama-cpp-python (test extra)
   on the GGUF the embedded model ships as (Q4_1 linears) at batch 1, greedy with EOS ignored,
   n_threads = torch's threads; the same --new-tokens each, prefill included, the variants
   alternating, median of --repeats. tokens/s counts every row's tokens.

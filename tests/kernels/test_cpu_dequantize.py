@@ -13,6 +13,7 @@ import torch
 from fourbit.errors import InputError
 from fourbit.kernels import dequantize_4bit
 from fourbit.kernels.cpu import dequantize as compiled
+from fourbit.kernels.cpu import matmul_4bit as cpu_matmul_4bit
 from fourbit.kernels.dequantize import state_args
 from fourbit.quant import dequantize_4bit_reference, quantize_4bit
 
@@ -80,7 +81,9 @@ def test_a_qlora_step_through_it_equals_one_through_the_table_kernel(monkeypatch
     layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(320, 257), compute_dtype=torch.bfloat16))
     layer.add_adapter(r=8, alpha=16)
     torch.nn.init.normal_(layer.adapter("default").lora_B.weight, std=0.02)
-    x = torch.randn(2, 9, 320)  # 18 rows: more than the native 4-bit matmul takes (it would skip dequantizing)
+    x = torch.randn(2, 5, 320)
+    # the native 4-bit matmul would take these 10 rows' forward product without dequantizing
+    monkeypatch.setattr(cpu_matmul_4bit, "max_rows", lambda dtype: 0)
 
     def step():
         layer.zero_grad()

@@ -140,6 +140,13 @@ def test_the_op_takes_it_for_few_rows_only(monkeypatch):
         x = torch.randn(rows, 128)
         assert rel(matmul_4bit(x, packed, state), reference64(x, packed, state)) < 1e-5
     assert calls == [(1, 128), (native.MAX_ROWS, 128)]
+    limit = native.max_rows(torch.bfloat16)  # 48 where vdpbf16ps serves bf16, else the float32 limit
+    assert limit == (native.MAX_ROWS_DOT_BF16 if dot_bf16("native") else native.MAX_ROWS)
+    calls.clear()
+    for rows in (limit, limit + 1):
+        x = torch.randn(rows, 128).bfloat16()
+        assert rel(matmul_4bit(x, packed, state), reference64(x, packed, state)) < 4e-3
+    assert calls == [(limit, 128)]
     monkeypatch.setenv(native.ENV, "0")
     assert not native.supports(torch.randn(1, 128), 64, 256, 128)
 

@@ -15,9 +15,10 @@ first writes and reads a dense copy. torch.compile's CPU code for the fused prod
 (a tree of selects for the lookup) to 30x (a gather) slower than the dense bf16 product (bench/
 RESULTS.md, issue 20); no torch op takes a non-uniform 4-bit table.
 
-When it is used (``supports``): on a CPU, for at most ``MAX_ROWS`` rows of x (past that, one
-dequantization shared by all rows and oneDNN's matmul are faster: bench/bench_serve.py), with
-blocks of a multiple of 16 values that tile the rows. ``FOURBIT_CPU_COMPILE=0`` turns it off with
+When it is used (``supports``): on a CPU, for at most ``MAX_ROWS`` rows of x (48 in bf16 where
+the CPU has AVX512-BF16; past that, one dequantization shared by all rows and oneDNN's matmul
+are faster: bench/RESULTS.md, issue 20), with blocks of a multiple of 16 values that tile the
+rows. ``FOURBIT_CPU_COMPILE=0`` turns it off with
 the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or loading
 fails the reason is logged once and the twin serves every call.
 """
@@ -45,7 +46,8 @@ from .dequantize import ENV, enabled
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("matmul_4bit.c")
-MAX_ROWS = 16
+MAX_ROWS = 16  # float32 FMAs; up to 16 rows of x they beat dequantize + matmul
+MAX_ROWS_DOT_BF16 = 48  # vdpbf16ps: 1.5x faster than dequantize + matmul at 32 rows, even at 64, behind at 128
 ISA_FLAGS = {  # "native": what this machine has; the others let tests run each code path
     "native": ["-march=native"],
     "avx2": ["-mavx2", "-mfma"],
@@ -121,13 +123,21 @@ def library(isa: str = "native") -> ctypes.CDLL | None:
             return None
 
 
+def max_rows(dtype: torch.dtype) -> int:
+    """The most rows of x this machine's build takes in ``dtype`` (where it beats dequantize + matmul)."""
+    lib = library()
+    if lib is None:
+        return 0
+    return MAX_ROWS_DOT_BF16 if dtype == torch.bfloat16 and lib.fourbit_isa() == b"avx512-bf16" else MAX_ROWS
+
+
 def supports(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
     """Whether this product goes to the native kernel (else: dequantize, then matmul)."""
     rows = x.numel() // max(k, 1)
-    return (x.device.type == "cpu" and 0 < rows <= MAX_ROWS and x.shape[-1] == k and blocksize % 16 == 0
+    return (x.device.type == "cpu" and x.shape[-1] == k and blocksize % 16 == 0 and k % blocksize == 0
             and nested_blocksize & (nested_blocksize - 1) == 0
-            and k % blocksize == 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and sys.byteorder == "little" and enabled() and library() is not None)
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and sys.byteorder == "little"
+            and enabled() and 0 < rows <= max_rows(x.dtype))
 
 
 def matmul_4bit(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape,
@@ -161,4 +171,4 @@ def matmul_4bit(x, packed, absmax, code, nested_absmax, nested_code, nested_offs
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-__all__ = ["ENV", "MAX_ROWS", "library", "matmul_4bit", "supports"]
+__all__ = ["ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "library", "matmul_4bit", "max_rows", "supports"]
