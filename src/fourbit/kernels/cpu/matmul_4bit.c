@@ -36,6 +36,9 @@
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define PERMUTED_X 1
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define DOT_BF16 1 /* bf16 x through vdpbf16ps (row_range_bf16) */
+#endif
 
 /* LANE_ORDER: in the vector paths, lane L of a 16-value step holds nibble u = L / 2 + 8 (L % 2) of
    the step's 64-bit word (nibble u = bits 4u..4u+3: the low nibble of byte u / 2 when u is even,
@@ -65,7 +68,7 @@ static inline float block_scale(const weight_4bit *w, int64_t block) {
 }
 
 const char *fourbit_isa(void) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(DOT_BF16)
     return "avx512-bf16";
 #elif defined(__AVX512F__)
     return "avx512";
@@ -187,35 +190,43 @@ static void row_range_of(const weight_4bit *w, const float *x, int64_t x_stride,
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define DOT_BF16 1
-/* bfloat16 x on a CPU with AVX512-BF16: each block's scaled weights are rounded to bfloat16 (to
-   nearest even, as dequantizing to bf16 rounds them) and vdpbf16ps multiplies 32 of them with 32
-   bf16 values of x, adding pairs into 16 float32 sums: half the instructions of float32 FMAs
-   once a few rows of x share each weight, and the reference's bf16 operands exactly (the sums
-   are float32 in another order). x keeps LANE_ORDER per 16 values; two lookups fill one vector. */
+#ifdef DOT_BF16
+/* bfloat16 x on a CPU with AVX512-BF16: the lookup yields bf16 weights directly. Each block's 16
+   scaled weights are rounded to bf16 (to nearest even, as dequantizing to bf16 rounds them) and
+   held twice over in the 32 16-bit entries vpermw reads, which looks at 5 bits of each index;
+   16 bytes of codes (32 weights) broadcast to the four 128-bit lanes and shifted per 16-bit lane
+   by 4 x (lane / 8) put a code in the low 4 bits of each lane (BF16_LANE_ORDER), and vdpbf16ps
+   multiplies the 32 weights with 32 bf16 values of x, adding pairs into 16 float32 sums: 3
+   instructions a 32 weights to look up, one per row of x to multiply, the reference's bf16
+   operands exactly (the sums float32, in another order). */
+
+/* lane w of a 32-value step holds code t = w / 8 (bits 4t..4t+3) of the step's 16-bit word j = w % 8:
+   byte 2j's low nibble (column 4j + 1), its high one (4j), byte 2j + 1's low (4j + 3), high (4j + 2) */
+static inline int64_t column_of_bf16_lane(int lane) {
+    static const int within[4] = {1, 0, 3, 2};
+    return 4 * (lane % 8) + within[lane / 8];
+}
+
 static inline __attribute__((always_inline)) void row_range_bf16(const weight_4bit *w, const uint16_t *x,
                                                                  int64_t x_stride, float *y, int64_t y_stride,
                                                                  const int rows, const int chains, int64_t n0,
                                                                  int64_t n1) {
     const int64_t k = w->k, bs = w->blocksize, blocks = k / bs;
     const __m512 table = _mm512_loadu_ps(w->code);
-    const __m512i shifts = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i shifts = _mm512_set_epi16(12, 12, 12, 12, 12, 12, 12, 12, 8, 8, 8, 8, 8, 8, 8, 8,
+                                            4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *codes = w->packed + n * (k / 2);
         __m512 acc[MAX_ROWS][2];
         for (int r = 0; r < rows; r++)
             for (int j = 0; j < chains; j++) acc[r][j] = _mm512_setzero_ps();
         for (int64_t b = 0; b < blocks; b++) {
-            const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(block_scale(w, n * blocks + b)));
+            __m256i half = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(block_scale(w, n * blocks + b))));
+            const __m512i scaled = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
             for (int64_t c = b * bs; c < (b + 1) * bs; c += 32 * chains) {
                 for (int j = 0; j < chains; j++) {
-                    const uint8_t *at = codes + ((uint64_t)(c + 32 * j) >> 1);
-                    __m512 low = _mm512_permutexvar_ps(
-                        _mm512_srlv_epi64(_mm512_set1_epi64(*(const int64_t *)at), shifts), scaled);
-                    __m512 high = _mm512_permutexvar_ps(
-                        _mm512_srlv_epi64(_mm512_set1_epi64(*(const int64_t *)(at + 8)), shifts), scaled);
-                    __m512bh wv = _mm512_cvtne2ps_pbh(high, low); /* low: bf16 lanes 0-15, high: 16-31 */
+                    __m512i word = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(codes + ((uint64_t)(c + 32 * j) >> 1))));
+                    __m512bh wv = (__m512bh)_mm512_permutexvar_epi16(_mm512_srlv_epi16(word, shifts), scaled);
                     for (int r = 0; r < rows; r++) {
                         __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + r * x_stride + c + 32 * j));
                         acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv);
@@ -278,8 +289,8 @@ int fourbit_matmul_4bit(const void *x, void *y, int bf16, int64_t m, const uint8
             free(y32);
             return 1;
         }
-        for (int64_t i = 0; i < m * k; i += 16)
-            for (int lane = 0; lane < 16; lane++) xb[i + lane] = ((const uint16_t *)x)[i + column_of_lane(lane)];
+        for (int64_t i = 0; i < m * k; i += 32) /* k is a multiple of the block size, so of 32 */
+            for (int lane = 0; lane < 32; lane++) xb[i + lane] = ((const uint16_t *)x)[i + column_of_bf16_lane(lane)];
         for (int64_t m0 = 0; m0 < m; m0 += MAX_ROWS) {
             int rows = (int)(m - m0 < MAX_ROWS ? m - m0 : MAX_ROWS);
 #pragma omp parallel for schedule(static) num_threads(threads)
