@@ -310,3 +310,15 @@ def test_only_input_errors_exit_2_and_faults_keep_their_traceback(monkeypatch, c
         monkeypatch.setattr(cli, "_memory", raising(fault))
         with pytest.raises(type(fault)):
             main(["memory"])
+
+
+def test_chat_decodes_from_the_4bit_codes_on_a_cpu_where_the_native_kernel_runs(monkeypatch):
+    from fourbit.cli import _chat_dense_cache
+    from fourbit.kernels.cpu import matmul_4bit as native
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setenv(native.ENV, "1")
+    assert _chat_dense_cache(None, model) is (native.library() is None)  # a machine without a C compiler keeps it
+    assert _chat_dense_cache(True, model) and not _chat_dense_cache(False, model)
+    monkeypatch.setenv(native.ENV, "0")
+    assert _chat_dense_cache(None, model)

@@ -214,8 +214,9 @@ def _add_serving_args(p) -> None:
     p.add_argument("--quantization", choices=["nf4", "fp4", "int4", "none"], default="nf4",
                    help="how to load the base (default nf4; a bnb-4bit folder keeps its own)")
     p.add_argument("--dense-cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep dequantized weights in memory between tokens (default: on for a CPU, where "
-                        "dequantizing at every token dominates decoding)")
+                   help="keep dequantized weights in memory between tokens (the dense model's memory). Default: "
+                        "`serve` on a CPU, whose batched steps it makes faster; `chat` on a CPU only where the "
+                        "native 4-bit kernel cannot be built (a C compiler is needed)")
 
 
 def _load_for_serving(args):
@@ -390,6 +391,19 @@ def _export(args) -> None:
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
+def _chat_dense_cache(asked: bool | None, model) -> bool:
+    """Whether ``fourbit chat`` keeps dequantized weights: as asked; else on a CPU only where the
+    native 4-bit kernel is unavailable (one conversation decodes one row, which it serves from the
+    4-bit codes as fast as the dense copy, bench/RESULTS.md)."""
+    if asked is not None:
+        return asked
+    if next(model.parameters()).device.type != "cpu":
+        return False
+    from .kernels.cpu import matmul_4bit as cpu_matmul_4bit
+
+    return not (cpu_matmul_4bit.enabled() and cpu_matmul_4bit.library() is not None)
+
+
 def _chat(args) -> None:
     import contextlib
 
@@ -400,8 +414,7 @@ def _chat(args) -> None:
     model, tokenizer, adapters = _load_for_serving(args)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     start = args.use or (args.adapter[0][0] if args.adapter else None)
-    dense = args.dense_cache if args.dense_cache is not None else next(model.parameters()).device.type == "cpu"
-    with dense_weights(model) if dense else contextlib.nullcontext():
+    with dense_weights(model) if _chat_dense_cache(args.dense_cache, model) else contextlib.nullcontext():
         run(Chat(model, tokenizer, adapters, sampling, adapter=start))
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ...errors import InputError
-from .dequantize import ENV, enabled
+from .dequantize import ENV
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,14 @@ ISA_FLAGS = {  # "native": what this machine has; the others let tests run each 
 }
 _lock = threading.Lock()
 _failed: set[str] = set()
+
+
+def enabled() -> bool:
+    """``FOURBIT_CPU_COMPILE`` (kernels/cpu/dequantize.py) is not 0."""
+    value = os.environ.get(ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise InputError(f"{ENV}={value!r}: expected 1 (compile the CPU kernels, the default) or 0 (don't)")
+    return value == "1"
 
 
 def _compiler() -> str | None:
@@ -171,4 +179,4 @@ def matmul_4bit(x, packed, absmax, code, nested_absmax, nested_code, nested_offs
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-__all__ = ["ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "library", "matmul_4bit", "max_rows", "supports"]
+__all__ = ["ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "enabled", "library", "matmul_4bit", "max_rows", "supports"]
