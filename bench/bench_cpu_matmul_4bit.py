@@ -1,0 +1,83 @@
+"""The 4-bit matmul on a CPU at decoding sizes: the native kernel against dequantize + matmul and the dense cache.
+
+    python bench/bench_cpu_matmul_4bit.py [--rows 1,8,16,32,48,64,128] [--dtype bfloat16|float32] [--threads 2]
+
+Question: for y = x @ W^T with W in NF4 + double quantization (blocks of 64) and x of 1 to 128
+rows, how fast is the native kernel (kernels/cpu/matmul_4bit.c) next to what the op did before it
+(dequantize, then F.linear: what it still does past ``max_rows``) and next to a product with the
+dense weight prepacked for oneDNN (the serving engine's dense cache, nn/linear4bit.py
+``dense_weights``)? Where is the crossover that sets ``MAX_ROWS`` / ``MAX_ROWS_DOT_BF16``?
+
+Method: SmolLM2-135M's linear shapes (q/o 576x576, k/v 192x576, gate/up 1536x576, down
+576x1536), W randn; x randn in --dtype. Each method is checked against float64 math first
+(relative error printed; bf16 lands near 2e-3). Timing: the best of 10 rounds of 20 calls after 5
+warm-up calls (the best, not the median: this shared 2-core VM's neighbours only ever add time);
+all weights here fit in the caches, so the dense product is at its best, as in a loop over one
+layer, not as in a model whose weights stream from memory. Table: microseconds per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import fourbit
+from fourbit.kernels.cpu import matmul_4bit as native
+from fourbit.kernels.dequantize import dequantize_4bit_op, state_args
+from fourbit.kernels.prepacked_linear import prepack, prepacked_linear
+from fourbit.precision import cpu_kind
+
+SHAPES = {"q/o": (576, 576), "k/v": (192, 576), "gate/up": (1536, 576), "down": (576, 1536)}
+
+
+def best_us(fn, calls: int = 20, rounds: int = 10) -> float:
+    for _ in range(5):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="1,8,16,32,48,64,128")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    lib = native.library()
+    if lib is None:
+        raise SystemExit("the native kernel could not be built here (see the warning above)")
+    print(f"{cpu_kind()} CPU, build {lib.fourbit_isa().decode()}, {args.threads} threads, x in {args.dtype}, "
+          f"torch {torch.__version__}; max_rows({args.dtype}) = {native.max_rows(dtype)}")
+    print(f"{'shape':<8} {'rows':>4} {'native':>8} {'deq+mm':>8} {'dense':>8} {'deq+mm/native':>14} {'dense/native':>13}"
+          f" {'error':>8}")
+    torch.manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        packed, state = fourbit.quantize_4bit(torch.randn(n, k), "nf4", 64, True)
+        a = state_args(state)
+        w = dequantize_4bit_op(packed, *a, dtype)
+        dense = prepack(w)
+        for rows in [int(r) for r in args.rows.split(",")]:
+            x = torch.randn(rows, k).to(dtype)
+            y = native.matmul_4bit(x, packed, *a, None)
+            ref = x.double() @ w.double().T
+            error = ((y.double() - ref).norm() / ref.norm()).item()
+            if not error < 1e-2:
+                raise AssertionError(f"{name} rows={rows}: relative error {error:.3g}")
+            t_native = best_us(lambda: native.matmul_4bit(x, packed, *a, None))
+            t_deq = best_us(lambda: torch.nn.functional.linear(x, dequantize_4bit_op(packed, *a, dtype)))
+            t_dense = best_us(lambda: prepacked_linear(x, dense, None))
+            print(f"{name:<8} {rows:>4} {t_native:>8.0f} {t_deq:>8.0f} {t_dense:>8.0f} {t_deq / t_native:>14.2f} "
+                  f"{t_dense / t_native:>13.2f} {error:>8.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
