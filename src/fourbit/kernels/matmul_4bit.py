@@ -4,10 +4,10 @@ One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs
 
 - every device (the reference): dequantize through ``fourbit::dequantize_4bit`` (itself
   dispatched: the CPU kernels, the Triton kernel on CUDA), then ``F.linear``;
-- CPU: for up to 16 rows of x (decoding) the native kernel of kernels/cpu/matmul_4bit.py reads
-  the 4-bit codes once, looking them up 16 at a time in vector registers; from a handful of rows on it beats
-  dequantize + matmul, which still serves more rows (prefill, training), where one
-  dequantization is shared by all of them;
+- CPU: for up to 32 rows of x (48 in bf16 on AVX512-BF16: decoding, short prompts) the native
+  kernel of kernels/cpu/matmul_4bit.py reads the 4-bit codes once, looking them up 16 or 32 at
+  a time in vector registers, 5-10x faster than dequantize + matmul at one row; more rows
+  (prefill, training) share one dequantization and oneDNN's matmul;
 - CUDA: for a single row of x (decoding one sequence) the fused Triton kernel of
   kernels/triton/matmul_4bit.py reads the 4-bit bytes once and writes only y. For more rows,
   dequantizing into a temporary (one pass at ~2.6 TB/s, the buffer reused through the caching

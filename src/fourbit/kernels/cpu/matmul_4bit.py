@@ -15,12 +15,12 @@ first writes and reads a dense copy. torch.compile's CPU code for the fused prod
 (a tree of selects for the lookup) to 30x (a gather) slower than the dense bf16 product (bench/
 RESULTS.md, issue 20); no torch op takes a non-uniform 4-bit table.
 
-When it is used (``supports``): on a CPU, for at most ``MAX_ROWS`` rows of x (48 in bf16 where
-the CPU has AVX512-BF16; past that, one dequantization shared by all rows and oneDNN's matmul
-are faster: bench/RESULTS.md, issue 20), with blocks of a multiple of 16 values that tile the
-rows. ``FOURBIT_CPU_COMPILE=0`` turns it off with
-the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or loading
-fails the reason is logged once and the twin serves every call.
+When it is used (``supports``): on a CPU, for at most ``max_rows`` rows of x (32; 48 in bf16
+where the CPU has AVX512-BF16; past about 64, one dequantization shared by all rows and oneDNN's
+matmul are faster: bench/bench_cpu_matmul_4bit.py), with blocks of a multiple of 16 values that
+tile the rows. ``FOURBIT_CPU_COMPILE=0`` turns it off with the other kernels compiled at run
+time (kernels/cpu/dequantize.py). Where compiling or loading fails the reason is logged once and
+the twin serves every call.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from .dequantize import ENV
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("matmul_4bit.c")
-MAX_ROWS = 16  # float32 FMAs; up to 16 rows of x they beat dequantize + matmul
+MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
 MAX_ROWS_DOT_BF16 = 48  # vdpbf16ps: 1.5x faster than dequantize + matmul at 32 rows, even at 64, behind at 128
 ISA_FLAGS = {  # "native": what this machine has; the others let tests run each code path
     "native": ["-march=native"],
