@@ -19,6 +19,7 @@ layer, not as in a model whose weights stream from memory. Table: microseconds p
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -72,9 +73,10 @@ def main() -> None:
             error = ((y.double() - ref).norm() / ref.norm()).item()
             if not error < 1e-2:
                 raise AssertionError(f"{name} rows={rows}: relative error {error:.3g}")
-            t_native = best_us(lambda: native.matmul_4bit(x, packed, *a, None))
-            t_deq = best_us(lambda: torch.nn.functional.linear(x, dequantize_4bit_op(packed, *a, dtype)))
-            t_dense = best_us(lambda: prepacked_linear(x, dense, None))
+            t_native = best_us(functools.partial(native.matmul_4bit, x, packed, *a, None))
+            t_deq = best_us(lambda x=x, packed=packed, a=a: torch.nn.functional.linear(
+                x, dequantize_4bit_op(packed, *a, dtype)))
+            t_dense = best_us(functools.partial(prepacked_linear, x, dense, None))
             print(f"{name:<8} {rows:>4} {t_native:>8.0f} {t_deq:>8.0f} {t_dense:>8.0f} {t_deq / t_native:>14.2f} "
                   f"{t_dense / t_native:>13.2f} {error:>8.1e}", flush=True)
 

@@ -3,34 +3,37 @@
        W4: [N, K] packed row-major, byte j of row n holds W[n, 2j] (high nibble), W[n, 2j+1] (low)
        scale[n, b] = code8[absmax8[n, b]] * nested[(n K / bs + b) / nested_bs] + offset  (double quant)
                    = absmax[n, b]                                                      (otherwise)
-       y[m, n]     = sum_b scale[n, b] * sum_{k in block b} code4[W4[n, k]] * x[m, k]
+       y[m, n]     = sum_b sum_{k in block b} (code4[W4[n, k]] * scale[n, b]) * x[m, k]
 
-   float32 throughout (x and y may be bfloat16: converted on the way in and out, rounding to
-   nearest even); each block's table is scaled once, so
-   the weights are float32(code4 * scale) exactly as the float32 reference dequantizes them; y is
-   float32. The order of the additions differs from dequantize-then-matmul, so y matches that
-   reference to float32 rounding, not bit for bit (tests/kernels/test_cpu_matmul_4bit.py).
+   Each block's 16-entry table is scaled once, so a lookup yields the weight itself,
+   float32(code4 * scale) exactly as the reference dequantizes it. Two paths:
+   - float32 (x float32, or bf16 widened exactly): the table in one AVX-512 register, or two AVX2
+     registers blended on the code's fourth bit; 8 bytes of codes (16 weights) broadcast to every
+     64-bit lane and shifted by 4 x lane put a code in each 32-bit lane's low bits (column_of_lane
+     says which column), vpermps looks the 16 up, one FMA per row of x follows. Plain C without
+     AVX2.
+   - bf16 x on AVX512-BF16 (row_range_bf16): the weights rounded to bf16 as dequantizing to bf16
+     rounds them, looked up 32 at a time with vpermw, multiplied by vdpbf16ps: the operands of
+     the bf16 reference exactly.
+   x is permuted once per call into the lanes' column order, so the codes are never reordered.
+   Sums are float32 in another order than dequantize-then-matmul: y matches that reference to
+   float32 rounding (then bf16 rounding, to nearest even, for a bf16 y), not bit for bit
+   (tests/kernels/test_cpu_matmul_4bit.py). Rows of W are split between OpenMP threads; up to 8
+   rows of x share each looked-up weight vector. Built at run time with the machine's own
+   instruction set (-march=native), or with the one a test names; what the compiler was given
+   decides the path (fourbit_isa says which).
 
-   The code table has 16 entries, so one AVX-512 register holds it and one vpermps looks up 16
-   codes at once; AVX2 holds it in two registers of 8 and blends on the code's fourth bit. Each
-   step takes 8 bytes (16 codes), broadcast and shifted so that each 32-bit lane holds one code in
-   its low 4 bits (all the lookup reads; x is permuted once per call to match the lanes, see
-   LANE_ORDER), then the lookup and one FMA per row of x, into one of several accumulators. Rows of W are split between OpenMP threads; up to 8 rows of x share
-   each decoded weight vector. Built at run time with the machine's own instruction set
-   (-march=native), or with the one a test names; what the compiler was given decides the path
-   (__AVX512F__, __AVX2__ + __FMA__, else plain C).
-
-   The caller (kernels/cpu/matmul_4bit.py) guarantees: blocksize a multiple of 16 dividing K,
-   x contiguous [M, K] and y contiguous [M, N] of one dtype, every pointer valid. */
+   The caller (kernels/cpu/matmul_4bit.py) guarantees: blocksize a multiple of 32 dividing K, the
+   nested block size a power of two, x contiguous [M, K] and y contiguous [M, N] of one dtype
+   (float32 or bf16), every pointer valid. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-
-#include <stdlib.h>
 
 #define MAX_ROWS 8
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -40,7 +43,7 @@
 #define DOT_BF16 1 /* bf16 x through vdpbf16ps (row_range_bf16) */
 #endif
 
-/* LANE_ORDER: in the vector paths, lane L of a 16-value step holds nibble u = L / 2 + 8 (L % 2) of
+/* In the float32 vector paths, lane L of a 16-value step holds nibble u = L / 2 + 8 (L % 2) of
    the step's 64-bit word (nibble u = bits 4u..4u+3: the low nibble of byte u / 2 when u is even,
    the high one when odd), i.e. the weight of column column_of_lane(L); x is permuted once per call
    into that order (while converted to float32), so the codes need no reordering at all. */
@@ -102,7 +105,7 @@ static inline __attribute__((always_inline)) void row_range(const weight_4bit *w
             for (int64_t c = b * bs; c < (b + 1) * bs; c += 16 * chains) {
                 for (int j = 0; j < chains; j++) {
                     /* the 8 bytes in every 64-bit lane, lane t shifted right by 4t: 32-bit lane 2t + h
-                       then holds nibble t + 8h in its low 4 bits, all vpermps reads (LANE_ORDER) */
+                       then holds nibble t + 8h in its low 4 bits, all vpermps reads (column_of_lane) */
                     __m512i word = _mm512_set1_epi64(*(const int64_t *)(codes + ((uint64_t)(c + 16 * j) >> 1)));
                     __m512 wv = _mm512_permutexvar_ps(_mm512_srlv_epi64(word, shifts), scaled);
                     for (int r = 0; r < rows; r++)
@@ -130,7 +133,7 @@ static inline __attribute__((always_inline)) void row_range(const weight_4bit *w
                 for (int j = 0; j < chains; j++) {
                     __m256i word = _mm256_set1_epi64x(*(const int64_t *)(codes + ((uint64_t)(c + 16 * j) >> 1)));
                     for (int half = 0; half < 2; half++) {
-                        /* as AVX-512's, in two halves: lanes 0-7 of LANE_ORDER, then 8-15 */
+                        /* as AVX-512's, in two halves: lanes 0-7 of column_of_lane, then 8-15 */
                         __m256i idx = _mm256_srlv_epi64(word, half ? shifts_hi : shifts_lo);
                         /* the code's bit 3, moved to the sign bit, picks the upper half of the table */
                         __m256 wv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
@@ -195,7 +198,7 @@ static void row_range_of(const weight_4bit *w, const float *x, int64_t x_stride,
    scaled weights are rounded to bf16 (to nearest even, as dequantizing to bf16 rounds them) and
    held twice over in the 32 16-bit entries vpermw reads, which looks at 5 bits of each index;
    16 bytes of codes (32 weights) broadcast to the four 128-bit lanes and shifted per 16-bit lane
-   by 4 x (lane / 8) put a code in the low 4 bits of each lane (BF16_LANE_ORDER), and vdpbf16ps
+   by 4 x (lane / 8) put a code in the low 4 bits of each lane (column_of_bf16_lane), and vdpbf16ps
    multiplies the 32 weights with 32 bf16 values of x, adding pairs into 16 float32 sums: 3
    instructions a 32 weights to look up, one per row of x to multiply, the reference's bf16
    operands exactly (the sums float32, in another order). */
@@ -311,7 +314,7 @@ int fourbit_matmul_4bit(const void *x, void *y, int bf16, int64_t m, const uint8
         if (bf16) free(y32);
         return 1;
     }
-    for (int64_t i = 0; i < m * k; i += 16) /* x as float32, in LANE_ORDER in the vector paths */
+    for (int64_t i = 0; i < m * k; i += 16) /* x as float32, in column_of_lane's order in the vector paths */
         for (int lane = 0; lane < 16; lane++) {
 #ifdef PERMUTED_X
             int64_t from = i + column_of_lane(lane);

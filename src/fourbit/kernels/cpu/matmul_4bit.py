@@ -1,11 +1,13 @@
 """CPU: y = x @ dequant(W4)^T (+ b) for a few rows of x (decoding), from the 4-bit codes.
 
-    y[m, n] = sum_b scale[n, b] * sum_{k in block b} code4[W4[n, k]] * x[m, k]     (float32)
+    y[m, n] = sum_b sum_{k in block b} (code4[W4[n, k]] * scale[n, b]) * x[m, k]     (float32 sums)
 
 The kernel is C (matmul_4bit.c beside this file: the table lookup one vector instruction per 16
-codes, the math at its top), compiled at first use for this machine's instruction set with the
+or 32 codes, the math at its top), compiled at first use for this machine's instruction set with the
 system's C compiler and OpenMP, cached under ``<fourbit cache>/kernels`` by a hash of the source,
 the flags, the compiler and the CPU's flags, and called through ctypes (which releases the GIL).
+Its OpenMP runtime (libgomp.so.1) resolves to the one torch has already loaded: one thread pool,
+sized per call by ``torch.get_num_threads()``.
 Its plain-torch twin is dequantize-then-``F.linear`` (kernels/matmul_4bit.py), which it is tested
 against (tests/kernels/test_cpu_matmul_4bit.py).
 
@@ -17,10 +19,10 @@ RESULTS.md, issue 20); no torch op takes a non-uniform 4-bit table.
 
 When it is used (``supports``): on a CPU, for at most ``max_rows`` rows of x (32; 48 in bf16
 where the CPU has AVX512-BF16; past about 64, one dequantization shared by all rows and oneDNN's
-matmul are faster: bench/bench_cpu_matmul_4bit.py), with blocks of a multiple of 16 values that
-tile the rows. ``FOURBIT_CPU_COMPILE=0`` turns it off with the other kernels compiled at run
-time (kernels/cpu/dequantize.py). Where compiling or loading fails the reason is logged once and
-the twin serves every call.
+matmul are faster: bench/bench_cpu_matmul_4bit.py), with blocks of a multiple of 32 values that
+tile the rows (every block size of the format: 32 to 4096). ``FOURBIT_CPU_COMPILE=0`` turns it
+off with the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or
+loading fails the reason is logged once and the twin serves every call.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _cache_dir() -> Path:
+def _cache_dir() -> Path:  # io/default_model.cache_dir()'s folder (kernels/ sits below io/)
     configured = os.environ.get("FOURBIT_CACHE")
     return (Path(configured) if configured else Path.home() / ".cache" / "fourbit") / "kernels"
 
@@ -142,7 +144,7 @@ def max_rows(dtype: torch.dtype) -> int:
 def supports(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
     """Whether this product goes to the native kernel (else: dequantize, then matmul)."""
     rows = x.numel() // max(k, 1)
-    return (x.device.type == "cpu" and x.shape[-1] == k and blocksize % 16 == 0 and k % blocksize == 0
+    return (x.device.type == "cpu" and x.shape[-1] == k and blocksize % 32 == 0 and k % blocksize == 0
             and nested_blocksize & (nested_blocksize - 1) == 0
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and sys.byteorder == "little"
             and enabled() and 0 < rows <= max_rows(x.dtype))
