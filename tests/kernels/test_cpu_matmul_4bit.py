@@ -185,3 +185,29 @@ def test_a_compiler_that_fails_is_said_once_and_the_twin_serves(monkeypatch, tmp
         assert rel(matmul_4bit(x, packed, state), reference64(x, packed, state)) < 1e-5
     finally:
         native._library.cache_clear()
+
+
+def test_greedy_decoding_from_the_4bit_codes_makes_the_dense_caches_tokens(tiny_llama, chat_tokenizer, monkeypatch):
+    # End to end: a 4-bit tiny Llama decoding 12 tokens, one row and three, through the native
+    # kernel (every product of a decoding step: rows <= max_rows) and through the dense cache
+    # (dequantized float32 weights, oneDNN): float32 both, the sums in another order, so the
+    # same greedy tokens (this fixed model has no near-tie among them).
+    import fourbit
+    from fourbit.nn.linear4bit import dense_weights
+    from fourbit.serve import Sampling, generate
+
+    folder, _ = tiny_llama
+    model, _ = fourbit.load_model(folder, compute_dtype="float32")
+    prompts = [[1, 17, 42, 99, 7], [3, 5, 8, 13, 21, 34, 55], [2, 2, 200]]
+    sampling = Sampling(max_new_tokens=12)
+    calls = []
+    kernel = native.matmul_4bit
+    monkeypatch.setattr(native, "matmul_4bit", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    for batch in (prompts[:1], prompts):
+        with torch.no_grad():
+            ours = [r.token_ids for r in generate(model, chat_tokenizer, batch, sampling, eos_ids=set())]
+            assert calls, "the 4-bit path did not reach the native kernel"
+            calls.clear()
+            with dense_weights(model):
+                dense = [r.token_ids for r in generate(model, chat_tokenizer, batch, sampling, eos_ids=set())]
+        assert not calls and ours == dense and all(len(ids) == 12 for ids in ours)
