@@ -1,9 +1,9 @@
 """The 4-bit matmul on a CPU at decoding sizes: the native kernel against dequantize + matmul and the dense cache.
 
-    python bench/bench_cpu_matmul_4bit.py [--rows 1,8,16,32,48,64,128] [--dtype bfloat16|float32] [--threads 2]
+    python bench/bench_cpu_native.py [--rows 1,8,16,32,48,64,128] [--dtype bfloat16|float32] [--threads 2]
 
 Question: for y = x @ W^T with W in NF4 + double quantization (blocks of 64) and x of 1 to 128
-rows, how fast is the native kernel (kernels/cpu/matmul_4bit.c) next to what the op did before it
+rows, how fast is the native kernel (kernels/cpu/native.c) next to what the op did before it
 (dequantize, then F.linear: what it still does past ``max_rows``) and next to a product with the
 dense weight prepacked for oneDNN (the serving engine's dense cache, nn/linear4bit.py
 ``dense_weights``)? Where is the crossover that sets ``MAX_ROWS`` / ``MAX_ROWS_DOT_BF16``?
@@ -25,7 +25,7 @@ import time
 import torch
 
 import fourbit
-from fourbit.kernels.cpu import matmul_4bit as native
+from fourbit.kernels.cpu import native
 from fourbit.kernels.dequantize import dequantize_4bit_op, state_args
 from fourbit.kernels.prepacked_linear import prepack, prepacked_linear
 from fourbit.precision import cpu_kind

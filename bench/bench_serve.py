@@ -21,7 +21,7 @@ Method
   (1 and 8), once inside ``dense_weights`` (the engine's default on a CPU: every Linear4bit
   dequantized once and prepacked, the dense model's memory) and once without it (the 4-bit
   model's memory: each decoding product reads the 4-bit codes through the native kernel,
-  kernels/cpu/matmul_4bit.py; the prefill's products dequantize), and llama-cpp-python (test extra)
+  kernels/cpu/native.py; the prefill's products dequantize), and llama-cpp-python (test extra)
   on the GGUF the embedded model ships as (Q4_1 linears) at batch 1, greedy with EOS ignored,
   n_threads = torch's threads; the same --new-tokens each, prefill included, the variants
   alternating, median of --repeats. tokens/s counts every row's tokens.

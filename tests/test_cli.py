@@ -314,7 +314,7 @@ def test_only_input_errors_exit_2_and_faults_keep_their_traceback(monkeypatch, c
 
 def test_chat_decodes_from_the_4bit_codes_on_a_cpu_where_the_native_kernel_runs(monkeypatch):
     from fourbit.cli import _chat_dense_cache
-    from fourbit.kernels.cpu import matmul_4bit as native
+    from fourbit.kernels.cpu import native
 
     model = torch.nn.Linear(2, 2)
     monkeypatch.setenv(native.ENV, "1")

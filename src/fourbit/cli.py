@@ -399,9 +399,9 @@ def _chat_dense_cache(asked: bool | None, model) -> bool:
         return asked
     if next(model.parameters()).device.type != "cpu":
         return False
-    from .kernels.cpu import matmul_4bit as cpu_matmul_4bit
+    from .kernels.cpu import native as cpu_native
 
-    return not (cpu_matmul_4bit.enabled() and cpu_matmul_4bit.library() is not None)
+    return not (cpu_native.enabled() and cpu_native.library() is not None)
 
 
 def _chat(args) -> None:

@@ -13,7 +13,7 @@ import torch
 from fourbit.errors import InputError
 from fourbit.kernels import dequantize_4bit
 from fourbit.kernels.cpu import dequantize as compiled
-from fourbit.kernels.cpu import matmul_4bit as cpu_matmul_4bit
+from fourbit.kernels.cpu import native as cpu_native
 from fourbit.kernels.dequantize import state_args
 from fourbit.quant import dequantize_4bit_reference, quantize_4bit
 
@@ -21,8 +21,10 @@ from fourbit.quant import dequantize_4bit_reference, quantize_4bit
 @pytest.fixture(autouse=True)
 def fresh_variants(monkeypatch):
     """Each test starts with the kernel on, no compiled variant claimed and compiling allowed
-    (module state, shared by the whole process otherwise)."""
+    (module state, shared by the whole process otherwise). The native kernel, which the op takes
+    first, is kept out (tests/kernels/test_cpu_native.py tests it)."""
     monkeypatch.setenv(compiled.ENV, "1")
+    monkeypatch.setattr(cpu_native, "supports_dequantize", lambda *args: False)
     compiled._variants.clear()
     compiled._failed = False
     yield
@@ -83,7 +85,7 @@ def test_a_qlora_step_through_it_equals_one_through_the_table_kernel(monkeypatch
     torch.nn.init.normal_(layer.adapter("default").lora_B.weight, std=0.02)
     x = torch.randn(2, 5, 320)
     # the native 4-bit matmul would take these 10 rows' forward product without dequantizing
-    monkeypatch.setattr(cpu_matmul_4bit, "max_rows", lambda dtype: 0)
+    monkeypatch.setattr(cpu_native, "max_rows", lambda dtype: 0)
 
     def step():
         layer.zero_grad()

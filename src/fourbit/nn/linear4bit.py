@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..kernels.cpu import matmul_4bit as cpu_matmul_4bit
+from ..kernels.cpu import native as cpu_native
 from ..kernels.dequantize import dequantize_4bit, state_args
 from ..kernels.matmul_4bit import matmul_4bit
 from ..kernels.prepacked_linear import prepack, prepacked_linear
@@ -143,8 +143,8 @@ class Linear4bit(FrozenLinear):
             # decoding: the op's CPU kernel called directly, sparing the dispatcher's ~20 us (a
             # compiled graph keeps the op, which it cannot see into)
             args = state_args(state)
-            if cpu_matmul_4bit.supports(x, state.blocksize, args[6], state.shape[1]):
-                return cpu_matmul_4bit.matmul_4bit(x, stored[0], *args, bias)
+            if cpu_native.supports(x, state.blocksize, args[6], state.shape[1]):
+                return cpu_native.matmul_4bit(x, stored[0], *args, bias)
         return matmul_4bit(x, stored[0], state, bias)
 
     def weight_from(self, stored, dtype):

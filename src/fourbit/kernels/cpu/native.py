@@ -1,28 +1,33 @@
-"""CPU: y = x @ dequant(W4)^T (+ b) for a few rows of x (decoding), from the 4-bit codes.
+"""CPU kernels in C: the 4-bit table lookup in vector registers, for the two 4-bit ops.
 
-    y[m, n] = sum_b sum_{k in block b} (code4[W4[n, k]] * scale[n, b]) * x[m, k]     (float32 sums)
+    matmul_4bit:     y[m, n] = sum_b sum_{k in block b} (code4[W4[n, k]] * scale[n, b]) * x[m, k]
+                     for a few rows of x (decoding), the codes read once, the sums float32
+    dequantize_4bit: W[v] = float32(code4[W4[v]] * scale[v // blocksize]), in float32 or bf16:
+                     bit-identical to the reference
 
-The kernel is C (matmul_4bit.c beside this file: the table lookup one vector instruction per 16
-or 32 codes, the math at its top), compiled at first use for this machine's instruction set with the
-system's C compiler and OpenMP, cached under ``<fourbit cache>/kernels`` by a hash of the source,
-the flags, the compiler and the CPU's flags, and called through ctypes (which releases the GIL).
-Its OpenMP runtime (libgomp.so.1) resolves to the one torch has already loaded: one thread pool,
-sized per call by ``torch.get_num_threads()``.
-Its plain-torch twin is dequantize-then-``F.linear`` (kernels/matmul_4bit.py), which it is tested
-against (tests/kernels/test_cpu_matmul_4bit.py).
+The code is native.c beside this file (the math and the instruction choices at its top),
+compiled at first use for this machine's instruction set with the system's C compiler and
+OpenMP, cached under ``<fourbit cache>/kernels`` by a hash of the source, the flags, the
+compiler and the CPU's flags, and called through ctypes (which releases the GIL). Its OpenMP
+runtime (libgomp.so.1) resolves to the one torch has already loaded: one thread pool, sized per
+call by ``torch.get_num_threads()``. The plain-torch twins are the reference dequantization
+(quant/four_bit.py) and dequantize-then-``F.linear`` (kernels/matmul_4bit.py); both kernels are
+tested against them and against float64 math (tests/kernels/test_cpu_native.py).
 
-Why a kernel of our own: decoding reads every weight once per token, so from the dense cache the
+Why kernels of our own: decoding reads every weight once per token, so from the dense cache the
 bytes are 16 bits a weight, and from the 4-bit codes through dequantize-then-matmul each product
 first writes and reads a dense copy. torch.compile's CPU code for the fused product measured 4x
-(a tree of selects for the lookup) to 30x (a gather) slower than the dense bf16 product (bench/
-RESULTS.md, issue 20); no torch op takes a non-uniform 4-bit table.
+(a tree of selects for the lookup) to 30x (a gather) slower than the dense bf16 product, and its
+dequantization (kernels/cpu/dequantize.py) gathers one value at a time, 5-6x slower than this
+one (bench/RESULTS.md, issue 20); no torch op takes a non-uniform 4-bit table.
 
-When it is used (``supports``): on a CPU, for at most ``max_rows`` rows of x (32; 48 in bf16
-where the CPU has AVX512-BF16; past about 64, one dequantization shared by all rows and oneDNN's
-matmul are faster: bench/bench_cpu_matmul_4bit.py), with blocks of a multiple of 32 values that
-tile the rows (every block size of the format: 32 to 4096). ``FOURBIT_CPU_COMPILE=0`` turns it
-off with the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or
-loading fails the reason is logged once and the twin serves every call.
+When they are used: the matmul (``supports``) on a CPU for at most ``max_rows`` rows of x (32;
+48 in bf16 where the CPU has AVX512-BF16; past about 64, one dequantization shared by all rows
+and oneDNN's matmul are faster: bench/bench_cpu_matmul_4bit.py), the dequantization
+(``supports_dequantize``) for whole blocks into float32 or bf16; both for block sizes that are
+multiples of 32 (every one of the format's, 32 to 4096). ``FOURBIT_CPU_COMPILE=0`` turns them off
+with the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or
+loading fails the reason is logged once and the twins serve every call.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -47,8 +53,8 @@ from .dequantize import ENV
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("matmul_4bit.c")
-MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
+SOURCE = Path(__file__).with_name("native.c")
+MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_native.py)
 MAX_ROWS_DOT_BF16 = 48  # vdpbf16ps: 1.5x faster than dequantize + matmul at 32 rows, even at 64, behind at 128
 ISA_FLAGS = {  # "native": what this machine has; the others let tests run each code path
     "native": ["-march=native"],
@@ -86,10 +92,10 @@ def _cache_dir() -> Path:  # io/default_model.cache_dir()'s folder (kernels/ sit
 
 def _build(isa: str, compiler: str) -> Path:
     """Compile the kernel for ``isa`` (once per source, flags, compiler and CPU) and return the library's path."""
-    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", *ISA_FLAGS[isa]]
+    flags = ["-O3", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC", "-fopenmp", *ISA_FLAGS[isa]]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, compiler, version, _cpu_flags()]).encode()).hexdigest()
-    target = _cache_dir() / f"matmul_4bit-{isa}-{key[:16]}.so"
+    target = _cache_dir() / f"native-{isa}-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +119,9 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.fourbit_matmul_4bit.argtypes = [p, p, ctypes.c_int, i64, p, p, p, p, p, ctypes.c_float, ctypes.c_int, p, i64,
                                         i64, i64, ctypes.c_int]
     lib.fourbit_matmul_4bit.restype = ctypes.c_int
+    lib.fourbit_dequantize_4bit.argtypes = [p, p, p, p, p, ctypes.c_float, ctypes.c_int, p, i64, i64, p, ctypes.c_int,
+                                            ctypes.c_int]
+    lib.fourbit_dequantize_4bit.restype = ctypes.c_int
     lib.fourbit_isa.restype = ctypes.c_char_p
     return lib
 
@@ -181,4 +190,37 @@ def matmul_4bit(x, packed, absmax, code, nested_absmax, nested_code, nested_offs
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-__all__ = ["ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "enabled", "library", "matmul_4bit", "max_rows", "supports"]
+def supports_dequantize(numel: int, blocksize: int, nested_blocksize: int, dtype: torch.dtype) -> bool:
+    """Whether ``dequantize_4bit`` takes this weight: whole blocks (of the format's sizes), float32 or bf16 out."""
+    return (dtype in (torch.float32, torch.bfloat16) and blocksize % 32 == 0 and numel % blocksize == 0
+            and numel > 0 and nested_blocksize & (nested_blocksize - 1) == 0 and sys.byteorder == "little"
+            and enabled() and library() is not None)
+
+
+def dequantize_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                    shape, dtype, isa: str = "native") -> torch.Tensor:
+    """The dense weight for the dequantize op's arguments (kernels/dequantize.py), bit-identical to the reference."""
+    lib = library(isa)
+    if lib is None:
+        raise RuntimeError(f"the native CPU 4-bit kernels ({isa}) are unavailable; check supports_dequantize() first")
+    numel = math.prod(shape)
+    out = torch.empty(shape, dtype=dtype)
+    if nested_absmax is not None:
+        absmax8, absmax32, offset = absmax, None, float(nested_offset)
+        nested_code, nested_absmax = nested_code.to(torch.float32), nested_absmax.to(torch.float32)
+    else:
+        absmax8, absmax32, offset = None, absmax.to(torch.float32), 0.0
+    if any(t is not None and not t.is_contiguous() for t in (packed, absmax32, absmax8, nested_code, nested_absmax)):
+        raise InputError("the native CPU 4-bit dequantization takes contiguous tensors")
+    lib.fourbit_dequantize_4bit(
+        packed.data_ptr(), absmax32.data_ptr() if absmax32 is not None else None,
+        absmax8.data_ptr() if absmax8 is not None else None,
+        nested_code.data_ptr() if nested_absmax is not None else None,
+        nested_absmax.data_ptr() if nested_absmax is not None else None, offset,
+        max(nested_blocksize, 1).bit_length() - 1, code.to(torch.float32).contiguous().data_ptr(), numel, blocksize,
+        out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+__all__ = ["ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "enabled", "library", "matmul_4bit", "max_rows", "supports",
+           "supports_dequantize", "dequantize_4bit"]

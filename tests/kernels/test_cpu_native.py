@@ -1,4 +1,4 @@
-"""The native CPU 4-bit matmul (kernels/cpu/matmul_4bit.c) against float64 math and its plain-torch
+"""The native CPU 4-bit matmul (kernels/cpu/native.c) against float64 math and its plain-torch
 twin (dequantize, then F.linear), in each instruction set this CPU can run (its own, AVX2, plain
 C), and the op's and Linear4bit's choice of it. The suite turns the run-time-compiled kernels off
 elsewhere (tests/conftest.py); here they are on."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fourbit.kernels import matmul_4bit
-from fourbit.kernels.cpu import matmul_4bit as native
+from fourbit.kernels.cpu import native
 from fourbit.kernels.dequantize import state_args
 from fourbit.nn.linear4bit import Linear4bit
 from fourbit.quant import dequantize_4bit_reference, quantize_4bit
@@ -211,3 +211,32 @@ def test_greedy_decoding_from_the_4bit_codes_makes_the_dense_caches_tokens(tiny_
             with dense_weights(model):
                 dense = [r.token_ids for r in generate(model, chat_tokenizer, batch, sampling, eos_ids=set())]
         assert not calls and ours == dense and all(len(ids) == 12 for ids in ours)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape,quant_type,blocksize,double_quant", [
+    ((257, 320), "nf4", 64, True),  # 1285 blocks: a partial last nested block
+    ((257, 320), "fp4", 64, False),
+    ((515, 128), "nf4", 128, True),
+    ((3, 32), "nf4", 32, True),
+    ((7, 4096), "fp4", 4096, True),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantization_is_the_reference_bit_for_bit(isa, shape, quant_type, blocksize, double_quant, dtype):
+    # the same float32 roundings as the reference (the scale's two, the product's one; no FMA
+    # contraction), then the same rounding to bf16: nothing may differ
+    packed, state = quantize_4bit(torch.randn(shape), quant_type, blocksize, double_quant)
+    out = native.dequantize_4bit(packed, *state_args(state), dtype, isa=isa)
+    assert torch.equal(out, dequantize_4bit_reference(packed, state, dtype))
+
+
+def test_the_dequantize_op_takes_it_for_whole_blocks(monkeypatch):
+    from fourbit.kernels import dequantize_4bit
+
+    calls = []
+    kernel = native.dequantize_4bit
+    monkeypatch.setattr(native, "dequantize_4bit", lambda *a, **kw: calls.append(a[-1]) or kernel(*a, **kw))
+    for shape, dtype in [((40, 64), torch.bfloat16), ((40, 64), torch.float16), ((5, 13), torch.float32)]:
+        packed, state = quantize_4bit(torch.randn(shape), "nf4", 64, True)
+        assert torch.equal(dequantize_4bit(packed, state, dtype), dequantize_4bit_reference(packed, state, dtype))
+    assert calls == [torch.bfloat16]  # float16 out, and 65 values (a partial block), take the other kernels

@@ -1,4 +1,5 @@
-/* CPU: y = x @ dequant(W4)^T for a few rows of x (decoding), reading the 4-bit codes once.
+/* CPU: y = x @ dequant(W4)^T for a few rows of x (decoding), reading the 4-bit codes once; and the
+   dequantization itself (fourbit_dequantize_4bit, at the end of this file).
 
        W4: [N, K] packed row-major, byte j of row n holds W[n, 2j] (high nibble), W[n, 2j+1] (low)
        scale[n, b] = code8[absmax8[n, b]] * nested[(n K / bs + b) / nested_bs] + offset  (double quant)
@@ -18,12 +19,12 @@
    x is permuted once per call into the lanes' column order, so the codes are never reordered.
    Sums are float32 in another order than dequantize-then-matmul: y matches that reference to
    float32 rounding (then bf16 rounding, to nearest even, for a bf16 y), not bit for bit
-   (tests/kernels/test_cpu_matmul_4bit.py). Rows of W are split between OpenMP threads; up to 8
+   (tests/kernels/test_cpu_native.py). Rows of W are split between OpenMP threads; up to 8
    rows of x share each looked-up weight vector. Built at run time with the machine's own
    instruction set (-march=native), or with the one a test names; what the compiler was given
    decides the path (fourbit_isa says which).
 
-   The caller (kernels/cpu/matmul_4bit.py) guarantees: blocksize a multiple of 32 dividing K, the
+   The caller (kernels/cpu/native.py) guarantees: blocksize a multiple of 32 dividing K, the
    nested block size a power of two, x contiguous [M, K] and y contiguous [M, N] of one dtype
    (float32 or bf16), every pointer valid. */
 
@@ -336,5 +337,80 @@ int fourbit_matmul_4bit(const void *x, void *y, int bf16, int64_t m, const uint8
         free(y32);
     }
     free(x32);
+    return 0;
+}
+
+/* Dequantization, for the products that share one dense weight among many rows (prefill,
+   training): out[v] = float32(code4[nibble v] * scale[v / bs]), then rounded to bf16 (to nearest
+   even) for a bf16 out (bf16 = 1). The same two float32 roundings of the scale and the one of the
+   product as the reference (quant/four_bit.py; built with -ffp-contract=off, so no FMA merges
+   them): bit-identical to it. numel: whole blocks of an even size. Blocks are split between
+   OpenMP threads; each 16 values are unpacked in order (high nibble first), looked up in the
+   block's scaled table and stored. */
+static inline void store_bf16x16(uint16_t *to, const float *from) {
+    for (int i = 0; i < 16; i++) to[i] = to_bf16(from[i]);
+}
+
+int fourbit_dequantize_4bit(const uint8_t *packed, const float *absmax, const uint8_t *absmax8,
+                            const float *nested_code, const float *nested_absmax, float offset, int nested_shift,
+                            const float *code, int64_t numel, int64_t blocksize, void *out, int bf16, int threads) {
+    weight_4bit w = {packed, absmax, absmax8, nested_code, nested_absmax, offset, nested_shift, code, 1, numel,
+                     blocksize};
+    const int64_t blocks = numel / blocksize;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const float s = block_scale(&w, b);
+        float scaled[16];
+        for (int i = 0; i < 16; i++) scaled[i] = code[i] * s;
+        float *out32 = (float *)out + b * blocksize;
+        uint16_t *out16 = (uint16_t *)out + b * blocksize;
+        const uint8_t *codes = packed + b * blocksize / 2;
+#if defined(__AVX512F__)
+        const __m512 table = _mm512_loadu_ps(scaled);
+        const __m128i low4 = _mm_set1_epi8(0x0F);
+        for (int64_t c = 0; c < blocksize; c += 16) {
+            __m128i bytes = _mm_loadl_epi64((const __m128i *)(codes + c / 2));
+            __m128i in_order = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+            __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(in_order), table);
+            if (!bf16) {
+                _mm512_storeu_ps(out32 + c, v);
+            } else {
+#ifdef DOT_BF16
+                _mm256_storeu_si256((__m256i *)(out16 + c), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+                float tmp[16];
+                _mm512_storeu_ps(tmp, v);
+                store_bf16x16(out16 + c, tmp);
+#endif
+            }
+        }
+#elif defined(__AVX2__) && defined(__FMA__)
+        const __m256 lo = _mm256_loadu_ps(scaled), hi = _mm256_loadu_ps(scaled + 8);
+        const __m128i low4 = _mm_set1_epi8(0x0F);
+        for (int64_t c = 0; c < blocksize; c += 16) {
+            __m128i bytes = _mm_loadl_epi64((const __m128i *)(codes + c / 2));
+            __m128i in_order = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+            float tmp[16];
+            for (int half = 0; half < 2; half++) {
+                __m256i idx = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(in_order, 8) : in_order);
+                __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                _mm256_storeu_ps(bf16 ? tmp + 8 * half : out32 + c + 8 * half, v);
+            }
+            if (bf16) store_bf16x16(out16 + c, tmp);
+        }
+#else
+        for (int64_t c = 0; c < blocksize; c += 2) {
+            const uint8_t byte = codes[c / 2];
+            if (bf16) {
+                out16[c] = to_bf16(scaled[byte >> 4]);
+                out16[c + 1] = to_bf16(scaled[byte & 15]);
+            } else {
+                out32[c] = scaled[byte >> 4];
+                out32[c + 1] = scaled[byte & 15];
+            }
+        }
+#endif
+    }
     return 0;
 }
