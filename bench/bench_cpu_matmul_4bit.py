@@ -1,6 +1,6 @@
 """The 4-bit matmul on a CPU at decoding sizes: the native kernel against dequantize + matmul and the dense cache.
 
-    python bench/bench_cpu_native.py [--rows 1,8,16,32,48,64,128] [--dtype bfloat16|float32] [--threads 2]
+    python bench/bench_cpu_matmul_4bit.py [--rows 1,8,16,32,48,64,128] [--dtype bfloat16|float32] [--threads 2]
 
 Question: for y = x @ W^T with W in NF4 + double quantization (blocks of 64) and x of 1 to 128
 rows, how fast is the native kernel (kernels/cpu/native.c) next to what the op did before it

@@ -54,7 +54,7 @@ from .dequantize import ENV
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_native.py)
+MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
 MAX_ROWS_DOT_BF16 = 48  # vdpbf16ps: 1.5x faster than dequantize + matmul at 32 rows, even at 64, behind at 128
 ISA_FLAGS = {  # "native": what this machine has; the others let tests run each code path
     "native": ["-march=native"],
@@ -150,6 +150,21 @@ def max_rows(dtype: torch.dtype) -> int:
     return MAX_ROWS_DOT_BF16 if dtype == torch.bfloat16 and lib.fourbit_isa() == b"avx512-bf16" else MAX_ROWS
 
 
+def _scale_args(absmax, code, nested_absmax, nested_code, nested_offset, nested_blocksize) -> tuple[tuple, list]:
+    """The C functions' scale and table arguments (absmax, absmax8, nested code, nested absmax,
+    offset, nested shift, code), and the tensors they point into, to be kept alive over the call."""
+    if nested_absmax is not None:
+        keep = [None, absmax.contiguous(), nested_code.to(torch.float32).contiguous(),
+                nested_absmax.to(torch.float32).contiguous()]
+        offset = float(nested_offset)
+    else:
+        keep = [absmax.to(torch.float32).contiguous(), None, None, None]
+        offset = 0.0
+    keep.append(code.to(torch.float32).contiguous())
+    ptrs = [t.data_ptr() if t is not None else None for t in keep]
+    return (*ptrs[:4], offset, max(nested_blocksize, 1).bit_length() - 1, ptrs[4]), keep
+
+
 def supports(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
     """Whether this product goes to the native kernel (else: dequantize, then matmul)."""
     rows = x.numel() // max(k, 1)
@@ -169,20 +184,11 @@ def matmul_4bit(x, packed, absmax, code, nested_absmax, nested_code, nested_offs
     dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
     x2 = x.reshape(-1, k).to(dtype).contiguous()
     out = torch.empty(x2.shape[0], n, dtype=dtype)
-    if nested_absmax is not None:
-        absmax8, absmax32, offset = absmax, None, float(nested_offset)
-        nested_code, nested_absmax = nested_code.to(torch.float32), nested_absmax.to(torch.float32)
-    else:
-        absmax8, absmax32, offset = None, absmax.to(torch.float32), 0.0
-    tensors = [x2, out, packed, absmax32, absmax8, nested_code, nested_absmax, code]
-    if any(t is not None and not t.is_contiguous() for t in tensors) or code.dtype != torch.float32:
-        raise InputError("the native CPU 4-bit matmul takes contiguous tensors and a float32 code table")
-    failed = lib.fourbit_matmul_4bit(
-        x2.data_ptr(), out.data_ptr(), dtype == torch.bfloat16, x2.shape[0], packed.data_ptr(),
-        absmax32.data_ptr() if absmax32 is not None else None, absmax8.data_ptr() if absmax8 is not None else None,
-        nested_code.data_ptr() if nested_absmax is not None else None,
-        nested_absmax.data_ptr() if nested_absmax is not None else None, offset,
-        max(nested_blocksize, 1).bit_length() - 1, code.data_ptr(), n, k, blocksize, torch.get_num_threads())
+    packed = packed.contiguous()
+    scales, keep = _scale_args(absmax, code, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    failed = lib.fourbit_matmul_4bit(x2.data_ptr(), out.data_ptr(), dtype == torch.bfloat16, x2.shape[0],
+                                     packed.data_ptr(), *scales, n, k, blocksize, torch.get_num_threads())
+    del keep
     if failed:
         raise MemoryError(f"the native CPU 4-bit matmul could not allocate its scratch for {x2.shape[0]} x {k} inputs")
     if bias is not None:
@@ -205,20 +211,11 @@ def dequantize_4bit(packed, absmax, code, nested_absmax, nested_code, nested_off
         raise RuntimeError(f"the native CPU 4-bit kernels ({isa}) are unavailable; check supports_dequantize() first")
     numel = math.prod(shape)
     out = torch.empty(shape, dtype=dtype)
-    if nested_absmax is not None:
-        absmax8, absmax32, offset = absmax, None, float(nested_offset)
-        nested_code, nested_absmax = nested_code.to(torch.float32), nested_absmax.to(torch.float32)
-    else:
-        absmax8, absmax32, offset = None, absmax.to(torch.float32), 0.0
-    if any(t is not None and not t.is_contiguous() for t in (packed, absmax32, absmax8, nested_code, nested_absmax)):
-        raise InputError("the native CPU 4-bit dequantization takes contiguous tensors")
-    lib.fourbit_dequantize_4bit(
-        packed.data_ptr(), absmax32.data_ptr() if absmax32 is not None else None,
-        absmax8.data_ptr() if absmax8 is not None else None,
-        nested_code.data_ptr() if nested_absmax is not None else None,
-        nested_absmax.data_ptr() if nested_absmax is not None else None, offset,
-        max(nested_blocksize, 1).bit_length() - 1, code.to(torch.float32).contiguous().data_ptr(), numel, blocksize,
-        out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads())
+    packed = packed.contiguous()
+    scales, keep = _scale_args(absmax, code, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    lib.fourbit_dequantize_4bit(packed.data_ptr(), *scales, numel, blocksize, out.data_ptr(),
+                                dtype == torch.bfloat16, torch.get_num_threads())
+    del keep
     return out
 
 
