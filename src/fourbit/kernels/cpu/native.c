@@ -65,6 +65,12 @@ typedef struct {
     int64_t n, k, blocksize;
 } weight_4bit;
 
+static inline int64_t load64(const uint8_t *at) { /* 8 bytes from any address (one unaligned load) */
+    int64_t word;
+    memcpy(&word, at, sizeof word);
+    return word;
+}
+
 static inline float block_scale(const weight_4bit *w, int64_t block) {
     if (w->absmax8)
         return w->nested_code[w->absmax8[block]] * w->nested_absmax[(uint64_t)block >> w->nested_shift] + w->offset;
@@ -107,7 +113,7 @@ static inline __attribute__((always_inline)) void row_range(const weight_4bit *w
                 for (int j = 0; j < chains; j++) {
                     /* the 8 bytes in every 64-bit lane, lane t shifted right by 4t: 32-bit lane 2t + h
                        then holds nibble t + 8h in its low 4 bits, all vpermps reads (column_of_lane) */
-                    __m512i word = _mm512_set1_epi64(*(const int64_t *)(codes + ((uint64_t)(c + 16 * j) >> 1)));
+                    __m512i word = _mm512_set1_epi64(load64(codes + ((uint64_t)(c + 16 * j) >> 1)));
                     __m512 wv = _mm512_permutexvar_ps(_mm512_srlv_epi64(word, shifts), scaled);
                     for (int r = 0; r < rows; r++)
                         acc[r][j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * x_stride + c + 16 * j), acc[r][j]);
@@ -132,7 +138,7 @@ static inline __attribute__((always_inline)) void row_range(const weight_4bit *w
             const __m256 lo = _mm256_mul_ps(table_lo, s), hi = _mm256_mul_ps(table_hi, s);
             for (int64_t c = b * bs; c < (b + 1) * bs; c += 16 * chains) {
                 for (int j = 0; j < chains; j++) {
-                    __m256i word = _mm256_set1_epi64x(*(const int64_t *)(codes + ((uint64_t)(c + 16 * j) >> 1)));
+                    __m256i word = _mm256_set1_epi64x(load64(codes + ((uint64_t)(c + 16 * j) >> 1)));
                     for (int half = 0; half < 2; half++) {
                         /* as AVX-512's, in two halves: lanes 0-7 of column_of_lane, then 8-15 */
                         __m256i idx = _mm256_srlv_epi64(word, half ? shifts_hi : shifts_lo);
