@@ -289,60 +289,56 @@ int fourbit_matmul_4bit(const void *x, void *y, int bf16, int64_t m, const uint8
                         const uint8_t *absmax8, const float *nested_code, const float *nested_absmax, float offset,
                         int nested_shift, const float *code, int64_t n, int64_t k, int64_t blocksize, int threads) {
     weight_4bit w = {packed, absmax, absmax8, nested_code, nested_absmax, offset, nested_shift, code, n, k, blocksize};
-    const int64_t chunk = 16, chunks = (n + chunk - 1) / chunk; /* a thread's rows of W stay together */
 #ifdef DOT_BF16
-    if (bf16) {
-        uint16_t *xb = malloc((size_t)(m * k) * sizeof(uint16_t));
-        float *y32 = malloc((size_t)(m * n) * sizeof(float));
-        if (!xb || !y32) {
-            free(xb);
-            free(y32);
-            return 1;
-        }
-        for (int64_t i = 0; i < m * k; i += 32) /* k is a multiple of the block size, so of 32 */
-            for (int lane = 0; lane < 32; lane++) xb[i + lane] = ((const uint16_t *)x)[i + column_of_bf16_lane(lane)];
-        for (int64_t m0 = 0; m0 < m; m0 += MAX_ROWS) {
-            int rows = (int)(m - m0 < MAX_ROWS ? m - m0 : MAX_ROWS);
-#pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t c = 0; c < chunks; c++) {
-                int64_t n1 = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-                row_range_bf16_of(&w, xb + m0 * k, k, y32 + m0 * n, n, rows, c * chunk, n1);
-            }
-        }
-        for (int64_t i = 0; i < m * n; i++) ((uint16_t *)y)[i] = to_bf16(y32[i]);
-        free(xb);
-        free(y32);
-        return 0;
-    }
+    const int dot = bf16; /* bf16 x stays bf16, through vdpbf16ps */
+#else
+    const int dot = 0;
 #endif
-    float *x32 = malloc((size_t)(m * k) * sizeof(float)), *y32 = bf16 ? malloc((size_t)(m * n) * sizeof(float)) : y;
-    if (!x32 || !y32) {
-        free(x32);
+    /* x in the lanes' column order (float32, or bf16 for the dot path); y in float32 until the end */
+    void *xs = malloc((size_t)(m * k) * (dot ? sizeof(uint16_t) : sizeof(float)));
+    float *y32 = bf16 ? malloc((size_t)(m * n) * sizeof(float)) : y;
+    if (!xs || !y32) {
+        free(xs);
         if (bf16) free(y32);
         return 1;
     }
-    for (int64_t i = 0; i < m * k; i += 16) /* x as float32, in column_of_lane's order in the vector paths */
-        for (int lane = 0; lane < 16; lane++) {
-#ifdef PERMUTED_X
-            int64_t from = i + column_of_lane(lane);
-#else
-            int64_t from = i + lane;
+    if (dot) {
+#ifdef DOT_BF16
+        for (int64_t i = 0; i < m * k; i += 32) /* k is a multiple of the block size, so of 32 */
+            for (int lane = 0; lane < 32; lane++)
+                ((uint16_t *)xs)[i + lane] = ((const uint16_t *)x)[i + column_of_bf16_lane(lane)];
 #endif
-            x32[i + lane] = bf16 ? from_bf16(((const uint16_t *)x)[from]) : ((const float *)x)[from];
-        }
+    } else {
+        for (int64_t i = 0; i < m * k; i += 16)
+            for (int lane = 0; lane < 16; lane++) {
+#ifdef PERMUTED_X
+                int64_t from = i + column_of_lane(lane);
+#else
+                int64_t from = i + lane;
+#endif
+                ((float *)xs)[i + lane] = bf16 ? from_bf16(((const uint16_t *)x)[from]) : ((const float *)x)[from];
+            }
+    }
+    const int64_t chunk = 16, chunks = (n + chunk - 1) / chunk; /* a thread's rows of W stay together */
     for (int64_t m0 = 0; m0 < m; m0 += MAX_ROWS) {
         int rows = (int)(m - m0 < MAX_ROWS ? m - m0 : MAX_ROWS);
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t c = 0; c < chunks; c++) {
             int64_t n1 = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-            row_range_of(&w, x32 + m0 * k, k, y32 + m0 * n, n, rows, c * chunk, n1);
+#ifdef DOT_BF16
+            if (dot) {
+                row_range_bf16_of(&w, (const uint16_t *)xs + m0 * k, k, y32 + m0 * n, n, rows, c * chunk, n1);
+                continue;
+            }
+#endif
+            row_range_of(&w, (const float *)xs + m0 * k, k, y32 + m0 * n, n, rows, c * chunk, n1);
         }
     }
     if (bf16) {
         for (int64_t i = 0; i < m * n; i++) ((uint16_t *)y)[i] = to_bf16(y32[i]);
         free(y32);
     }
-    free(x32);
+    free(xs);
     return 0;
 }
 
