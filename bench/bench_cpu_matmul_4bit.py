@@ -3,8 +3,9 @@
     python bench/bench_cpu_matmul_4bit.py [--rows 1,8,16,32,48,64,128] [--dtype bfloat16|float32] [--threads 2]
 
 Question: for y = x @ W^T with W in NF4 + double quantization (blocks of 64) and x of 1 to 128
-rows, how fast is the native kernel (kernels/cpu/native.c) next to what the op did before it
-(dequantize, then F.linear: what it still does past ``max_rows``) and next to a product with the
+rows, how fast is the native kernel (kernels/cpu/native.c) next to what the op does past
+``max_rows`` (dequantize, then F.linear; the dequantization itself is the C kernel since commit
+2451489, the Inductor one before) and next to a product with the
 dense weight prepacked for oneDNN (the serving engine's dense cache, nn/linear4bit.py
 ``dense_weights``)? Where is the crossover that sets ``MAX_ROWS`` / ``MAX_ROWS_DOT_BF16``?
 

@@ -4,7 +4,7 @@ One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs
 
 - every device (the reference): dequantize through ``fourbit::dequantize_4bit`` (itself
   dispatched: the CPU kernels, the Triton kernel on CUDA), then ``F.linear``;
-- CPU: for up to 32 rows of x (48 in bf16 on AVX512-BF16: decoding, short prompts) the native
+- CPU: for up to 32 rows of x (16 in bf16 on AVX512-BF16: decoding, short prompts) the native
   kernel of kernels/cpu/native.py reads the 4-bit codes once, looking them up 16 or 32 at
   a time in vector registers, 5-10x faster than dequantize + matmul at one row; more rows
   (prefill, training) share one dequantization and oneDNN's matmul;

@@ -22,8 +22,8 @@ dequantization (kernels/cpu/dequantize.py) gathers one value at a time, 5-6x slo
 one (bench/RESULTS.md, issue 20); no torch op takes a non-uniform 4-bit table.
 
 When they are used: the matmul (``supports``) on a CPU for at most ``max_rows`` rows of x (32;
-48 in bf16 where the CPU has AVX512-BF16; past about 64, one dequantization shared by all rows
-and oneDNN's matmul are faster: bench/bench_cpu_matmul_4bit.py), the dequantization
+16 in bf16 on AVX512-BF16, where oneDNN's bf16 matmul is fast; past that, one dequantization
+shared by all rows and oneDNN's matmul are faster: bench/bench_cpu_matmul_4bit.py), the dequantization
 (``supports_dequantize``) for whole blocks into float32 or bf16; both for block sizes that are
 multiples of 32 (every one of the format's, 32 to 4096). ``FOURBIT_CPU_COMPILE=0`` turns them off
 with the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
 MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
-MAX_ROWS_DOT_BF16 = 48  # vdpbf16ps: 1.5x faster than dequantize + matmul at 32 rows, even at 64, behind at 128
+MAX_ROWS_DOT_BF16 = 16  # vdpbf16ps: 1.2-2.2x the C dequantize + matmul at 16 rows, behind it from 24 on the big shapes
 ISA_FLAGS = {  # "native": what this machine has; the others let tests run each code path
     "native": ["-march=native"],
     "avx2": ["-mavx2", "-mfma"],
