@@ -156,8 +156,8 @@ def test_linear4bit_decodes_through_it_and_trains_through_the_twin(monkeypatch):
     dense = torch.randn(48, 64)
     layer = Linear4bit(64, 48, bias=False, compute_dtype=torch.float32).quantize_(dense)
     calls = []
-    kernel = native.matmul_4bit
-    monkeypatch.setattr(native, "matmul_4bit", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    kernel = native.Weight4bit.matmul
+    monkeypatch.setattr(native.Weight4bit, "matmul", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     x = torch.randn(1, 64, requires_grad=True)
     ref = reference64(x.detach(), layer.weight, layer.quant_state)
     with torch.no_grad():
@@ -201,8 +201,8 @@ def test_greedy_decoding_from_the_4bit_codes_makes_the_dense_caches_tokens(tiny_
     prompts = [[1, 17, 42, 99, 7], [3, 5, 8, 13, 21, 34, 55], [2, 2, 200]]
     sampling = Sampling(max_new_tokens=12)
     calls = []
-    kernel = native.matmul_4bit
-    monkeypatch.setattr(native, "matmul_4bit", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    kernel = native.Weight4bit.matmul
+    monkeypatch.setattr(native.Weight4bit, "matmul", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     for batch in (prompts[:1], prompts):
         with torch.no_grad():
             ours = [r.token_ids for r in generate(model, chat_tokenizer, batch, sampling, eos_ids=set())]
@@ -240,3 +240,62 @@ def test_the_dequantize_op_takes_it_for_whole_blocks(monkeypatch):
         packed, state = quantize_4bit(torch.randn(shape), "nf4", 64, True)
         assert torch.equal(dequantize_4bit(packed, state, dtype), dequantize_4bit_reference(packed, state, dtype))
     assert calls == [torch.bfloat16]  # float16 out, and 65 values (a partial block), take the other kernels
+
+
+def test_a_layer_that_decoded_follows_new_codes_and_a_move():
+    # Linear4bit keeps the kernel's prepared arguments (pointers into its tensors) between calls:
+    # new codes, or a move of the layer, must not leave it reading the old ones
+    torch.manual_seed(0)
+    layer = Linear4bit(128, 40, bias=False, compute_dtype=torch.float32).quantize_(torch.randn(40, 128))
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        layer(x)
+        layer.quantize_(torch.randn(40, 128))
+        assert rel(layer(x), reference64(x, layer.weight, layer.quant_state)) < 1e-5
+        layer.to(torch.float16)  # a dtype cast goes through _apply too; the codes stay as stored
+        assert rel(layer(x), reference64(x, layer.weight, layer.quant_state)) < 1e-5
+
+
+# The dense products (matmul_dense): K not a multiple of any vector width (16 and 32 lanes, 64
+# for the two chains), rows of x past the 8 that share each load of W.
+DENSE_SHAPES = [(37, 576), (5, 37), (130, 100), (64, 1536)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k", DENSE_SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 8, 11])
+def test_dense_float32_equals_float64_math(isa, n, k, rows):
+    w, x, bias = torch.randn(n, k), torch.randn(rows, k), torch.randn(n)
+    y = native.matmul_dense(x, w, bias, isa=isa)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    # float32 products summed in float32 over at most 1536 terms: ~1e-7 relative, bound 1e-5
+    assert rel(y, x.double() @ w.double().T + bias.double()) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k", DENSE_SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_dense_bfloat16_equals_float64_math(isa, n, k, rows):
+    w, x = torch.randn(n, k).bfloat16(), torch.randn(rows, k).bfloat16()
+    y = native.matmul_dense(x.reshape(rows, 1, k), w, isa=isa)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 1, n)
+    # bf16 operands multiplied exactly (bf16 x bf16 fits float32), sums float32, the output
+    # rounded to bf16: 2^-9 relative per element, about 1e-3 in norm; bound 4e-3
+    assert rel(y.reshape(rows, n), x.double() @ w.double().T) < 4e-3
+
+
+@pytest.mark.parametrize("isa", [isa for isa in ISAS if isa != "native"] or ["generic"])
+def test_dense_bfloat16_out_is_the_float32_result_rounded_to_nearest_even(isa):
+    # without vdpbf16ps the bf16 operands are widened exactly: only the final rounding of y may
+    # differ from torch's, and it must not
+    w, x = torch.randn(75, 333).bfloat16(), torch.randn(5, 333).bfloat16()
+    assert torch.equal(native.matmul_dense(x, w, isa=isa), native.matmul_dense(x.float(), w.float(), isa=isa).bfloat16())
+
+
+def test_dense_products_are_taken_for_few_rows_of_one_dtype():
+    w = torch.randn(16, 64)
+    assert native.supports_dense(torch.randn(native.MAX_ROWS_DENSE, 64), w)
+    assert not native.supports_dense(torch.randn(native.MAX_ROWS_DENSE + 1, 64), w)
+    assert not native.supports_dense(torch.randn(1, 64).bfloat16(), w)  # dtypes differ: F.linear's promotion error
+    assert not native.supports_dense(torch.randn(1, 64).half(), w.half())
+    assert not native.supports_dense(torch.randn(1, 32), w)

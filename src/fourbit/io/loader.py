@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..formats import BNB_4BIT, stored_format
+from ..nn.dense_linear import DenseLinear
 from ..nn.linear4bit import Linear4bit
 from ..nn.linear8bit import Linear8bit, layout_error
 from ..nn.targets import KEEP_DENSE
@@ -103,6 +104,8 @@ def load_model(
         raise errors[0]
     _check_loaded(model, info, source)
     model.eval()
+    if device.type == "cpu":
+        _head_reads_in_place(model)
     if stored is not None:
         model.config.quantization_config = source.quantization_config
     elif quantization is not None:
@@ -110,6 +113,15 @@ def load_model(
     elif hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, source.tokenizer()
+
+
+def _head_reads_in_place(model: nn.Module) -> None:
+    """The output head as a DenseLinear (nn/dense_linear.py): its decoding products on a CPU read
+    the 16-bit weight where it lies instead of oneDNN reordering it per token. The same
+    parameters (a tied head stays tied), the same state_dict."""
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear:
+        model.set_output_embeddings(DenseLinear.from_linear(head))
 
 
 def _stored_config(source, stored, compute: torch.dtype) -> FourbitConfig:

@@ -127,6 +127,7 @@ class Linear4bit(FrozenLinear):
                              f"needs {state.packed_shape[0]}")
         self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
         self.quant_state = state.to(packed.device)
+        self.__dict__.pop("_native", None)  # the previous codes' prepared arguments
         self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested is not None
         return self
 
@@ -140,12 +141,22 @@ class Linear4bit(FrozenLinear):
     def product(self, x, bias, stored):
         state = self._state()
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # decoding: the op's CPU kernel called directly, sparing the dispatcher's ~20 us (a
-            # compiled graph keeps the op, which it cannot see into)
-            args = state_args(state)
-            if cpu_native.supports(x, state.blocksize, args[6], state.shape[1]):
-                return cpu_native.matmul_4bit(x, stored[0], *args, bias)
+            # decoding: the op's CPU kernel called directly with the arguments it prepared once,
+            # sparing the dispatcher's ~20 us and the preparation's ~15 (a compiled graph keeps the
+            # op, which it cannot see into)
+            native = self._native_weight(stored[0], state)
+            if native.takes(x):
+                return native.matmul(x, bias)
         return matmul_4bit(x, stored[0], state, bias)
+
+    def _native_weight(self, packed: torch.Tensor, state: QuantState) -> cpu_native.Weight4bit:
+        """The native kernel's prepared arguments for these codes and this state, made on first
+        use and again whenever either is replaced (a load, a device move)."""
+        cached = self.__dict__.get("_native")
+        if cached is None or cached[0] is not state or cached[1] != packed.data_ptr():
+            cached = self.__dict__["_native"] = (state, packed.data_ptr(),
+                                                 cpu_native.Weight4bit(packed, *state_args(state)))
+        return cached[2]
 
     def weight_from(self, stored, dtype):
         return dequantize_4bit(stored[0], self._state(), dtype)
@@ -176,6 +187,7 @@ class Linear4bit(FrozenLinear):
         # .to()/.cuda()/.half() reach the packed bytes (uint8: moved, never cast) and the bias;
         # the quantization state follows the bytes' device and keeps its float32 dtype.
         super()._apply(fn, recurse)
+        self.__dict__.pop("_native", None)  # it points into the tensors before the move
         if self.quant_state is not None:
             self.quant_state = self.quant_state.to(self.weight.device)
         return self

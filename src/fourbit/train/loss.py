@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..kernels.linear_cross_entropy import linear_cross_entropy
+from ..nn.dense_linear import DenseLinear
 from .data import IGNORE_INDEX
 
 # Causal LMs whose forward computes lm_head(last hidden state) and nothing more (read in their
@@ -46,7 +47,7 @@ def fused_head(model) -> nn.Linear | None:
     if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
+    if type(head) not in (nn.Linear, DenseLinear) or head.bias is not None or head.weight.requires_grad:
         return None
     return head
 

@@ -1,5 +1,6 @@
-/* CPU: y = x @ dequant(W4)^T for a few rows of x (decoding), reading the 4-bit codes once; and the
-   dequantization itself (fourbit_dequantize_4bit, at the end of this file).
+/* CPU: y = x @ dequant(W4)^T for a few rows of x (decoding), reading the 4-bit codes once; the
+   dequantization itself (fourbit_dequantize_4bit, after it); and y = x @ W^T for a dense W and a
+   few rows of x (fourbit_matmul_dense, at the end of this file).
 
        W4: [N, K] packed row-major, byte j of row n holds W[n, 2j] (high nibble), W[n, 2j+1] (low)
        scale[n, b] = code8[absmax8[n, b]] * nested[(n K / bs + b) / nested_bs] + offset  (double quant)
@@ -284,11 +285,12 @@ static inline uint16_t to_bf16(float f) { /* round to nearest, ties to even; NaN
 }
 
 /* y [m, n] = x [m, k] @ dequant(W)^T, x and y both float32 (bf16 = 0) or both bfloat16 (bf16 = 1);
-   threads: OpenMP threads to use (>= 1). Returns 0, or 1 when scratch memory could not be had. */
-int fourbit_matmul_4bit(const void *x, void *y, int bf16, int64_t m, const uint8_t *packed, const float *absmax,
-                        const uint8_t *absmax8, const float *nested_code, const float *nested_absmax, float offset,
-                        int nested_shift, const float *code, int64_t n, int64_t k, int64_t blocksize, int threads) {
-    weight_4bit w = {packed, absmax, absmax8, nested_code, nested_absmax, offset, nested_shift, code, n, k, blocksize};
+   W as the caller prepared it once (kernels/cpu/native.py's Weight4bit: a decoded token makes
+   ~200 of these calls, so the fewer arguments converted per call the better); threads: OpenMP
+   threads to use (>= 1). Returns 0, or 1 when scratch memory could not be had. */
+int fourbit_matmul_4bit(const weight_4bit *weight, const void *x, void *y, int bf16, int64_t m, int threads) {
+    const weight_4bit w = *weight;
+    const int64_t n = w.n, k = w.k;
 #ifdef DOT_BF16
     const int dot = bf16; /* bf16 x stays bf16, through vdpbf16ps */
 #else
@@ -346,19 +348,18 @@ int fourbit_matmul_4bit(const void *x, void *y, int bf16, int64_t m, const uint8
    training): out[v] = float32(code4[nibble v] * scale[v / bs]), then rounded to bf16 (to nearest
    even) for a bf16 out (bf16 = 1). The same two float32 roundings of the scale and the one of the
    product as the reference (quant/four_bit.py; built with -ffp-contract=off, so no FMA merges
-   them): bit-identical to it. numel: whole blocks of an even size. Blocks are split between
+   them): bit-identical to it. W: whole blocks of an even size. Blocks are split between
    OpenMP threads; each 16 values are unpacked in order (high nibble first), looked up in the
    block's scaled table and stored. */
 static inline void store_bf16x16(uint16_t *to, const float *from) {
     for (int i = 0; i < 16; i++) to[i] = to_bf16(from[i]);
 }
 
-int fourbit_dequantize_4bit(const uint8_t *packed, const float *absmax, const uint8_t *absmax8,
-                            const float *nested_code, const float *nested_absmax, float offset, int nested_shift,
-                            const float *code, int64_t numel, int64_t blocksize, void *out, int bf16, int threads) {
-    weight_4bit w = {packed, absmax, absmax8, nested_code, nested_absmax, offset, nested_shift, code, 1, numel,
-                     blocksize};
-    const int64_t blocks = numel / blocksize;
+int fourbit_dequantize_4bit(const weight_4bit *weight, void *out, int bf16, int threads) {
+    const weight_4bit w = *weight;
+    const int64_t blocksize = w.blocksize, blocks = w.n * w.k / blocksize;
+    const uint8_t *packed = w.packed;
+    const float *code = w.code;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const float s = block_scale(&w, b);
@@ -413,6 +414,114 @@ int fourbit_dequantize_4bit(const uint8_t *packed, const float *absmax, const ui
             }
         }
 #endif
+    }
+    return 0;
+}
+
+/* Dense products for a few rows (decoding through a 16-bit layer: the tied output head, 49152 x 576
+   in SmolLM2): y [m, n] = x [m, k] @ W^T, W [n, k] row-major in x's dtype, float32 sums rounded to
+   y's dtype at the end. oneDNN reorders W at every call (F.linear), which at one row costs as much
+   as reading it; this reads W once, in place, MAX_ROWS rows of x sharing each load: bf16 through
+   vdpbf16ps on AVX512-BF16, float32 FMAs otherwise (bf16 widened exactly), plain C without AVX2. */
+static inline __attribute__((always_inline)) void dense_rows(const void *wt, const void *x, float *y, int bf16,
+                                                             const int rows, int64_t n, int64_t k, int64_t row) {
+    float acc[MAX_ROWS] = {0};
+    int64_t c = 0;
+#if defined(DOT_BF16)
+    if (bf16) { /* two chains of vdpbf16ps per row of x, so one row does not wait out their latency */
+        const uint16_t *w = (const uint16_t *)wt + row * k, *xs = x;
+        __m512 sum[MAX_ROWS][2];
+        for (int r = 0; r < rows; r++) sum[r][0] = sum[r][1] = _mm512_setzero_ps();
+        for (; c + 64 <= k; c += 64)
+            for (int j = 0; j < 2; j++) {
+                __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + c + 32 * j));
+                for (int r = 0; r < rows; r++)
+                    sum[r][j] = _mm512_dpbf16_ps(sum[r][j], wv, (__m512bh)_mm512_loadu_si512((const void *)(xs + r * k + c + 32 * j)));
+            }
+        for (; c < k; c += 32) {
+            const __mmask32 mask = k - c >= 32 ? 0xFFFFFFFFu : (1u << (k - c)) - 1;
+            __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + c);
+            for (int r = 0; r < rows; r++)
+                sum[r][0] = _mm512_dpbf16_ps(sum[r][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, xs + r * k + c));
+        }
+        for (int r = 0; r < rows; r++) y[r * n + row] = _mm512_reduce_add_ps(_mm512_add_ps(sum[r][0], sum[r][1]));
+        return;
+    }
+#endif
+#if defined(__AVX512F__)
+    __m512 sum[MAX_ROWS];
+    for (int r = 0; r < rows; r++) sum[r] = _mm512_setzero_ps();
+    for (; c < k; c += 16) {
+        const __mmask16 mask = k - c >= 16 ? 0xFFFF : (__mmask16)((1u << (k - c)) - 1);
+        __m512 wv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                               _mm256_maskz_loadu_epi16(mask, (const uint16_t *)wt + row * k + c)), 16))
+                         : _mm512_maskz_loadu_ps(mask, (const float *)wt + row * k + c);
+        for (int r = 0; r < rows; r++) {
+            __m512 xv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                   _mm256_maskz_loadu_epi16(mask, (const uint16_t *)x + r * k + c)), 16))
+                             : _mm512_maskz_loadu_ps(mask, (const float *)x + r * k + c);
+            sum[r] = _mm512_fmadd_ps(wv, xv, sum[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_reduce_add_ps(sum[r]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 sum[MAX_ROWS];
+    for (int r = 0; r < rows; r++) sum[r] = _mm256_setzero_ps();
+    for (; c + 8 <= k; c += 8) {
+        __m256 wv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                               _mm_loadu_si128((const __m128i *)((const uint16_t *)wt + row * k + c))), 16))
+                         : _mm256_loadu_ps((const float *)wt + row * k + c);
+        for (int r = 0; r < rows; r++) {
+            __m256 xv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                   _mm_loadu_si128((const __m128i *)((const uint16_t *)x + r * k + c))), 16))
+                             : _mm256_loadu_ps((const float *)x + r * k + c);
+            sum[r] = _mm256_fmadd_ps(wv, xv, sum[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, sum[r]);
+        for (int i = 0; i < 8; i++) acc[r] += lanes[i];
+    }
+#endif
+    for (; c < k; c++) { /* what the vector loops left (all of it in plain C) */
+        float wv = bf16 ? from_bf16(((const uint16_t *)wt)[row * k + c]) : ((const float *)wt)[row * k + c];
+        for (int r = 0; r < rows; r++)
+            acc[r] += wv * (bf16 ? from_bf16(((const uint16_t *)x)[r * k + c]) : ((const float *)x)[r * k + c]);
+    }
+    for (int r = 0; r < rows; r++) y[r * n + row] = acc[r];
+}
+
+static void dense_rows_of(const void *w, const void *x, float *y, int bf16, int rows, int64_t n, int64_t k,
+                          int64_t row) { /* rows a constant in each call, so the sums stay in registers */
+    switch (rows) {
+    case 1: dense_rows(w, x, y, bf16, 1, n, k, row); break;
+    case 2: dense_rows(w, x, y, bf16, 2, n, k, row); break;
+    case 3: dense_rows(w, x, y, bf16, 3, n, k, row); break;
+    case 4: dense_rows(w, x, y, bf16, 4, n, k, row); break;
+    case 5: dense_rows(w, x, y, bf16, 5, n, k, row); break;
+    case 6: dense_rows(w, x, y, bf16, 6, n, k, row); break;
+    case 7: dense_rows(w, x, y, bf16, 7, n, k, row); break;
+    default: dense_rows(w, x, y, bf16, MAX_ROWS, n, k, row); break;
+    }
+}
+
+/* y [m, n] = x [m, k] @ W^T, W [n, k], x, W and y all float32 (bf16 = 0) or all bfloat16 (bf16 = 1).
+   Returns 0, or 1 when scratch memory could not be had. */
+int fourbit_matmul_dense(const void *w, const void *x, void *y, int bf16, int64_t m, int64_t n, int64_t k,
+                         int threads) {
+    float *y32 = bf16 ? malloc((size_t)(m * n) * sizeof(float)) : y;
+    if (!y32) return 1;
+    const int elem = bf16 ? 2 : 4;
+    for (int64_t m0 = 0; m0 < m; m0 += MAX_ROWS) {
+        const int rows = (int)(m - m0 < MAX_ROWS ? m - m0 : MAX_ROWS);
+        const char *xs = (const char *)x + m0 * k * elem;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t row = 0; row < n; row++) dense_rows_of(w, xs, y32 + m0 * n, bf16, rows, n, k, row);
+    }
+    if (bf16) {
+        for (int64_t i = 0; i < m * n; i++) ((uint16_t *)y)[i] = to_bf16(y32[i]);
+        free(y32);
     }
     return 0;
 }

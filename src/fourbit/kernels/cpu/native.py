@@ -1,9 +1,12 @@
-"""CPU kernels in C: the 4-bit table lookup in vector registers, for the two 4-bit ops.
+"""CPU kernels in C: the 4-bit table lookup in vector registers, for the two 4-bit ops, and the
+dense product of a few rows.
 
     matmul_4bit:     y[m, n] = sum_b sum_{k in block b} (code4[W4[n, k]] * scale[n, b]) * x[m, k]
                      for a few rows of x (decoding), the codes read once, the sums float32
     dequantize_4bit: W[v] = float32(code4[W4[v]] * scale[v // blocksize]), in float32 or bf16:
                      bit-identical to the reference
+    matmul_dense:    y[m, n] = sum_k W[n, k] * x[m, k] for a 16-bit or float32 W read in place
+                     (the output head while decoding: nn/dense_linear.py), the sums float32
 
 The code is native.c beside this file (the math and the instruction choices at its top),
 compiled at first use for this machine's instruction set with the system's C compiler and
@@ -11,8 +14,8 @@ OpenMP, cached under ``<fourbit cache>/kernels`` by a hash of the source, the fl
 compiler and the CPU's flags, and called through ctypes (which releases the GIL). Its OpenMP
 runtime (libgomp.so.1) resolves to the one torch has already loaded: one thread pool, sized per
 call by ``torch.get_num_threads()``. The plain-torch twins are the reference dequantization
-(quant/four_bit.py) and dequantize-then-``F.linear`` (kernels/matmul_4bit.py); both kernels are
-tested against them and against float64 math (tests/kernels/test_cpu_native.py).
+(quant/four_bit.py), dequantize-then-``F.linear`` (kernels/matmul_4bit.py) and ``F.linear``; the
+kernels are tested against them and against float64 math (tests/kernels/test_cpu_native.py).
 
 Why kernels of our own: decoding reads every weight once per token, so from the dense cache the
 bytes are 16 bits a weight, and from the 4-bit codes through dequantize-then-matmul each product
@@ -25,7 +28,8 @@ When they are used: the matmul (``supports``) on a CPU for at most ``max_rows`` 
 16 in bf16 on AVX512-BF16, where oneDNN's bf16 matmul is fast; past that, one dequantization
 shared by all rows and oneDNN's matmul are faster: bench/bench_cpu_matmul_4bit.py), the dequantization
 (``supports_dequantize``) for whole blocks into float32 or bf16; both for block sizes that are
-multiples of 32 (every one of the format's, 32 to 4096). ``FOURBIT_CPU_COMPILE=0`` turns them off
+multiples of 32 (every one of the format's, 32 to 4096); the dense product (``supports_dense``) for
+at most ``MAX_ROWS_DENSE`` rows of x. ``FOURBIT_CPU_COMPILE=0`` turns them off
 with the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or
 loading fails the reason is logged once and the twins serve every call.
 """
@@ -56,6 +60,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native.c")
 MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
 MAX_ROWS_DOT_BF16 = 16  # vdpbf16ps: 1.2-2.2x the C dequantize + matmul at 16 rows, behind it from 24 on the big shapes
+MAX_ROWS_DENSE = 8  # against F.linear (which reorders W per call): 2.5x (bf16) and 5x (float32) at 1 row on
+# SmolLM2's 49152 x 576 head, 1.6-1.7x at 8, behind at 16 (bench/RESULTS.md, issue 20)
 ISA_FLAGS = {  # "native": what this machine has; the others let tests run each code path
     "native": ["-march=native"],
     "avx2": ["-mavx2", "-mfma"],
@@ -115,15 +121,22 @@ def _library(isa: str) -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install cc/gcc)")
     lib = ctypes.CDLL(str(_build(isa, compiler)))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.fourbit_matmul_4bit.argtypes = [p, p, ctypes.c_int, i64, p, p, p, p, p, ctypes.c_float, ctypes.c_int, p, i64,
-                                        i64, i64, ctypes.c_int]
-    lib.fourbit_matmul_4bit.restype = ctypes.c_int
-    lib.fourbit_dequantize_4bit.argtypes = [p, p, p, p, p, ctypes.c_float, ctypes.c_int, p, i64, i64, p, ctypes.c_int,
-                                            ctypes.c_int]
-    lib.fourbit_dequantize_4bit.restype = ctypes.c_int
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.fourbit_matmul_4bit.argtypes = [p, p, p, i32, i64, i32]
+    lib.fourbit_matmul_4bit.restype = i32
+    lib.fourbit_dequantize_4bit.argtypes = [p, p, i32, i32]
+    lib.fourbit_dequantize_4bit.restype = i32
+    lib.fourbit_matmul_dense.argtypes = [p, p, p, i32, i64, i64, i64, i32]
+    lib.fourbit_matmul_dense.restype = i32
     lib.fourbit_isa.restype = ctypes.c_char_p
     return lib
+
+
+class _Weight4bitStruct(ctypes.Structure):  # native.c's weight_4bit, field for field
+    _fields_ = [("packed", ctypes.c_void_p), ("absmax", ctypes.c_void_p), ("absmax8", ctypes.c_void_p),
+                ("nested_code", ctypes.c_void_p), ("nested_absmax", ctypes.c_void_p), ("offset", ctypes.c_float),
+                ("nested_shift", ctypes.c_int), ("code", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("k", ctypes.c_int64), ("blocksize", ctypes.c_int64)]
 
 
 def library(isa: str = "native") -> ctypes.CDLL | None:
@@ -150,50 +163,111 @@ def max_rows(dtype: torch.dtype) -> int:
     return MAX_ROWS_DOT_BF16 if dtype == torch.bfloat16 and lib.fourbit_isa() == b"avx512-bf16" else MAX_ROWS
 
 
-def _scale_args(absmax, code, nested_absmax, nested_code, nested_offset, nested_blocksize) -> tuple[tuple, list]:
-    """The C functions' scale and table arguments (absmax, absmax8, nested code, nested absmax,
-    offset, nested shift, code), and the tensors they point into, to be kept alive over the call."""
-    if nested_absmax is not None:
-        keep = [None, absmax.contiguous(), nested_code.to(torch.float32).contiguous(),
-                nested_absmax.to(torch.float32).contiguous()]
-        offset = float(nested_offset)
-    else:
-        keep = [absmax.to(torch.float32).contiguous(), None, None, None]
-        offset = 0.0
-    keep.append(code.to(torch.float32).contiguous())
-    ptrs = [t.data_ptr() if t is not None else None for t in keep]
-    return (*ptrs[:4], offset, max(nested_blocksize, 1).bit_length() - 1, ptrs[4]), keep
+class Weight4bit:
+    """One 4-bit weight as the C functions take it: the codes contiguous, the scales' tensors in
+    float32, and the pointers into them, prepared once and kept alive with them.
+
+    A decoded token calls the matmul about 200 times (SmolLM2: 7 products x 30 layers); preparing
+    the arguments at every call cost a sixth of the token in Python (bench/RESULTS.md, issue 20),
+    so a layer that decodes keeps one of these (Linear4bit does) and only x and y change per call.
+    """
+
+    def __init__(self, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                 shape):
+        self.packed = packed.contiguous()
+        if nested_absmax is not None:
+            self._keep = (None, absmax.contiguous(), nested_code.to(torch.float32).contiguous(),
+                          nested_absmax.to(torch.float32).contiguous())
+            offset = float(nested_offset)
+        else:
+            self._keep = (absmax.to(torch.float32).contiguous(), None, None, None)
+            offset = 0.0
+        self._code = code.to(torch.float32).contiguous()
+        absmax32, absmax8, nested_code32, nested_absmax32 = (t.data_ptr() if t is not None else None for t in self._keep)
+        self.n, self.k = shape
+        self.blocksize = blocksize
+        self._struct = _Weight4bitStruct(self.packed.data_ptr(), absmax32, absmax8, nested_code32, nested_absmax32,
+                                         offset, max(nested_blocksize, 1).bit_length() - 1, self._code.data_ptr(),
+                                         self.n, self.k, blocksize)
+        self._address = ctypes.addressof(self._struct)
+        # what does not depend on x (supports() checks the rest per call)
+        self.fits = blocksize % 32 == 0 and self.k % blocksize == 0 and nested_blocksize & (nested_blocksize - 1) == 0
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether the matmul serves ``x`` (else: dequantize, then matmul); see :func:`supports`."""
+        return self.fits and _takes(x, self.k)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, isa: str = "native") -> torch.Tensor:
+        """``x @ dequant(W)^T + bias`` in x's dtype."""
+        lib = library(isa)
+        if lib is None:
+            raise RuntimeError(f"the native CPU 4-bit matmul ({isa}) is unavailable; check supports() first")
+        dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        x2 = x.reshape(-1, self.k).to(dtype).contiguous()
+        out = torch.empty(x2.shape[0], self.n, dtype=dtype)
+        failed = lib.fourbit_matmul_4bit(self._address, x2.data_ptr(), out.data_ptr(), dtype == torch.bfloat16,
+                                         x2.shape[0], torch.get_num_threads())
+        if failed:
+            raise MemoryError(f"the native CPU 4-bit matmul could not allocate its scratch for {x2.shape[0]} x "
+                              f"{self.k} inputs")
+        if bias is not None:
+            out += bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.n)
+
+    def dequantize(self, dtype: torch.dtype, isa: str = "native") -> torch.Tensor:
+        """The dense weight [n, k] in ``dtype`` (float32 or bf16), bit-identical to the reference."""
+        lib = library(isa)
+        if lib is None:
+            raise RuntimeError(f"the native CPU 4-bit kernels ({isa}) are unavailable; check supports_dequantize() "
+                               "first")
+        out = torch.empty(self.n, self.k, dtype=dtype)
+        lib.fourbit_dequantize_4bit(self._address, out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads())
+        return out
+
+
+def _takes(x: torch.Tensor, k: int) -> bool:
+    return (x.device.type == "cpu" and x.shape[-1] == k and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and sys.byteorder == "little" and enabled() and 0 < x.numel() // max(k, 1) <= max_rows(x.dtype))
 
 
 def supports(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
     """Whether this product goes to the native kernel (else: dequantize, then matmul)."""
-    rows = x.numel() // max(k, 1)
-    return (x.device.type == "cpu" and x.shape[-1] == k and blocksize % 32 == 0 and k % blocksize == 0
-            and nested_blocksize & (nested_blocksize - 1) == 0
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and sys.byteorder == "little"
-            and enabled() and 0 < rows <= max_rows(x.dtype))
+    return blocksize % 32 == 0 and k % blocksize == 0 and nested_blocksize & (nested_blocksize - 1) == 0 and _takes(x, k)
 
 
 def matmul_4bit(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape,
                 bias, isa: str = "native") -> torch.Tensor:
     """``x @ dequant(W)^T + bias`` in x's dtype, for the op's arguments (kernels/matmul_4bit.py)."""
+    weight = Weight4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                        shape)
+    return weight.matmul(x, bias, isa)
+
+
+def supports_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``matmul_dense`` takes this product: a CPU weight [n, k] in x's dtype (float32 or
+    bf16), at most ``MAX_ROWS_DENSE`` rows of x."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+            and 0 < x.numel() // max(weight.shape[1], 1) <= MAX_ROWS_DENSE and sys.byteorder == "little"
+            and enabled() and library() is not None)
+
+
+def matmul_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 isa: str = "native") -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` read straight from ``weight`` (no reorder), float32 sums; see ``supports_dense``."""
     lib = library(isa)
     if lib is None:
-        raise RuntimeError(f"the native CPU 4-bit matmul ({isa}) is unavailable; check supports() first")
-    n, k = shape
-    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-    x2 = x.reshape(-1, k).to(dtype).contiguous()
-    out = torch.empty(x2.shape[0], n, dtype=dtype)
-    packed = packed.contiguous()
-    scales, keep = _scale_args(absmax, code, nested_absmax, nested_code, nested_offset, nested_blocksize)
-    failed = lib.fourbit_matmul_4bit(x2.data_ptr(), out.data_ptr(), dtype == torch.bfloat16, x2.shape[0],
-                                     packed.data_ptr(), *scales, n, k, blocksize, torch.get_num_threads())
-    del keep
-    if failed:
-        raise MemoryError(f"the native CPU 4-bit matmul could not allocate its scratch for {x2.shape[0]} x {k} inputs")
+        raise RuntimeError(f"the native CPU kernels ({isa}) are unavailable; check supports_dense() first")
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    weight = weight.contiguous()
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    if lib.fourbit_matmul_dense(weight.data_ptr(), x2.data_ptr(), out.data_ptr(), x.dtype == torch.bfloat16,
+                                x2.shape[0], n, k, torch.get_num_threads()):
+        raise MemoryError(f"the native CPU dense matmul could not allocate its scratch for {x2.shape[0]} x {n} outputs")
     if bias is not None:
         out += bias
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def supports_dequantize(numel: int, blocksize: int, nested_blocksize: int, dtype: torch.dtype) -> bool:
@@ -206,18 +280,10 @@ def supports_dequantize(numel: int, blocksize: int, nested_blocksize: int, dtype
 def dequantize_4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
                     shape, dtype, isa: str = "native") -> torch.Tensor:
     """The dense weight for the dequantize op's arguments (kernels/dequantize.py), bit-identical to the reference."""
-    lib = library(isa)
-    if lib is None:
-        raise RuntimeError(f"the native CPU 4-bit kernels ({isa}) are unavailable; check supports_dequantize() first")
-    numel = math.prod(shape)
-    out = torch.empty(shape, dtype=dtype)
-    packed = packed.contiguous()
-    scales, keep = _scale_args(absmax, code, nested_absmax, nested_code, nested_offset, nested_blocksize)
-    lib.fourbit_dequantize_4bit(packed.data_ptr(), *scales, numel, blocksize, out.data_ptr(),
-                                dtype == torch.bfloat16, torch.get_num_threads())
-    del keep
-    return out
+    weight = Weight4bit(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                        (math.prod(shape) // shape[-1], shape[-1]))
+    return weight.dequantize(dtype, isa).reshape(shape)
 
 
-__all__ = ["ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "enabled", "library", "matmul_4bit", "max_rows", "supports",
-           "supports_dequantize", "dequantize_4bit"]
+__all__ = ["ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "Weight4bit", "enabled", "library", "matmul_4bit", "max_rows", "supports",
+           "supports_dequantize", "dequantize_4bit", "MAX_ROWS_DENSE", "matmul_dense", "supports_dense"]
