@@ -173,6 +173,7 @@ def test_a_compiler_that_fails_is_said_once_and_the_twin_serves(monkeypatch, tmp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("FOURBIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_failed", set())
+    monkeypatch.setattr(native, "_loaded", {})
     native._library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger=native.log.name):

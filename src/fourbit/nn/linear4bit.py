@@ -162,12 +162,16 @@ class Linear4bit(FrozenLinear):
         return dequantize_4bit(stored[0], self._state(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or x.dtype
+        given, dtype = x.dtype, self.compute_dtype or x.dtype
         bias = self.bias.to(dtype) if self.bias is not None else None
+        if given != dtype:  # (the casts are skipped, not made no-ops: a decoded token has ~200 of these calls)
+            x = x.to(dtype)
         dense = self.dense_copy
         if dense is not None and dense.dtype == dtype and not (torch.is_grad_enabled() and x.requires_grad):
-            return prepacked_linear(x.to(dtype), dense, bias).to(x.dtype)  # inside dense_weights(): no dequantization
-        return frozen_product(self, x.to(dtype), bias).to(x.dtype)
+            y = prepacked_linear(x, dense, bias)  # inside dense_weights(): no dequantization
+        else:
+            y = frozen_product(self, x, bias)
+        return y if given == dtype else y.to(given)
 
     def _state(self) -> QuantState:
         if self.quant_state is None:

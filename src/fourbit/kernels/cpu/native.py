@@ -69,11 +69,15 @@ ISA_FLAGS = {  # "native": what this machine has; the others let tests run each 
 }
 _lock = threading.Lock()
 _failed: set[str] = set()
+_loaded: dict[str, ctypes.CDLL] = {}
 
 
 def enabled() -> bool:
     """``FOURBIT_CPU_COMPILE`` (kernels/cpu/dequantize.py) is not 0."""
-    value = os.environ.get(ENV, "1").strip()
+    value = os.environ.get(ENV)
+    if value is None or value == "1":  # asked at every decoding product: the common answers first
+        return True
+    value = value.strip()
     if value not in ("0", "1"):
         raise InputError(f"{ENV}={value!r}: expected 1 (compile the CPU kernels, the default) or 0 (don't)")
     return value == "1"
@@ -129,6 +133,7 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.fourbit_matmul_dense.argtypes = [p, p, p, i32, i64, i64, i64, i32]
     lib.fourbit_matmul_dense.restype = i32
     lib.fourbit_isa.restype = ctypes.c_char_p
+    lib.dot_bf16 = lib.fourbit_isa() == b"avx512-bf16"
     return lib
 
 
@@ -143,11 +148,15 @@ def library(isa: str = "native") -> ctypes.CDLL | None:
     """The compiled kernel for ``isa``, or None where it cannot be built or loaded (said once)."""
     if isa not in ISA_FLAGS:
         raise InputError(f"isa {isa!r}: expected one of {', '.join(ISA_FLAGS)}")
+    lib = _loaded.get(isa)  # asked at every decoding product: no lock once loaded
+    if lib is not None:
+        return lib
     if isa in _failed:
         return None
     with _lock:
         try:
-            return _library(isa)
+            lib = _loaded[isa] = _library(isa)
+            return lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _failed.add(isa)
             log.warning("fourbit: the native CPU 4-bit matmul (%s) is unavailable, dequantize + matmul serves "
@@ -160,7 +169,7 @@ def max_rows(dtype: torch.dtype) -> int:
     lib = library()
     if lib is None:
         return 0
-    return MAX_ROWS_DOT_BF16 if dtype == torch.bfloat16 and lib.fourbit_isa() == b"avx512-bf16" else MAX_ROWS
+    return MAX_ROWS_DOT_BF16 if dtype == torch.bfloat16 and lib.dot_bf16 else MAX_ROWS
 
 
 class Weight4bit:
@@ -202,17 +211,18 @@ class Weight4bit:
         lib = library(isa)
         if lib is None:
             raise RuntimeError(f"the native CPU 4-bit matmul ({isa}) is unavailable; check supports() first")
-        dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        x2 = x.reshape(-1, self.k).to(dtype).contiguous()
-        out = torch.empty(x2.shape[0], self.n, dtype=dtype)
-        failed = lib.fourbit_matmul_4bit(self._address, x2.data_ptr(), out.data_ptr(), dtype == torch.bfloat16,
-                                         x2.shape[0], torch.get_num_threads())
-        if failed:
-            raise MemoryError(f"the native CPU 4-bit matmul could not allocate its scratch for {x2.shape[0]} x "
-                              f"{self.k} inputs")
+        given = x.dtype
+        if given not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        x = x.contiguous()
+        out = torch.empty((*x.shape[:-1], self.n), dtype=x.dtype)  # [..., n]: rows as x has them
+        rows = x.numel() // self.k
+        if lib.fourbit_matmul_4bit(self._address, x.data_ptr(), out.data_ptr(), x.dtype == torch.bfloat16, rows,
+                                   torch.get_num_threads()):
+            raise MemoryError(f"the native CPU 4-bit matmul could not allocate its scratch for {rows} x {self.k} inputs")
         if bias is not None:
             out += bias
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.n)
+        return out if given == out.dtype else out.to(given)
 
     def dequantize(self, dtype: torch.dtype, isa: str = "native") -> torch.Tensor:
         """The dense weight [n, k] in ``dtype`` (float32 or bf16), bit-identical to the reference."""
@@ -225,9 +235,13 @@ class Weight4bit:
         return out
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
 def _takes(x: torch.Tensor, k: int) -> bool:
-    return (x.device.type == "cpu" and x.shape[-1] == k and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and sys.byteorder == "little" and enabled() and 0 < x.numel() // max(k, 1) <= max_rows(x.dtype))
+    return (_LITTLE_ENDIAN and x.dtype in _DTYPES and x.device.type == "cpu" and x.shape[-1] == k
+            and 0 < x.numel() <= k * max_rows(x.dtype) and enabled())
 
 
 def supports(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
