@@ -147,6 +147,8 @@ class Linear4bit(FrozenLinear):
             native = self._native_weight(stored[0], state)
             if native.takes(x):
                 return native.matmul(x, bias)
+            if native.dequantizes(x.dtype):  # more rows (a prompt): the op's CPU path, without its two dispatches
+                return nn.functional.linear(x, native.dequantize(x.dtype), bias)
         return matmul_4bit(x, stored[0], state, bias)
 
     def _native_weight(self, packed: torch.Tensor, state: QuantState) -> cpu_native.Weight4bit:

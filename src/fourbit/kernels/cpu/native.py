@@ -206,6 +206,10 @@ class Weight4bit:
         """Whether the matmul serves ``x`` (else: dequantize, then matmul); see :func:`supports`."""
         return self.fits and _takes(x, self.k)
 
+    def dequantizes(self, dtype: torch.dtype) -> bool:
+        """Whether ``dequantize`` serves ``dtype``; see :func:`supports_dequantize`."""
+        return self.fits and dtype in (torch.float32, torch.bfloat16) and enabled() and library() is not None
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, isa: str = "native") -> torch.Tensor:
         """``x @ dequant(W)^T + bias`` in x's dtype."""
         lib = library(isa)
