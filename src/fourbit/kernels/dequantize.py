@@ -53,13 +53,20 @@ def dequantize_4bit_op(
     return dequantize_4bit_reference(packed, state, dtype)
 
 
-@dequantize_4bit_op.register_kernel("cpu")
-def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype):
+def _native_takes(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape,
+                  dtype) -> bool:
     numel = math.prod(shape)
     whole = packed.numel() * packed.element_size() == (numel + 1) // 2 and packed.is_contiguous()
-    if whole and native.supports_dequantize(numel, blocksize, nested_blocksize, dtype):
+    return whole and native.supports_dequantize(numel, blocksize, nested_blocksize, dtype)
+
+
+@dequantize_4bit_op.register_kernel("cpu")
+def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype):
+    if _native_takes(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                     shape, dtype):
         return native.dequantize_4bit(
             packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype)
+    numel = math.prod(shape)
     if packed.numel() * packed.element_size() == (numel + 1) // 2 and compiled.supports(
             numel, blocksize, nested_absmax is not None, dtype):
         weight = compiled.dequantize_4bit(
@@ -148,4 +155,10 @@ def state_args(state: QuantState) -> tuple:
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense weight of ``state.shape`` in ``dtype`` (default: the original weight's dtype)."""
-    return dequantize_4bit_op(packed, *state_args(state), dtype or state.dtype)
+    dtype = dtype or state.dtype
+    args = state_args(state)
+    if packed.device.type == "cpu" and not torch.compiler.is_compiling() and _native_takes(packed, *args, dtype):
+        # the op's first CPU kernel called directly: a training step asks ~400 times, and the
+        # custom op's own dispatch costs ~30 us a call (a compiled graph keeps the op)
+        return native.dequantize_4bit(packed, *args, dtype)
+    return dequantize_4bit_op(packed, *args, dtype)
