@@ -32,12 +32,17 @@ Method
   ours and peer should agree within ~2% (same weights, same NF4 codes), lora within a few
   percent of them (NF4's rounding of the weights moves a random batch's loss by ~1%). Both are printed; a larger gap
   is flagged loudly, since a benchmark comparing different work is worthless.
-- Each side runs in its own subprocess (peak memory is per side). Step = forward + backward +
-  optimizer.step() + zero_grad(), timed with time.perf_counter; warm-up steps are untimed (the
-  first step also compiles fourbit's CPU kernels where they are compiled). With --rounds R the
-  subprocesses take turns in a rotating order (ours, peer, lora; peer, lora, ours; ...) so drift
-  hits all alike; each side's figure is the median of all its timed steps. torch threads (and
-  OMP_NUM_THREADS) = --threads in both children.
+- Each side runs in its own subprocess (peak memory is per side), all three alive at once and
+  stepped in lockstep by the parent: one step of each side per cycle, in a rotating order (ours,
+  peer, lora; peer, lora, ours; ...), one side at a time, 0.2 s apart (libgomp's idle threads
+  stop spinning). This machine's speed drifts by a fifth within minutes; when each side ran its
+  steps in its own stretch of time (the method before 2026-12-04), the drift between stretches
+  moved the ratios by as much. Step = forward + backward + optimizer.step() + zero_grad(), timed
+  with time.perf_counter; --warmup cycles are untimed (the first step also compiles fourbit's
+  CPU kernels where they are compiled), then --steps x --rounds timed cycles. Each side's
+  s/step is the median of its timed steps; the time ratios are the medians over cycles of the
+  two sides' steps in the same cycle. torch threads (and OMP_NUM_THREADS) = --threads in every
+  child.
 - Memory: "peak added" = VmHWM (the kernel's high-water RSS, fourbit.peak_memory, reset through
   /proc/self/clear_refs just before building) minus RSS right before building the model, so the
   interpreter and imports are not counted; it includes load-time transients (and resident pages
@@ -45,8 +50,9 @@ Method
   (what the load left behind), "step peak" = the high-water mark over the training steps only;
   both minus the same baseline, so step peak - after build is what a step itself adds. "model" =
   bytes of the model's state (parameters, buffers, 4-bit quant states, LoRA), shared storage counted once.
-- Reading it: ratio time = peer s/step / ours (>1: we are faster); ratio peak = peer peak / ours
-  (>1: we use less); ours/lora time = ours s/step / lora's (1.10: 4 bits cost 10%). --layers N
+- Reading it: peer/ours time = peer's step / ours in the same cycle, median over cycles (>1: we
+  are faster); peer/ours peak = peer peak / ours (>1: we use less); ours/lora time = ours / lora's
+  step likewise (1.10: 4 bits cost 10%). --layers N
   keeps only the first N decoder layers (after loading, on every side): a smoke test only, its
   numbers mean nothing. The table goes to bench/results/train-step-cpu-<dtype>.json (or $OUT
   when set).
@@ -62,18 +68,20 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDLE_S = 0.2  # between two sides' steps: libgomp's idle threads spin for a while after a parallel region
 SIDES = {"ours": "fourbit QLoRA", "peer": "transformers + bitsandbytes + peft", "lora": "fourbit LoRA, unquantized"}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing, per subprocess")
-    p.add_argument("--rounds", type=int, default=1, help="alternations of the two subprocesses")
+    p.add_argument("--steps", type=int, default=5, help="timed lockstep cycles (one step of each side), per round")
+    p.add_argument("--warmup", type=int, default=1, help="untimed cycles first")
+    p.add_argument("--rounds", type=int, default=1, help="multiplies --steps (kept for earlier commands)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -173,8 +181,8 @@ def truncate(model, layers: int | None) -> None:
 
 
 def child(side: str, args) -> None:
-    import time
-
+    """Build one side, say READY, then run one step per "step" line on stdin (answering STEP with its
+    time and loss) until "done", and answer RESULT with the memory figures."""
     import torch
     import transformers
 
@@ -192,22 +200,21 @@ def child(side: str, args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    losses, times = [], []
     reset_peak("cpu")
-    for i in range(args.warmup + args.steps):
+    print("READY", flush=True)
+    for command in sys.stdin:
+        if command.strip() != "step":
+            break
         start = time.perf_counter()
         loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        losses.append(loss.item())
-        if i >= args.warmup:
-            times.append(elapsed)
+        print(f"STEP {time.perf_counter() - start} {loss.item()}", flush=True)
     step_peak = measured_peak("cpu").bytes // 1024
     print("RESULT " + json.dumps({
-        "side": side, "times": times, "initial_loss": losses[0], "last_loss": losses[-1], "trainable": trainable,
-        "threads": torch.get_num_threads(), "peak_added_mib": (max(build_peak, step_peak) - before) / 1024,
+        "side": side, "trainable": trainable, "threads": torch.get_num_threads(),
+        "peak_added_mib": (max(build_peak, step_peak) - before) / 1024,
         "ready_added_mib": (ready - before) / 1024, "step_peak_added_mib": (step_peak - before) / 1024,
         "model_mib": model_bytes / 2**20, "peak_reset": reset,
     }), flush=True)
@@ -233,16 +240,41 @@ def environment(threads: int) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def run_child(side: str, argv: list[str], threads: int) -> dict:
+class Child:
+    """One side's subprocess, stepped by the parent."""
+
+    def __init__(self, side: str, argv: list[str], threads: int):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.side = side
+        self.proc = subprocess.Popen([sys.executable, __file__, *argv, "--child", side], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._expect("READY")
+
+    def _expect(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+            print(line, end="")
+        sys.exit(f"the {self.side} subprocess failed (exit {self.proc.wait()}); its traceback is above")
+
+    def step(self) -> tuple[float, float]:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        seconds, loss = self._expect("STEP ").split()
+        return float(seconds), float(loss)
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.close()
+        result = json.loads(self._expect("RESULT "))
+        self.proc.wait()
+        return result
+
+
+def prepare_peer(argv: list[str], threads: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, __file__, *argv, "--child", side], env=env, stdout=subprocess.PIPE, text=True)
-    lines = proc.stdout.splitlines()
-    for line in lines:
-        if not line.startswith("RESULT "):
-            print(line)
-    if proc.returncode != 0:
-        sys.exit(f"the {side} subprocess failed (exit {proc.returncode}); its traceback is above")
-    return next(json.loads(line[7:]) for line in lines if line.startswith("RESULT ")) if side != "prepare" else {}
+    if subprocess.run([sys.executable, __file__, *argv, "--child", "prepare"], env=env).returncode != 0:
+        sys.exit("preparing the peer's dense folder failed; its traceback is above")
 
 
 def main() -> None:
@@ -264,35 +296,44 @@ def main() -> None:
     argv = [*sys.argv[1:], "--compute-dtype", args.compute_dtype]  # the children's: resolved (argparse keeps the last)
     if "peer" in args.sides and not (peer_folder() / "config.json").is_file():
         print(f"preparing the dense peer folder {peer_folder()} (once)")
-        run_child("prepare", argv, args.threads)
+        prepare_peer(argv, args.threads)
 
-    runs = {side: [] for side in args.sides}
-    for r in range(args.rounds):
-        for side in args.sides[r % len(args.sides):] + args.sides[:r % len(args.sides)]:
-            res = run_child(side, argv, args.threads)
-            runs[side].append(res)
-            print(f"round {r} {side}: steps {' '.join(f'{t:.3f}' for t in res['times'])} s, first loss "
-                  f"{res['initial_loss']:.4f}, last {res['last_loss']:.4f}, peak +{res['peak_added_mib']:.0f} MiB, "
-                  f"threads {res['threads']}, trainable {res['trainable']:,}", flush=True)
+    children = {side: Child(side, argv, args.threads) for side in args.sides}  # built one after another
+    times = {side: [] for side in args.sides}
+    losses = {side: [] for side in args.sides}
+    for cycle in range(args.warmup + args.steps * args.rounds):
+        order = args.sides[cycle % len(args.sides):] + args.sides[:cycle % len(args.sides)]
+        for side in order:
+            time.sleep(IDLE_S)  # the last side's OpenMP threads stop spinning before this one runs
+            seconds, loss = children[side].step()
+            losses[side].append(loss)
+            if cycle >= args.warmup:
+                times[side].append(seconds)
+        if cycle >= args.warmup:
+            print(f"cycle {cycle - args.warmup}: " + "  ".join(f"{side} {times[side][-1]:.3f} s" for side in order),
+                  flush=True)
+    results = {side: child_.finish() for side, child_ in children.items()}
 
     tokens = args.batch * args.seq
     rows = {}
-    for side, results in runs.items():
+    for side, res in results.items():
         rows[side] = {
-            "median_s": statistics.median(t for res in results for t in res["times"]),
-            "peak_added_mib": max(res["peak_added_mib"] for res in results),
-            "ready_added_mib": max(res["ready_added_mib"] for res in results),
-            "step_peak_added_mib": max(res["step_peak_added_mib"] for res in results),
-            "model_mib": results[0]["model_mib"], "initial_loss": results[0]["initial_loss"],
-            "trainable": results[0]["trainable"],
+            "median_s": statistics.median(times[side]), "peak_added_mib": res["peak_added_mib"],
+            "ready_added_mib": res["ready_added_mib"], "step_peak_added_mib": res["step_peak_added_mib"],
+            "model_mib": res["model_mib"], "initial_loss": losses[side][0], "last_loss": losses[side][-1],
+            "trainable": res["trainable"], "times": times[side],
         }
         rows[side]["tokens_per_s"] = tokens / rows[side]["median_s"]
+
+    def paired(a: str, b: str) -> float:  # the median over cycles of a's step / b's step in the same cycle
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     ratios = {}
     if {"ours", "peer"} <= rows.keys():
-        ratios["peer/ours time"] = rows["peer"]["median_s"] / rows["ours"]["median_s"]
+        ratios["peer/ours time"] = paired("peer", "ours")
         ratios["peer/ours peak"] = rows["peer"]["peak_added_mib"] / rows["ours"]["peak_added_mib"]
     if {"ours", "lora"} <= rows.keys():
-        ratios["ours/lora time"] = rows["ours"]["median_s"] / rows["lora"]["median_s"]
+        ratios["ours/lora time"] = paired("ours", "lora")
     gaps = {side: abs(row["initial_loss"] - rows["ours"]["initial_loss"]) / rows["ours"]["initial_loss"]
             for side, row in rows.items() if side != "ours" and "ours" in rows}
 
@@ -305,7 +346,7 @@ def main() -> None:
     meaning = {"peer/ours time": ">1: we are faster", "peer/ours peak": ">1: we use less",
                "ours/lora time": "what 4 bits cost over the unquantized model"}
     print("   ".join(f"{name} {value:.2f}x ({meaning[name]})" for name, value in ratios.items()))
-    if not all(res["peak_reset"] for results in runs.values() for res in results):
+    if not all(res["peak_reset"] for res in results.values()):
         print("note: /proc/self/clear_refs was not writable: peaks are since process start, step peak = overall peak")
     limits = {"peer": 0.02, "lora": 0.05}  # same NF4 codes; NF4's rounding of every weight (see Method)
     for side, gap in gaps.items():
