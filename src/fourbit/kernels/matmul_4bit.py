@@ -26,7 +26,7 @@ import torch
 from ..errors import InputError
 from ..quant.state import QuantState
 from .cpu import native as cpu_native
-from .dequantize import dequantize_4bit_cuda, dequantize_4bit_op, state_args
+from .dequantize import dequantize_4bit, dequantize_4bit_cuda, dequantize_4bit_op, state_args
 
 
 @torch.library.custom_op("fourbit::matmul_4bit", mutates_args=())
@@ -85,4 +85,11 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
     """``x @ W^T + bias`` for the 4-bit weight (``packed``, ``state``) of shape [out, in], in x's dtype."""
     if x.shape[-1] != state.shape[1]:
         raise InputError(f"input has {x.shape[-1]} features; the 4-bit weight {tuple(state.shape)} expects {state.shape[1]}")
-    return matmul_4bit_op(x, packed, *state_args(state), bias)
+    args = state_args(state)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # the op's CPU kernel without the op's two dispatches (~60 us a call: a training step makes
+        # ~200 of these); a compiled graph keeps the op
+        if cpu_native.supports(x, state.blocksize, args[6], state.shape[1]):
+            return cpu_native.matmul_4bit(x, packed, *args, bias)
+        return torch.nn.functional.linear(x, dequantize_4bit(packed, state, x.dtype), bias)
+    return matmul_4bit_op(x, packed, *args, bias)
