@@ -300,3 +300,22 @@ def test_dense_products_are_taken_for_few_rows_of_one_dtype():
     assert not native.supports_dense(torch.randn(1, 64).bfloat16(), w)  # dtypes differ: F.linear's promotion error
     assert not native.supports_dense(torch.randn(1, 64).half(), w.half())
     assert not native.supports_dense(torch.randn(1, 32), w)
+
+
+def test_a_layer_that_decoded_can_be_copied_and_pickled():
+    # the kernel's prepared arguments hold raw pointers (ctypes), which neither copy.deepcopy nor
+    # pickle can take; the copies leave them out and make their own on first use
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    layer = Linear4bit(128, 40, bias=False, compute_dtype=torch.float32).quantize_(torch.randn(40, 128))
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        y = layer(x)
+        twin = copy.deepcopy(layer)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)

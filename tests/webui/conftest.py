@@ -124,10 +124,18 @@ class Page:
     def fill(self, elem_id: str, value) -> None:
         from selenium.webdriver.common.keys import Keys
 
-        box = self.wait(lambda: self.find(f"#{elem_id} textarea, #{elem_id} input"), what=f"#{elem_id}")
-        box.send_keys(Keys.CONTROL, "a")
-        box.send_keys(Keys.DELETE)
-        box.send_keys(str(value))
+        # Typed again until the box holds it: a number box's page script can rewrite a value typed
+        # half-way ("5e" of "5e-3" is no number) when the page is slow to answer (seen on a busy
+        # machine: "5e-3" arrived as "-3").
+        for _ in range(3):
+            box = self.wait(lambda: self.find(f"#{elem_id} textarea, #{elem_id} input"), what=f"#{elem_id}")
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(Keys.DELETE)
+            box.send_keys(str(value))
+            time.sleep(0.2)
+            if _same_value(box.get_attribute("value"), str(value)):
+                return
+        raise AssertionError(f"#{elem_id} holds {box.get_attribute('value')!r} after typing {value!r} three times")
 
     def choose(self, elem_id: str, option: str) -> None:
         self.find(f"#{elem_id} input").click()
@@ -147,3 +155,13 @@ class Page:
         if self.shots is not None:
             self.shots.mkdir(parents=True, exist_ok=True)
             self.driver.save_screenshot(str(self.shots / f"webui-{name}.png"))
+
+
+def _same_value(shown: str, typed: str) -> bool:
+    """What a box shows is what was typed (a number box may write "5e-3" as "0.005")."""
+    if shown == typed:
+        return True
+    try:
+        return float(shown) == float(typed)
+    except ValueError:
+        return False

@@ -151,6 +151,11 @@ class Linear4bit(FrozenLinear):
                 return nn.functional.linear(x, native.dequantize(x.dtype), bias)
         return matmul_4bit(x, stored[0], state, bias)
 
+    def __getstate__(self):  # copies and pickles leave out the native kernel's pointers (remade on use)
+        state = self.__dict__.copy()
+        state.pop("_native", None)
+        return state
+
     def _native_weight(self, packed: torch.Tensor, state: QuantState) -> cpu_native.Weight4bit:
         """The native kernel's prepared arguments for these codes and this state, made on first
         use and again whenever either is replaced (a load, a device move)."""
