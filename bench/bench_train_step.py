@@ -1,7 +1,7 @@
 """One LoRA training step on CPU: fourbit's QLoRA, transformers + bitsandbytes + peft, and
 fourbit's LoRA on the unquantized model, side by side.
 
-    python bench/bench_train_step.py [--compute-dtype auto|float32|bfloat16] [--steps 5] [--warmup 1]
+    python bench/bench_train_step.py [--compute-dtype auto|float32|bfloat16] [--steps 5] [--warmup 3]
                                      [--rounds 1] [--threads N] [--batch 4] [--seq 128]
                                      [--gradient-checkpointing] [--sides ours,peer,lora]
     python bench/bench_train_step.py --steps 1 --warmup 0 --layers 2 --threads 1   # smoke test
@@ -80,7 +80,7 @@ SIDES = {"ours": "fourbit QLoRA", "peer": "transformers + bitsandbytes + peft", 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=5, help="timed lockstep cycles (one step of each side), per round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed cycles first")
+    p.add_argument("--warmup", type=int, default=3, help="untimed cycles first")
     p.add_argument("--rounds", type=int, default=1, help="multiplies --steps (kept for earlier commands)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--batch", type=int, default=4)
