@@ -147,7 +147,8 @@ class Linear4bit(FrozenLinear):
             native = self._native_weight(stored[0], state)
             if native.takes(x):
                 return native.matmul(x, bias)
-            if native.dequantizes(x.dtype):  # more rows (a prompt): the op's CPU path, without its two dispatches
+            if native.dequantizes(x.dtype):  # more rows (a prompt): dequantize, then F.linear, with the
+                # same prepared arguments (matmul_4bit would prepare them anew: 63 -> 71 ms a 39-token prompt)
                 return nn.functional.linear(x, native.dequantize(x.dtype), bias)
         return matmul_4bit(x, stored[0], state, bias)
 
