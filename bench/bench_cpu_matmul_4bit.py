@@ -1,6 +1,7 @@
 """The 4-bit matmul on a CPU at decoding sizes: the native kernel against dequantize + matmul and the dense cache.
 
     python bench/bench_cpu_matmul_4bit.py [--rows 1,8,16,32,48,64,128] [--dtype bfloat16|float32] [--threads 2]
+    python bench/bench_cpu_matmul_4bit.py --head [--rows 1,4,8,16] [--dtype ...]
 
 Question: for y = x @ W^T with W in NF4 + double quantization (blocks of 64) and x of 1 to 128
 rows, how fast is the native kernel (kernels/cpu/native.c) next to what the op does past
@@ -14,7 +15,14 @@ Method: SmolLM2-135M's linear shapes (q/o 576x576, k/v 192x576, gate/up 1536x576
 (relative error printed; bf16 lands near 2e-3). Timing: the best of 10 rounds of 20 calls after 5
 warm-up calls (the best, not the median: this shared 2-core VM's neighbours only ever add time);
 all weights here fit in the caches, so the dense product is at its best, as in a loop over one
-layer, not as in a model whose weights stream from memory. Table: microseconds per call.
+layer, not as in a model whose weights stream from memory. Table: microseconds per call. The
+native kernel is timed as Linear4bit calls it, its arguments prepared once (native.Weight4bit).
+
+--head: the 16-bit output head instead (SmolLM2's 49152 x 576, tied to the embeddings, never
+quantized): the dense native kernel (``matmul_dense``, nn/dense_linear.py's DenseLinear) against
+``F.linear`` (oneDNN reorders W at every call) and against W prepacked for oneDNN once (a second
+copy of the head, which fourbit does not keep); 56 MB per call, so it streams from memory.
+Where is the crossover that sets ``MAX_ROWS_DENSE``?
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,8,16,32,48,64,128")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--head", action="store_true", help="the dense output head instead of the 4-bit linears")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -58,7 +67,10 @@ def main() -> None:
     if lib is None:
         raise SystemExit("the native kernel could not be built here (see the warning above)")
     print(f"{cpu_kind()} CPU, build {lib.fourbit_isa().decode()}, {args.threads} threads, x in {args.dtype}, "
-          f"torch {torch.__version__}; max_rows({args.dtype}) = {native.max_rows(dtype)}")
+          f"torch {torch.__version__}; max_rows({args.dtype}) = {native.max_rows(dtype)}, "
+          f"MAX_ROWS_DENSE = {native.MAX_ROWS_DENSE}")
+    if args.head:
+        return head(args, dtype)
     print(f"{'shape':<8} {'rows':>4} {'native':>8} {'deq+mm':>8} {'dense':>8} {'deq+mm/native':>14} {'dense/native':>13}"
           f" {'error':>8}")
     torch.manual_seed(0)
@@ -69,17 +81,38 @@ def main() -> None:
         dense = prepack(w)
         for rows in [int(r) for r in args.rows.split(",")]:
             x = torch.randn(rows, k).to(dtype)
-            y = native.matmul_4bit(x, packed, *a, None)
+            prepared = native.Weight4bit(packed, *a)
+            y = prepared.matmul(x, None)
             ref = x.double() @ w.double().T
             error = ((y.double() - ref).norm() / ref.norm()).item()
             if not error < 1e-2:
                 raise AssertionError(f"{name} rows={rows}: relative error {error:.3g}")
-            t_native = best_us(functools.partial(native.matmul_4bit, x, packed, *a, None))
+            t_native = best_us(functools.partial(prepared.matmul, x, None))
             t_deq = best_us(lambda x=x, packed=packed, a=a: torch.nn.functional.linear(
                 x, dequantize_4bit_op(packed, *a, dtype)))
             t_dense = best_us(functools.partial(prepacked_linear, x, dense, None))
             print(f"{name:<8} {rows:>4} {t_native:>8.0f} {t_deq:>8.0f} {t_dense:>8.0f} {t_deq / t_native:>14.2f} "
                   f"{t_dense / t_native:>13.2f} {error:>8.1e}", flush=True)
+
+
+def head(args, dtype: torch.dtype) -> None:
+    print(f"{'rows':>4} {'native':>8} {'F.linear':>9} {'prepacked':>10} {'F.linear/native':>16} {'prepacked/native':>17}"
+          f" {'error':>8}")
+    torch.manual_seed(0)
+    w = torch.randn(49152, 576).to(dtype)
+    packed = prepack(w)
+    for rows in [int(r) for r in args.rows.split(",")]:
+        x = torch.randn(rows, 576).to(dtype)
+        y = native.matmul_dense(x, w)
+        ref = x.double() @ w.double().T
+        error = ((y.double() - ref).norm() / ref.norm()).item()
+        if not error < 1e-2:
+            raise AssertionError(f"head rows={rows}: relative error {error:.3g}")
+        t_native = best_us(functools.partial(native.matmul_dense, x, w), calls=5)
+        t_linear = best_us(functools.partial(torch.nn.functional.linear, x, w), calls=5)
+        t_packed = best_us(functools.partial(prepacked_linear, x, packed, None), calls=5)
+        print(f"{rows:>4} {t_native:>8.0f} {t_linear:>9.0f} {t_packed:>10.0f} {t_linear / t_native:>16.2f} "
+              f"{t_packed / t_native:>17.2f} {error:>8.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Decode speed at batch 1, and the server under concurrent load: fourbit vs its baselines.
 
     python bench/bench_serve.py [--new-tokens 32] [--requests 16] [--concurrency 8] [--device cpu|cuda]
+                                [--skip-load | --skip-decode] [--engine-dense-cache default|on|off|both]
 
 Questions: (1) how many tokens a second does fourbit's generation loop decode for one sequence,
 next to transformers' own ``generate`` on the same loaded model; (2) on a CPU, what decoding
@@ -28,8 +29,10 @@ Method
 - Load: the OpenAI server (serve/server.py) in this process on a free port, driven over HTTP by
   --concurrency client threads sending --requests chat requests (max_tokens = --new-tokens).
   Once with the engine batching up to 16 rows, once with max_batch=1 (one request at a time,
-  the baseline). Reported: requests/s, generated tokens/s, latency p50/p90/p99 (seconds from
-  sending a request to its full answer), and the mean batch size the engine formed.
+  the baseline); with --engine-dense-cache both, the batched engine twice, from its dense cache
+  and from the 4-bit codes (on a CPU the engine keeps the dense cache by default). Reported:
+  requests/s, generated tokens/s, latency p50/p90/p99 (seconds from sending a request to its full
+  answer), and the mean batch size the engine formed.
 - Output: a short table last; JSON to $OUT or bench/results/serve-<device>.json.
 """
 
@@ -136,8 +139,8 @@ def decode_cpu(model, tokenizer, ids: list[int], args) -> dict:
     return {name: variants[name][1] * args.new_tokens / statistics.median(t) for name, t in times.items()}
 
 
-def load(model, tokenizer, adapters, args, max_batch: int) -> dict:
-    engine = Engine(model, tokenizer, adapters, max_batch=max_batch)
+def load(model, tokenizer, adapters, args, max_batch: int, dense_cache: bool | None = None) -> dict:
+    engine = Engine(model, tokenizer, adapters, max_batch=max_batch, dense_cache=dense_cache)
     server = make_http_server(OpenAIServer(engine, "bench"), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
@@ -169,7 +172,7 @@ def load(model, tokenizer, adapters, args, max_batch: int) -> dict:
     server.shutdown()
     server.server_close()
     engine.close()
-    return {"max_batch": max_batch, "seconds": seconds, "requests_per_s": args.requests / seconds,
+    return {"max_batch": max_batch, "dense_cache": dense_cache, "seconds": seconds, "requests_per_s": args.requests / seconds,
             "tokens_per_s": sum(tokens) / seconds, "p50": percentile(latencies, 50), "p90": percentile(latencies, 90),
             "p99": percentile(latencies, 99), "mean_batch": engine.stats.mean_batch()}
 
@@ -183,6 +186,9 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-rows", default="1,8", help="rows of the CPU decode comparison, comma-separated")
     p.add_argument("--skip-load", action="store_true", help="only the decode measurements")
+    p.add_argument("--skip-decode", action="store_true", help="only the server under load")
+    p.add_argument("--engine-dense-cache", choices=["default", "on", "off", "both"], default="default",
+                   help="the batched engine's dense cache (default: the engine's own choice; both: one run each)")
     args = p.parse_args()
     args.batch_rows = [int(r) for r in args.batch_rows.split(",")]
     model, tokenizer = fourbit.load_model(None, device=args.device)
@@ -194,15 +200,18 @@ def main() -> None:
            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
            "fourbit": fourbit.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    one = batch_one(model, tokenizer, ids, args)
-    print(f"batch 1: {one}", flush=True)
-    decode = decode_cpu(model, tokenizer, ids, args) if args.device == "cpu" else {}
+    one = batch_one(model, tokenizer, ids, args) if not args.skip_decode else None
+    if one:
+        print(f"batch 1: {one}", flush=True)
+    decode = decode_cpu(model, tokenizer, ids, args) if args.device == "cpu" and not args.skip_decode else {}
     if decode:
         print(f"CPU decode: {decode}", flush=True)
     loads = []
     if not args.skip_load:
         adapters = AdapterSet(model)  # as `fourbit serve` runs (no adapter loaded): wrapped once, for both engines
-        loads = [load(model, tokenizer, adapters, args, 16), load(model, tokenizer, adapters, args, 1)]
+        caches = {"default": [None], "on": [True], "off": [False], "both": [True, False]}[args.engine_dense_cache]
+        loads = [load(model, tokenizer, adapters, args, 16, cache) for cache in caches]
+        loads.append(load(model, tokenizer, adapters, args, 1))
     for row in loads:
         print(f"load: {row}", flush=True)
 
@@ -213,9 +222,10 @@ def main() -> None:
                                indent=2) + "\n")
 
     print(f"\nSmolLM2-135M-Instruct NF4, {env['device']}, {args.new_tokens} new tokens ({path})")
-    r = one["tokens_per_s"]
-    print(f"batch 1 decode: fourbit {r['fourbit']:.1f} tok/s, transformers generate {r['transformers']:.1f} tok/s, "
-          f"ratio {one['ratio']:.2f} (same tokens: {one['same_tokens']})")
+    if one:
+        r = one["tokens_per_s"]
+        print(f"batch 1 decode: fourbit {r['fourbit']:.1f} tok/s, transformers generate {r['transformers']:.1f} tok/s, "
+              f"ratio {one['ratio']:.2f} (same tokens: {one['same_tokens']})")
     if decode:
         print(f"{'CPU decode':<26} {'tok/s':>7}")
         for name, rate in decode.items():
@@ -229,12 +239,16 @@ def main() -> None:
                   f"4-bit {decode['4-bit, batch 1'] / llama:.2f}x")
     if not loads:
         return
-    print(f"{'server':<22} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'mean batch':>11}")
+    print(f"{'server':<26} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'mean batch':>11}")
     for row in loads:
-        name = f"max_batch={row['max_batch']}"
-        print(f"{name:<22} {row['requests_per_s']:>7.2f} {row['tokens_per_s']:>7.1f} {row['p50']:>7.2f} "
+        cache = {None: "", True: ", dense cache", False: ", 4-bit"}[row["dense_cache"]]
+        name = f"max_batch={row['max_batch']}{cache}"
+        print(f"{name:<26} {row['requests_per_s']:>7.2f} {row['tokens_per_s']:>7.1f} {row['p50']:>7.2f} "
               f"{row['p90']:>7.2f} {row['p99']:>7.2f} {row['mean_batch']:>11.2f}")
-    print(f"batching: {loads[0]['requests_per_s'] / loads[1]['requests_per_s']:.2f}x the requests/s of one at a time")
+    print(f"batching: {loads[0]['requests_per_s'] / loads[-1]['requests_per_s']:.2f}x the requests/s of one at a time")
+    if len(loads) == 3:
+        print(f"batched from the 4-bit codes / from the dense cache: "
+              f"{loads[1]['tokens_per_s'] / loads[0]['tokens_per_s']:.2f}x the tokens/s")
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native.c")
 MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
 MAX_ROWS_DOT_BF16 = 16  # vdpbf16ps: 1.2-2.2x the C dequantize + matmul at 16 rows, behind it from 24 on the big shapes
-MAX_ROWS_DENSE = 8  # against F.linear (which reorders W per call): 2.5x (bf16) and 5x (float32) at 1 row on
-# SmolLM2's 49152 x 576 head, 1.6-1.7x at 8, behind at 16 (bench/RESULTS.md, issue 20)
+MAX_ROWS_DENSE = 8  # against F.linear (which reorders W per call) on SmolLM2's 49152 x 576 head: 2.8x (bf16)
+# and 3.5x (float32) at 1 row, 1.2-1.8x at 8, behind or even at 16 (bench_cpu_matmul_4bit.py --head)
 ISA_FLAGS = {  # "native": what this machine has; the others let tests run each code path
     "native": ["-march=native"],
     "avx2": ["-mavx2", "-mfma"],
@@ -266,7 +266,7 @@ def supports_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
     bf16), at most ``MAX_ROWS_DENSE`` rows of x."""
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
             and x.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
-            and 0 < x.numel() // max(weight.shape[1], 1) <= MAX_ROWS_DENSE and sys.byteorder == "little"
+            and 0 < x.numel() // max(weight.shape[1], 1) <= MAX_ROWS_DENSE and _LITTLE_ENDIAN
             and enabled() and library() is not None)
 
 
