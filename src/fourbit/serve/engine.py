@@ -16,6 +16,7 @@ as it is decoded. One worker thread owns the model and repeats one iteration:
               (serve/kv_batch.py)
     decode    one token for every running row, each with its own sampling settings, seed and
               adapter (serve/adapters.py); a row whose sampling fails ends alone
+              (a Llama-family model on a CPU decodes through serve/decode_step.py)
 
 Requests that arrive while a prefill runs are prefilled in the same iteration while the
 budget of ``prefill_chunk`` tokens lasts (a burst of requests starts together, not a decode step
@@ -50,6 +51,7 @@ from ..chat_templates import pad_id
 from ..errors import InputError
 from ..nn.linear4bit import dense_weights
 from .adapters import AdapterSet
+from .decode_step import DecodeStep, cache_supported
 from .generate import Completion, Decoder, Delta, Sampling, eos_token_ids
 from .kv_batch import KVBatch, joinable
 from .prefix_cache import PrefixCache
@@ -129,7 +131,7 @@ class _Job:
 class Engine:
     def __init__(self, model, tokenizer, adapters: AdapterSet | None = None, max_batch: int = 64,
                  prefill_chunk: int = 256, dense_cache: bool | None = None, request_seconds: float = 600.0,
-                 prefix_cache: int = 4096):
+                 prefix_cache: int = 4096, decode_step: bool = True):
         if max_batch < 1 or prefill_chunk < 1 or prefix_cache < 0:
             raise InputError(f"max_batch and prefill_chunk must be positive and prefix_cache at least 0, got {max_batch}, "
                              f"{prefill_chunk} and {prefix_cache}")
@@ -137,6 +139,7 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.request_seconds = max_batch, prefill_chunk, request_seconds
         self.device = next(model.parameters()).device
         self.eos, self.pad = eos_token_ids(model, tokenizer), pad_id(tokenizer)
+        self._step = DecodeStep.of(model) if decode_step else None  # None: the model's own forward decodes
         if dense_cache is None:
             dense_cache = self.device.type == "cpu"
         self.stats = Stats()
@@ -440,12 +443,15 @@ class Engine:
         ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
         positions = batch.positions()
         with self._route([r.adapter for r in rows]):
-            out = self.model(input_ids=ids, attention_mask=batch.grow(), position_ids=positions,
-                             past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
-        batch.cache = out.past_key_values
+            if self._step is not None and cache_supported(batch.cache):
+                logits = self._step(ids, batch.grow(), positions, batch.cache)  # the cache grows in place
+            else:
+                out = self.model(input_ids=ids, attention_mask=batch.grow(), position_ids=positions,
+                                 past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+                batch.cache, logits = out.past_key_values, out.logits[:, -1]
         self.stats.steps += 1
         self.stats.batch_sizes[len(rows)] += 1
-        self._choose(rows, out.logits[:, -1].float())
+        self._choose(rows, logits.float())
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Each row's next token from its logits, taken by its decoder; a row that fails ends alone."""

@@ -8,6 +8,8 @@ One loop serves every caller (the chat, the server, evaluation):
     decode    one token per row per step, fed with its cached context: the logits of row i
               depend on row i alone, so a batch gives each row its batch-size-1 result (greedy;
               up to the floating-point order of the batched products)
+              (for a Llama-family model on a CPU, through serve/decode_step.py: the same layers
+              without transformers' per-layer machinery; else the model's own forward)
     choose    greedy (temperature 0) or sampled: logits / temperature, then top-k, then top-p
               (the smallest set of tokens whose probabilities sum to p), drawn with the row's own
               torch.Generator, seeded, so one request's draw does not depend on its batch
@@ -36,6 +38,7 @@ import torch
 
 from ..chat_templates import end_of_turn_ids, pad_id
 from ..errors import InputError
+from .decode_step import DecodeStep, cache_supported
 
 
 @dataclass
@@ -102,17 +105,19 @@ class Delta:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], sampling: Sampling | list[Sampling], use_cache: bool = True,
-             eos_ids: set[int] | None = None) -> list[Completion]:
-    """Complete each prompt (token ids); one :class:`Sampling` for all rows or one per row."""
-    for _ in (run := Generation(model, tokenizer, prompts, sampling, use_cache, eos_ids)).steps():
+             eos_ids: set[int] | None = None, decode_step: bool = True) -> list[Completion]:
+    """Complete each prompt (token ids); one :class:`Sampling` for all rows or one per row.
+    ``decode_step``: decode through serve/decode_step.py where it applies (False: always the
+    model's own forward)."""
+    for _ in (run := Generation(model, tokenizer, prompts, sampling, use_cache, eos_ids, decode_step)).steps():
         pass
     return run.completions()
 
 
 def stream(model, tokenizer, prompts: list[list[int]], sampling: Sampling | list[Sampling], use_cache: bool = True,
-           eos_ids: set[int] | None = None) -> Iterator[Delta]:
+           eos_ids: set[int] | None = None, decode_step: bool = True) -> Iterator[Delta]:
     """Like :func:`generate`, yielding each row's text as it grows (one final Delta per row)."""
-    yield from Generation(model, tokenizer, prompts, sampling, use_cache, eos_ids).steps()
+    yield from Generation(model, tokenizer, prompts, sampling, use_cache, eos_ids, decode_step).steps()
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -195,10 +200,11 @@ class Generation:
     """One batch being generated, all rows from the start: iterate :meth:`steps` for Deltas;
     :meth:`completion` gives a row's result once its final Delta has been yielded."""
 
-    def __init__(self, model, tokenizer, prompts, sampling, use_cache, eos_ids):
+    def __init__(self, model, tokenizer, prompts, sampling, use_cache, eos_ids, decode_step=True):
         if not prompts:
             raise InputError("no prompts to complete")
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
+        self.decode_step = DecodeStep.of(model) if use_cache and decode_step else None
         sampling = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(sampling) != len(prompts):
             raise InputError(f"{len(sampling)} sampling settings for {len(prompts)} prompts")
@@ -219,14 +225,18 @@ class Generation:
             if self.use_cache and cache is not None:
                 positions = positions[:, -1:]
             every = echo and step == 0  # the prefill's logits at every position, for prompt logprobs
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=self.use_cache, logits_to_keep=0 if every else 1)
-            cache = out.past_key_values if self.use_cache else None
-            if every:
-                for i, row in enumerate(self.rows):
-                    if row.sampling.prompt_logprobs:
-                        row.record_prompt_logprobs(out.logits[i, longest - len(row.prompt):])
-            tokens = yield from _step(self.rows, out.logits[:, -1].float())
+            if self.decode_step is not None and cache is not None and cache_supported(cache):
+                logits = self.decode_step(step_ids, mask, positions, cache)  # the cache grows in place
+            else:
+                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=self.use_cache, logits_to_keep=0 if every else 1)
+                cache = out.past_key_values if self.use_cache else None
+                if every:
+                    for i, row in enumerate(self.rows):
+                        if row.sampling.prompt_logprobs:
+                            row.record_prompt_logprobs(out.logits[i, longest - len(row.prompt):])
+                logits = out.logits[:, -1]
+            tokens = yield from _step(self.rows, logits.float())
             if all(r.finish is not None for r in self.rows):
                 return
             next_ids = torch.tensor(tokens, device=device)[:, None]

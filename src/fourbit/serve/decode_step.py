@@ -1,0 +1,118 @@
+"""One decoding step of a Llama-family model, written out: what transformers' forward computes
+for one new token per row, without its per-layer machinery.
+
+On a CPU a decoded token of a small model costs more in overhead than in arithmetic: for
+SmolLM2-135M the 4-bit products take ~4 ms of C a token, while transformers' forward around them
+(module calls, keyword plumbing, the mask builder, the attention dispatcher, norms of seven ops,
+rotary embeddings of a dozen) takes as long again (bench/RESULTS.md). This step runs the same
+layers with the same parameters and the same cache:
+
+    x        embed(tokens)                                   [rows, 1, hidden]
+    per layer
+      h      rms_norm(x) * w_in                             (the native kernel on a CPU, else torch)
+      q,k,v  the layer's own q/k/v projections               (its modules: 4-bit, dense, LoRA alike)
+             (Qwen3: q and k RMS-normalized per head)
+             rotated by the model's rotary embedding at each row's position
+      k,v    appended to the layer's cache                   (DynamicCache.update, as transformers does)
+      a      softmax(q K^T * scale + padding) V              (scaled_dot_product_attention, GQA)
+      x      x + o_proj(a)
+      x      x + down(act(gate(h)) * up(h)),  h = rms_norm(x) * w_post
+    logits   lm_head(rms_norm(x) * w_final)
+
+Every sum, cast and rounding is the one transformers' modeling code makes (the RMS norm in
+float32, cast back, then times its weight), so in float32 the logits agree with its forward to
+the last few ulps and in bfloat16 to its rounding (tests/serve/test_decode_step.py). It covers
+the architectures whose decoder layer is exactly this (Llama, Mistral and Qwen2 without a
+sliding window, Qwen3) on a CPU; :meth:`DecodeStep.of` returns None for anything else, and the
+callers then use the model's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..kernels.rms_norm import rms_norm
+
+ARCHITECTURES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
+
+
+class DecodeStep:
+    """The decode step of one model: ``step(ids, mask, positions, cache)`` -> next-token logits."""
+
+    def __init__(self, model):
+        self.model, self.inner = model, model.model
+        self.layers = list(self.inner.layers)
+
+    @classmethod
+    def of(cls, model) -> DecodeStep | None:
+        """The step for ``model``, or None where it does not apply (another architecture, a
+        sliding window, a changed module, training mode, not on a CPU): the caller uses
+        ``model(...)`` then."""
+        config = getattr(model, "config", None)
+        norm_class = ARCHITECTURES.get(getattr(config, "model_type", None))
+        inner = getattr(model, "model", None)
+        if norm_class is None or inner is None or not hasattr(model, "lm_head"):
+            return None
+        if model.training or next(model.parameters()).device.type != "cpu":  # (training: dropout, left to transformers)
+            return None
+        norms = [inner.norm] + [n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if any(type(n).__name__ != norm_class for n in norms):
+            return None
+        if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+            return None  # (Mistral's window is the config's; Qwen2's and Qwen3's, per layer, below)
+        for layer in inner.layers:
+            attention = layer.self_attn
+            if getattr(attention, "sliding_window", None) is not None:
+                return None
+            if config.model_type == "qwen3" and any(type(n).__name__ != norm_class for n in (attention.q_norm, attention.k_norm)):
+                return None
+        return cls(model)
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        """Logits [rows, vocabulary] of the token after ``ids`` [rows, 1], placed at ``positions``
+        [rows, 1] after the ``cache``'s history; ``mask`` [rows, length] marks each row's real
+        tokens (its left padding 0), the new one included. The cache gets the new keys and values."""
+        inner = self.inner
+        x = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(x, positions)
+        cos, sin = cos[:, None], sin[:, None]  # [rows, 1 (heads), 1, head_dim]
+        padding = None if bool(mask.all()) else mask[:, None, None, :].bool()
+        rows = ids.shape[0]
+        for index, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            norm = layer.input_layernorm
+            h = rms_norm(x, norm.weight, norm.variance_epsilon)
+            q = attention.q_proj(h).view(rows, 1, -1, attention.head_dim)
+            k = attention.k_proj(h).view(rows, 1, -1, attention.head_dim)
+            v = attention.v_proj(h).view(rows, 1, -1, attention.head_dim).transpose(1, 2)
+            if hasattr(attention, "q_norm"):
+                q = rms_norm(q, attention.q_norm.weight, attention.q_norm.variance_epsilon)
+                k = rms_norm(k, attention.k_norm.weight, attention.k_norm.variance_epsilon)
+            q = _rotated(q.transpose(1, 2), cos, sin)
+            k = _rotated(k.transpose(1, 2), cos, sin)
+            keys, values = cache.update(k, v, index)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=padding, scale=attention.scaling,
+                                               enable_gqa=keys.shape[1] != q.shape[1])
+            x = x + attention.o_proj(a.transpose(1, 2).reshape(rows, 1, -1))
+            norm, mlp = layer.post_attention_layernorm, layer.mlp
+            h = rms_norm(x, norm.weight, norm.variance_epsilon)
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        h = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
+        return self.model.lm_head(h)[:, -1]
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin: the rotary embedding as transformers applies it (the two
+    halves of head_dim form the pairs)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def cache_supported(cache: DynamicCache) -> bool:
+    """Whether the step can extend ``cache`` (every layer a plain DynamicLayer)."""
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)

@@ -1,0 +1,113 @@
+"""serve/decode_step.py: one decoded token per row, against transformers' own forward on the same
+model and cache (the reference: an independent implementation of the same layers)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import fourbit
+from fourbit.serve import Sampling, generate
+from fourbit.serve.decode_step import DecodeStep
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              intermediate_size=96, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+ARCHITECTURES = {"llama": {}, "mistral": dict(sliding_window=None), "qwen2": {}, "qwen3": {}}
+
+
+def dense_model(name: str, seed: int = 0, **overrides):
+    config = AutoConfig.for_model(name, **(COMMON | ARCHITECTURES.get(name, {}) | overrides))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so that both are really tested
+        for name_, p in model.named_parameters():
+            if "norm" in name_ or name_.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def prefilled(model, lengths=(7, 4)):
+    """A left-padded batch's cache after random prompts, and its mask."""
+    g = torch.Generator().manual_seed(1)
+    longest = max(lengths)
+    ids = torch.randint(0, model.config.vocab_size, (len(lengths), longest), generator=g)
+    mask = torch.tensor([[0] * (longest - n) + [1] * n for n in lengths])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+    return out.past_key_values, mask
+
+
+def both_ways(model, steps=4, lengths=(7, 4)):
+    """Per step: (the step's logits, transformers' forward's logits) on the same random tokens."""
+    step = DecodeStep.of(model)
+    assert step is not None
+    cache, mask = prefilled(model, lengths)
+    theirs_cache = copy.deepcopy(cache)
+    tokens = torch.randint(0, model.config.vocab_size, (steps, len(lengths), 1), generator=torch.Generator().manual_seed(2))
+    pairs = []
+    for ids in tokens:
+        mask = torch.cat([mask, mask.new_ones(len(lengths), 1)], dim=1)
+        positions = mask.sum(1, keepdim=True) - 1
+        ours = step(ids, mask, positions, cache)
+        with torch.no_grad():
+            theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=theirs_cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        pairs.append((ours, theirs))
+    assert cache.get_seq_length() == theirs_cache.get_seq_length()
+    return pairs
+
+
+def scaled_error(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_the_step_computes_transformers_forward_in_float32(name):
+    # the same float32 operations; only the attention kernel's summation order may differ
+    # (masked or not): a few float32 ulps (2^-23 = 1.2e-7) of the largest logit (measured 2.6e-7)
+    for ours, theirs in both_ways(dense_model(name)):
+        assert ours.dtype == theirs.dtype == torch.float32
+        assert scaled_error(ours, theirs) < 2e-6
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_the_step_in_bfloat16_is_as_close_to_float32_as_transformers_is(name):
+    model = dense_model(name).to(torch.bfloat16)
+    reference = [theirs for _, theirs in both_ways(copy.deepcopy(model).float())]  # float32 math, the same weights
+    for (ours, theirs), exact in zip(both_ways(model), reference):
+        # the same bf16 roundings as transformers' layers (norms cast back, then times the weight):
+        # the step's error against float32 math is transformers' own (0.4-0.8% of the largest
+        # logit here), up to bf16 rounding noise where a kernel rounds once instead of per op
+        assert scaled_error(ours, exact) <= 1.5 * scaled_error(theirs, exact) + 1e-3
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_the_step_on_4bit_weights_computes_transformers_forward(tmp_path, compute):
+    dense_model("llama").save_pretrained(tmp_path)
+    model, _ = fourbit.load_model(tmp_path, quantization="nf4", compute_dtype=compute, torch_dtype=compute)
+    for ours, theirs in both_ways(model):
+        # the same 4-bit products (the native kernel through the layers' own modules) in both:
+        # float32: a few float32 ulps; bf16: within one bf16 ulp (2^-8) of the largest logit
+        assert scaled_error(ours, theirs) < (2e-6 if compute == "float32" else 2 ** -8)
+
+
+def test_other_models_decode_through_their_own_forward():
+    assert DecodeStep.of(dense_model("gemma2", query_pre_attn_scalar=16)) is None  # another architecture
+    assert DecodeStep.of(dense_model("mistral", sliding_window=32)) is None  # a sliding window: the config's
+    assert DecodeStep.of(dense_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)) is None
+    assert DecodeStep.of(dense_model("llama").train()) is None  # training mode (dropout)
+    changed = dense_model("llama")
+    changed.model.layers[1].post_attention_layernorm = torch.nn.LayerNorm(64)  # a layer changed by hand
+    assert DecodeStep.of(changed) is None
+    assert DecodeStep.of(dense_model("llama")) is not None
+
+
+def test_generate_makes_the_same_tokens_either_way(chat_model):
+    model, tokenizer, _ = chat_model
+    prompts = [tokenizer("Hello there, how are you?")["input_ids"], tokenizer("Hi")["input_ids"]]
+    sampling = Sampling(max_new_tokens=12)
+    assert DecodeStep.of(model) is not None
+    fast = generate(model, tokenizer, prompts, sampling, eos_ids=set())
+    slow = generate(model, tokenizer, prompts, sampling, eos_ids=set(), decode_step=False)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
