@@ -4,7 +4,6 @@ C), and the op's and Linear4bit's choice of it. The suite turns the run-time-com
 elsewhere (tests/conftest.py); here they are on."""
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +14,9 @@ from fourbit.kernels.dequantize import state_args
 from fourbit.nn.linear4bit import Linear4bit
 from fourbit.quant import dequantize_4bit_reference, quantize_4bit
 
-
-def _cpu_flags() -> set[str]:
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
-
-
 # "native" is this machine's own (AVX-512 here, AVX2 on the AVX2-only kind); the explicit ones let
 # every machine check the paths it can run
-ISAS = ["native", "generic"] + (["avx2"] if {"avx2", "fma"} <= _cpu_flags() else [])
+ISAS = native.runnable_isas()
 
 
 @pytest.fixture(autouse=True)

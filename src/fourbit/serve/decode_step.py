@@ -30,11 +30,12 @@ callers then use the model's own forward.
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..kernels.decode_attention import decode_attention
 from ..kernels.rms_norm import rms_norm
+from ..kernels.rotary import rotate_
 
 ARCHITECTURES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
 
@@ -79,38 +80,28 @@ class DecodeStep:
         tokens (its left padding 0), the new one included. The cache gets the new keys and values."""
         inner = self.inner
         x = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(x, positions)
-        cos, sin = cos[:, None], sin[:, None]  # [rows, 1 (heads), 1, head_dim]
-        padding = None if bool(mask.all()) else mask[:, None, None, :].bool()
         rows = ids.shape[0]
+        cos, sin = (t.reshape(rows, -1) for t in inner.rotary_emb(x, positions))  # [rows, head_dim]
+        padding = None if bool(mask.all()) else mask
         for index, layer in enumerate(self.layers):
             attention = layer.self_attn
-            norm = layer.input_layernorm
+            norm, size = layer.input_layernorm, attention.head_dim
             h = rms_norm(x, norm.weight, norm.variance_epsilon)
-            q = attention.q_proj(h).view(rows, 1, -1, attention.head_dim)
-            k = attention.k_proj(h).view(rows, 1, -1, attention.head_dim)
-            v = attention.v_proj(h).view(rows, 1, -1, attention.head_dim).transpose(1, 2)
+            q = attention.q_proj(h).reshape(rows, -1, size)  # [rows, heads, head_dim]
+            k = attention.k_proj(h).reshape(rows, -1, size)
+            v = attention.v_proj(h).reshape(rows, -1, 1, size)
             if hasattr(attention, "q_norm"):
                 q = rms_norm(q, attention.q_norm.weight, attention.q_norm.variance_epsilon)
                 k = rms_norm(k, attention.k_norm.weight, attention.k_norm.variance_epsilon)
-            q = _rotated(q.transpose(1, 2), cos, sin)
-            k = _rotated(k.transpose(1, 2), cos, sin)
-            keys, values = cache.update(k, v, index)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=padding, scale=attention.scaling,
-                                               enable_gqa=keys.shape[1] != q.shape[1])
-            x = x + attention.o_proj(a.transpose(1, 2).reshape(rows, 1, -1))
+            q, k = rotate_(q, k, cos, sin)
+            keys, values = cache.update(k[:, :, None], v, index)
+            a = decode_attention(q, keys, values, padding, attention.scaling)
+            x = x + attention.o_proj(a.reshape(rows, 1, -1))
             norm, mlp = layer.post_attention_layernorm, layer.mlp
             h = rms_norm(x, norm.weight, norm.variance_epsilon)
             x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
         h = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
         return self.model.lm_head(h)[:, -1]
-
-
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin: the rotary embedding as transformers applies it (the two
-    halves of head_dim form the pairs)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def cache_supported(cache: DynamicCache) -> bool:

@@ -33,6 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -269,20 +271,6 @@ static void row_range_bf16_of(const weight_4bit *w, const uint16_t *x, int64_t x
     }
 }
 #endif
-
-static inline float from_bf16(uint16_t bits) {
-    uint32_t u = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) { /* round to nearest, ties to even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
 
 /* y [m, n] = x [m, k] @ dequant(W)^T, x and y both float32 (bf16 = 0) or both bfloat16 (bf16 = 1);
    W as the caller prepared it once (kernels/cpu/native.py's Weight4bit: a decoded token makes

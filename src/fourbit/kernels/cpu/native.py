@@ -7,10 +7,14 @@ dense product of a few rows.
                      bit-identical to the reference
     matmul_dense:    y[m, n] = sum_k W[n, k] * x[m, k] for a 16-bit or float32 W read in place
                      (the output head while decoding: nn/dense_linear.py), the sums float32
+    rms_norm, rotate_, decode_attention: the small per-layer steps of decoding a token
+                     (serve/decode_step.py), each one call (decode.c; their twins in
+                     kernels/rms_norm.py, rotary.py, decode_attention.py)
 
-The code is native.c beside this file (the math and the instruction choices at its top),
-compiled at first use for this machine's instruction set with the system's C compiler and
-OpenMP, cached under ``<fourbit cache>/kernels`` by a hash of the source, the flags, the
+The code is native.c and decode.c beside this file (the math and the instruction choices at
+their tops, bf16.h the conversions both use), built into one library at first use for this
+machine's instruction set with the system's C compiler and OpenMP, cached under
+``<fourbit cache>/kernels`` by a hash of the sources, the flags, the
 compiler and the CPU's flags, and called through ctypes (which releases the GIL). Its OpenMP
 runtime (libgomp.so.1) resolves to the one torch has already loaded: one thread pool, sized per
 call by ``torch.get_num_threads()``. The plain-torch twins are the reference dequantization
@@ -57,7 +61,8 @@ from .dequantize import ENV
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("native.c", "decode.c"))  # one library
+HEADERS = (Path(__file__).with_name("bf16.h"),)
 MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
 MAX_ROWS_DOT_BF16 = 16  # vdpbf16ps: 1.2-2.2x the C dequantize + matmul at 16 rows, behind it from 24 on the big shapes
 MAX_ROWS_DENSE = 8  # against F.linear (which reorders W per call) on SmolLM2's 49152 x 576 head: 2.8x (bf16)
@@ -95,6 +100,13 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+def runnable_isas() -> list[str]:
+    """The builds this CPU can run: its own ("native"), plain C, and AVX2 where it has AVX2 and FMA
+    (tests run each)."""
+    flags = set(_cpu_flags().partition(":")[2].split())
+    return ["native", "generic"] + (["avx2"] if {"avx2", "fma"} <= flags else [])
+
+
 def _cache_dir() -> Path:  # io/default_model.cache_dir()'s folder (kernels/ sits below io/)
     configured = os.environ.get("FOURBIT_CACHE")
     return (Path(configured) if configured else Path.home() / ".cache" / "fourbit") / "kernels"
@@ -104,15 +116,16 @@ def _build(isa: str, compiler: str) -> Path:
     """Compile the kernel for ``isa`` (once per source, flags, compiler and CPU) and return the library's path."""
     flags = ["-O3", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC", "-fopenmp", *ISA_FLAGS[isa]]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, compiler, version, _cpu_flags()]).encode()).hexdigest()
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, *flags, compiler, version, _cpu_flags()]).encode()).hexdigest()
     target = _cache_dir() / f"native-{isa}-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, renamed into place whole
         built = Path(tmp) / target.name
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-lm", "-o", str(built)], capture_output=True,
+                              text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
         os.replace(built, target)
@@ -132,6 +145,13 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.fourbit_dequantize_4bit.restype = i32
     lib.fourbit_matmul_dense.argtypes = [p, p, p, i32, i64, i64, i64, i32]
     lib.fourbit_matmul_dense.restype = i32
+    f32 = ctypes.c_float
+    lib.fourbit_rms_norm.argtypes = [p, p, p, i64, i64, f32, i32]
+    lib.fourbit_rms_norm.restype = None
+    lib.fourbit_rotate.argtypes = [p, p, p, p, i64, i64, i64, i64, i32]
+    lib.fourbit_rotate.restype = None
+    lib.fourbit_decode_attention.argtypes = [p, p, p, p, p, *[i64] * 11, f32, i32, i32]
+    lib.fourbit_decode_attention.restype = i32
     lib.fourbit_isa.restype = ctypes.c_char_p
     lib.dot_bf16 = lib.fourbit_isa() == b"avx512-bf16"
     return lib
@@ -303,5 +323,50 @@ def dequantize_4bit(packed, absmax, code, nested_absmax, nested_code, nested_off
     return weight.dequantize(dtype, isa).reshape(shape)
 
 
-__all__ = ["ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "Weight4bit", "enabled", "library", "matmul_4bit", "max_rows", "supports",
-           "supports_dequantize", "dequantize_4bit", "MAX_ROWS_DENSE", "matmul_dense", "supports_dense"]
+def supports_decode(*tensors: torch.Tensor) -> bool:
+    """Whether the decoding kernels (decode.c: rms_norm, rotate, decode_attention) take these
+    tensors: on a CPU, one dtype, float32 or bf16, the kernels built."""
+    dtype = tensors[0].dtype
+    return (dtype in (torch.float32, torch.bfloat16) and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+            and _LITTLE_ENDIAN and enabled() and library() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, isa: str = "native") -> torch.Tensor:
+    """kernels/rms_norm.py's norm over x's last dimension; see ``supports_decode``."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    library(isa).fourbit_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), x.numel() // n, n, eps,
+                                  x.dtype == torch.bfloat16)
+    return out
+
+
+def rotate_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, isa: str = "native") -> None:
+    """kernels/rotary.py's rotation of q [rows, q_heads, d] and k [rows, k_heads, d] (contiguous),
+    in place, by cos and sin [rows, d]; see ``supports_decode``."""
+    rows, q_heads, d = q.shape
+    cos, sin = cos.reshape(rows, d).contiguous(), sin.reshape(rows, d).contiguous()
+    library(isa).fourbit_rotate(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, q_heads, k.shape[1], d,
+                                q.dtype == torch.bfloat16)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                     isa: str = "native") -> torch.Tensor:
+    """kernels/decode_attention.py's attention of one new token per row: q [rows, q_heads, d]
+    (contiguous), keys and values [rows, kv_heads, length, d] (head_dim contiguous), mask
+    [rows, length] (nonzero: kept) or None; out [rows, q_heads, d]. See ``supports_decode``."""
+    rows, q_heads, d = q.shape
+    _, kv_heads, length, _ = keys.shape
+    mask = mask.to(torch.int64).contiguous() if mask is not None else None
+    out = torch.empty_like(q)
+    if library(isa).fourbit_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                             mask.data_ptr() if mask is not None else None, out.data_ptr(), rows,
+                                             q_heads, kv_heads, length, d, *keys.stride()[:3], *values.stride()[:3],
+                                             scale, q.dtype == torch.bfloat16, torch.get_num_threads()):
+        raise MemoryError(f"the native CPU decode attention could not allocate its scratch for {length} positions")
+    return out
+
+
+__all__ = ["runnable_isas", "ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "Weight4bit", "enabled", "library", "matmul_4bit",
+           "max_rows", "supports", "supports_dequantize", "dequantize_4bit", "MAX_ROWS_DENSE", "matmul_dense",
+           "supports_dense", "supports_decode", "rms_norm", "rotate_", "decode_attention"]
