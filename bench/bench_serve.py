@@ -22,7 +22,9 @@ Method
   (1 and 8), once inside ``dense_weights`` (the engine's default on a CPU: every Linear4bit
   dequantized once and prepacked, the dense model's memory) and once without it (the 4-bit
   model's memory: each decoding product reads the 4-bit codes through the native kernel,
-  kernels/cpu/native.py; the prefill's products dequantize), and llama-cpp-python (test extra)
+  kernels/cpu/native.py; the prefill's products dequantize), both through fourbit's decode step
+  (serve/decode_step.py); the 4-bit model once more through transformers' forward
+  (``decode_step=False``: what the step saves); and llama-cpp-python (test extra)
   on the GGUF the embedded model ships as (Q4_1 linears) at batch 1, greedy with EOS ignored,
   n_threads = torch's threads; the same --new-tokens each, prefill included, the variants
   alternating, median of --repeats. tokens/s counts every row's tokens.
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -107,10 +110,11 @@ def decode_cpu(model, tokenizer, ids: list[int], args) -> dict:
     sampling = Sampling(max_new_tokens=args.new_tokens)
     variants = {}
     for rows in args.batch_rows:
-        def ours(rows=rows):
-            return generate(model, tokenizer, [ids] * rows, sampling, eos_ids=set())
+        def ours(rows=rows, step=True):
+            return generate(model, tokenizer, [ids] * rows, sampling, eos_ids=set(), decode_step=step)
         variants[f"dense cache, batch {rows}"] = (ours, rows, True)
         variants[f"4-bit, batch {rows}"] = (ours, rows, False)
+        variants[f"4-bit, tf forward, batch {rows}"] = (functools.partial(ours, rows, False), rows, False)
     try:
         import llama_cpp
     except ImportError:
@@ -227,12 +231,13 @@ def main() -> None:
         print(f"batch 1 decode: fourbit {r['fourbit']:.1f} tok/s, transformers generate {r['transformers']:.1f} tok/s, "
               f"ratio {one['ratio']:.2f} (same tokens: {one['same_tokens']})")
     if decode:
-        print(f"{'CPU decode':<26} {'tok/s':>7}")
+        print(f"{'CPU decode':<32} {'tok/s':>7}")
         for name, rate in decode.items():
-            print(f"{name:<26} {rate:>7.1f}")
+            print(f"{name:<32} {rate:>7.1f}")
         for rows in args.batch_rows:
             ratio = decode[f"4-bit, batch {rows}"] / decode[f"dense cache, batch {rows}"]
-            print(f"batch {rows}: 4-bit / dense cache {ratio:.2f}x")
+            step = decode[f"4-bit, batch {rows}"] / decode[f"4-bit, tf forward, batch {rows}"]
+            print(f"batch {rows}: 4-bit / dense cache {ratio:.2f}x; decode step / transformers' forward {step:.2f}x")
         if "llama.cpp Q4_1, batch 1" in decode:
             llama = decode["llama.cpp Q4_1, batch 1"]
             print(f"batch 1 vs llama.cpp: dense cache {decode['dense cache, batch 1'] / llama:.2f}x, "
