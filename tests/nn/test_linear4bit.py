@@ -187,3 +187,31 @@ def test_cuda_forward_and_backward_match_float64(rows):
     y.backward(g)
     ref_grad = g.double() @ w64
     assert ((x.grad.double() - ref_grad).norm() / ref_grad.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_product_is_the_layers_own_product_or_declines(monkeypatch, dtype):
+    from fourbit.kernels.cpu import native
+    from fourbit.nn.linear4bit import dense_weights
+
+    monkeypatch.setenv(native.ENV, "1")  # the native kernel, which both paths take here
+    layer, reference = make_pair(in_features=128, out_features=48, bias=True)
+    layer.bias.data = layer.bias.data.to(dtype)
+    x = torch.randn(2, 1, 128).to(dtype)
+    with torch.no_grad():
+        assert native.takes_rows(x)
+        y = layer.decoding_product(x)
+        assert y is not None and torch.equal(y, layer(x))  # the same kernel and arguments: bit-identical
+        exact = x.double() @ reference.weight.double().T + layer.bias.double()
+        # float32: float32 sums (1e-5 relative); bf16: each weight rounded to bf16 (2^-9 of its
+        # term) and the output rounded (2^-9 of the value), so bounded by the terms' magnitudes
+        magnitude = x.double().abs() @ reference.weight.double().abs().T + layer.bias.double().abs()
+        bound = 1e-5 * magnitude if dtype == torch.float32 else 2 ** -8 * (magnitude + exact.abs())
+        assert ((y.double() - exact).abs() <= bound).all()
+        with dense_weights(layer):  # a dense copy in use: the layer's own forward serves
+            assert layer.decoding_product(x) is None
+        handle = layer.register_forward_hook(lambda *args: None)  # hooks must run: the layer's call
+        assert layer.decoding_product(x) is None
+        handle.remove()
+        layer.compute_dtype = torch.float16 if dtype == torch.float32 else torch.float32  # a cast: the layer's call
+        assert layer.decoding_product(x) is None

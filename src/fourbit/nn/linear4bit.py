@@ -157,6 +157,22 @@ class Linear4bit(FrozenLinear):
         state.pop("_native", None)
         return state
 
+    def decoding_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``self(x)`` straight through the native kernel with its prepared arguments, or None
+        where that path does not apply to this layer (a dense copy in use, hooks, a cast, a
+        block layout the kernel does not take): then call the layer. For a decode step
+        (serve/decode_step.py), which makes ~200 of these products a token and has checked once
+        what holds for all of them (no gradient; ``cpu_native.takes_rows(x)``): the module call
+        and the per-call checks around the kernel cost ~10 us each."""
+        if (self.dense_copy is not None or self._forward_hooks or self._forward_pre_hooks or self.quant_state is None
+                or self.compute_dtype not in (None, x.dtype)):
+            return None
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            return None
+        native = self._native_weight(self.weight, self.quant_state)
+        return native.matmul(x, bias) if native.fits and native.k == x.shape[-1] else None
+
     def _native_weight(self, packed: torch.Tensor, state: QuantState) -> cpu_native.Weight4bit:
         """The native kernel's prepared arguments for these codes and this state, made on first
         use and again whenever either is replaced (a load, a device move)."""

@@ -33,9 +33,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..kernels.cpu import native as cpu_native
 from ..kernels.decode_attention import decode_attention
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rotary import rotate_
+from ..nn.linear4bit import Linear4bit
 
 ARCHITECTURES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
 
@@ -83,25 +85,38 @@ class DecodeStep:
         rows = ids.shape[0]
         cos, sin = (t.reshape(rows, -1) for t in inner.rotary_emb(x, positions))  # [rows, head_dim]
         padding = None if bool(mask.all()) else mask
+        native = cpu_native.takes_rows(x)  # the same rows and dtype for every product of the step
         for index, layer in enumerate(self.layers):
             attention = layer.self_attn
             norm, size = layer.input_layernorm, attention.head_dim
             h = rms_norm(x, norm.weight, norm.variance_epsilon)
-            q = attention.q_proj(h).reshape(rows, -1, size)  # [rows, heads, head_dim]
-            k = attention.k_proj(h).reshape(rows, -1, size)
-            v = attention.v_proj(h).reshape(rows, -1, 1, size)
+            q = _product(attention.q_proj, h, native).reshape(rows, -1, size)  # [rows, heads, head_dim]
+            k = _product(attention.k_proj, h, native).reshape(rows, -1, size)
+            v = _product(attention.v_proj, h, native).reshape(rows, -1, 1, size)
             if hasattr(attention, "q_norm"):
                 q = rms_norm(q, attention.q_norm.weight, attention.q_norm.variance_epsilon)
                 k = rms_norm(k, attention.k_norm.weight, attention.k_norm.variance_epsilon)
             q, k = rotate_(q, k, cos, sin)
             keys, values = cache.update(k[:, :, None], v, index)
             a = decode_attention(q, keys, values, padding, attention.scaling)
-            x = x + attention.o_proj(a.reshape(rows, 1, -1))
+            x = x + _product(attention.o_proj, a.reshape(rows, 1, -1), native)
             norm, mlp = layer.post_attention_layernorm, layer.mlp
             h = rms_norm(x, norm.weight, norm.variance_epsilon)
-            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+            gate, up = _product(mlp.gate_proj, h, native), _product(mlp.up_proj, h, native)
+            x = x + _product(mlp.down_proj, mlp.act_fn(gate) * up, native)
         h = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
         return self.model.lm_head(h)[:, -1]
+
+
+def _product(layer, x: torch.Tensor, native: bool) -> torch.Tensor:
+    """``layer(x)``: a 4-bit layer's product straight through its native kernel where it applies
+    (``native``: the kernel takes x's rows and dtype; Linear4bit.decoding_product checks the
+    layer), else the layer itself (dense, LoRA, a dense copy in use)."""
+    if native and type(layer) is Linear4bit:
+        y = layer.decoding_product(x)
+        if y is not None:
+            return y
+    return layer(x)
 
 
 def cache_supported(cache: DynamicCache) -> bool:

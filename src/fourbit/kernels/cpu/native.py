@@ -268,6 +268,12 @@ def _takes(x: torch.Tensor, k: int) -> bool:
             and 0 < x.numel() <= k * max_rows(x.dtype) and enabled())
 
 
+def takes_rows(x: torch.Tensor) -> bool:
+    """Whether the 4-bit matmul takes x's dtype, device and number of rows (for any weight of
+    x.shape[-1] columns whose layout it takes: ``Weight4bit.fits``)."""
+    return _takes(x, x.shape[-1])
+
+
 def supports(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
     """Whether this product goes to the native kernel (else: dequantize, then matmul)."""
     return blocksize % 32 == 0 and k % blocksize == 0 and nested_blocksize & (nested_blocksize - 1) == 0 and _takes(x, k)
@@ -369,4 +375,4 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 __all__ = ["runnable_isas", "ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "Weight4bit", "enabled", "library", "matmul_4bit",
            "max_rows", "supports", "supports_dequantize", "dequantize_4bit", "MAX_ROWS_DENSE", "matmul_dense",
-           "supports_dense", "supports_decode", "rms_norm", "rotate_", "decode_attention"]
+           "supports_dense", "supports_decode", "rms_norm", "rotate_", "decode_attention", "takes_rows"]
