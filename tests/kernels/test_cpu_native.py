@@ -8,11 +8,19 @@ import logging
 import pytest
 import torch
 
+from fourbit.errors import InputError
 from fourbit.kernels import matmul_4bit
 from fourbit.kernels.cpu import native
 from fourbit.kernels.dequantize import state_args
 from fourbit.nn.linear4bit import Linear4bit
 from fourbit.quant import dequantize_4bit_reference, quantize_4bit
+
+
+def state_args_of(weight: torch.Tensor) -> tuple:
+    """Weight4bit's arguments for ``weight`` quantized to NF4 (blocks of 64, double quant)."""
+    packed, state = quantize_4bit(weight, "nf4", 64, True)
+    return (packed, *state_args(state))
+
 
 # "native" is this machine's own (AVX-512 here, AVX2 on the AVX2-only kind); the explicit ones let
 # every machine check the paths it can run
@@ -245,6 +253,45 @@ def test_a_layer_that_decoded_follows_new_codes_and_a_move():
         assert rel(layer(x), reference64(x, layer.weight, layer.quant_state)) < 1e-5
         layer.to(torch.float16)  # a dtype cast goes through _apply too; the codes stay as stored
         assert rel(layer(x), reference64(x, layer.weight, layer.quant_state)) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_a_group_computes_each_weights_product_bit_for_bit(isa, dtype, rows):
+    # one call and one thread team for weights sharing x (q, k, v): each product is the one the
+    # single-weight call makes (the same row kernels over the same permuted x), sizes not a
+    # multiple of the 16-row chunks, and more rows of x than one pass takes (40)
+    torch.manual_seed(0)
+    weights = tuple(native.Weight4bit(*state_args_of(torch.randn(n, 128))) for n in (40, 17, 64))
+    x = torch.randn(rows, 128).to(dtype)
+    outs = native.Weight4bitGroup(weights).matmul(x, isa=isa)
+    assert [tuple(o.shape) for o in outs] == [(rows, 40), (rows, 17), (rows, 64)]
+    for out, weight in zip(outs, weights):
+        assert out.dtype == dtype and torch.equal(out, weight.matmul(x, None, isa=isa))
+
+
+def test_a_group_needs_one_input_width():
+    a = native.Weight4bit(*state_args_of(torch.randn(16, 64)))
+    b = native.Weight4bit(*state_args_of(torch.randn(16, 128)))
+    with pytest.raises(InputError, match="same input width"):
+        native.Weight4bitGroup((a, b))
+
+
+def test_layers_decode_together_as_they_do_alone_and_follow_new_codes():
+    from fourbit.nn.linear4bit import decoding_products
+
+    torch.manual_seed(0)
+    layers = tuple(Linear4bit(128, n, bias=bias, compute_dtype=torch.float32).quantize_(torch.randn(n, 128))
+                   for n, bias in ((40, True), (24, False)))
+    x = torch.randn(2, 1, 128)
+    with torch.no_grad():
+        together = decoding_products(layers, x)
+        assert all(torch.equal(t, layer(x)) for t, layer in zip(together, layers))  # biases added as the layer adds them
+        layers[1].quantize_(torch.randn(24, 128))  # new codes: the group's pointers are remade
+        assert torch.equal(decoding_products(layers, x)[1], layers[1](x))
+        layers[0].register_forward_hook(lambda *args: None)  # one layer's own call must run: no group
+        assert decoding_products(layers, x) is None
 
 
 # The dense products (matmul_dense): K not a multiple of any vector width (16 and 32 lanes, 64

@@ -128,6 +128,7 @@ class Linear4bit(FrozenLinear):
         self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
         self.quant_state = state.to(packed.device)
         self.__dict__.pop("_native", None)  # the previous codes' prepared arguments
+        self.__dict__.pop("_native_group", None)
         self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested is not None
         return self
 
@@ -155,6 +156,7 @@ class Linear4bit(FrozenLinear):
     def __getstate__(self):  # copies and pickles leave out the native kernel's pointers (remade on use)
         state = self.__dict__.copy()
         state.pop("_native", None)
+        state.pop("_native_group", None)
         return state
 
     def decoding_product(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -164,6 +166,10 @@ class Linear4bit(FrozenLinear):
         (serve/decode_step.py), which makes ~200 of these products a token and has checked once
         what holds for all of them (no gradient; ``cpu_native.takes_rows(x)``): the module call
         and the per-call checks around the kernel cost ~10 us each."""
+        native = self._decoding_weight(x)
+        return native.matmul(x, self.bias) if native is not None else None
+
+    def _decoding_weight(self, x: torch.Tensor) -> cpu_native.Weight4bit | None:
         if (self.dense_copy is not None or self._forward_hooks or self._forward_pre_hooks or self.quant_state is None
                 or self.compute_dtype not in (None, x.dtype)):
             return None
@@ -171,7 +177,7 @@ class Linear4bit(FrozenLinear):
         if bias is not None and bias.dtype != x.dtype:
             return None
         native = self._native_weight(self.weight, self.quant_state)
-        return native.matmul(x, bias) if native.fits and native.k == x.shape[-1] else None
+        return native if native.fits and native.k == x.shape[-1] else None
 
     def _native_weight(self, packed: torch.Tensor, state: QuantState) -> cpu_native.Weight4bit:
         """The native kernel's prepared arguments for these codes and this state, made on first
@@ -216,6 +222,7 @@ class Linear4bit(FrozenLinear):
         # the quantization state follows the bytes' device and keeps its float32 dtype.
         super()._apply(fn, recurse)
         self.__dict__.pop("_native", None)  # it points into the tensors before the move
+        self.__dict__.pop("_native_group", None)
         if self.quant_state is not None:
             self.quant_state = self.quant_state.to(self.weight.device)
         return self
@@ -242,3 +249,25 @@ class Linear4bit(FrozenLinear):
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if key in state_dict and key in missing_keys:
             missing_keys.remove(key)
+
+
+def decoding_products(layers: tuple[Linear4bit, ...], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """``[layer(x) for layer in layers]`` in one native call (layers that share their input: a
+    decoder layer's q, k and v projections), or None where a layer's own call must run (see
+    Linear4bit.decoding_product, whose conditions these are). The group's prepared pointers are
+    kept on the first layer, remade when any layer's prepared weight is."""
+    weights = []
+    for layer in layers:
+        native = layer._decoding_weight(x)
+        if native is None:
+            return None
+        weights.append(native)
+    weights = tuple(weights)
+    cached = layers[0].__dict__.get("_native_group")
+    if cached is None or len(cached.weights) != len(weights) or any(a is not b for a, b in zip(cached.weights, weights)):
+        cached = layers[0].__dict__["_native_group"] = cpu_native.Weight4bitGroup(weights)
+    outs = cached.matmul(x)
+    for out, layer in zip(outs, layers):
+        if layer.bias is not None:
+            out += layer.bias
+    return outs

@@ -37,7 +37,7 @@ from ..kernels.cpu import native as cpu_native
 from ..kernels.decode_attention import decode_attention
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rotary import rotate_
-from ..nn.linear4bit import Linear4bit
+from ..nn.linear4bit import Linear4bit, decoding_products
 
 ARCHITECTURES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
 
@@ -90,9 +90,8 @@ class DecodeStep:
             attention = layer.self_attn
             norm, size = layer.input_layernorm, attention.head_dim
             h = rms_norm(x, norm.weight, norm.variance_epsilon)
-            q = _product(attention.q_proj, h, native).reshape(rows, -1, size)  # [rows, heads, head_dim]
-            k = _product(attention.k_proj, h, native).reshape(rows, -1, size)
-            v = _product(attention.v_proj, h, native).reshape(rows, -1, 1, size)
+            q, k, v = _products((attention.q_proj, attention.k_proj, attention.v_proj), h, native)
+            q, k, v = q.reshape(rows, -1, size), k.reshape(rows, -1, size), v.reshape(rows, -1, 1, size)  # [rows, heads, ...]
             if hasattr(attention, "q_norm"):
                 q = rms_norm(q, attention.q_norm.weight, attention.q_norm.variance_epsilon)
                 k = rms_norm(k, attention.k_norm.weight, attention.k_norm.variance_epsilon)
@@ -102,7 +101,7 @@ class DecodeStep:
             x = x + _product(attention.o_proj, a.reshape(rows, 1, -1), native)
             norm, mlp = layer.post_attention_layernorm, layer.mlp
             h = rms_norm(x, norm.weight, norm.variance_epsilon)
-            gate, up = _product(mlp.gate_proj, h, native), _product(mlp.up_proj, h, native)
+            gate, up = _products((mlp.gate_proj, mlp.up_proj), h, native)
             x = x + _product(mlp.down_proj, mlp.act_fn(gate) * up, native)
         h = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
         return self.model.lm_head(h)[:, -1]
@@ -117,6 +116,16 @@ def _product(layer, x: torch.Tensor, native: bool) -> torch.Tensor:
         if y is not None:
             return y
     return layer(x)
+
+
+def _products(layers: tuple, x: torch.Tensor, native: bool) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]``: in one native call where all are 4-bit layers it applies
+    to (nn/linear4bit.py decoding_products), else one by one."""
+    if native and all(type(layer) is Linear4bit for layer in layers):
+        ys = decoding_products(layers, x)
+        if ys is not None:
+            return ys
+    return [_product(layer, x, native) for layer in layers]
 
 
 def cache_supported(cache: DynamicCache) -> bool:

@@ -272,21 +272,28 @@ static void row_range_bf16_of(const weight_4bit *w, const uint16_t *x, int64_t x
 }
 #endif
 
-/* y [m, n] = x [m, k] @ dequant(W)^T, x and y both float32 (bf16 = 0) or both bfloat16 (bf16 = 1);
-   W as the caller prepared it once (kernels/cpu/native.py's Weight4bit: a decoded token makes
-   ~200 of these calls, so the fewer arguments converted per call the better); threads: OpenMP
-   threads to use (>= 1). Returns 0, or 1 when scratch memory could not be had. */
-int fourbit_matmul_4bit(const weight_4bit *weight, const void *x, void *y, int bf16, int64_t m, int threads) {
-    const weight_4bit w = *weight;
-    const int64_t n = w.n, k = w.k;
+/* y = [x @ dequant(W_0)^T, x @ dequant(W_1)^T, ...] for weights that share x and k (a layer's q,
+   k and v projections; its gate and up), as fourbit_matmul_4bit below computes each: one call,
+   one permutation of x and one thread team instead of one per weight; y holds the products one
+   after another, each [m, n_i] contiguous. Returns 0, or 1 when scratch memory could not be had. */
+int fourbit_matmul_4bit_many(const weight_4bit *const *weights, int count, const void *x, void *y, int bf16, int64_t m,
+                             int threads) {
+    const int64_t k = weights[0]->k;
+    int64_t total_n = 0, chunks = 0;
+    const int64_t chunk = 16; /* a thread's rows of W stay together */
+    for (int i = 0; i < count; i++) {
+        total_n += weights[i]->n;
+        chunks += (weights[i]->n + chunk - 1) / chunk;
+    }
 #ifdef DOT_BF16
     const int dot = bf16; /* bf16 x stays bf16, through vdpbf16ps */
 #else
     const int dot = 0;
 #endif
-    /* x in the lanes' column order (float32, or bf16 for the dot path); y in float32 until the end */
+    /* x in the lanes' column order (float32, or bf16 for the dot path), once for every weight;
+       y in float32 until the end */
     void *xs = malloc((size_t)(m * k) * (dot ? sizeof(uint16_t) : sizeof(float)));
-    float *y32 = bf16 ? malloc((size_t)(m * n) * sizeof(float)) : y;
+    float *y32 = bf16 ? malloc((size_t)(m * total_n) * sizeof(float)) : y;
     if (!xs || !y32) {
         free(xs);
         if (bf16) free(y32);
@@ -309,27 +316,42 @@ int fourbit_matmul_4bit(const weight_4bit *weight, const void *x, void *y, int b
                 ((float *)xs)[i + lane] = bf16 ? from_bf16(((const uint16_t *)x)[from]) : ((const float *)x)[from];
             }
     }
-    const int64_t chunk = 16, chunks = (n + chunk - 1) / chunk; /* a thread's rows of W stay together */
     for (int64_t m0 = 0; m0 < m; m0 += MAX_ROWS) {
         int rows = (int)(m - m0 < MAX_ROWS ? m - m0 : MAX_ROWS);
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) /* one team for every weight's rows */
         for (int64_t c = 0; c < chunks; c++) {
-            int64_t n1 = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+            int64_t first = c, offset = 0; /* which weight chunk c falls in, and where its y starts */
+            int i = 0;
+            while (first >= (weights[i]->n + chunk - 1) / chunk) {
+                first -= (weights[i]->n + chunk - 1) / chunk;
+                offset += m * weights[i]->n;
+                i++;
+            }
+            const weight_4bit *w = weights[i];
+            const int64_t n = w->n, n1 = (first + 1) * chunk < n ? (first + 1) * chunk : n;
 #ifdef DOT_BF16
             if (dot) {
-                row_range_bf16_of(&w, (const uint16_t *)xs + m0 * k, k, y32 + m0 * n, n, rows, c * chunk, n1);
+                row_range_bf16_of(w, (const uint16_t *)xs + m0 * k, k, y32 + offset + m0 * n, n, rows, first * chunk, n1);
                 continue;
             }
 #endif
-            row_range_of(&w, (const float *)xs + m0 * k, k, y32 + m0 * n, n, rows, c * chunk, n1);
+            row_range_of(w, (const float *)xs + m0 * k, k, y32 + offset + m0 * n, n, rows, first * chunk, n1);
         }
     }
     if (bf16) {
-        for (int64_t i = 0; i < m * n; i++) ((uint16_t *)y)[i] = to_bf16(y32[i]);
+        for (int64_t i = 0; i < m * total_n; i++) ((uint16_t *)y)[i] = to_bf16(y32[i]);
         free(y32);
     }
     free(xs);
     return 0;
+}
+
+/* y [m, n] = x [m, k] @ dequant(W)^T, x and y both float32 (bf16 = 0) or both bfloat16 (bf16 = 1);
+   W as the caller prepared it once (kernels/cpu/native.py's Weight4bit: a decoded token makes
+   ~200 of these calls, so the fewer arguments converted per call the better); threads: OpenMP
+   threads to use (>= 1). Returns 0, or 1 when scratch memory could not be had. */
+int fourbit_matmul_4bit(const weight_4bit *weight, const void *x, void *y, int bf16, int64_t m, int threads) {
+    return fourbit_matmul_4bit_many(&weight, 1, x, y, bf16, m, threads);
 }
 
 /* Dequantization, for the products that share one dense weight among many rows (prefill,

@@ -141,6 +141,8 @@ def _library(isa: str) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.fourbit_matmul_4bit.argtypes = [p, p, p, i32, i64, i32]
     lib.fourbit_matmul_4bit.restype = i32
+    lib.fourbit_matmul_4bit_many.argtypes = [p, i32, p, p, i32, i64, i32]
+    lib.fourbit_matmul_4bit_many.restype = i32
     lib.fourbit_dequantize_4bit.argtypes = [p, p, i32, i32]
     lib.fourbit_dequantize_4bit.restype = i32
     lib.fourbit_matmul_dense.argtypes = [p, p, p, i32, i64, i64, i64, i32]
@@ -268,6 +270,30 @@ def _takes(x: torch.Tensor, k: int) -> bool:
             and 0 < x.numel() <= k * max_rows(x.dtype) and enabled())
 
 
+class Weight4bitGroup:
+    """Weights that share their input (a layer's q, k and v projections), for one native call:
+    ``matmul(x)`` -> [x @ W_i^T for each]. Holds the weights (and so their prepared arguments)."""
+
+    def __init__(self, weights: tuple[Weight4bit, ...]):
+        if len({w.k for w in weights}) != 1 or not all(w.fits for w in weights):
+            raise InputError("a Weight4bitGroup's weights must take the same input width, in a layout the kernel takes")
+        self.weights, self.k = weights, weights[0].k
+        self.sizes = [w.n for w in weights]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(weights) + 1)]
+        self._array = (ctypes.c_void_p * len(weights))(*(w._address for w in weights))
+
+    def matmul(self, x: torch.Tensor, isa: str = "native") -> list[torch.Tensor]:
+        """Each weight's ``x @ W^T`` in x's dtype (float32 or bf16; see ``takes_rows``)."""
+        x = x.contiguous()
+        rows, starts = x.numel() // self.k, self.starts
+        out = torch.empty(rows * starts[-1], dtype=x.dtype)
+        if library(isa).fourbit_matmul_4bit_many(self._array, len(self.weights), x.data_ptr(), out.data_ptr(),
+                                                 x.dtype == torch.bfloat16, rows, torch.get_num_threads()):
+            raise MemoryError(f"the native CPU 4-bit matmul could not allocate its scratch for {rows} x {self.k} inputs")
+        shape = x.shape[:-1]
+        return [out[rows * starts[i]:rows * starts[i + 1]].view(*shape, n) for i, n in enumerate(self.sizes)]
+
+
 def takes_rows(x: torch.Tensor) -> bool:
     """Whether the 4-bit matmul takes x's dtype, device and number of rows (for any weight of
     x.shape[-1] columns whose layout it takes: ``Weight4bit.fits``)."""
@@ -375,4 +401,5 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 __all__ = ["runnable_isas", "ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "Weight4bit", "enabled", "library", "matmul_4bit",
            "max_rows", "supports", "supports_dequantize", "dequantize_4bit", "MAX_ROWS_DENSE", "matmul_dense",
-           "supports_dense", "supports_decode", "rms_norm", "rotate_", "decode_attention", "takes_rows"]
+           "supports_dense", "supports_decode", "rms_norm", "rotate_", "decode_attention", "takes_rows",
+           "Weight4bitGroup"]
