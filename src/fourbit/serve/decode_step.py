@@ -4,25 +4,29 @@ for one new token per row, without its per-layer machinery.
 On a CPU a decoded token of a small model costs more in overhead than in arithmetic: for
 SmolLM2-135M the 4-bit products take ~4 ms of C a token, while transformers' forward around them
 (module calls, keyword plumbing, the mask builder, the attention dispatcher, norms of seven ops,
-rotary embeddings of a dozen) takes as long again (bench/RESULTS.md). This step runs the same
-layers with the same parameters and the same cache:
+rotary embeddings of a dozen) takes as long again. This step runs the same layers with the same
+parameters and the same cache:
 
-    x        embed(tokens)                                   [rows, 1, hidden]
+    x        embed(tokens)                             [rows, 1, hidden]
     per layer
-      h      rms_norm(x) * w_in                             (the native kernel on a CPU, else torch)
-      q,k,v  the layer's own q/k/v projections               (its modules: 4-bit, dense, LoRA alike)
+      h      rms_norm(x) * w_in                       (kernels/rms_norm.py: native on a CPU)
+      q,k,v  the layer's q/k/v projections             (4-bit ones in one native call:
+                                                        nn/linear4bit.py decoding_products; any
+                                                        other layer, dense or LoRA, called)
              (Qwen3: q and k RMS-normalized per head)
-             rotated by the model's rotary embedding at each row's position
-      k,v    appended to the layer's cache                   (DynamicCache.update, as transformers does)
-      a      softmax(q K^T * scale + padding) V              (scaled_dot_product_attention, GQA)
+             rotated by the model's rotary embedding   (kernels/rotary.py: in place)
+      k,v    appended to the layer's cache             (DynamicCache.update, as transformers does)
+      a      softmax(q K^T * scale + padding) V        (kernels/decode_attention.py: GQA)
       x      x + o_proj(a)
-      x      x + down(act(gate(h)) * up(h)),  h = rms_norm(x) * w_post
+      x      x + down(act(gate(h)) * up(h)),  h = rms_norm(x) * w_post   (gate and up: one call)
     logits   lm_head(rms_norm(x) * w_final)
 
 Every sum, cast and rounding is the one transformers' modeling code makes (the RMS norm in
-float32, cast back, then times its weight), so in float32 the logits agree with its forward to
-the last few ulps and in bfloat16 to its rounding (tests/serve/test_decode_step.py). It covers
-the architectures whose decoder layer is exactly this (Llama, Mistral and Qwen2 without a
+float32, cast back, then times its weight), except bf16 attention, which the native kernel
+computes in float32 and rounds once; so in float32 the logits agree with its forward to the last
+few ulps, and in bf16 they are as close to float32 math as its own (tests/serve/test_decode_step.py).
+SmolLM2-135M in 4 bits: 18 -> 11 ms a token in bf16, 19 -> 14 in float32 (bench/RESULTS.md). It
+covers the architectures whose decoder layer is exactly this (Llama, Mistral and Qwen2 without a
 sliding window, Qwen3) on a CPU; :meth:`DecodeStep.of` returns None for anything else, and the
 callers then use the model's own forward.
 """
