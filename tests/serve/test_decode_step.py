@@ -91,8 +91,9 @@ def test_the_step_in_bfloat16_is_as_close_to_float32_as_transformers_is(name):
         assert scaled_error(ours, exact) <= 1.25 * scaled_error(theirs, exact) + 1e-3
 
 
-def test_the_step_on_4bit_weights_computes_transformers_forward(tmp_path):
-    dense_model("llama").save_pretrained(tmp_path)
+@pytest.mark.parametrize("name", ["llama", "qwen2"])  # qwen2: q, k and v with biases, added after the grouped call
+def test_the_step_on_4bit_weights_computes_transformers_forward(tmp_path, name):
+    dense_model(name).save_pretrained(tmp_path)
     model, _ = fourbit.load_model(tmp_path, quantization="nf4", compute_dtype="float32", torch_dtype="float32")
     for ours, theirs in both_ways(model):
         # the same 4-bit products (through the layers' own modules) in both: a few float32 ulps
