@@ -358,9 +358,13 @@ def dequantize_4bit(packed, absmax, code, nested_absmax, nested_code, nested_off
 def supports_decode(*tensors: torch.Tensor) -> bool:
     """Whether the decoding kernels (decode.c: rms_norm, rotate, decode_attention) take these
     tensors: on a CPU, one dtype, float32 or bf16, the kernels built."""
-    dtype = tensors[0].dtype
-    return (dtype in (torch.float32, torch.bfloat16) and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
-            and _LITTLE_ENDIAN and enabled() and library() is not None)
+    dtype = tensors[0].dtype  # asked a few times a layer of a decoded token: no generator, cheap checks first
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
+        return False
+    for t in tensors:
+        if t.dtype is not dtype or t.device.type != "cpu":
+            return False
+    return _LITTLE_ENDIAN and enabled() and library() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, isa: str = "native") -> torch.Tensor:
@@ -375,9 +379,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, isa: str = "nati
 
 def rotate_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, isa: str = "native") -> None:
     """kernels/rotary.py's rotation of q [rows, q_heads, d] and k [rows, k_heads, d] (contiguous),
-    in place, by cos and sin [rows, d]; see ``supports_decode``."""
+    in place, by cos and sin (rows x d values each, any shape); see ``supports_decode``."""
     rows, q_heads, d = q.shape
-    cos, sin = cos.reshape(rows, d).contiguous(), sin.reshape(rows, d).contiguous()
+    if not (cos.is_contiguous() and sin.is_contiguous()):
+        cos, sin = cos.contiguous(), sin.contiguous()
     library(isa).fourbit_rotate(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, q_heads, k.shape[1], d,
                                 q.dtype == torch.bfloat16)
 
