@@ -127,8 +127,7 @@ class Linear4bit(FrozenLinear):
                              f"needs {state.packed_shape[0]}")
         self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
         self.quant_state = state.to(packed.device)
-        self.__dict__.pop("_native", None)  # the previous codes' prepared arguments
-        self.__dict__.pop("_native_group", None)
+        self._drop_prepared()  # the previous codes' prepared arguments
         self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested is not None
         return self
 
@@ -153,11 +152,14 @@ class Linear4bit(FrozenLinear):
                 return nn.functional.linear(x, native.dequantize(x.dtype), bias)
         return matmul_4bit(x, stored[0], state, bias)
 
-    def __getstate__(self):  # copies and pickles leave out the native kernel's pointers (remade on use)
-        state = self.__dict__.copy()
-        state.pop("_native", None)
-        state.pop("_native_group", None)
-        return state
+    PREPARED = ("_native", "_native_group")  # the native kernel's prepared arguments (pointers), remade on use
+
+    def __getstate__(self):  # copies and pickles leave them out
+        return {key: value for key, value in self.__dict__.items() if key not in self.PREPARED}
+
+    def _drop_prepared(self) -> None:
+        for key in self.PREPARED:
+            self.__dict__.pop(key, None)
 
     def decoding_product(self, x: torch.Tensor) -> torch.Tensor | None:
         """``self(x)`` straight through the native kernel with its prepared arguments, or None
@@ -221,8 +223,7 @@ class Linear4bit(FrozenLinear):
         # .to()/.cuda()/.half() reach the packed bytes (uint8: moved, never cast) and the bias;
         # the quantization state follows the bytes' device and keeps its float32 dtype.
         super()._apply(fn, recurse)
-        self.__dict__.pop("_native", None)  # it points into the tensors before the move
-        self.__dict__.pop("_native_group", None)
+        self._drop_prepared()  # they point into the tensors before the move
         if self.quant_state is not None:
             self.quant_state = self.quant_state.to(self.weight.device)
         return self
@@ -264,7 +265,7 @@ def decoding_products(layers: tuple[Linear4bit, ...], x: torch.Tensor) -> list[t
         weights.append(native)
     weights = tuple(weights)
     cached = layers[0].__dict__.get("_native_group")
-    if cached is None or len(cached.weights) != len(weights) or any(a is not b for a, b in zip(cached.weights, weights)):
+    if cached is None or cached.weights != weights:  # (Weight4bit compares by identity)
         cached = layers[0].__dict__["_native_group"] = cpu_native.Weight4bitGroup(weights)
     outs = cached.matmul(x)
     for out, layer in zip(outs, layers):

@@ -78,20 +78,8 @@ static inline __attribute__((always_inline)) float dot(const void *a, const void
 
 static inline __attribute__((always_inline)) void rms_norm_row(const void *x, const void *w, void *y, int64_t n,
                                                                 float eps, const int bf16) {
-    float part[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) {
-            float v = load(x, i + l, bf16);
-            part[l] += v * v;
-        }
-    for (; i < n; i++) {
-        float v = load(x, i, bf16);
-        part[0] += v * v;
-    }
-    const float sum = sum_lanes(part);
-    const float inv = 1.0f / sqrtf(sum / (float)n + eps);
-    for (i = 0; i < n; i++) store(y, i, load(w, i, bf16) * rounded(load(x, i, bf16) * inv, bf16), bf16);
+    const float inv = 1.0f / sqrtf(dot(x, x, n, bf16) / (float)n + eps); /* the sum of squares */
+    for (int64_t i = 0; i < n; i++) store(y, i, load(w, i, bf16) * rounded(load(x, i, bf16) * inv, bf16), bf16);
 }
 
 void fourbit_rms_norm(const void *x, const void *w, void *y, int64_t rows, int64_t n, float eps, int bf16) {
@@ -129,7 +117,8 @@ void fourbit_rotate(void *q, void *k, const void *cos, const void *sin, int64_t 
 }
 
 /* the query heads [group, d] that share one key/value head, of one row: scores over the kept
-   positions, softmax, the weighted sum of values; each key and value read once for the group */
+   positions, softmax, the weighted sum of values; the group's heads together, so each key and
+   value comes from memory once and from cache for the other heads */
 static inline __attribute__((always_inline)) void attend(const void *q, const void *keys, const void *values,
                                                          const int64_t *mask, void *out, int64_t group, int64_t length,
                                                          int64_t d, int64_t k_pos, int64_t v_pos, float scale,

@@ -181,8 +181,8 @@ def library(isa: str = "native") -> ctypes.CDLL | None:
             return lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _failed.add(isa)
-            log.warning("fourbit: the native CPU 4-bit matmul (%s) is unavailable, dequantize + matmul serves "
-                        "instead: %s", isa, e)
+            log.warning("fourbit: the native CPU kernels (%s) are unavailable, their plain-torch twins "
+                        "(dequantize + matmul, ...) serve instead: %s", isa, e)
             return None
 
 
