@@ -3,11 +3,10 @@
     out[r, h] = sum_t softmax_t(scale * q[r, h] . k[r, h // g, t]) v[r, h // g, t]
 
 over the positions t that row r's mask keeps (its left padding is left out), with g query heads
-per key/value head (grouped-query attention). For bf16 on a CPU the native kernel
-(kernels/cpu/decode.c) does it in float32 with one rounding of the output: 2.9x torch's bf16
-attention at 70 positions, 5.5x at 2,000 (SmolLM2's 9 query and 3 key/value heads of 64). In
-float32 torch's own kernel is as fast at 70 positions and faster past a few hundred (the native
-one's exponentials are scalar), so float32, other devices, and the reference are torch's
+per key/value head (grouped-query attention). On a CPU the native kernel (kernels/cpu/decode.c)
+does it in float32 with one rounding of the output (bf16: 5-10x torch's bf16 attention at 70 to
+2,000 cached positions; float32: 1.2-1.7x at 70, even at 300, 1.1-1.25x at 2,000; SmolLM2's 9 query and
+3 key/value heads of 64, bench/bench_decode_step.py); elsewhere, and as its reference, torch's
 scaled_dot_product_attention, as transformers' sdpa attention calls it.
 """
 
@@ -31,7 +30,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      scale: float) -> torch.Tensor:
     """q [rows, q_heads, d], keys and values [rows, kv_heads, length, d], mask [rows, length]
     (1: a token, 0: padding) or None: out [rows, q_heads, d]."""
-    if (q.dtype == torch.bfloat16 and not torch.is_grad_enabled() and q.is_contiguous() and keys.stride(-1) == 1
-            and values.stride(-1) == 1 and native.supports_decode(q, keys, values)):
+    if (not torch.is_grad_enabled() and q.is_contiguous() and keys.stride(-1) == 1 and values.stride(-1) == 1
+            and native.supports_decode(q, keys, values)):
         return native.decode_attention(q, keys, values, mask, scale)
     return decode_attention_reference(q, keys, values, mask, scale)

@@ -22,10 +22,11 @@ parameters and the same cache:
     logits   lm_head(rms_norm(x) * w_final)
 
 Every sum, cast and rounding is the one transformers' modeling code makes (the RMS norm in
-float32, cast back, then times its weight), except bf16 attention, which the native kernel
-computes in float32 and rounds once; so in float32 the logits agree with its forward to the last
-few ulps, and in bf16 they are as close to float32 math as its own (tests/serve/test_decode_step.py).
-SmolLM2-135M in 4 bits: 18 -> 11 ms a token in bf16, 19 -> 14 in float32 (bench/RESULTS.md). It
+float32, cast back, then times its weight), except attention, which the native kernel computes
+in float32 and rounds once (in another order of sums); so in float32 the logits agree with its
+forward to the last few ulps, and in bf16 they are as close to float32 math as its own
+(tests/serve/test_decode_step.py). SmolLM2-135M in 4 bits: 18 -> 11 ms a token in bf16, 19 -> 13
+in float32 (bench/bench_decode_step.py). It
 covers the architectures whose decoder layer is exactly this (Llama, Mistral and Qwen2 without a
 sliding window, Qwen3) on a CPU; :meth:`DecodeStep.of` returns None for anything else, and the
 callers then use the model's own forward.
