@@ -4,8 +4,8 @@
 
 over the positions t that row r's mask keeps (its left padding is left out), with g query heads
 per key/value head (grouped-query attention). On a CPU the native kernel (kernels/cpu/decode.c)
-does it in float32 with one rounding of the output (bf16: 5-10x torch's bf16 attention at 70 to
-2,000 cached positions; float32: 1.2-1.7x at 70, even at 300, 1.1-1.25x at 2,000; SmolLM2's 9 query and
+does it in float32 with one rounding of the output (bf16: 5-11x torch's bf16 attention at 70 to
+2,000 cached positions; float32: 1.2-1.7x at 70, 0.87-1.07x at 300, 1.1-1.27x at 2,000; SmolLM2's 9 query and
 3 key/value heads of 64, bench/bench_decode_step.py); elsewhere, and as its reference, torch's
 scaled_dot_product_attention, as transformers' sdpa attention calls it.
 """
