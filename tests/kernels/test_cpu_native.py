@@ -330,6 +330,43 @@ def test_dense_bfloat16_out_is_the_float32_result_rounded_to_nearest_even(isa):
     assert torch.equal(native.matmul_dense(x, w, isa=isa), native.matmul_dense(x.float(), w.float(), isa=isa).bfloat16())
 
 
+def q8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float32 weight [n, k] that is int8 codes times a scale per 32, and the two."""
+    codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, k // 32) * 0.01
+    scales[0, 0] = 0  # an all-zero block's scale
+    w = (codes.float().reshape(n, -1, 32) * scales[..., None]).reshape(n, k)
+    return w, codes, scales
+
+
+Q8_SHAPES = [(37, 576), (5, 32), (130, 96), (64, 1536)]  # k: whole blocks of 32, odd multiples of 16 and 32
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k", Q8_SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 8, 11])
+def test_q8_is_bit_identical_to_the_dense_product_of_its_weight(isa, n, k, rows):
+    w, codes, scales = q8_weight(n, k)
+    x, bias = torch.randn(rows, 1, k), torch.randn(n)
+    y = native.matmul_q8(x, codes, scales, bias, isa=isa)
+    assert y.shape == (rows, 1, n) and y.dtype == torch.float32
+    # each weight formed as float32(code) * scale, then the dense kernel's FMAs in its order
+    assert torch.equal(y, native.matmul_dense(x, w, bias, isa=isa))
+    # and so float32 sums of exact products: ~1e-7 relative, bound 1e-5 (as the dense kernel's)
+    assert rel(y.reshape(rows, n), x.reshape(rows, k).double() @ w.double().T + bias.double()) < 1e-5
+
+
+def test_q8_rejects_what_is_not_its_form():
+    w, codes, scales = q8_weight(4, 64)
+    x = torch.randn(1, 64)
+    with pytest.raises(InputError, match="int8 codes"):
+        native.matmul_q8(x, codes.to(torch.int16), scales)
+    with pytest.raises(InputError, match="float32 scales"):
+        native.matmul_q8(x, codes, scales[:, :1])
+    with pytest.raises(InputError, match="float32 x"):
+        native.matmul_q8(x.bfloat16(), codes, scales)
+
+
 def test_dense_products_are_taken_for_few_rows_of_one_dtype():
     w = torch.randn(16, 64)
     assert native.supports_dense(torch.randn(native.MAX_ROWS_DENSE, 64), w)

@@ -2,6 +2,8 @@
 without a gradient through the native kernel, everything else through nn.Linear itself; and
 load_model's head on a CPU."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -60,6 +62,68 @@ def test_off_the_kernel_it_is_nn_linear(monkeypatch, counted):
     with torch.no_grad():
         assert torch.equal(DenseLinear.from_linear(linear)(x), linear(x))
     assert counted == []
+
+
+def q8_linear(n: int = 40, k: int = 96) -> nn.Linear:
+    """A float32 nn.Linear whose weight is int8 codes times a scale per 32 (as a Q8_0 tensor reads)."""
+    codes = torch.randint(-127, 128, (n, k)).float()
+    codes[:, ::32] = 127  # each block's largest code, as Q8_0 makes them
+    scales = (torch.rand(n, k // 32) + 0.5).half().float()  # float16 scales, as Q8_0 stores them
+    linear = nn.Linear(k, n).requires_grad_(False)
+    linear.weight.copy_((codes.reshape(n, -1, 32) * scales[..., None]).reshape(n, k))
+    return linear
+
+
+def test_a_weight_of_8_bit_codes_is_read_as_them_with_the_same_result(kernels_on):
+    torch.manual_seed(0)
+    linear = q8_linear()
+    layer = DenseLinear.from_linear(linear)
+    x = torch.randn(3, 1, 96)
+
+    def dense():  # the dense kernel on the weight as it is now (bit for bit what the layer must give)
+        return native.matmul_dense(x, linear.weight, linear.bias)
+
+    with torch.no_grad():
+        expected = dense()
+        with counting("matmul_q8") as q8, counting("matmul_dense") as plain:
+            assert torch.equal(layer(x), expected)
+        assert q8 == [(3, 1, 96)] and plain == []
+        linear.weight[0, 0] += 1e-3  # in place, off the grid: the form is looked for again, and gone
+        expected = dense()
+        with counting("matmul_q8") as q8, counting("matmul_dense") as plain:
+            assert torch.equal(layer(x), expected)
+        assert q8 == [] and plain == [(3, 1, 96)]
+        linear.weight.copy_(q8_linear().weight)  # back on a grid (another one): found again
+        expected = dense()
+        with counting("matmul_q8") as q8:
+            assert torch.equal(layer(x), expected)
+        assert q8 == [(3, 1, 96)]
+
+
+@contextlib.contextmanager
+def counting(name: str):
+    """The shapes of x that reach native.``name`` inside the block."""
+    calls, kernel = [], getattr(native, name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, name, lambda *a, **kw: calls.append(tuple(a[0].shape)) or kernel(*a, **kw))
+        yield calls
+
+
+def test_the_8_bit_form_is_float32_only_and_left_out_of_copies(kernels_on):
+    import copy
+    import pickle
+
+    layer = DenseLinear.from_linear(q8_linear())
+    half = DenseLinear.from_linear(q8_linear().bfloat16())
+    with torch.no_grad(), counting("matmul_q8") as q8:
+        layer(torch.randn(1, 96))
+        assert "_q8" in layer.__dict__ and q8 == [(1, 96)]
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert "_q8" not in twin.__dict__
+            assert torch.equal(twin(torch.ones(1, 96)), layer(torch.ones(1, 96)))  # found again on use
+        q8.clear()
+        half(torch.randn(1, 96).bfloat16())
+    assert "_q8" not in half.__dict__ and q8 == []
 
 
 def test_load_model_gives_the_head_on_a_cpu_tied_as_it_was(tiny_llama, kernels_on, counted):

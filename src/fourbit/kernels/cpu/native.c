@@ -429,12 +429,28 @@ int fourbit_dequantize_4bit(const weight_4bit *weight, void *out, int bf16, int 
 }
 
 /* Dense products for a few rows (decoding through a 16-bit layer: the tied output head, 49152 x 576
-   in SmolLM2): y [m, n] = x [m, k] @ W^T, W [n, k] row-major in x's dtype, float32 sums rounded to
-   y's dtype at the end. oneDNN reorders W at every call (F.linear), which at one row costs as much
-   as reading it; this reads W once, in place, MAX_ROWS rows of x sharing each load: bf16 through
-   vdpbf16ps on AVX512-BF16, float32 FMAs otherwise (bf16 widened exactly), plain C without AVX2. */
-static inline __attribute__((always_inline)) void dense_rows(const void *wt, const void *x, float *y, int bf16,
-                                                             const int rows, int64_t n, int64_t k, int64_t row) {
+   in SmolLM2): y [m, n] = x [m, k] @ W^T, W [n, k] row-major, float32 sums rounded to y's dtype at
+   the end. oneDNN reorders W at every call (F.linear), which at one row costs as much as reading
+   it; this reads W once, in place, MAX_ROWS rows of x sharing each load. W comes in one of three
+   forms (``format``):
+     DENSE_F32   float32, x float32: float32 FMAs
+     DENSE_BF16  bf16, x bf16: vdpbf16ps on AVX512-BF16, else float32 FMAs (both widened exactly)
+     DENSE_Q8    W[n, c] = code[n, c] * scale[n, c / 32], int8 codes and float32 scales, x float32,
+                 k a multiple of 32: a float32 weight whose values are exactly such products (the
+                 head of a model read from a Q8_0 GGUF tensor) read at a quarter of the bytes.
+                 Each weight is formed in a register as float32(code) * scale (one float32
+                 multiply), then the same FMAs in the same order as DENSE_F32: y is bit-identical
+                 to DENSE_F32's on the weight whose values are those products (the caller checks
+                 that they are its weight's values: quant/q8_blocks.py).
+   Plain C without AVX2. */
+enum { DENSE_F32 = 0, DENSE_BF16 = 1, DENSE_Q8 = 2 };
+
+static inline __attribute__((always_inline)) void dense_rows(const void *wt, const float *scales, const void *x,
+                                                             float *y, const int format, const int rows, int64_t n,
+                                                             int64_t k, int64_t row) {
+    const int bf16 = format == DENSE_BF16;
+    const int8_t *codes = (const int8_t *)wt + row * k;
+    const float *row_scales = scales ? scales + row * (k / 32) : NULL;
     float acc[MAX_ROWS] = {0};
     int64_t c = 0;
 #if defined(DOT_BF16)
@@ -463,9 +479,14 @@ static inline __attribute__((always_inline)) void dense_rows(const void *wt, con
     for (int r = 0; r < rows; r++) sum[r] = _mm512_setzero_ps();
     for (; c < k; c += 16) {
         const __mmask16 mask = k - c >= 16 ? 0xFFFF : (__mmask16)((1u << (k - c)) - 1);
-        __m512 wv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                               _mm256_maskz_loadu_epi16(mask, (const uint16_t *)wt + row * k + c)), 16))
-                         : _mm512_maskz_loadu_ps(mask, (const float *)wt + row * k + c);
+        __m512 wv;
+        if (format == DENSE_Q8) /* k % 32 == 0: never a partial step */
+            wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + c)))),
+                               _mm512_set1_ps(row_scales[c / 32]));
+        else
+            wv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                            _mm256_maskz_loadu_epi16(mask, (const uint16_t *)wt + row * k + c)), 16))
+                      : _mm512_maskz_loadu_ps(mask, (const float *)wt + row * k + c);
         for (int r = 0; r < rows; r++) {
             __m512 xv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                                    _mm256_maskz_loadu_epi16(mask, (const uint16_t *)x + r * k + c)), 16))
@@ -478,9 +499,14 @@ static inline __attribute__((always_inline)) void dense_rows(const void *wt, con
     __m256 sum[MAX_ROWS];
     for (int r = 0; r < rows; r++) sum[r] = _mm256_setzero_ps();
     for (; c + 8 <= k; c += 8) {
-        __m256 wv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                               _mm_loadu_si128((const __m128i *)((const uint16_t *)wt + row * k + c))), 16))
-                         : _mm256_loadu_ps((const float *)wt + row * k + c);
+        __m256 wv;
+        if (format == DENSE_Q8)
+            wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)))),
+                               _mm256_set1_ps(row_scales[c / 32]));
+        else
+            wv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                            _mm_loadu_si128((const __m128i *)((const uint16_t *)wt + row * k + c))), 16))
+                      : _mm256_loadu_ps((const float *)wt + row * k + c);
         for (int r = 0; r < rows; r++) {
             __m256 xv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
                                    _mm_loadu_si128((const __m128i *)((const uint16_t *)x + r * k + c))), 16))
@@ -495,31 +521,44 @@ static inline __attribute__((always_inline)) void dense_rows(const void *wt, con
     }
 #endif
     for (; c < k; c++) { /* what the vector loops left (all of it in plain C) */
-        float wv = bf16 ? from_bf16(((const uint16_t *)wt)[row * k + c]) : ((const float *)wt)[row * k + c];
+        float wv = format == DENSE_Q8 ? (float)codes[c] * row_scales[c / 32]
+                   : bf16            ? from_bf16(((const uint16_t *)wt)[row * k + c])
+                                     : ((const float *)wt)[row * k + c];
         for (int r = 0; r < rows; r++)
             acc[r] += wv * (bf16 ? from_bf16(((const uint16_t *)x)[r * k + c]) : ((const float *)x)[r * k + c]);
     }
     for (int r = 0; r < rows; r++) y[r * n + row] = acc[r];
 }
 
-static void dense_rows_of(const void *w, const void *x, float *y, int bf16, int rows, int64_t n, int64_t k,
-                          int64_t row) { /* rows a constant in each call, so the sums stay in registers */
-    switch (rows) {
-    case 1: dense_rows(w, x, y, bf16, 1, n, k, row); break;
-    case 2: dense_rows(w, x, y, bf16, 2, n, k, row); break;
-    case 3: dense_rows(w, x, y, bf16, 3, n, k, row); break;
-    case 4: dense_rows(w, x, y, bf16, 4, n, k, row); break;
-    case 5: dense_rows(w, x, y, bf16, 5, n, k, row); break;
-    case 6: dense_rows(w, x, y, bf16, 6, n, k, row); break;
-    case 7: dense_rows(w, x, y, bf16, 7, n, k, row); break;
-    default: dense_rows(w, x, y, bf16, MAX_ROWS, n, k, row); break;
+/* rows and format constants in each call, so the sums stay in registers and the format's branch
+   leaves the loop */
+#define DENSE_ROWS_OF(format)                                                                                   \
+    switch (rows) {                                                                                             \
+    case 1: dense_rows(w, scales, x, y, format, 1, n, k, row); break;                                          \
+    case 2: dense_rows(w, scales, x, y, format, 2, n, k, row); break;                                          \
+    case 3: dense_rows(w, scales, x, y, format, 3, n, k, row); break;                                          \
+    case 4: dense_rows(w, scales, x, y, format, 4, n, k, row); break;                                          \
+    case 5: dense_rows(w, scales, x, y, format, 5, n, k, row); break;                                          \
+    case 6: dense_rows(w, scales, x, y, format, 6, n, k, row); break;                                          \
+    case 7: dense_rows(w, scales, x, y, format, 7, n, k, row); break;                                          \
+    default: dense_rows(w, scales, x, y, format, MAX_ROWS, n, k, row); break;                                  \
+    }
+
+static void dense_rows_of(const void *w, const float *scales, const void *x, float *y, int format, int rows,
+                          int64_t n, int64_t k, int64_t row) {
+    switch (format) {
+    case DENSE_BF16: DENSE_ROWS_OF(DENSE_BF16) break;
+    case DENSE_Q8: DENSE_ROWS_OF(DENSE_Q8) break;
+    default: DENSE_ROWS_OF(DENSE_F32) break;
     }
 }
 
-/* y [m, n] = x [m, k] @ W^T, W [n, k], x, W and y all float32 (bf16 = 0) or all bfloat16 (bf16 = 1).
+/* y [m, n] = x [m, k] @ W^T, W [n, k] in ``format`` (above): x and y float32, W float32 or codes and
+   scales (DENSE_F32, DENSE_Q8; ``scales`` NULL but for DENSE_Q8), or all bfloat16 (DENSE_BF16).
    Returns 0, or 1 when scratch memory could not be had. */
-int fourbit_matmul_dense(const void *w, const void *x, void *y, int bf16, int64_t m, int64_t n, int64_t k,
-                         int threads) {
+int fourbit_matmul_dense(const void *w, const float *scales, const void *x, void *y, int format, int64_t m,
+                         int64_t n, int64_t k, int threads) {
+    const int bf16 = format == DENSE_BF16;
     float *y32 = bf16 ? malloc((size_t)(m * n) * sizeof(float)) : y;
     if (!y32) return 1;
     const int elem = bf16 ? 2 : 4;
@@ -527,7 +566,7 @@ int fourbit_matmul_dense(const void *w, const void *x, void *y, int bf16, int64_
         const int rows = (int)(m - m0 < MAX_ROWS ? m - m0 : MAX_ROWS);
         const char *xs = (const char *)x + m0 * k * elem;
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t row = 0; row < n; row++) dense_rows_of(w, xs, y32 + m0 * n, bf16, rows, n, k, row);
+        for (int64_t row = 0; row < n; row++) dense_rows_of(w, scales, xs, y32 + m0 * n, format, rows, n, k, row);
     }
     if (bf16) {
         for (int64_t i = 0; i < m * n; i++) ((uint16_t *)y)[i] = to_bf16(y32[i]);

@@ -6,7 +6,9 @@ dense product of a few rows.
     dequantize_4bit: W[v] = float32(code4[W4[v]] * scale[v // blocksize]), in float32 or bf16:
                      bit-identical to the reference
     matmul_dense:    y[m, n] = sum_k W[n, k] * x[m, k] for a 16-bit or float32 W read in place
-                     (the output head while decoding: nn/dense_linear.py), the sums float32
+                     (the output head while decoding: nn/dense_linear.py), the sums float32;
+    matmul_q8:       the same for a float32 W that is exactly int8 codes times a scale per 32
+                     (quant/q8_blocks.py), read as those: bit-identical, a quarter of the bytes
     rms_norm, rotate_, decode_attention: the small per-layer steps of decoding a token
                      (serve/decode_step.py), each one call (decode.c; their twins in
                      kernels/rms_norm.py, rotary.py, decode_attention.py)
@@ -145,7 +147,7 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.fourbit_matmul_4bit_many.restype = i32
     lib.fourbit_dequantize_4bit.argtypes = [p, p, i32, i32]
     lib.fourbit_dequantize_4bit.restype = i32
-    lib.fourbit_matmul_dense.argtypes = [p, p, p, i32, i64, i64, i64, i32]
+    lib.fourbit_matmul_dense.argtypes = [p, p, p, p, i32, i64, i64, i64, i32]
     lib.fourbit_matmul_dense.restype = i32
     f32 = ctypes.c_float
     lib.fourbit_rms_norm.argtypes = [p, p, p, i64, i64, f32, i32]
@@ -322,18 +324,40 @@ def supports_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and enabled() and library() is not None)
 
 
+DENSE_F32, DENSE_BF16, DENSE_Q8 = 0, 1, 2  # native.c's forms of W for fourbit_matmul_dense
+
+
 def matmul_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  isa: str = "native") -> torch.Tensor:
     """``F.linear(x, weight, bias)`` read straight from ``weight`` (no reorder), float32 sums; see ``supports_dense``."""
+    n, k = weight.shape
+    form = DENSE_BF16 if x.dtype == torch.bfloat16 else DENSE_F32
+    return _matmul_dense(x, weight.contiguous(), None, form, n, k, bias, isa)
+
+
+def matmul_q8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+              isa: str = "native") -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for the float32 W [n, k] whose values are ``codes`` [n, k] (int8)
+    times ``scales`` [n, k / 32] (float32), one per block of 32 (quant/q8_blocks.py), read in that
+    form: a quarter of W's bytes. Bit-identical to ``matmul_dense`` on W. x float32, at most
+    ``MAX_ROWS_DENSE`` rows (``supports_dense`` on x and W)."""
+    n, k = codes.shape
+    if codes.dtype != torch.int8 or scales.dtype != torch.float32 or k % 32 or scales.shape != (n, k // 32):
+        raise InputError(f"matmul_q8 takes int8 codes [n, k] (k a multiple of 32) and float32 scales [n, k / 32]; "
+                         f"got {codes.dtype} {tuple(codes.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    if x.dtype != torch.float32:
+        raise InputError(f"matmul_q8 takes float32 x, got {x.dtype}")
+    return _matmul_dense(x, codes.contiguous(), scales.contiguous(), DENSE_Q8, n, k, bias, isa)
+
+
+def _matmul_dense(x, weight, scales, form, n, k, bias, isa) -> torch.Tensor:
     lib = library(isa)
     if lib is None:
         raise RuntimeError(f"the native CPU kernels ({isa}) are unavailable; check supports_dense() first")
-    n, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()
-    weight = weight.contiguous()
     out = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    if lib.fourbit_matmul_dense(weight.data_ptr(), x2.data_ptr(), out.data_ptr(), x.dtype == torch.bfloat16,
-                                x2.shape[0], n, k, torch.get_num_threads()):
+    if lib.fourbit_matmul_dense(weight.data_ptr(), None if scales is None else scales.data_ptr(), x2.data_ptr(),
+                                out.data_ptr(), form, x2.shape[0], n, k, torch.get_num_threads()):
         raise MemoryError(f"the native CPU dense matmul could not allocate its scratch for {x2.shape[0]} x {n} outputs")
     if bias is not None:
         out += bias
