@@ -1,7 +1,7 @@
 """The 4-bit matmul on a CPU at decoding sizes: the native kernel against dequantize + matmul and the dense cache.
 
     python bench/bench_cpu_matmul_4bit.py [--rows 1,8,16,32,48,64,128] [--dtype bfloat16|float32] [--threads 2]
-    python bench/bench_cpu_matmul_4bit.py --head [--rows 1,4,8,16] [--dtype ...]
+    python bench/bench_cpu_matmul_4bit.py --head [--rows 1,4,8,16] [--dtype ...]   # float32: with the 8-bit form
 
 Question: for y = x @ W^T with W in NF4 + double quantization (blocks of 64) and x of 1 to 128
 rows, how fast is the native kernel (kernels/cpu/native.c) next to what the op does past
@@ -22,7 +22,11 @@ native kernel is timed as Linear4bit calls it, its arguments prepared once (nati
 quantized): the dense native kernel (``matmul_dense``, nn/dense_linear.py's DenseLinear) against
 ``F.linear`` (oneDNN reorders W at every call) and against W prepacked for oneDNN once (a second
 copy of the head, which fourbit does not keep); 56 MB per call, so it streams from memory.
-Where is the crossover that sets ``MAX_ROWS_DENSE``?
+Where is the crossover that sets ``MAX_ROWS_DENSE``? W is made as a Q8_0 tensor reads (int8
+codes times a float16 scale per 32, as the embedded model's head is), so that in float32 the
+native kernel also runs on its 8-bit form (``matmul_q8``, which DenseLinear takes for such a
+weight: quant/q8_blocks.py), a quarter of the bytes; its result is checked bit-identical to the
+dense kernel's.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from fourbit.kernels.cpu import native
 from fourbit.kernels.dequantize import dequantize_4bit_op, state_args
 from fourbit.kernels.prepacked_linear import prepack, prepacked_linear
 from fourbit.precision import cpu_kind
+from fourbit.quant.q8_blocks import q8_blocks
 
 SHAPES = {"q/o": (576, 576), "k/v": (192, 576), "gate/up": (1536, 576), "down": (576, 1536)}
 
@@ -96,10 +101,17 @@ def main() -> None:
 
 
 def head(args, dtype: torch.dtype) -> None:
-    print(f"{'rows':>4} {'native':>8} {'F.linear':>9} {'prepacked':>10} {'F.linear/native':>16} {'prepacked/native':>17}"
-          f" {'error':>8}")
+    print(f"{'rows':>4} {'native':>8} {'q8':>8} {'F.linear':>9} {'prepacked':>10} {'F.linear/native':>16} "
+          f"{'prepacked/native':>17} {'native/q8':>10} {'error':>8}")
     torch.manual_seed(0)
-    w = torch.randn(49152, 576).to(dtype)
+    codes = torch.randint(-127, 128, (49152, 576), dtype=torch.int8)
+    codes[:, ::32] = 127  # each block's largest code, as Q8_0 makes them
+    scales = (torch.rand(49152, 576 // 32) * 0.01).half().float()
+    w32 = (codes.float().reshape(49152, -1, 32) * scales[..., None]).reshape(49152, 576)
+    blocks = q8_blocks(w32) if dtype == torch.float32 else None  # the form DenseLinear would find
+    if dtype == torch.float32 and blocks is None:
+        raise AssertionError("the bench's head has no 8-bit form")
+    w = w32.to(dtype)
     packed = prepack(w)
     for rows in [int(r) for r in args.rows.split(",")]:
         x = torch.randn(rows, 576).to(dtype)
@@ -111,8 +123,14 @@ def head(args, dtype: torch.dtype) -> None:
         t_native = best_us(functools.partial(native.matmul_dense, x, w), calls=5)
         t_linear = best_us(functools.partial(torch.nn.functional.linear, x, w), calls=5)
         t_packed = best_us(functools.partial(prepacked_linear, x, packed, None), calls=5)
-        print(f"{rows:>4} {t_native:>8.0f} {t_linear:>9.0f} {t_packed:>10.0f} {t_linear / t_native:>16.2f} "
-              f"{t_packed / t_native:>17.2f} {error:>8.1e}", flush=True)
+        t_q8, q8 = float("nan"), "-"
+        if blocks is not None:
+            if not torch.equal(native.matmul_q8(x, *blocks), y):
+                raise AssertionError(f"head rows={rows}: the 8-bit form's product is not the dense kernel's")
+            t_q8 = best_us(functools.partial(native.matmul_q8, x, *blocks), calls=5)
+            q8 = f"{t_q8:.0f}"
+        print(f"{rows:>4} {t_native:>8.0f} {q8:>8} {t_linear:>9.0f} {t_packed:>10.0f} {t_linear / t_native:>16.2f} "
+              f"{t_packed / t_native:>17.2f} {t_native / t_q8:>10.2f} {error:>8.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -280,6 +280,9 @@ def test_idle_connections_are_closed_and_a_crowd_gets_answers_not_resets(served)
 
 def test_metrics_in_prometheus_text_and_request_ids(served):
     served["client"].chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3, stream=True).close()
+    stats, deadline = served["engine"].stats, time.monotonic() + 30
+    while stats.finished + stats.cancelled + stats.failed < stats.requests and time.monotonic() < deadline:
+        time.sleep(0.01)  # every request ended, the closed stream's too: no token decoded past the probe
     connection = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=30)
     connection.request("GET", "/metrics", headers={"X-Request-Id": "probe-1"})
     response = connection.getresponse()

@@ -172,14 +172,20 @@ class Linear4bit(FrozenLinear):
         return native.matmul(x, self.bias) if native is not None else None
 
     def _decoding_weight(self, x: torch.Tensor) -> cpu_native.Weight4bit | None:
+        native = self.decoding_weight(x.dtype)
+        return native if native is not None and native.k == x.shape[-1] else None
+
+    def decoding_weight(self, dtype: torch.dtype) -> cpu_native.Weight4bit | None:
+        """The native kernel's prepared weight where this layer's call on inputs of ``dtype`` is
+        exactly that kernel's product plus the bias (see ``decoding_product``), else None."""
         if (self.dense_copy is not None or self._forward_hooks or self._forward_pre_hooks or self.quant_state is None
-                or self.compute_dtype not in (None, x.dtype)):
+                or self.compute_dtype not in (None, dtype)):
             return None
         bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
+        if bias is not None and bias.dtype != dtype:
             return None
-        native = self._native_weight(self.weight, self.quant_state)
-        return native if native.fits and native.k == x.shape[-1] else None
+        native = self._native_weight(self._parameters["weight"], self.quant_state)  # (a decode step asks ~200
+        return native if native.fits else None  # times a token: the parameter from its dict, not nn.Module's lookup)
 
     def _native_weight(self, packed: torch.Tensor, state: QuantState) -> cpu_native.Weight4bit:
         """The native kernel's prepared arguments for these codes and this state, made on first

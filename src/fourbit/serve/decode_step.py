@@ -25,9 +25,16 @@ Every sum, cast and rounding is the one transformers' modeling code makes (the R
 float32, cast back, then times its weight), except attention, which the native kernel computes
 in float32 and rounds once (in another order of sums); so in float32 the logits agree with its
 forward to the last few ulps, and in bf16 they are as close to float32 math as its own
-(tests/serve/test_decode_step.py). SmolLM2-135M in 4 bits: 18 -> 11 ms a token in bf16, 19 -> 13
-in float32 (bench/bench_decode_step.py). It
-covers the architectures whose decoder layer is exactly this (Llama, Mistral and Qwen2 without a
+(tests/serve/test_decode_step.py).
+
+Where all seven products of a layer are 4-bit layers the native kernel serves as they are
+(Linear4bit.decoding_weight: no dense copy in use, no hook, whole blocks), the layer runs as one
+native DecodeLayer (kernels/cpu/decode_layer.c), in two calls on either side of the cache's
+append: the same kernels in the same order without a return to Python between them (bit-identical
+to the per-op path but for SiLU's exponential). What it is built from is checked at every step, so
+new codes, a hook or a dense copy send that layer back to the per-op path. SmolLM2-135M in 4 bits:
+18 -> 11 ms a token in bf16, 19 -> 13 in float32 op by op; see bench/bench_decode_step.py for the
+layers' figures. It covers the architectures whose decoder layer is exactly this (Llama, Mistral and Qwen2 without a
 sliding window, Qwen3) on a CPU; :meth:`DecodeStep.of` returns None for anything else, and the
 callers then use the model's own forward.
 """
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.activations import SiLUActivation
 from transformers.cache_utils import DynamicLayer
 
 from ..kernels.cpu import native as cpu_native
@@ -53,6 +61,7 @@ class DecodeStep:
     def __init__(self, model):
         self.model, self.inner = model, model.model
         self.layers = list(self.inner.layers)
+        self._fused: dict[torch.dtype, list] = {}  # per dtype, per layer: (its parts, their ids, DecodeLayer or None)
 
     @classmethod
     def of(cls, model) -> DecodeStep | None:
@@ -89,9 +98,18 @@ class DecodeStep:
         x = inner.embed_tokens(ids)
         rows = ids.shape[0]
         cos, sin = (t.reshape(rows, -1) for t in inner.rotary_emb(x, positions))  # [rows, head_dim]
-        padding = None if bool(mask.all()) else mask
+        padding = None if bool(mask.all()) else mask.to(torch.int64).contiguous()
         native = cpu_native.takes_rows(x)  # the same rows and dtype for every product of the step
+        fused = self._fused_layers(x.dtype) if native else [None] * len(self.layers)
+        if native:
+            cos, sin = cos.contiguous(), sin.contiguous()
         for index, layer in enumerate(self.layers):
+            one = fused[index]
+            if one is not None:  # the whole layer in two native calls; x (the step's own tensor) advanced in place
+                q, k, v = one.layer_in(x, cos, sin)
+                keys, values = cache.update(k, v, index)
+                one.layer_out(x, q, keys, values, padding)
+                continue
             attention = layer.self_attn
             norm, size = layer.input_layernorm, attention.head_dim
             h = rms_norm(x, norm.weight, norm.variance_epsilon)
@@ -110,6 +128,73 @@ class DecodeStep:
             x = x + _product(mlp.down_proj, mlp.act_fn(gate) * up, native)
         h = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
         return self.model.lm_head(h)[:, -1]
+
+
+    def _fused_layers(self, dtype: torch.dtype) -> list[cpu_native.DecodeLayer | None]:
+        """Per layer, its native DecodeLayer for ``dtype`` where every product is a 4-bit layer the
+        kernel serves as it is (see _fusion_parts), else None; rebuilt for a layer whose parts
+        changed since (new codes, a dense copy in use, a hook, a replaced parameter)."""
+        built = self._fused.setdefault(dtype, [((), (), None)] * len(self.layers))
+        layers = []
+        for index, layer in enumerate(self.layers):
+            parts = _fusion_parts(layer, dtype)
+            _, known, fused = built[index]
+            if parts is None:
+                fused = None
+            else:
+                ids = tuple(map(id, parts))  # (the parts kept alive below, so an id names one object)
+                if ids != known:
+                    fused = _decode_layer(layer, dtype)
+                    built[index] = (parts, ids, fused)
+            layers.append(fused)
+        return layers
+
+
+def _fusion_parts(layer, dtype: torch.dtype) -> tuple | None:
+    """What a layer's DecodeLayer is made of (compared by identity at every step), or None where a
+    product is not a 4-bit layer the native kernel serves as it is (Linear4bit.decoding_weight).
+    Submodules and parameters are read from the modules' own dicts: this runs for every layer of
+    every decoded token, and nn.Module's attribute lookup would double its cost."""
+    attention, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
+    parts = []
+    for module in (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["o_proj"],
+                   mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"]):
+        if type(module) is not Linear4bit:
+            return None
+        weight = module.decoding_weight(dtype)
+        if weight is None:
+            return None
+        parts += (weight, module._parameters.get("bias"))
+    norms = [layer._modules["input_layernorm"], layer._modules["post_attention_layernorm"]]
+    if "q_norm" in attention:
+        norms += [attention["q_norm"], attention["k_norm"]]
+    return (*parts, *(norm._parameters["weight"] for norm in norms), mlp.get("act_fn"))
+
+
+def _decode_layer(layer, dtype: torch.dtype) -> cpu_native.DecodeLayer | None:
+    """The layer as one native DecodeLayer, or None where its parts do not fit one: an activation
+    other than SiLU, a norm or bias in another dtype, shapes other than a decoder layer's."""
+    attention, mlp = layer.self_attn, layer.mlp
+    if type(mlp.act_fn) not in (SiLUActivation, torch.nn.SiLU):
+        return None
+    modules = dict(zip(cpu_native.PRODUCTS, (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                                             mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+    weights = {name: module.decoding_weight(dtype) for name, module in modules.items()}
+    d = attention.head_dim
+    hidden, intermediate, heads, kv_heads = weights["o"].n, weights["gate"].n, weights["q"].n // d, weights["k"].n // d
+    shapes = {"q": (heads * d, hidden), "k": (kv_heads * d, hidden), "v": (kv_heads * d, hidden),
+              "o": (hidden, heads * d), "gate": (intermediate, hidden), "up": (intermediate, hidden),
+              "down": (hidden, intermediate)}
+    if any((weights[name].n, weights[name].k) != shape for name, shape in shapes.items()) or heads * d != weights["q"].n:
+        return None
+    norms = [(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+             (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)]
+    norms += ([(attention.q_norm.weight, attention.q_norm.variance_epsilon),
+               (attention.k_norm.weight, attention.k_norm.variance_epsilon)] if hasattr(attention, "q_norm") else [None, None])
+    if any(norm is not None and norm[0].dtype != dtype for norm in norms):
+        return None
+    biases = {name: module.bias for name, module in modules.items()}  # (decoding_weight checked their dtype)
+    return cpu_native.DecodeLayer(weights, biases, tuple(norms), heads, kv_heads, d, attention.scaling, dtype)
 
 
 def _product(layer, x: torch.Tensor, native: bool) -> torch.Tensor:

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

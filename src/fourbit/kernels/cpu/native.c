@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -56,17 +57,7 @@ static inline int64_t column_of_lane(int lane) {
     return 2 * (u / 2) + 1 - u % 2; /* byte j holds column 2j in its high nibble, 2j + 1 in its low */
 }
 
-typedef struct {
-    const uint8_t *packed;      /* N * K / 2 bytes */
-    const float *absmax;        /* [N * K / bs] float32, when not double-quantized */
-    const uint8_t *absmax8;     /* [N * K / bs] 8-bit codes, when double-quantized */
-    const float *nested_code;   /* 256 values */
-    const float *nested_absmax; /* one per nested_blocksize blocks */
-    float offset;
-    int nested_shift; /* log2 of the nested block size (a power of two; 256 in the format) */
-    const float *code;          /* the 16 values of the 4-bit data type */
-    int64_t n, k, blocksize;
-} weight_4bit;
+/* weight_4bit: kernels.h */
 
 static inline int64_t load64(const uint8_t *at) { /* 8 bytes from any address (one unaligned load) */
     int64_t word;

@@ -12,12 +12,15 @@ dense product of a few rows.
     rms_norm, rotate_, decode_attention: the small per-layer steps of decoding a token
                      (serve/decode_step.py), each one call (decode.c; their twins in
                      kernels/rms_norm.py, rotary.py, decode_attention.py)
+    DecodeLayer:     a decoder layer of 4-bit products strung from those kernels in C
+                     (decode_layer.c), two calls a layer a token; its twin is the decode step
+                     op by op
 
-The code is native.c and decode.c beside this file (the math and the instruction choices at
-their tops, bf16.h the conversions both use), built into one library at first use for this
-machine's instruction set with the system's C compiler and OpenMP, cached under
-``<fourbit cache>/kernels`` by a hash of the sources, the flags, the
-compiler and the CPU's flags, and called through ctypes (which releases the GIL). Its OpenMP
+The code is native.c, decode.c and decode_layer.c beside this file (the math and the instruction
+choices at their tops, bf16.h the conversions, kernels.h what they share), built into one library
+at first use for this machine's instruction set with the system's C compiler and OpenMP, cached
+under ``<fourbit cache>/kernels`` by a hash of the sources, the flags, the compiler and the CPU's
+flags, and called through ctypes (which releases the GIL). Its OpenMP
 runtime (libgomp.so.1) resolves to the one torch has already loaded: one thread pool, sized per
 call by ``torch.get_num_threads()``. The plain-torch twins are the reference dequantization
 (quant/four_bit.py), dequantize-then-``F.linear`` (kernels/matmul_4bit.py) and ``F.linear``; the
@@ -63,8 +66,8 @@ from .dequantize import ENV
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("native.c", "decode.c"))  # one library
-HEADERS = (Path(__file__).with_name("bf16.h"),)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("native.c", "decode.c", "decode_layer.c"))  # one library
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "kernels.h"))
 MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
 MAX_ROWS_DOT_BF16 = 16  # vdpbf16ps: 1.2-2.2x the C dequantize + matmul at 16 rows, behind it from 24 on the big shapes
 MAX_ROWS_DENSE = 8  # against F.linear (which reorders W per call) on SmolLM2's 49152 x 576 head: 2.8x (bf16)
@@ -156,6 +159,10 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.fourbit_rotate.restype = None
     lib.fourbit_decode_attention.argtypes = [p, p, p, p, p, *[i64] * 11, f32, i32, i32]
     lib.fourbit_decode_attention.restype = i32
+    lib.fourbit_layer_in.argtypes = [p, p, p, p, p, i64, i32, i32]
+    lib.fourbit_layer_in.restype = i32
+    lib.fourbit_layer_out.argtypes = [p, p, p, p, p, p, *[i64] * 8, i32, i32]
+    lib.fourbit_layer_out.restype = i32
     lib.fourbit_isa.restype = ctypes.c_char_p
     lib.dot_bf16 = lib.fourbit_isa() == b"avx512-bf16"
     return lib
@@ -428,7 +435,76 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
+PRODUCTS = ("q", "k", "v", "o", "gate", "up", "down")  # a decoder layer's 4-bit products, decode_layer.c's order
+
+
+class _DecodeLayerStruct(ctypes.Structure):  # decode_layer.c's decode_layer, field for field
+    _fields_ = ([(name, ctypes.c_void_p) for name in PRODUCTS] + [(f"{name}_bias", ctypes.c_void_p) for name in PRODUCTS]
+                + [(name, ctypes.c_void_p) for name in ("in_norm", "post_norm", "q_norm", "k_norm")]
+                + [(name, ctypes.c_float) for name in ("in_eps", "post_eps", "q_eps", "k_eps", "scaling")]
+                + [(name, ctypes.c_int64) for name in ("heads", "kv_heads", "head_dim", "hidden", "intermediate")])
+
+
+class DecodeLayer:
+    """A decoder layer whose seven products are 4-bit, as decode_layer.c takes it: one new token
+    per row in two calls (``layer_in`` before the cache's append, ``layer_out`` after), the
+    pointers prepared once. Holds every tensor it points into.
+
+    ``weights``: the prepared Weight4bit of each of PRODUCTS; ``biases``: each product's bias or
+    None; ``norms``: (weight, eps) of the input and post-attention norms, then of q's and k's
+    per-head norms or None; every tensor in the one dtype the layer computes in (float32 or bf16).
+    """
+
+    def __init__(self, weights: dict, biases: dict, norms: tuple, heads: int, kv_heads: int, head_dim: int,
+                 scaling: float, dtype: torch.dtype):
+        (in_norm, in_eps), (post_norm, post_eps), q_norm, k_norm = norms
+        q_norm, q_eps = q_norm if q_norm is not None else (None, 0.0)
+        k_norm, k_eps = k_norm if k_norm is not None else (None, 0.0)
+        tensors = {**{f"{name}_bias": biases.get(name) for name in PRODUCTS}, "in_norm": in_norm,
+                   "post_norm": post_norm, "q_norm": q_norm, "k_norm": k_norm}
+        if any(t is not None and (t.dtype != dtype or t.device.type != "cpu") for t in tensors.values()):
+            raise InputError(f"a DecodeLayer's biases and norms must all be {dtype} CPU tensors")
+        self._keep = {name: t.contiguous() for name, t in tensors.items() if t is not None}
+        self.weights = tuple(weights[name] for name in PRODUCTS)
+        hidden, intermediate = weights["o"].n, weights["gate"].n
+        self.dtype, self.hidden, self.heads, self.kv_heads, self.head_dim = dtype, hidden, heads, kv_heads, head_dim
+        self._struct = _DecodeLayerStruct(
+            *(w._address for w in self.weights),
+            *(self._keep[f"{name}_bias"].data_ptr() if f"{name}_bias" in self._keep else None for name in PRODUCTS),
+            *(self._keep[name].data_ptr() if name in self._keep else None
+              for name in ("in_norm", "post_norm", "q_norm", "k_norm")),
+            in_eps, post_eps, q_eps, k_eps, scaling, heads, kv_heads, head_dim, hidden, intermediate)
+        self._address = ctypes.addressof(self._struct)
+        self._bf16 = dtype == torch.bfloat16
+
+    def layer_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, isa: str = "native"):
+        """q [rows, heads, d], k and v [rows, kv_heads, 1, d] of x [rows, 1, hidden] (contiguous),
+        q and k rotated by cos, sin [rows, d] (contiguous)."""
+        rows, d = x.shape[0], self.head_dim
+        nq, nk = self.heads * d, self.kv_heads * d
+        qkv = torch.empty(rows * (nq + 2 * nk), dtype=self.dtype)
+        if library(isa).fourbit_layer_in(self._address, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), qkv.data_ptr(),
+                                         rows, self._bf16, torch.get_num_threads()):
+            raise MemoryError(f"the native CPU decoder layer could not allocate its scratch for {rows} rows")
+        q = qkv[:rows * nq].view(rows, self.heads, d)
+        k = qkv[rows * nq:rows * (nq + nk)].view(rows, self.kv_heads, 1, d)
+        return q, k, qkv[rows * (nq + nk):].view(rows, self.kv_heads, 1, d)
+
+    def layer_out(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  mask: torch.Tensor | None, isa: str = "native") -> None:
+        """x [rows, 1, hidden] (contiguous) advanced through attention over keys and values
+        [rows, kv_heads, length, d] (head_dim contiguous; mask as decode_attention takes it) and the
+        MLP, in place."""
+        rows, length = x.shape[0], keys.shape[2]
+        if mask is not None:
+            mask = mask.to(torch.int64).contiguous()
+        if library(isa).fourbit_layer_out(self._address, x.data_ptr(), q.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                          mask.data_ptr() if mask is not None else None, length, *keys.stride()[:3],
+                                          *values.stride()[:3], rows, self._bf16, torch.get_num_threads()):
+            raise MemoryError(f"the native CPU decoder layer could not allocate its scratch for {length} positions")
+
+
 __all__ = ["runnable_isas", "ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "Weight4bit", "enabled", "library", "matmul_4bit",
            "max_rows", "supports", "supports_dequantize", "dequantize_4bit", "MAX_ROWS_DENSE", "matmul_dense",
            "supports_dense", "supports_decode", "rms_norm", "rotate_", "decode_attention", "takes_rows",
-           "Weight4bitGroup"]
+           "Weight4bitGroup", "DecodeLayer", "PRODUCTS"]
