@@ -5,16 +5,18 @@ and the native decoding kernels (kernels/cpu/decode.c) against their torch twins
     FOURBIT_CPU_BF16=0 python bench/bench_decode_step.py      # float32 on an AVX512-BF16 CPU
 
 Questions: (1) what one decoded token of the embedded SmolLM2-135M-Instruct (NF4, from the 4-bit
-codes, the compute dtype load_model picks) costs through the step and through transformers'
-forward on the same model and cache contents; (2) what the step's attention, RMS norm and rotary
-kernels cost against the torch code they replace, at SmolLM2's shapes.
+codes, the compute dtype load_model picks) costs through the step (each layer one native
+DecodeLayer: kernels/cpu/decode_layer.c), through the step op by op (``fuse_layers=False``: each
+kernel called from Python) and through transformers' forward, on the same model and cache
+contents; (2) what the step's attention, RMS norm and rotary kernels cost against the torch code
+they replace, at SmolLM2's shapes.
 
 Method
 - (1) A chat prompt prefilled through the model's forward; then --tokens greedy steps, the
   first 5 not timed, median ms a step. Per round, each variant gets a fresh prefill of the same
-  prompt; the variants alternate, --rounds rounds, medians of the rounds' medians; the greedy
-  tokens of the two variants are compared (reported, not required: bf16 attention rounds once
-  in the step).
+  prompt; the variants alternate, --rounds rounds, medians of the rounds' medians; each step's
+  greedy tokens are compared with the forward's (reported, not required: bf16 attention rounds
+  once in the step).
 - (2) ``timeit``-style: 200 warm-up calls, then the mean of 2,000, each kernel after its twin,
   inputs fixed (bf16 and float32; attention at 70, 300 and 2,000 cached positions, 9 query and
   3 key/value heads of 64).
@@ -45,6 +47,7 @@ from fourbit.serve.decode_step import DecodeStep
 
 PROMPT = [{"role": "user", "content": "Tell me about the ocean in three sentences."}]  # bench_serve.py's
 FORWARD = "transformers' forward"
+OP_BY_OP = "decode step, op by op"
 
 
 @torch.no_grad()
@@ -112,20 +115,22 @@ def main() -> None:
     model, tokenizer = fourbit.load_model(None)
     ids = tokenizer(tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False),
                     add_special_tokens=False)["input_ids"]
-    step = DecodeStep.of(model)
+    step, per_op = DecodeStep.of(model), DecodeStep.of(model, fuse_layers=False)
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")  # the compute dtype load_model picked
     env = {"device": f"CPU ({cpu_kind()})", "dtype": dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "transformers": transformers.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-    rounds = {FORWARD: [], "decode step": []}
+    variants = {FORWARD: None, OP_BY_OP: per_op, "decode step": step}
+    rounds = {name: [] for name in variants}
     tokens = {}
     for _ in range(args.rounds):
-        for name, use in ((FORWARD, None), ("decode step", step)):
+        for name, use in variants.items():
             seconds, tokens[name] = decode(model, ids, args.tokens, use)
             rounds[name].append(seconds)
     ms = {name: statistics.median(t) * 1e3 for name, t in rounds.items()}
-    same = next((i for i, (a, b) in enumerate(zip(*tokens.values())) if a != b), None)
+    same = {name: next((i for i, (a, b) in enumerate(zip(tokens[FORWARD], made)) if a != b), None)
+            for name, made in tokens.items() if name != FORWARD}  # where each parts from the forward's tokens
     table = kernels()
 
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
@@ -136,8 +141,9 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct NF4, {env['device']}, {dtype}, {args.tokens} steps x {args.rounds} rounds ({path})")
     for name, value in ms.items():
         print(f"{name:<24} {value:6.2f} ms a token")
-    ratio = ms["decode step"] / ms[FORWARD]
-    print(f"step / forward time: {ratio:.2f}x; greedy tokens {'identical' if same is None else f'part at step {same}'}")
+    for name in (OP_BY_OP, "decode step"):
+        print(f"{name} / forward time: {ms[name] / ms[FORWARD]:.2f}x; greedy tokens "
+              f"{'identical' if same[name] is None else f'part at step {same[name]}'}")
     print(f"{'kernel':<26} {'dtype':<9} {'torch us':>9} {'native us':>10}")
     for row in table:
         print(f"{row['kernel']:<26} {row['dtype']:<9} {row['torch_us']:>9.1f} {row['native_us']:>10.1f}")

@@ -58,13 +58,14 @@ ARCHITECTURES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": 
 class DecodeStep:
     """The decode step of one model: ``step(ids, mask, positions, cache)`` -> next-token logits."""
 
-    def __init__(self, model):
+    def __init__(self, model, fuse_layers: bool = True):
         self.model, self.inner = model, model.model
+        self.fuse_layers = fuse_layers  # False: every layer op by op (the native layers' twin; the bench's A/B)
         self.layers = list(self.inner.layers)
         self._fused: dict[torch.dtype, list] = {}  # per dtype, per layer: (its parts, their ids, DecodeLayer or None)
 
     @classmethod
-    def of(cls, model) -> DecodeStep | None:
+    def of(cls, model, fuse_layers: bool = True) -> DecodeStep | None:
         """The step for ``model``, or None where it does not apply (another architecture, a
         sliding window, a changed module, training mode, not on a CPU): the caller uses
         ``model(...)`` then."""
@@ -86,7 +87,7 @@ class DecodeStep:
                 return None
             if config.model_type == "qwen3" and any(type(n).__name__ != norm_class for n in (attention.q_norm, attention.k_norm)):
                 return None
-        return cls(model)
+        return cls(model, fuse_layers)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -100,7 +101,7 @@ class DecodeStep:
         cos, sin = (t.reshape(rows, -1) for t in inner.rotary_emb(x, positions))  # [rows, head_dim]
         padding = None if bool(mask.all()) else mask.to(torch.int64).contiguous()
         native = cpu_native.takes_rows(x)  # the same rows and dtype for every product of the step
-        fused = self._fused_layers(x.dtype) if native else [None] * len(self.layers)
+        fused = self._fused_layers(x.dtype) if native and self.fuse_layers else [None] * len(self.layers)
         if native:
             cos, sin = cos.contiguous(), sin.contiguous()
         for index, layer in enumerate(self.layers):
