@@ -132,7 +132,6 @@ class DecodeStep:
         h = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
         return self.model.lm_head(h)[:, -1]
 
-
     def _fused_layers(self, dtype: torch.dtype) -> list[cpu_native.DecodeLayer | None]:
         """Per layer, its native DecodeLayer for ``dtype`` where every product is a 4-bit layer the
         kernel serves as it is (see _fusion_parts), else None; rebuilt for a layer whose parts
@@ -153,6 +152,13 @@ class DecodeStep:
         return layers
 
 
+def _layer_products(layer) -> tuple:
+    """A decoder layer's seven products in cpu_native.PRODUCTS' order, from the modules' own dicts."""
+    attention, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
+    return (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["o_proj"], mlp["gate_proj"],
+            mlp["up_proj"], mlp["down_proj"])
+
+
 def _fusion_parts(layer, dtype: torch.dtype) -> tuple | None:
     """What a layer's DecodeLayer is made of (compared by identity at every step), or None where a
     product is not a 4-bit layer the native kernel serves as it is (Linear4bit.decoding_weight).
@@ -160,8 +166,7 @@ def _fusion_parts(layer, dtype: torch.dtype) -> tuple | None:
     every decoded token, and nn.Module's attribute lookup would double its cost."""
     attention, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
     parts = []
-    for module in (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["o_proj"],
-                   mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"]):
+    for module in _layer_products(layer):
         if type(module) is not Linear4bit:
             return None
         weight = module.decoding_weight(dtype)
@@ -180,15 +185,14 @@ def _decode_layer(layer, dtype: torch.dtype) -> cpu_native.DecodeLayer | None:
     attention, mlp = layer.self_attn, layer.mlp
     if type(mlp.act_fn) not in (SiLUActivation, torch.nn.SiLU):
         return None
-    modules = dict(zip(cpu_native.PRODUCTS, (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
-                                             mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+    modules = dict(zip(cpu_native.PRODUCTS, _layer_products(layer)))
     weights = {name: module.decoding_weight(dtype) for name, module in modules.items()}
     d = attention.head_dim
     hidden, intermediate, heads, kv_heads = weights["o"].n, weights["gate"].n, weights["q"].n // d, weights["k"].n // d
     shapes = {"q": (heads * d, hidden), "k": (kv_heads * d, hidden), "v": (kv_heads * d, hidden),
               "o": (hidden, heads * d), "gate": (intermediate, hidden), "up": (intermediate, hidden),
               "down": (hidden, intermediate)}
-    if any((weights[name].n, weights[name].k) != shape for name, shape in shapes.items()) or heads * d != weights["q"].n:
+    if any((weights[name].n, weights[name].k) != shape for name, shape in shapes.items()) or heads % kv_heads:
         return None
     norms = [(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
              (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)]
