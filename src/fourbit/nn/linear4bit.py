@@ -184,8 +184,9 @@ class Linear4bit(FrozenLinear):
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             return None
-        native = self._native_weight(self._parameters["weight"], self.quant_state)  # (a decode step asks ~200
-        return native if native.fits else None  # times a token: the parameter from its dict, not nn.Module's lookup)
+        # (asked ~200 times a decoded token: the parameter read from its dict, not through nn.Module's lookup)
+        native = self._native_weight(self._parameters["weight"], self.quant_state)
+        return native if native.fits else None
 
     def _native_weight(self, packed: torch.Tensor, state: QuantState) -> cpu_native.Weight4bit:
         """The native kernel's prepared arguments for these codes and this state, made on first

@@ -1,6 +1,6 @@
 /* CPU: y = x @ dequant(W4)^T for a few rows of x (decoding), reading the 4-bit codes once; the
-   dequantization itself (fourbit_dequantize_4bit, after it); and y = x @ W^T for a dense W and a
-   few rows of x (fourbit_matmul_dense, at the end of this file).
+   dequantization itself (fourbit_dequantize_4bit, after it); and y = x @ W^T for a dense W (or its
+   exact 8-bit form) and a few rows of x (fourbit_matmul_dense, at the end of this file).
 
        W4: [N, K] packed row-major, byte j of row n holds W[n, 2j] (high nibble), W[n, 2j+1] (low)
        scale[n, b] = code8[absmax8[n, b]] * nested[(n K / bs + b) / nested_bs] + offset  (double quant)
