@@ -189,3 +189,7 @@ def test_the_native_layers_follow_the_models_changes(tmp_path, layer_calls, kern
         for ours, theirs in both_ways(model, steps=1):
             assert scaled_error(ours, theirs) < 2e-6
         assert len(layer_calls) == calls
+    calls = len(layer_calls)
+    for ours, theirs in both_ways(model, steps=1):  # the copy gone: layer 0 native again
+        assert scaled_error(ours, theirs) < 2e-6
+    assert len(layer_calls) - calls == (1 if kernels == "native kernels" else 0)

@@ -141,8 +141,8 @@ class DecodeStep:
         for index, layer in enumerate(self.layers):
             parts = _fusion_parts(layer, dtype)
             _, known, fused = built[index]
-            if parts is None:
-                fused = None
+            if parts is None:  # (what it was built from let go: it may hold a layer's replaced codes)
+                fused, built[index] = None, ((), (), None)
             else:
                 ids = tuple(map(id, parts))  # (the parts kept alive below, so an id names one object)
                 if ids != known:
