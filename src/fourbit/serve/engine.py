@@ -51,6 +51,7 @@ from ..chat_templates import pad_id
 from ..errors import InputError
 from ..nn.linear4bit import dense_weights
 from .adapters import AdapterSet
+from .cache_keyword import cache_keyword, returned_cache
 from .decode_step import DecodeStep, cache_supported
 from .generate import Completion, Decoder, Delta, Sampling, eos_token_ids
 from .kv_batch import KVBatch, joinable
@@ -136,6 +137,7 @@ class Engine:
             raise InputError(f"max_batch and prefill_chunk must be positive and prefix_cache at least 0, got {max_batch}, "
                              f"{prefill_chunk} and {prefix_cache}")
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self._cache_keyword = cache_keyword(model)  # (past_key_values before transformers 5.24)
         self.max_batch, self.prefill_chunk, self.request_seconds = max_batch, prefill_chunk, request_seconds
         self.device = next(model.parameters()).device
         self.eos, self.pad = eos_token_ids(model, tokenizer), pad_id(tokenizer)
@@ -385,14 +387,14 @@ class Engine:
         echo = any(r.decoder.sampling.prompt_logprobs for r in rows)  # such rows took no prefix: all their prompt is here
         with self._route([r.adapter for r in rows]):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, -longest:],
-                             past_key_values=past.cache if past is not None else None, use_cache=True,
+                             **{self._cache_keyword: past.cache if past is not None else None}, use_cache=True,
                              logits_to_keep=0 if echo else 1)
         self.stats.prefilled_tokens += sum(map(len, rests))
         for i, row in enumerate(rows):
             row.kv = None
             if row.decoder.sampling.prompt_logprobs:
                 row.decoder.record_prompt_logprobs(out.logits[i, longest - len(row.decoder.prompt):])
-        self._started(rows, KVBatch(out.past_key_values, mask), out.logits[:, -1].float())
+        self._started(rows, KVBatch(returned_cache(out), mask), out.logits[:, -1].float())
 
     def _prefill_chunk(self, row: _Row, size: int) -> None:
         prompt, start = row.decoder.prompt, row.done
@@ -403,10 +405,10 @@ class Engine:
         with self._route([row.adapter]):
             out = self.model(input_ids=torch.tensor([chunk], device=self.device), attention_mask=mask,
                              position_ids=torch.arange(start, end, device=self.device)[None],
-                             past_key_values=row.kv.cache if row.kv is not None else None, use_cache=True,
+                             **{self._cache_keyword: row.kv.cache if row.kv is not None else None}, use_cache=True,
                              logits_to_keep=0 if echo else 1)
         self.stats.prefilled_tokens += len(chunk)
-        row.kv, row.done = KVBatch(out.past_key_values, mask), end
+        row.kv, row.done = KVBatch(returned_cache(out), mask), end
         if echo:
             row.logits.append(out.logits[0])
         if end == len(prompt):
@@ -447,8 +449,8 @@ class Engine:
                 logits = self._step(ids, batch.grow(), positions, batch.cache)  # the cache grows in place
             else:
                 out = self.model(input_ids=ids, attention_mask=batch.grow(), position_ids=positions,
-                                 past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
-                batch.cache, logits = out.past_key_values, out.logits[:, -1]
+                                 **{self._cache_keyword: batch.cache}, use_cache=True, logits_to_keep=1)
+                batch.cache, logits = returned_cache(out), out.logits[:, -1]
         self.stats.steps += 1
         self.stats.batch_sizes[len(rows)] += 1
         self._choose(rows, logits.float())

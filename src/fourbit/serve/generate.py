@@ -38,6 +38,7 @@ import torch
 
 from ..chat_templates import end_of_turn_ids, pad_id
 from ..errors import InputError
+from .cache_keyword import cache_keyword, returned_cache
 from .decode_step import DecodeStep, cache_supported
 
 
@@ -229,8 +230,9 @@ class Generation:
                 logits = self.decode_step(step_ids, mask, positions, cache)  # the cache grows in place
             else:
                 out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=self.use_cache, logits_to_keep=0 if every else 1)
-                cache = out.past_key_values if self.use_cache else None
+                                 **{cache_keyword(self.model): cache}, use_cache=self.use_cache,
+                                 logits_to_keep=0 if every else 1)
+                cache = returned_cache(out) if self.use_cache else None
                 if every:
                     for i, row in enumerate(self.rows):
                         if row.sampling.prompt_logprobs:

@@ -26,6 +26,7 @@ import torch
 from transformers import StaticCache
 
 from ..errors import InputError
+from .cache_keyword import cache_keyword
 
 
 class GraphDecoder:
@@ -38,12 +39,13 @@ class GraphDecoder:
             raise InputError(f"check_every must be a positive integer, got {check_every}")
         self.model, self.max_length, self.check_every = model, max_length, check_every
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        self._cache_keyword = cache_keyword(model)
         self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The next token after ``ids`` [1, n] at ``positions`` [1, n], the cache updated."""
         logits = self.model(input_ids=ids, position_ids=positions, cache_position=positions[0],
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+                            **{self._cache_keyword: self.cache}, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
     def _step(self, token: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
