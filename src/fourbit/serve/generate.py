@@ -206,6 +206,7 @@ class Generation:
             raise InputError("no prompts to complete")
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
         self.decode_step = DecodeStep.of(model) if use_cache and decode_step else None
+        self.cache_keyword = cache_keyword(model)  # (past_key_values before transformers 5.24)
         sampling = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(sampling) != len(prompts):
             raise InputError(f"{len(sampling)} sampling settings for {len(prompts)} prompts")
@@ -230,7 +231,7 @@ class Generation:
                 logits = self.decode_step(step_ids, mask, positions, cache)  # the cache grows in place
             else:
                 out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                 **{cache_keyword(self.model): cache}, use_cache=self.use_cache,
+                                 **{self.cache_keyword: cache}, use_cache=self.use_cache,
                                  logits_to_keep=0 if every else 1)
                 cache = returned_cache(out) if self.use_cache else None
                 if every:

@@ -467,7 +467,7 @@ class DecodeLayer:
         self._keep = {name: t.contiguous() for name, t in tensors.items() if t is not None}
         self.weights = tuple(weights[name] for name in PRODUCTS)
         hidden, intermediate = weights["o"].n, weights["gate"].n
-        self.dtype, self.hidden, self.heads, self.kv_heads, self.head_dim = dtype, hidden, heads, kv_heads, head_dim
+        self.dtype, self.heads, self.kv_heads, self.head_dim = dtype, heads, kv_heads, head_dim
         self._struct = _DecodeLayerStruct(
             *(w._address for w in self.weights),
             *(self._keep[f"{name}_bias"].data_ptr() if f"{name}_bias" in self._keep else None for name in PRODUCTS),
