@@ -25,6 +25,13 @@ checkpointing a step runs each forward twice; on a GPU the host then cannot keep
 kernels (bench/RESULTS.md). One node also keeps x in its own dtype for dL/dA where autograd
 keeps the adapter-dtype copy (float32: twice a bf16 x), and reuses x A^T from the forward.
 
+On a CPU, with float32 adapters of rank <= 64, the rank-r products go to C
+(kernels/cpu/low_rank.c): x A^T and g B read a bf16 x or g in place where the torch path first
+copies it to float32, dL/dA and dL/dB likewise, and the update is added into the base's output
+(and g_xa A into dL/dx) in one pass, rounded as the torch path rounds it. The torch path below
+stays the twin (tests/kernels/test_low_rank.py); torch's float32 GEMMs with r as one dimension
+ran far below the machine's rate (bench/bench_low_rank.py).
+
 What it leaves out: dropout and DoRA (LoRALinear keeps its module path for those), a bias
 that trains, and any base other than Linear4bit.
 """
@@ -36,8 +43,14 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..quant.state import QuantState
+from .cpu import native as cpu_native
 from .dequantize import dequantize_4bit
 from .matmul_4bit import matmul_4bit
+
+
+def _native(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether the rank-r products go to the C kernels (kernels/cpu/low_rank.c) for this x."""
+    return x.device.type == "cpu" and cpu_native.supports_low_rank(x, lora_a, lora_b)
 
 
 class _QLoRALinear(torch.autograd.Function):
@@ -50,26 +63,43 @@ class _QLoRALinear(torch.autograd.Function):
             base = F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
         else:
             base = matmul_4bit(x.to(compute_dtype), packed, state, bias).to(x.dtype)
-        xa = F.linear(x.to(lora_a.dtype), lora_a) * scaling
-        update = F.linear(xa, lora_b)
         ctx.state, ctx.scaling, ctx.compute_dtype = state, scaling, compute_dtype
+        ctx.native = _native(x, lora_a, lora_b) and base.is_contiguous()
+        if ctx.native:  # the same sums read x in place, the update added into base (low_rank.c)
+            xa = cpu_native.low_rank_project(x, lora_a.T, scaling)
+            out = cpu_native.low_rank_add_(base, xa, lora_b.T.contiguous())
+        else:
+            xa = F.linear(x.to(lora_a.dtype), lora_a) * scaling
+            out = base + F.linear(xa, lora_b).to(base.dtype)
         ctx.save_for_backward(x, packed, xa, lora_a, lora_b, weight)
-        return base + update.to(base.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, packed, xa, lora_a, lora_b, weight = ctx.saved_tensors
         grad_x = grad_a = grad_b = None
-        g = grad.to(lora_a.dtype)
-        if ctx.needs_input_grad[5]:
-            grad_b = g.reshape(-1, g.shape[-1]).T @ xa.reshape(-1, xa.shape[-1])
-        g_xa = (g @ lora_b) * ctx.scaling
-        if ctx.needs_input_grad[4]:
-            grad_a = g_xa.reshape(-1, g_xa.shape[-1]).T @ x.to(lora_a.dtype).reshape(-1, x.shape[-1])
+        native = ctx.native and _native(grad, lora_a, lora_b)
+        if native:
+            if ctx.needs_input_grad[5]:
+                grad_b = cpu_native.low_rank_grad(xa, grad).T
+            g_xa = cpu_native.low_rank_project(grad, lora_b, ctx.scaling)
+            if ctx.needs_input_grad[4]:
+                grad_a = cpu_native.low_rank_grad(g_xa, x)
+        else:
+            g = grad.to(lora_a.dtype)
+            if ctx.needs_input_grad[5]:
+                grad_b = g.reshape(-1, g.shape[-1]).T @ xa.reshape(-1, xa.shape[-1])
+            g_xa = (g @ lora_b) * ctx.scaling
+            if ctx.needs_input_grad[4]:
+                grad_a = g_xa.reshape(-1, g_xa.shape[-1]).T @ x.to(lora_a.dtype).reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
             if weight is None:
                 weight = dequantize_4bit(packed, ctx.state, ctx.compute_dtype)
-            grad_x = (grad.to(ctx.compute_dtype) @ weight).to(x.dtype) + (g_xa @ lora_a).to(x.dtype)
+            grad_x = (grad.to(ctx.compute_dtype) @ weight).to(x.dtype)
+            if native and grad_x.is_contiguous():
+                cpu_native.low_rank_add_(grad_x, g_xa, lora_a)
+            else:
+                grad_x = grad_x + (g_xa @ lora_a).to(x.dtype)
         return grad_x, None, None, None, grad_a, grad_b, None, None, None
 
 

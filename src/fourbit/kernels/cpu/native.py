@@ -15,9 +15,12 @@ dense product of a few rows.
     DecodeLayer:     a decoder layer of 4-bit products strung from those kernels in C
                      (decode_layer.c), two calls a layer a token; its twin is the decode step
                      op by op
+    low_rank_project, low_rank_grad, low_rank_add_: a LoRA adapter's rank-r products in
+                     training (low_rank.c), reading 16-bit activations in place; their twins
+                     are kernels/lora.py's torch path
 
-The code is native.c, decode.c and decode_layer.c beside this file (the math and the instruction
-choices at their tops, bf16.h the conversions, kernels.h what they share), built into one library
+The code is native.c, decode.c, decode_layer.c and low_rank.c beside this file (the math and the
+instruction choices at their tops, bf16.h the conversions, kernels.h what they share), built into one library
 at first use for this machine's instruction set with the system's C compiler and OpenMP, cached
 under ``<fourbit cache>/kernels`` by a hash of the sources, the flags, the compiler and the CPU's
 flags, and called through ctypes (which releases the GIL). Its OpenMP
@@ -60,13 +63,15 @@ import threading
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 from ...errors import InputError
 from .dequantize import ENV
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("native.c", "decode.c", "decode_layer.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name(name)  # one library
+                for name in ("native.c", "decode.c", "decode_layer.c", "low_rank.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "kernels.h"))
 MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
 MAX_ROWS_DOT_BF16 = 16  # vdpbf16ps: 1.2-2.2x the C dequantize + matmul at 16 rows, behind it from 24 on the big shapes
@@ -163,6 +168,12 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.fourbit_layer_in.restype = i32
     lib.fourbit_layer_out.argtypes = [p, p, p, p, p, p, *[i64] * 8, i32, i32]
     lib.fourbit_layer_out.restype = i32
+    lib.fourbit_low_rank_project.argtypes = [p, p, p, i64, i64, i64, i64, f32, i32, i32]
+    lib.fourbit_low_rank_project.restype = i32
+    lib.fourbit_low_rank_grad.argtypes = [p, p, p, i64, i64, i64, i32, i32]
+    lib.fourbit_low_rank_grad.restype = None
+    lib.fourbit_low_rank_add.argtypes = [p, p, p, i64, i64, i64, i32, i32]
+    lib.fourbit_low_rank_add.restype = None
     lib.fourbit_isa.restype = ctypes.c_char_p
     lib.dot_bf16 = lib.fourbit_isa() == b"avx512-bf16"
     return lib
@@ -435,6 +446,59 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
+MAX_RANK = 64  # low_rank.c against torch's float32 GEMMs: faster at 16 and 64 (bench/bench_low_rank.py); past
+# that a GEMM's cache blocking should win, and none was measured
+
+
+def supports_low_rank(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether the rank-r products (low_rank.c) take an activation ``x`` (float32 or bf16) with an
+    adapter's A [r, in] and B [out, r] (float32, r <= MAX_RANK), all on a CPU."""
+    if x.dtype is not torch.float32 and x.dtype is not torch.bfloat16 or x.device.type != "cpu":
+        return False
+    for f in (lora_a, lora_b):
+        if f.dtype is not torch.float32 or f.device.type != "cpu" or f.dim() != 2:
+            return False
+    return (lora_a.shape[0] == lora_b.shape[1] <= MAX_RANK and _LITTLE_ENDIAN and enabled()
+            and library() is not None)
+
+
+def low_rank_project(x: torch.Tensor, b: torch.Tensor, scale: float, isa: str = "native") -> torch.Tensor:
+    """``(x.float() @ b) * scale`` (float32 [..., r]) for x [..., k] and b [k, r], x read in its
+    own dtype; see ``supports_low_rank``."""
+    k, r = b.shape
+    padded = -r % 16  # the kernel reads b in whole vectors of 16 columns
+    b = F.pad(b, (0, padded)) if padded else b.contiguous()
+    x2 = x.reshape(-1, k).contiguous()
+    out = torch.empty(*x.shape[:-1], r, dtype=torch.float32)
+    if library(isa).fourbit_low_rank_project(x2.data_ptr(), b.data_ptr(), out.data_ptr(), x2.shape[0], k, r, r + padded,
+                                             scale, x.dtype == torch.bfloat16, torch.get_num_threads()):
+        raise MemoryError(f"the native CPU low-rank projection could not allocate its scratch for {k} columns")
+    return out
+
+
+def low_rank_grad(u: torch.Tensor, x: torch.Tensor, isa: str = "native") -> torch.Tensor:
+    """``u^T @ x.float()`` (float32 [r, k]) for u [..., r] float32 and x [..., k] over the same
+    rows, x read in its own dtype; see ``supports_low_rank``."""
+    r, k = u.shape[-1], x.shape[-1]
+    u2, x2 = u.reshape(-1, r).contiguous(), x.reshape(-1, k).contiguous()
+    out = torch.empty(r, k, dtype=torch.float32)
+    library(isa).fourbit_low_rank_grad(u2.data_ptr(), x2.data_ptr(), out.data_ptr(), x2.shape[0], k, r,
+                                       x.dtype == torch.bfloat16, torch.get_num_threads())
+    return out
+
+
+def low_rank_add_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, isa: str = "native") -> torch.Tensor:
+    """``y + (u @ v).to(y.dtype)`` into y (contiguous, float32 or bf16, [..., n]) for u [..., r]
+    float32 and v [r, n] float32; returns y. See ``supports_low_rank``."""
+    r, n = v.shape
+    if not y.is_contiguous():
+        raise InputError("low_rank_add_ writes into y in place: y must be contiguous")
+    u2 = u.reshape(-1, r).contiguous()
+    library(isa).fourbit_low_rank_add(y.data_ptr(), u2.data_ptr(), v.contiguous().data_ptr(), u2.shape[0], n, r,
+                                      y.dtype == torch.bfloat16, torch.get_num_threads())
+    return y
+
+
 PRODUCTS = ("q", "k", "v", "o", "gate", "up", "down")  # a decoder layer's 4-bit products, decode_layer.c's order
 
 
@@ -507,4 +571,5 @@ class DecodeLayer:
 __all__ = ["runnable_isas", "ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "Weight4bit", "enabled", "library", "matmul_4bit",
            "max_rows", "supports", "supports_dequantize", "dequantize_4bit", "MAX_ROWS_DENSE", "matmul_dense",
            "supports_dense", "supports_decode", "rms_norm", "rotate_", "decode_attention", "takes_rows",
-           "Weight4bitGroup", "DecodeLayer", "PRODUCTS"]
+           "Weight4bitGroup", "DecodeLayer", "PRODUCTS", "MAX_RANK", "supports_low_rank", "low_rank_project",
+           "low_rank_grad", "low_rank_add_"]
