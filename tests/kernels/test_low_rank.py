@@ -113,7 +113,8 @@ def relative(a, b):
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_qlora_node_through_the_kernels_matches_the_module_path(monkeypatch, compute_dtype, bias):
+@pytest.mark.parametrize("four_bit", [True, False], ids=["4-bit base", "dense base"])
+def test_lora_node_through_the_kernels_matches_the_module_path(monkeypatch, compute_dtype, bias, four_bit):
     """The node's native path against LoRALinear's modules (autograd's gradients). Forward: the
     update's sums in another order can move a bf16 output by one ulp (eps relative), and a
     float32 one by float32 rounding of sums of ~100 terms (1e-5 of the largest output);
@@ -127,7 +128,11 @@ def test_qlora_node_through_the_kernels_matches_the_module_path(monkeypatch, com
         monkeypatch.setattr(lora.cpu_native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name)
                             or _real(*a, **k))
     torch.manual_seed(0)
-    base = Linear4bit.from_linear(nn.Linear(96, 40, bias=bias), compute_dtype=compute_dtype)
+    dense = nn.Linear(96, 40, bias=bias)
+    if four_bit:
+        base = Linear4bit.from_linear(dense, compute_dtype=compute_dtype)
+    else:
+        base = dense.to(compute_dtype).requires_grad_(False)
     layer = LoRALinear(base)
     adapter = layer.add_adapter(DEFAULT, r=8, alpha=16)
     nn.init.normal_(adapter.lora_B.weight)

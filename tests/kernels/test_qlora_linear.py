@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from fourbit.errors import InputError
 from fourbit.kernels.dequantize import dequantize_4bit
 from fourbit.kernels.lora import qlora_linear
 from fourbit.nn import Linear4bit
@@ -31,15 +32,20 @@ def relative(a, b):
 
 @pytest.mark.parametrize("compute_dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_equals_the_module_path(compute_dtype, tolerance, bias):
+@pytest.mark.parametrize("four_bit", [True, False], ids=["4-bit base", "dense base"])
+def test_fused_equals_the_module_path(compute_dtype, tolerance, bias, four_bit):
     torch.manual_seed(0)
-    base = Linear4bit.from_linear(nn.Linear(96, 40, bias=bias), compute_dtype=compute_dtype)
+    dense = nn.Linear(96, 40, bias=bias)
+    if four_bit:
+        base = Linear4bit.from_linear(dense, compute_dtype=compute_dtype)
+    else:  # 16-bit LoRA: a frozen nn.Linear in the compute dtype
+        base = dense.to(compute_dtype).requires_grad_(False)
     layer = LoRALinear(base)
     adapter = layer.add_adapter(DEFAULT, r=8, alpha=16)
     nn.init.normal_(adapter.lora_B.weight)  # B starts at zero; make the update count
     x = torch.randn(3, 5, 96, dtype=compute_dtype, requires_grad=True)
 
-    assert layer._fusable(adapter)
+    assert layer._fusable(adapter) if four_bit else layer._fusable_dense(adapter)
     fused = layer(x)
     g = torch.randn_like(fused)
     fused.backward(g)
@@ -73,6 +79,25 @@ def test_backward_computes_only_the_gradients_asked_for(monkeypatch, x_trains):
     expected_b = (2.0 * g.double()).T @ (x.detach().double() @ a.double().T)  # dL/dB = (s g)^T (x A^T)
     assert relative(b.grad, expected_b) < 1e-6  # float32 products of a few dozen terms
     assert a.grad is None and (x.grad is not None) == x_trains
+
+
+def test_a_dense_base_that_trains_keeps_the_module_path():
+    # lora_linear differentiates only the adapter: a base weight or bias that trains (full
+    # fine-tuning beside LoRA) goes through the modules, where autograd sees it
+    layer = LoRALinear(nn.Linear(16, 8))
+    adapter = layer.add_adapter(DEFAULT, r=2, alpha=4)
+    assert not layer._fusable_dense(adapter)
+    layer.base_layer.requires_grad_(False)
+    assert layer._fusable_dense(adapter)
+    handle = layer.base_layer.register_forward_hook(lambda *args: None)  # a hook must see the base's forward
+    assert not layer._fusable_dense(adapter)
+    handle.remove()
+    layer.base_layer.bias.requires_grad_(True)
+    assert not layer._fusable_dense(adapter)
+    from fourbit.kernels.lora import lora_linear
+    with pytest.raises(InputError, match="frozen"):
+        lora_linear(torch.randn(2, 16), layer.base_layer.weight, layer.base_layer.bias, adapter.lora_A.weight,
+                    adapter.lora_B.weight, 2.0)
 
 
 def test_a_training_bias_is_refused():

@@ -32,8 +32,11 @@ copies it to float32, dL/dA and dL/dB likewise, and the update is added into the
 stays the twin (tests/kernels/test_low_rank.py); torch's float32 GEMMs with r as one dimension
 ran far below the machine's rate (bench/bench_low_rank.py).
 
-What it leaves out: dropout and DoRA (LoRALinear keeps its module path for those), a bias
-that trains, and any base other than Linear4bit.
+A dense frozen base (``lora_linear``: an nn.Linear, 16-bit LoRA) takes the same node with its
+weight in place of the codes: the same LoRA math, one product ``F.linear`` in the weight's dtype.
+
+What it leaves out: dropout and DoRA (LoRALinear keeps its module path for those), a base that
+trains (weight or bias), and any base other than Linear4bit and a plain nn.Linear.
 """
 
 from __future__ import annotations
@@ -55,10 +58,12 @@ def _native(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool
 
 class _QLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, packed, state: QuantState, bias, lora_a, lora_b, scaling: float, compute_dtype,
+    def forward(ctx, x, packed, state: QuantState | None, bias, lora_a, lora_b, scaling: float, compute_dtype,
                 keep_weight: bool):
         weight = None
-        if keep_weight and ctx.needs_input_grad[0]:
+        if state is None:  # a dense frozen base: packed is its weight
+            base = F.linear(x.to(compute_dtype), packed, bias).to(x.dtype)
+        elif keep_weight and ctx.needs_input_grad[0]:
             weight = dequantize_4bit(packed, state, compute_dtype)
             base = F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
         else:
@@ -94,7 +99,7 @@ class _QLoRALinear(torch.autograd.Function):
                 grad_a = g_xa.reshape(-1, g_xa.shape[-1]).T @ x.to(lora_a.dtype).reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
             if weight is None:
-                weight = dequantize_4bit(packed, ctx.state, ctx.compute_dtype)
+                weight = packed if ctx.state is None else dequantize_4bit(packed, ctx.state, ctx.compute_dtype)
             grad_x = (grad.to(ctx.compute_dtype) @ weight).to(x.dtype)
             if native and grad_x.is_contiguous():
                 cpu_native.low_rank_add_(grad_x, g_xa, lora_a)
@@ -121,3 +126,12 @@ def qlora_linear(
     compute_dtype = compute_dtype or x.dtype
     bias = bias.to(compute_dtype) if bias is not None else None
     return _QLoRALinear.apply(x, packed, state, bias, lora_a, lora_b, scaling, compute_dtype, keep_weight)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``x W^T + b + scaling * (x A^T) B^T`` for a dense frozen W (and b), in one node as
+    ``qlora_linear``: the same LoRA math, the base product ``F.linear`` in W's dtype."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise InputError("lora_linear keeps the base frozen: its weight and bias must not require grad")
+    return _QLoRALinear.apply(x, weight, None, bias, lora_a, lora_b, scaling, weight.dtype, False)

@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InputError
-from ..kernels.lora import qlora_linear
+from ..kernels.lora import lora_linear, qlora_linear
 from .linear4bit import Linear4bit
 from .lora_experts import add_expert_lora, expert_lora_layers, match_expert_weights
 from .lora_scaling import lora_scaling
@@ -60,6 +60,11 @@ from .targets import KEEP_DENSE, match_targets
 DEFAULT = "default"  # the adapter add_lora trains and load_adapter loads, as PEFT names it
 Mixture = dict[str, float]
 Route = Mixture | list[Mixture] | None
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks watch ``module`` (calibration's, a user's): the one-node path would skip its forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -177,10 +182,12 @@ class LoRALinear(nn.Module):
                 if weight != 0 and _key(name) in self.adapters]
 
     def _alone(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+        base = self.base_layer
         if self._fusable(adapter):  # the same function in one autograd node (kernels/lora.py)
-            base = self.base_layer
             return qlora_linear(x, base.weight, base.quant_state, base.bias, adapter.lora_A.weight,
                                 adapter.lora_B.weight, adapter.scaling, base.compute_dtype, base.keep_weight_for_backward)
+        if self._fusable_dense(adapter) and x.dtype == base.weight.dtype:  # else F.linear's own dtype error
+            return lora_linear(x, base.weight, base.bias, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling)
         result = self.base_layer(x)
         dropped = adapter.lora_dropout(x).to(adapter.lora_A.weight.dtype)
         update = adapter.lora_B(adapter.lora_A(dropped) * adapter.scaling)  # s on the r side: r values a token, not out
@@ -197,6 +204,18 @@ class LoRALinear(nn.Module):
             and base.quant_state is not None
             and base.dense_copy is None  # inside dense_weights(): the module path reuses the dense copy
             and (base.bias is None or not base.bias.requires_grad)
+            and not _hooked(base)
+        )
+
+    def _fusable_dense(self, adapter: LoRAAdapter) -> bool:
+        base = self.base_layer
+        return (
+            not adapter.use_dora
+            and isinstance(adapter.lora_dropout, nn.Identity)
+            and type(base) is nn.Linear  # subclasses may compute otherwise
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and not _hooked(base)
         )
 
     def _dora(self, adapter: LoRAAdapter, dropped, result, update):
