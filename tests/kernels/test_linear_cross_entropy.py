@@ -70,3 +70,32 @@ def test_a_trainable_head_is_refused():
     h, w, y = inputs(4, 8, 10, torch.float32)
     with pytest.raises(ValueError, match="weight must not require grad"):
         linear_cross_entropy(h, w.requires_grad_(), y)
+
+
+def test_ignored_tokens_get_no_logits(monkeypatch):
+    # A chat prompt's tokens carry the ignore label: their loss and gradient are zero, so their
+    # logits (a [tokens, vocab] product each) are never computed
+    import fourbit.kernels.linear_cross_entropy as lce
+
+    rows = []
+    real_linear = F.linear
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        @staticmethod
+        def linear(x, w, *args):
+            rows.append(x.shape[0])
+            return real_linear(x, w, *args)
+
+    monkeypatch.setattr(lce, "F", Spy())
+    h, w, y = inputs(40, 32, 97, torch.float32, ignored=0.0)
+    y[5:35] = -100
+    loss = linear_cross_entropy(h, w, y, chunk=8)
+    loss.backward()
+    assert sum(rows) == 10
+    ref_loss, ref_grad = float64_reference(h, w, y)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-4)  # as the float32 test above
+    torch.testing.assert_close(h.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    assert not h.grad[5:35].any()

@@ -75,10 +75,12 @@ def test_gradient_accumulation_gives_the_same_first_step(tmp_path, config_for):
                          gradient_accumulation_steps=2))
     # Token-weighted loss over the same 4 examples: equal up to fp32 summation order.
     assert one.losses[0] == pytest.approx(two.losses[0], rel=1e-5)
+    # Adam's first step moves each weight by lr g / (|g| + eps): where a gradient is within a few
+    # eps (1e-8) of zero, summation order's ~1e-9 moves that update by up to ~1e-3 of lr (5e-3)
     with safe_open(tmp_path / "a" / "adapter_model.safetensors", "pt") as a, \
             safe_open(tmp_path / "b" / "adapter_model.safetensors", "pt") as b:
         for key in a.keys():
-            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-4, atol=5e-6)
 
 
 def test_compiled_layers_train_like_eager_ones(tmp_path, monkeypatch, config_for):
