@@ -43,6 +43,8 @@ Method
   s/step is the median of its timed steps; the time ratios are the medians over cycles of the
   two sides' steps in the same cycle. torch threads (and OMP_NUM_THREADS) = --threads in every
   child.
+- Process: ours and lora keep glibc's freed blocks for reuse as ``fourbit train`` does
+  (train/allocator.py); the peer runs with glibc's defaults, as its users run it.
 - Memory: "peak added" = VmHWM (the kernel's high-water RSS, fourbit.peak_memory, reset through
   /proc/self/clear_refs just before building) minus RSS right before building the model, so the
   interpreter and imports are not counted; it includes load-time transients (and resident pages
@@ -191,6 +193,10 @@ def child(side: str, args) -> None:
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes from inside peft/transformers
+    if side in ("ours", "lora"):  # as `fourbit train` sets its process up (cli.py)
+        from fourbit.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
     before, reset = rss_kib(), reset_peak("cpu")
     model, optimizer, loss_fn, trainable = build(side, args)
     build_peak, ready = measured_peak("cpu").bytes // 1024, rss_kib()

@@ -59,6 +59,18 @@ def no_engine_outlives_its_module():
     assert not alive, "a test module left a serving engine running: close it (engine.close()) in its teardown"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def train_keeps_the_suites_allocator():
+    """``fourbit train`` keeps glibc's freed blocks process-wide (train/allocator.py); tests call
+    ``main(["train", ...])`` in this process, whose later tests measure memory: here it does
+    nothing (tests/train/test_allocator.py checks it in subprocesses)."""
+    from fourbit.train import allocator
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(allocator, "keep_freed_memory", lambda: False)
+        yield
+
+
 @pytest.fixture
 def auto_means(monkeypatch):
     """``auto_means("bfloat16" | "float32")``: for this test, the CPU behaves as one with (without)

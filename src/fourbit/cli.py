@@ -275,6 +275,9 @@ def _train(args) -> None:
             cut = preflight(checked, tokenizer)
         print(f"warning: {cut}" if cut else "dataset, output_dir and cutoff_len checked: the run can start")
         return
+    from .train.allocator import keep_freed_memory
+
+    keep_freed_memory()  # this process trains: a step's freed activations are reused, not faulted in again
     result = run(config)
     destroy()  # leave torchrun's process group, if this process joined one
     if os.environ.get("RANK", "0") != "0":
