@@ -140,6 +140,9 @@ def build(side: str, args):
         model, _ = fourbit.load_model(None, quantization=quantization, double_quant=True, compute_dtype=dtype)
         truncate(model, args.layers)
         fourbit.add_lora(model, r=args.rank, alpha=args.alpha, target="all-linear", verbose=False)
+        from fourbit.nn.rms_norm import replace_rms_norms
+
+        replace_rms_norms(model)  # as `fourbit train` does on a CPU (train/recipe.py)
         if args.gradient_checkpointing:  # as `fourbit train` turns it on (non-reentrant, 4-bit weights kept once)
             from fourbit.train.recipe import enable_gradient_checkpointing
 

@@ -197,3 +197,15 @@ def test_the_native_layers_follow_the_models_changes(tmp_path, layer_calls, kern
     for ours, theirs in both_ways(model, steps=1):  # the copy gone: layer 0 native again
         assert scaled_error(ours, theirs) < 2e-6
     assert len(layer_calls) - calls == (1 if kernels == "native kernels" else 0)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_norms_that_training_swapped_in_still_take_the_step(name):
+    # fourbit train replaces a CPU model's RMS norms with fourbit's (nn/rms_norm.py): the same
+    # function, so the trained model in the same process still decodes through the step
+    from fourbit.nn.rms_norm import replace_rms_norms
+
+    model = dense_model(name)
+    assert replace_rms_norms(model) > 0
+    for ours, theirs in both_ways(model, steps=2):
+        assert scaled_error(ours, theirs) < 2e-6  # as the float32 test above

@@ -53,8 +53,14 @@ from ..kernels.decode_attention import decode_attention
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rotary import rotate_
 from ..nn.linear4bit import Linear4bit, decoding_products
+from ..nn.rms_norm import RMSNorm
 
 ARCHITECTURES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
+
+
+def _is_norm(module, norm_class: str) -> bool:
+    """The architecture's own norm, or fourbit's RMSNorm that training swaps in for it (the same function)."""
+    return type(module).__name__ == norm_class or isinstance(module, RMSNorm)
 
 
 class DecodeStep:
@@ -79,7 +85,7 @@ class DecodeStep:
         if model.training or next(model.parameters()).device.type != "cpu":  # (training: dropout, left to transformers)
             return None
         norms = [inner.norm] + [n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        if any(type(n).__name__ != norm_class for n in norms):
+        if not all(_is_norm(n, norm_class) for n in norms):
             return None
         if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
             return None  # (Mistral's window is the config's; Qwen2's and Qwen3's, per layer, below)
@@ -87,7 +93,7 @@ class DecodeStep:
             attention = layer.self_attn
             if getattr(attention, "sliding_window", None) is not None:
                 return None
-            if config.model_type == "qwen3" and any(type(n).__name__ != norm_class for n in (attention.q_norm, attention.k_norm)):
+            if config.model_type == "qwen3" and not all(_is_norm(n, norm_class) for n in (attention.q_norm, attention.k_norm)):
                 return None
         return cls(model, fuse_layers)
 

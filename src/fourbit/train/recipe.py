@@ -41,6 +41,7 @@ from ..memory import memory_report
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import count_parameters, lora_layers
 from ..nn.lora_experts import expert_lora_layers
+from ..nn.rms_norm import replace_rms_norms
 from ..peak_memory import measured_peak, reset_peak
 from .checkpoint import (
     METRICS_FILE,
@@ -147,6 +148,8 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
 
     device = next(model.parameters()).device
+    if device.type == "cpu" and not config.torch_compile:  # native norm kernels (a compiled graph fuses its own)
+        replace_rms_norms(model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if config.torch_compile:

@@ -2,6 +2,7 @@
    call instead of the dozen torch ops transformers' modeling code spends on it.
 
        rms_norm   y[r, i] = w[i] * cast(x[r, i] / sqrt(sum_j x[r, j]^2 / n + eps))
+                  (and its gradient for x, which training takes too: rms_norm_backward)
        rotate     x[r, h, i]        = x[r, h, i] cos[r, i] - x[r, h, i + d/2] sin[r, i]          (i < d/2)
                   x[r, h, i + d/2]  = x[r, h, i + d/2] cos[r, i + d/2] + x[r, h, i] sin[r, i + d/2]
                   (in place, for q and k: transformers' rotate_half pairs the two halves)
@@ -91,6 +92,48 @@ void fourbit_rms_norm(const void *x, const void *w, void *y, int64_t rows, int64
         if (bf16) rms_norm_row(xr, w, yr, n, eps, 1); /* the dtype a constant in each copy: vectorized loops */
         else rms_norm_row(xr, w, yr, n, eps, 0);
     }
+}
+
+/* The gradient of rms_norm with respect to x, for training (kernels/rms_norm.py; w frozen):
+       gh[i] = float32(cast(g[i] * w[i]))            the product's gradient, rounded as y was
+       r     = 1 / sqrt(sum_j x[j]^2 / n + eps)
+       dx[i] = cast(r gh[i] - x[i] r^3 (sum_j gh[j] x[j]) / n)
+   in float32, as autograd derives it from the twin's ops (its order of operations differs:
+   the twin's gradient agrees to float32 rounding before the cast, tests/kernels/test_rms_norm_grad.py). */
+static inline __attribute__((always_inline)) void rms_norm_grad_row(const void *x, const void *w, const void *g,
+                                                                     void *dx, float *gh, int64_t n, float eps,
+                                                                     const int bf16) {
+    const float inv = 1.0f / sqrtf(dot(x, x, n, bf16) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) gh[i] = rounded(load(g, i, bf16) * load(w, i, bf16), bf16);
+    float part[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += gh[i + l] * load(x, i + l, bf16);
+    for (; i < n; i++) part[0] += gh[i] * load(x, i, bf16);
+    const float c = sum_lanes(part) / (float)n * inv * inv * inv;
+    for (int64_t j = 0; j < n; j++) store(dx, j, inv * gh[j] - load(x, j, bf16) * c, bf16);
+}
+
+/* x, g, dx [rows, n], w [n]; returns 0, or 1 when scratch memory (n floats a thread) could not be had */
+int fourbit_rms_norm_backward(const void *x, const void *w, const void *g, void *dx, int64_t rows, int64_t n,
+                              float eps, int bf16, int threads) {
+    const int64_t elem = bf16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (rows * n >= (1 << 16) && threads > 1) reduction(| : failed)
+    {
+        float *gh = malloc((size_t)n * sizeof(float));
+        if (!gh) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!gh) continue;
+            const char *xr = (const char *)x + r * n * elem, *gr = (const char *)g + r * n * elem;
+            char *dr = (char *)dx + r * n * elem;
+            if (bf16) rms_norm_grad_row(xr, w, gr, dr, gh, n, eps, 1);
+            else rms_norm_grad_row(xr, w, gr, dr, gh, n, eps, 0);
+        }
+        free(gh);
+    }
+    return failed;
 }
 
 /* x [rows, heads, d] rotated in place by cos, sin [rows, d] */

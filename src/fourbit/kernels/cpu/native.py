@@ -160,6 +160,8 @@ def _library(isa: str) -> ctypes.CDLL:
     f32 = ctypes.c_float
     lib.fourbit_rms_norm.argtypes = [p, p, p, i64, i64, f32, i32]
     lib.fourbit_rms_norm.restype = None
+    lib.fourbit_rms_norm_backward.argtypes = [p, p, p, p, i64, i64, f32, i32, i32]
+    lib.fourbit_rms_norm_backward.restype = i32
     lib.fourbit_rotate.argtypes = [p, p, p, p, i64, i64, i64, i64, i32]
     lib.fourbit_rotate.restype = None
     lib.fourbit_decode_attention.argtypes = [p, p, p, p, p, *[i64] * 11, f32, i32, i32]
@@ -419,6 +421,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, isa: str = "nati
     return out
 
 
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, eps: float,
+                      isa: str = "native") -> torch.Tensor:
+    """dL/dx of ``rms_norm(x, weight, eps)`` given dL/dy (``grad``), weight frozen; see ``supports_decode``."""
+    x, grad = x.contiguous(), grad.contiguous()
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    if library(isa).fourbit_rms_norm_backward(x.data_ptr(), weight.contiguous().data_ptr(), grad.data_ptr(),
+                                              out.data_ptr(), x.numel() // n, n, eps, x.dtype == torch.bfloat16,
+                                              torch.get_num_threads()):
+        raise MemoryError(f"the native CPU RMS norm's gradient could not allocate its scratch for {n} values")
+    return out
+
+
 def rotate_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, isa: str = "native") -> None:
     """kernels/rotary.py's rotation of q [rows, q_heads, d] and k [rows, k_heads, d] (contiguous),
     in place, by cos and sin (rows x d values each, any shape); see ``supports_decode``."""
@@ -570,6 +585,6 @@ class DecodeLayer:
 
 __all__ = ["runnable_isas", "ENV", "MAX_ROWS", "MAX_ROWS_DOT_BF16", "Weight4bit", "enabled", "library", "matmul_4bit",
            "max_rows", "supports", "supports_dequantize", "dequantize_4bit", "MAX_ROWS_DENSE", "matmul_dense",
-           "supports_dense", "supports_decode", "rms_norm", "rotate_", "decode_attention", "takes_rows",
+           "supports_dense", "supports_decode", "rms_norm", "rms_norm_backward", "rotate_", "decode_attention", "takes_rows",
            "Weight4bitGroup", "DecodeLayer", "PRODUCTS", "MAX_RANK", "supports_low_rank", "low_rank_project",
            "low_rank_grad", "low_rank_add_"]
