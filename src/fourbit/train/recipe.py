@@ -101,7 +101,9 @@ class TrainResult:
 def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     """Fine-tune ``model``'s LoRA adapters on ``config.dataset``; returns losses and evaluations.
 
-    Under torchrun every rank calls this with the same config (train/distributed.py)."""
+    On a CPU (without torch_compile) the model's Llama-family RMS norms are swapped for fourbit's,
+    the same weights computed by native kernels (nn/rms_norm.py). Under torchrun every rank calls
+    this with the same config (train/distributed.py)."""
     # ---------------------------------------------------------------- setup
     ranks = init_ranks(config)
     run_config = config.to_dict()
