@@ -54,6 +54,9 @@ def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evalu
     page.open(url)
     start_form(page, model, data, "sums", max_steps=10, save_steps=3)
     page.fill("cfg-val_size", 4)  # an eval loss on 4 held-out rows at each save
+    # 16 micro-batches a step: a step of the tiny model alone takes ~45 ms (its prompts' tokens get
+    # no logits), too fast for the page to see the run running and to kill it between checkpoints
+    page.fill("cfg-gradient_accumulation_steps", 16)
     page.click("check")
     page.wait_text("train-message", lambda t: t.startswith(("checked", "error")))
     assert page.text("train-message") == "checked: the run can start."
