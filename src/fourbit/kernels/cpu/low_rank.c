@@ -76,14 +76,6 @@ static inline float load_one(const void *x, int64_t i, int bf16) {
 
 static inline f32x16 splat(float s) { return (f32x16){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 
-static inline float sum_lanes(f32x16 v) { /* a fixed tree */
-    float p[LANES];
-    memcpy(p, &v, sizeof p);
-    for (int width = LANES / 2; width > 0; width /= 2)
-        for (int l = 0; l < width; l++) p[l] += p[l + width];
-    return p[0];
-}
-
 /* to_bf16 on 16 lanes, as bits: round to nearest even, NaN kept a NaN */
 static inline u32x16 bf16_bits(f32x16 f) {
     u32x16 b;
