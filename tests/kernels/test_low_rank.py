@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from fourbit.errors import InputError
 from fourbit.kernels.cpu import native
 from fourbit.nn import Linear4bit
 from fourbit.nn.lora import DEFAULT, LoRALinear
@@ -85,16 +86,17 @@ def test_add_rounds_as_the_twin(isa, dtype, m, k, r):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_add_keeps_nan_and_writes_only_y(isa):
-    y = torch.randn(4, 40).bfloat16()
+    # y is the front of a longer buffer: its last row's 40 columns end in a partial vector of 8,
+    # and the values past y must stay as they were
+    buffer = torch.full((4 * 40 + 16,), 7.0, dtype=torch.bfloat16)
+    y = buffer[:160].view(4, 40)
+    y.copy_(torch.randn(4, 40))
     y[1, 3] = math.nan
     u, v = torch.randn(4, 2), torch.randn(2, 40)
-    wide = torch.zeros(4, 48, dtype=torch.bfloat16)
-    view = wide[:, :40].contiguous()  # a separate buffer: the columns past 40 must stay zero
-    view.copy_(y)
-    native.low_rank_add_(view, u, v, isa=isa)
-    assert torch.isnan(view[1, 3]) and not torch.isnan(view[0]).any()
-    assert wide[:, 40:].eq(0).all()
-    with pytest.raises(Exception, match="contiguous"):
+    native.low_rank_add_(y, u, v, isa=isa)
+    assert torch.isnan(y[1, 3]) and not torch.isnan(y[0]).any()
+    assert buffer[160:].eq(7.0).all()
+    with pytest.raises(InputError, match="contiguous"):
         native.low_rank_add_(y.T, u.T[:, :2].contiguous(), v)
 
 

@@ -51,11 +51,6 @@ from .dequantize import dequantize_4bit
 from .matmul_4bit import matmul_4bit
 
 
-def _native(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """Whether the rank-r products go to the C kernels (kernels/cpu/low_rank.c) for this x."""
-    return x.device.type == "cpu" and cpu_native.supports_low_rank(x, lora_a, lora_b)
-
-
 class _QLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, state: QuantState | None, bias, lora_a, lora_b, scaling: float, compute_dtype,
@@ -69,7 +64,7 @@ class _QLoRALinear(torch.autograd.Function):
         else:
             base = matmul_4bit(x.to(compute_dtype), packed, state, bias).to(x.dtype)
         ctx.state, ctx.scaling, ctx.compute_dtype = state, scaling, compute_dtype
-        ctx.native = _native(x, lora_a, lora_b) and base.is_contiguous()
+        ctx.native = cpu_native.supports_low_rank(x, lora_a, lora_b) and base.is_contiguous()
         if ctx.native:  # the same sums read x in place, the update added into base (low_rank.c)
             xa = cpu_native.low_rank_project(x, lora_a.T, scaling)
             out = cpu_native.low_rank_add_(base, xa, lora_b.T.contiguous())
@@ -83,7 +78,7 @@ class _QLoRALinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, packed, xa, lora_a, lora_b, weight = ctx.saved_tensors
         grad_x = grad_a = grad_b = None
-        native = ctx.native and _native(grad, lora_a, lora_b)
+        native = ctx.native and cpu_native.supports_low_rank(grad, lora_a, lora_b)
         if native:
             if ctx.needs_input_grad[5]:
                 grad_b = cpu_native.low_rank_grad(xa, grad).T

@@ -198,25 +198,22 @@ class LoRALinear(nn.Module):
     def _fusable(self, adapter: LoRAAdapter) -> bool:
         base = self.base_layer
         return (
-            not adapter.use_dora
-            and isinstance(adapter.lora_dropout, nn.Identity)
+            self._one_node_takes(adapter)
             and isinstance(base, Linear4bit)
             and base.quant_state is not None
             and base.dense_copy is None  # inside dense_weights(): the module path reuses the dense copy
-            and (base.bias is None or not base.bias.requires_grad)
-            and not _hooked(base)
         )
 
     def _fusable_dense(self, adapter: LoRAAdapter) -> bool:
         base = self.base_layer
-        return (
-            not adapter.use_dora
-            and isinstance(adapter.lora_dropout, nn.Identity)
-            and type(base) is nn.Linear  # subclasses may compute otherwise
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and not _hooked(base)
-        )
+        # a plain nn.Linear only: subclasses may compute otherwise
+        return self._one_node_takes(adapter) and type(base) is nn.Linear and not base.weight.requires_grad
+
+    def _one_node_takes(self, adapter: LoRAAdapter) -> bool:
+        """What both one-node paths (kernels/lora.py) ask: a plain adapter, a frozen bias, no hooks on the base."""
+        bias = getattr(self.base_layer, "bias", None)
+        return (not adapter.use_dora and isinstance(adapter.lora_dropout, nn.Identity)
+                and (bias is None or not bias.requires_grad) and not _hooked(self.base_layer))
 
     def _dora(self, adapter: LoRAAdapter, dropped, result, update):
         weight = dense_weight(self.base_layer, adapter.lora_A.weight.dtype)

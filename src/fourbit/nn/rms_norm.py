@@ -14,7 +14,8 @@ from torch import nn
 
 from ..kernels.rms_norm import rms_norm
 
-REPLACED = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # y = w * cast(x / rms(x))
+NORMS = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
+REPLACED = tuple(NORMS.values())  # the classes computing y = w * cast(x / rms(x)), per model type
 
 
 class RMSNorm(nn.Module):

@@ -53,9 +53,7 @@ from ..kernels.decode_attention import decode_attention
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rotary import rotate_
 from ..nn.linear4bit import Linear4bit, decoding_products
-from ..nn.rms_norm import RMSNorm
-
-ARCHITECTURES = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "qwen2": "Qwen2RMSNorm", "qwen3": "Qwen3RMSNorm"}
+from ..nn.rms_norm import NORMS, RMSNorm
 
 
 def _is_norm(module, norm_class: str) -> bool:
@@ -78,7 +76,7 @@ class DecodeStep:
         sliding window, a changed module, training mode, not on a CPU): the caller uses
         ``model(...)`` then."""
         config = getattr(model, "config", None)
-        norm_class = ARCHITECTURES.get(getattr(config, "model_type", None))
+        norm_class = NORMS.get(getattr(config, "model_type", None))  # the model types the step takes
         inner = getattr(model, "model", None)
         if norm_class is None or inner is None or not hasattr(model, "lm_head"):
             return None
