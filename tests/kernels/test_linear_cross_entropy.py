@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from fourbit.kernels import linear_cross_entropy as lce
 from fourbit.kernels.linear_cross_entropy import linear_cross_entropy
+from fourbit.kernels.prepacked_linear import is_prepacked
 
 
 def inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, ignored: float = 0.3):
@@ -75,21 +77,15 @@ def test_a_trainable_head_is_refused():
 def test_ignored_tokens_get_no_logits(monkeypatch):
     # A chat prompt's tokens carry the ignore label: their loss and gradient are zero, so their
     # logits (a [tokens, vocab] product each) are never computed
-    import fourbit.kernels.linear_cross_entropy as lce
-
     rows = []
-    real_linear = F.linear
+    real = lce.prepacked_linear
 
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(F, name)
-
-        @staticmethod
-        def linear(x, w, *args):
+    def spy(x, w, *args):
+        if x.shape[1] == 32:  # the hidden size: h W^T (the other product, dL/dz W, reads the vocabulary)
             rows.append(x.shape[0])
-            return real_linear(x, w, *args)
+        return real(x, w, *args)
 
-    monkeypatch.setattr(lce, "F", Spy())
+    monkeypatch.setattr(lce, "prepacked_linear", spy)
     h, w, y = inputs(40, 32, 97, torch.float32, ignored=0.0)
     y[5:35] = -100
     loss = linear_cross_entropy(h, w, y, chunk=8)
@@ -99,3 +95,85 @@ def test_ignored_tokens_get_no_logits(monkeypatch):
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-4)  # as the float32 test above
     torch.testing.assert_close(h.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
     assert not h.grad[5:35].any()
+
+
+def test_chunks_keep_float32_logits_under_the_heap_ceiling():
+    # glibc serves blocks under 32 MiB from its heap; a chunk's float32 logits must stay below
+    for vocab in (97, 49_152, 151_936, 262_144):
+        rows = lce.chunk_tokens(vocab)
+        assert rows >= 1 and rows * vocab * 4 < 32 << 20
+    assert lce.chunk_tokens(49_152) == 165
+    assert lce.chunk_tokens(10**9) == 1  # a vocabulary past the ceiling: one token at a time
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_head_matches_float64_math_and_the_plain_products(dtype, monkeypatch):
+    h, w, y = inputs(70, 64, 700, dtype)
+    forward, backward = lce.head_products(w)
+    # oneDNN packs float32 everywhere, bf16 where the CPU computes it natively; elsewhere the plain
+    # products run and this test checks them only
+    packs = is_prepacked(forward)
+    assert packs == is_prepacked(backward)
+    if dtype == torch.float32:
+        assert packs, "float32 heads are prepacked on a CPU"
+    loss = linear_cross_entropy(h, w, y, chunk=16)
+    loss.backward()
+
+    monkeypatch.setattr(lce, "PACKED_HEAD_BYTES", 0)  # the plain products: F.linear, the twin
+    assert not is_prepacked(lce.head_products(w)[0])
+    h2 = h.detach().clone().requires_grad_()
+    plain = linear_cross_entropy(h2, w, y, chunk=16)
+    plain.backward()
+    ref_loss, ref_grad = float64_reference(h, w, y)
+    if dtype == torch.float32:  # float32 sums of 64 terms, a 700-way softmax: ~1e-6 relative
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(h.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-7)
+    else:
+        # bf16 logits (8-bit mantissa): each product rounds its float32 sums to bf16, ~2^-9 relative
+        # on logits of about 1. Against float64 math: the loss, a sum of 49 log-softmax terms whose
+        # rounding errors partly cancel, within a few hundredths (0.012 seen over five seeds); dL/dh is
+        # rounded to bf16 once more (2^-8 relative). The twin (F.linear also goes to oneDNN in bf16
+        # here) may order its sums otherwise on another build: the same bounds.
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=0.05)
+        torch.testing.assert_close(h.grad.double(), ref_grad, rtol=2**-7, atol=2e-3)
+        torch.testing.assert_close(loss, plain, rtol=0, atol=0.05)
+        torch.testing.assert_close(h.grad, h2.grad, rtol=2**-7, atol=2e-3)
+
+
+def test_prepacked_head_follows_a_changed_weight():
+    h, w, y = inputs(30, 48, 301, torch.float32)
+    linear_cross_entropy(h, w, y).backward()
+    packed = lce.head_products(w)[0]
+    with torch.no_grad():
+        w.mul_(-1.5)  # in place: the packed copy is stale
+    assert lce.head_products(w)[0] is not packed
+    h.grad = None
+    loss = linear_cross_entropy(h, w, y)
+    loss.backward()
+    ref_loss, ref_grad = float64_reference(h, w, y)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-4)  # as the float32 test above
+    torch.testing.assert_close(h.grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    packed = lce.head_products(w)[0]
+    w.data = w.data * 2  # replaced, as module.to() replaces a parameter's data
+    assert lce.head_products(w)[0] is not packed
+    torch.testing.assert_close(linear_cross_entropy(h, w, y).double(), float64_reference(h, w, y)[0],
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_a_head_over_the_budget_is_not_packed_and_the_cache_lets_go(monkeypatch):
+    import gc
+    import weakref
+
+    h, w, y = inputs(8, 16, 64, torch.float32)
+    monkeypatch.setattr(lce, "PACKED_HEAD_BYTES", 2 * w.nbytes - 1)  # one byte short of both copies
+    forward, backward = lce.head_products(w)
+    assert forward is w and backward.data_ptr() == w.data_ptr() and w not in lce._packed_heads
+    monkeypatch.setattr(lce, "PACKED_HEAD_BYTES", 2 * w.nbytes)
+    lce.head_products(w)
+    assert w in lce._packed_heads
+    alive = weakref.ref(w)
+    del w, forward, backward
+    gc.collect()
+    assert alive() is None  # the cache holds the head weakly: dropping the model frees it

@@ -32,12 +32,16 @@ def test_the_rows_follow_the_formulas(config):
     assert rows["LoRA weights (fp32)"] == rows["LoRA gradients (fp32)"] == 4 * lora
     assert rows["optimizer state (adamw)"] == 8 * lora
     # one process, a Llama: the head is fused into the loss, the 128 tokens' logits in one chunk
-    # (16 Mi values hold more than 128 x 256): float32 logits, their compute-dtype copy and
-    # gradient (bf16 on this machine's "auto", 4 bytes without native bf16), and dL/dh
+    # (a chunk holds 31 MiB of float32 logits: thousands of tokens of a 256-entry vocabulary):
+    # float32 logits, their compute-dtype copy and gradient (bf16 on this machine's "auto", 4 bytes
+    # without native bf16), and dL/dh
     compute_bytes = 2 if "bfloat16" in str(resolve_compute_dtype("auto", "cpu")) else 4
     assert rows["logits (chunked into the loss)"] == 128 * 256 * (4 + 2 * compute_bytes) + 128 * 64 * compute_bytes
+    # on a CPU the loss reads two prepacked copies of the head (256 x 64), well within the budget
+    assert rows["lm_head prepacked for the loss"] == 2 * 256 * 64 * compute_bytes
     ddp = estimate_memory(config, "cuda", gpus=2, strategy="ddp").rows  # DDP's forward runs: the full logits
     assert ddp["logits + their gradient"] == 2 * 64 * 256 * 4 * 2
+    assert "lm_head prepacked for the loss" not in estimate_memory(config, "cuda").rows
 
 
 def test_fsdp_divides_the_sharded_parts_by_the_number_of_gpus(config):

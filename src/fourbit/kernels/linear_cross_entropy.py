@@ -17,6 +17,14 @@ prompt's tokens): those rows' logits are never computed, their loss and gradient
 log_softmax with dtype=float32 reads the logits in h's dtype and sums in float32 in one op, as
 F.cross_entropy's .float() then log_softmax does in two.
 
+On a CPU the two products read the head prepacked for oneDNN (kernels/prepacked_linear.py), W for
+h W^T and W^T for dL/dz W, packed at the first step and kept while W is unchanged: F.linear
+reorders the whole head at every call, and a step calls it twice per chunk. SmolLM2's head at 165
+tokens a chunk: 1.6x the products' rate in float32, 1.1x in bf16 (bench/RESULTS.md). The copies
+cost memory, twice the head's bytes, so they are kept only while both fit ``PACKED_HEAD_BYTES``
+(SmolLM2's head in float32: 2 x 108 MiB); a larger head (a large model's, whose head is a smaller
+share of the step) takes F.linear, the twin the tests compare them with.
+
 What it leaves out: a head that trains (W's gradient), a bias, and any transform between the
 head and the loss (Gemma 2's logit soft-capping, a logit scale): the caller keeps the plain
 path for those.
@@ -25,20 +33,54 @@ path for those.
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-CHUNK_VALUES = 1 << 22  # logits per chunk: 16 MiB of float32 (85 tokens of a 49,152-entry vocabulary)
+from .prepacked_linear import is_prepacked, prepack, prepacked_linear
+
+# A chunk's float32 logits stay under 32 MiB, the largest block glibc's malloc serves from its heap:
+# a larger one is mapped fresh and its every page faulted in, at every call (~0.2 s a step for the
+# full logits of 512 tokens, more in a VM that hands freed pages back to its host: bench/RESULTS.md).
+# 31 MiB leaves room for the allocator's own header and alignment. SmolLM2's 49,152-entry
+# vocabulary: 165 tokens a chunk. Fewer, larger products also run faster (the head's product at 85
+# tokens a chunk ran at 0.8x the rate at 170, float32).
+CHUNK_BYTES = 31 << 20
 
 
-def _chunk_loss(hidden, weight, targets, want_grad: bool):
-    """Loss and dL/dh of rows that all count (no ignored target among them)."""
-    logp = torch.log_softmax(F.linear(hidden, weight), dim=-1, dtype=torch.float32)  # reads h's dtype in place
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk: as many as keep a chunk's float32 logits within ``CHUNK_BYTES``."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+PACKED_HEAD_BYTES = 256 << 20  # the most the two prepacked copies of a head may take together
+_packed_heads = WeakIdKeyDictionary()  # head weight -> (what it was when packed, W packed, W^T packed)
+
+
+def head_products(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head as its two products read it, for ``prepacked_linear``: (W for h W^T, W^T for g W).
+    Prepacked copies on a CPU while the weight is unchanged and both fit ``PACKED_HEAD_BYTES``,
+    else W and its transposed view."""
+    if weight.device.type != "cpu" or 2 * weight.nbytes > PACKED_HEAD_BYTES or torch.compiler.is_compiling():
+        return weight, weight.T
+    identity = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
+    cached = _packed_heads.get(weight)
+    if cached is None or cached[0] != identity:  # first use, or changed in place / replaced (.data, .to)
+        packed = prepack(weight)
+        if not is_prepacked(packed):  # oneDNN does not pack this dtype here (bf16 without native bf16)
+            return weight, weight.T
+        cached = _packed_heads[weight] = (identity, packed, prepack(weight.T))
+    return cached[1], cached[2]
+
+
+def _chunk_loss(hidden, head, targets, want_grad: bool):
+    """Loss and dL/dh of rows that all count (no ignored target among them); head: ``head_products``."""
+    weight, weight_t = head
+    logp = torch.log_softmax(prepacked_linear(hidden, weight), dim=-1, dtype=torch.float32)  # reads h's dtype in place
     loss = -logp.gather(1, targets[:, None]).sum()
     if not want_grad:
         return loss, None
     grad = logp.exp_()  # softmax, in the log-softmax's storage
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1.0
-    return loss, grad.to(hidden.dtype) @ weight
+    return loss, prepacked_linear(grad.to(hidden.dtype), weight_t)  # dL/dz W
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -46,9 +88,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index: int, chunk: int):
         kept = (targets != ignore_index).nonzero().squeeze(1)  # ignored rows: no loss, no gradient, no logits
         rows, wanted = hidden.index_select(0, kept), targets.index_select(0, kept)
-        losses, grads = [hidden.new_zeros((), dtype=torch.float32)], []
+        losses, grads, head = [hidden.new_zeros((), dtype=torch.float32)], [], head_products(weight)
         for start in range(0, len(kept), chunk):
-            loss, grad = _chunk_loss(rows[start:start + chunk], weight, wanted[start:start + chunk],
+            loss, grad = _chunk_loss(rows[start:start + chunk], head, wanted[start:start + chunk],
                                      ctx.needs_input_grad[0])
             losses.append(loss)
             grads.append(grad)
@@ -72,5 +114,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy keeps the head frozen: its weight must not require grad")
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    chunk = chunk or max(1, CHUNK_VALUES // weight.shape[0])
+    chunk = chunk or chunk_tokens(weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets.reshape(-1), ignore_index, chunk)

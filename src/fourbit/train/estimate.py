@@ -17,6 +17,9 @@ summed over the adapted linears, block size b, and N GPUs:
                            for a model whose head fuses into the loss (train/loss.py), one
                            chunk's logits (float32, their copy in the compute dtype and the
                            gradient's) and dL/dh (B T H in the compute dtype) instead
+    prepacked head         on a CPU, with the head fused into the loss: two copies of V H in the
+                           compute dtype for oneDNN, while they fit PACKED_HEAD_BYTES
+                           (kernels/linear_cross_entropy.py)
 
 Strategies. ``ddp``: every GPU holds all of the above. ``fsdp`` (FSDP2): the parameters, their
 gradients and the optimizer state are sharded, so codes, unquantized weights, LoRA weights,
@@ -38,7 +41,7 @@ import torch
 
 from ..errors import InputError
 from ..io.sources import open_source
-from ..kernels.linear_cross_entropy import CHUNK_VALUES
+from ..kernels.linear_cross_entropy import PACKED_HEAD_BYTES, chunk_tokens
 from ..precision import native_bf16
 from .config import STRATEGIES, TrainConfig
 from .loss import PLAIN_HEAD_MODEL_TYPES
@@ -114,8 +117,11 @@ def estimate_memory(
                                                     + lora_per_layer * compute_bytes) * (1 - 1 / gpus))
     rows["activations" + (" (checkpointed)" if config.gradient_checkpointing else "")] = int(activations)
     if strategy is None and getattr(c, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
-        chunk = min(tokens, max(1, CHUNK_VALUES // V))
+        chunk = min(tokens, chunk_tokens(V))
         rows["logits (chunked into the loss)"] = int(chunk * V * (4 + 2 * compute_bytes) + tokens * H * compute_bytes)
+        packs = compute_bytes == 4 or native_bf16("cpu")  # oneDNN packs bf16 only where the CPU computes it
+        if torch.device(device).type == "cpu" and packs and 2 * V * H * compute_bytes <= PACKED_HEAD_BYTES:
+            rows["lm_head prepacked for the loss"] = 2 * V * H * compute_bytes
     else:
         rows["logits + their gradient"] = int(tokens * V * 4 * 2)
     where = f"per GPU, {gpus} x {strategy}" if strategy else "one process"
