@@ -43,6 +43,15 @@ Method
   s/step is the median of its timed steps; the time ratios are the medians over cycles of the
   two sides' steps in the same cycle. torch threads (and OMP_NUM_THREADS) = --threads in every
   child.
+- The machine: a VM that reports freed pages to its host (Linux free page reporting, as this
+  project's Firecracker VMs do: /sys/module/page_reporting) takes back memory a process freed, and
+  the process faults it in from the host when it maps memory again. The peer maps ~480 MB fresh
+  at every step (its full logits and their gradient: blocks above glibc's 32 MiB heap ceiling);
+  with the other sides' steps between its own it paid 1.0-1.5 s of system time a step there,
+  against 0.2 s with the reporting held off (bench/RESULTS.md, issue 20). The environment line
+  records the setting and a note is printed when pages are reported within 10 s; RESULTS' figures
+  from 2026-12-05 (late) on were taken with it held off for a minute, as a bare machine runs
+  (as root: echo 60000 > /sys/module/page_reporting/parameters/min_free_ms).
 - Process: ours and lora keep glibc's freed blocks for reuse as ``fourbit train`` does
   (train/allocator.py); the peer runs with glibc's defaults, as its users run it.
 - Memory: "peak added" = VmHWM (the kernel's high-water RSS, fourbit.peak_memory, reset through
@@ -245,8 +254,31 @@ def environment(threads: int) -> dict:
     from fourbit.precision import cpu_kind, resolve_compute_dtype
 
     return {"device": cpu, "cpu_kind": cpu_kind(), "auto_compute_dtype": str(resolve_compute_dtype("auto", "cpu")),
-            "threads": threads, **versions,
+            "threads": threads, "free_page_reporting": free_page_reporting(), **versions,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def free_page_reporting() -> str:
+    """The kernel's free page reporting (a VM handing freed memory back to its host), as its module's
+    parameters say, or "none"."""
+    params = Path("/sys/module/page_reporting/parameters")
+    if not params.is_dir():
+        return "none"
+    return ", ".join(f"{p.name} {p.read_text().strip()}" for p in sorted(params.iterdir())
+                     if p.name in ("page_reporting_order", "min_free_ms"))
+
+
+def warn_about_page_reporting(setting: str) -> None:
+    """A VM that reports freed pages to its host soon after they are freed makes a side that maps
+    fresh memory at every step (the peer: its full logits and their gradient, ~480 MB a step) pay
+    the host's faults too, and more so the longer the other sides run between its steps."""
+    if setting == "none":
+        return
+    wait_ms = dict(item.rsplit(" ", 1) for item in setting.split(", ")).get("min_free_ms")
+    if wait_ms is not None and int(wait_ms) < 10_000:
+        print(f"note: this VM reports freed pages to its host ({setting}): a side that maps fresh memory at "
+              "every step (the peer) runs slower here than on a bare machine, and slower with more sides; "
+              "bench/RESULTS.md (issue 20) says how much and how the figures there were taken")
 
 
 class Child:
@@ -298,6 +330,7 @@ def main() -> None:
     if args.compute_dtype == "auto":
         args.compute_dtype = env["auto_compute_dtype"].removeprefix("torch.")
     print("  ".join(f"{k}: {v}" for k, v in env.items()))
+    warn_about_page_reporting(env["free_page_reporting"])
     print(f"batch {args.batch} x {args.seq} tokens, LoRA r={args.rank} alpha={args.alpha:g} on {','.join(TARGETS)}, "
           f"NF4 + double quant, {args.compute_dtype} compute, AdamW lr 1e-4, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}, layers {args.layers or 'all'}, "

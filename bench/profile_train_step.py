@@ -41,7 +41,8 @@ NAMED = [  # (category, substrings of the lower-cased operator name); first matc
     ("cross-entropy / softmax", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
     ("copies and casts", ("aten::copy_", "aten::_to_copy")),
 ]
-PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+            "mkldnn::_linear_pointwise")  # the last: products with a prepacked weight (the head in the loss)
 
 
 def category(name: str, shapes: list, vocab: int, rank: int) -> str:
