@@ -19,8 +19,8 @@ F.cross_entropy's .float() then log_softmax does in two.
 
 On a CPU the two products read the head prepacked for oneDNN (kernels/prepacked_linear.py), W for
 h W^T and W^T for dL/dz W, packed at the first step and kept while W is unchanged: F.linear
-reorders the whole head at every call, and a step calls it twice per chunk. SmolLM2's head at 165
-tokens a chunk: 1.6x the products' rate in float32, 1.1x in bf16 (bench/RESULTS.md). The copies
+reorders the whole head at every call, and a step calls it twice per chunk. SmolLM2's head and
+loss at 165 tokens a chunk: 1.4-1.5x faster in float32, 1.1x in bf16 (bench/RESULTS.md). The copies
 cost memory, twice the head's bytes, so they are kept only while both fit ``PACKED_HEAD_BYTES``
 (SmolLM2's head in float32: 2 x 108 MiB); a larger head (a large model's, whose head is a smaller
 share of the step) takes F.linear, the twin the tests compare them with.
