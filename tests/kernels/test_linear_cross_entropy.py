@@ -48,8 +48,9 @@ def test_equals_the_plain_path_with_its_casts(dtype):
     (plain * 0.5).backward()
     # Same logits in h's dtype up to the order of the products' float32 sums (on a CPU the node
     # reads the head prepacked for oneDNN, F.linear may take MKL: ~1e-7 relative), same float32
-    # softmax; the loss differs by that and the order of its sum over chunks. The gradient is cast to h's dtype before the scale here, after it there:
-    # one rounding of h's dtype (bf16: 2^-8 relative) apart at most.
+    # softmax; the loss differs by that and the order of its sum over chunks. The gradient is cast
+    # to h's dtype before the scale here, after it there: one rounding of h's dtype (bf16: 2^-8
+    # relative) apart at most.
     torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-4)
     tol = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.bfloat16: dict(rtol=2**-7, atol=1e-4)}[dtype]
     torch.testing.assert_close(h.grad, h2.grad, **tol)
