@@ -152,6 +152,9 @@ def build(side: str, args):
         from fourbit.nn.rms_norm import replace_rms_norms
 
         replace_rms_norms(model)  # as `fourbit train` does on a CPU (train/recipe.py)
+        from fourbit.nn.short_attention import use_short_attention
+
+        use_short_attention(model)  # likewise
         if args.gradient_checkpointing:  # as `fourbit train` turns it on (non-reentrant, 4-bit weights kept once)
             from fourbit.train.recipe import enable_gradient_checkpointing
 

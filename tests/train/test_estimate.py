@@ -42,6 +42,14 @@ def test_the_rows_follow_the_formulas(config):
     ddp = estimate_memory(config, "cuda", gpus=2, strategy="ddp").rows  # DDP's forward runs: the full logits
     assert ddp["logits + their gradient"] == 2 * 64 * 256 * 4 * 2
     assert "lm_head prepacked for the loss" not in estimate_memory(config, "cuda").rows
+    # SDPA's math backend on a CPU in bf16 at <= 128 tokens: float32 scores, 16 B heads T^2 bytes a layer
+    config.compute_dtype, config.gradient_checkpointing = "bfloat16", False
+    assert estimate_memory(config).rows["attention scores (SDPA math backend)"] == 16 * 2 * 2 * 4 * 64 * 64
+    config.gradient_checkpointing = True  # one layer's at a time
+    assert estimate_memory(config).rows["attention scores (SDPA math backend)"] == 16 * 1 * 2 * 4 * 64 * 64
+    config.compute_dtype = "float32"  # flash in float32
+    assert "attention scores (SDPA math backend)" not in estimate_memory(config).rows
+    assert "attention scores (SDPA math backend)" not in estimate_memory(config, seq_len=129).rows
 
 
 def test_fsdp_divides_the_sharded_parts_by_the_number_of_gpus(config):

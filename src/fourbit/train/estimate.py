@@ -13,6 +13,9 @@ summed over the adapted linears, block size b, and N GPUs:
     activations            per layer ~ B T (12 H + 3 I) values kept for backward; with
                            checkpointing only each layer's input (B T H) is kept, plus one
                            layer's worth recomputed
+    attention scores       on a CPU in bf16, sequences of up to 128 tokens: SDPA's math backend
+                           keeps float32 scores, ~16 B heads T^2 bytes a layer (9 MiB measured
+                           for SmolLM2's 9 heads at 4 x 128 tokens); one layer when checkpointed
     logits                 B T V float32, twice (the logits and their gradient); in one process,
                            for a model whose head fuses into the loss (train/loss.py), one
                            chunk's logits (float32, their copy in the compute dtype and the
@@ -42,6 +45,7 @@ import torch
 from ..errors import InputError
 from ..io.sources import open_source
 from ..kernels.linear_cross_entropy import PACKED_HEAD_BYTES, chunk_tokens
+from ..nn.short_attention import MATH_MAX_TOKENS
 from ..precision import native_bf16
 from .config import STRATEGIES, TrainConfig
 from .loss import PLAIN_HEAD_MODEL_TYPES
@@ -116,6 +120,12 @@ def estimate_memory(
         rows["FSDP gathered layers (2)"] = int(2 * (per_layer * (0.5 if quantized else compute_bytes)
                                                     + lora_per_layer * compute_bytes) * (1 - 1 / gpus))
     rows["activations" + (" (checkpointed)" if config.gradient_checkpointing else "")] = int(activations)
+    T = seq_len or config.cutoff_len
+    if (torch.device(device).type == "cpu" and compute_bytes == 2 and T <= MATH_MAX_TOKENS
+            and not config.torch_compile):  # SDPA's math backend keeps its float32 scores (nn/short_attention.py)
+        kept_layers = 1 if config.gradient_checkpointing else L
+        rows["attention scores (SDPA math backend)"] = int(
+            16 * kept_layers * (batch or config.per_device_train_batch_size) * c.num_attention_heads * T * T)
     if strategy is None and getattr(c, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
         chunk = min(tokens, chunk_tokens(V))
         rows["logits (chunked into the loss)"] = int(chunk * V * (4 + 2 * compute_bytes) + tokens * H * compute_bytes)

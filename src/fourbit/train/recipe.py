@@ -42,6 +42,7 @@ from ..nn.linear4bit import Linear4bit
 from ..nn.lora import count_parameters, lora_layers
 from ..nn.lora_experts import expert_lora_layers
 from ..nn.rms_norm import replace_rms_norms
+from ..nn.short_attention import use_short_attention
 from ..peak_memory import measured_peak, reset_peak
 from .checkpoint import (
     METRICS_FILE,
@@ -102,8 +103,9 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     """Fine-tune ``model``'s LoRA adapters on ``config.dataset``; returns losses and evaluations.
 
     On a CPU (without torch_compile) the model's Llama-family RMS norms are swapped for fourbit's,
-    the same weights computed by native kernels (nn/rms_norm.py). Under torchrun every rank calls
-    this with the same config (train/distributed.py)."""
+    the same weights computed by native kernels (nn/rms_norm.py), and SDPA attention runs torch's
+    math backend for bf16 sequences of up to 128 tokens (nn/short_attention.py). Under torchrun
+    every rank calls this with the same config (train/distributed.py)."""
     # ---------------------------------------------------------------- setup
     ranks = init_ranks(config)
     run_config = config.to_dict()
@@ -152,6 +154,7 @@ def train(model, tokenizer, config: TrainConfig) -> TrainResult:
     device = next(model.parameters()).device
     if device.type == "cpu" and not config.torch_compile:  # native norm kernels (a compiled graph fuses its own)
         replace_rms_norms(model)
+        use_short_attention(model)  # SDPA's math backend for short bf16 sequences
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if config.torch_compile:
