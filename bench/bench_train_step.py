@@ -47,7 +47,7 @@ Method
   project's Firecracker VMs do: /sys/module/page_reporting) takes back memory a process freed, and
   the process faults it in from the host when it maps memory again. The peer maps ~480 MB fresh
   at every step (its full logits and their gradient: blocks above glibc's 32 MiB heap ceiling);
-  with the other sides' steps between its own it paid 1.0-1.5 s of system time a step there,
+  with the other sides' steps between its own it paid 0.95-1.6 s of system time a step there,
   against 0.2 s with the reporting held off (bench/RESULTS.md, issue 20). The environment line
   records the setting and a note is printed when pages are reported within 10 s; RESULTS' figures
   from 2026-12-05 (late) on were taken with it held off for a minute, as a bare machine runs
