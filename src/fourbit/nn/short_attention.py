@@ -30,12 +30,17 @@ NAME = "fourbit_sdpa"
 MATH_MAX_TOKENS = 128  # the longest query the math backend takes (measured crossover ~160-190, bf16)
 
 
+def takes_math(device_type: str, dtype: torch.dtype, tokens: int) -> bool:
+    """Whether queries of ``tokens`` tokens in ``dtype`` on ``device_type`` run the math backend
+    (in training; train/estimate.py counts its scores where it does)."""
+    return device_type == "cpu" and dtype == torch.bfloat16 and tokens <= MATH_MAX_TOKENS
+
+
 def short_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention; by torch's math backend for short bf16 queries in training."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.device.type == "cpu" and query.dtype == torch.bfloat16 and query.shape[2] <= MATH_MAX_TOKENS
-            and torch.is_grad_enabled()):
+    if torch.is_grad_enabled() and takes_math(query.device.type, query.dtype, query.shape[2]):
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -45,7 +45,7 @@ import torch
 from ..errors import InputError
 from ..io.sources import open_source
 from ..kernels.linear_cross_entropy import PACKED_HEAD_BYTES, chunk_tokens
-from ..nn.short_attention import MATH_MAX_TOKENS
+from ..nn.short_attention import takes_math
 from ..precision import native_bf16
 from .config import STRATEGIES, TrainConfig
 from .loss import PLAIN_HEAD_MODEL_TYPES
@@ -121,8 +121,8 @@ def estimate_memory(
                                                     + lora_per_layer * compute_bytes) * (1 - 1 / gpus))
     rows["activations" + (" (checkpointed)" if config.gradient_checkpointing else "")] = int(activations)
     T = seq_len or config.cutoff_len
-    if (torch.device(device).type == "cpu" and compute_bytes == 2 and T <= MATH_MAX_TOKENS
-            and not config.torch_compile):  # SDPA's math backend keeps its float32 scores (nn/short_attention.py)
+    dtype = torch.bfloat16 if compute_bytes == 2 else torch.float32
+    if takes_math(torch.device(device).type, dtype, T) and not config.torch_compile:  # nn/short_attention.py
         kept_layers = 1 if config.gradient_checkpointing else L
         rows["attention scores (SDPA math backend)"] = int(
             16 * kept_layers * (batch or config.per_device_train_batch_size) * c.num_attention_heads * T * T)
