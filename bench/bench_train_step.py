@@ -261,24 +261,21 @@ def environment(threads: int) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def free_page_reporting() -> str:
+def free_page_reporting() -> dict[str, int] | None:
     """The kernel's free page reporting (a VM handing freed memory back to its host), as its module's
-    parameters say, or "none"."""
+    parameters say, or None where there is none."""
     params = Path("/sys/module/page_reporting/parameters")
     if not params.is_dir():
-        return "none"
-    return ", ".join(f"{p.name} {p.read_text().strip()}" for p in sorted(params.iterdir())
-                     if p.name in ("page_reporting_order", "min_free_ms"))
+        return None
+    return {p.name: int(p.read_text()) for p in sorted(params.iterdir())
+            if p.name in ("page_reporting_order", "min_free_ms")}
 
 
-def warn_about_page_reporting(setting: str) -> None:
+def warn_about_page_reporting(setting: dict[str, int] | None) -> None:
     """A VM that reports freed pages to its host soon after they are freed makes a side that maps
     fresh memory at every step (the peer: its full logits and their gradient, ~480 MB a step) pay
     the host's faults too, and more so the longer the other sides run between its steps."""
-    if setting == "none":
-        return
-    wait_ms = dict(item.rsplit(" ", 1) for item in setting.split(", ")).get("min_free_ms")
-    if wait_ms is not None and int(wait_ms) < 10_000:
+    if setting is not None and setting.get("min_free_ms", 10_000) < 10_000:
         print(f"note: this VM reports freed pages to its host ({setting}): a side that maps fresh memory at "
               "every step (the peer) runs slower here than on a bare machine, and slower with more sides; "
               "bench/RESULTS.md (issue 20) says how much and how the figures there were taken")
