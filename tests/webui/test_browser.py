@@ -47,6 +47,34 @@ def steps_recorded(folder) -> list[int]:
     return [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
 
 
+def run_until(pid: int, condition, seconds: float = 120.0) -> None:
+    """Let the held (SIGSTOPped) training process go on until ``condition()``, then hold it again.
+
+    A step of the tiny model takes tens of milliseconds, far less than the page's one-second timer:
+    left to itself the run can pass from step 2 to its end between two looks at the page (it did,
+    in CI). Held, it shows each state for as long as the test looks, however fast steps become."""
+    os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + seconds
+    try:
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out running the training until {condition}"
+            time.sleep(0.005)
+    finally:
+        os.kill(pid, signal.SIGSTOP)
+
+
+def settled(read, quiet: float = 2.0, seconds: float = 60.0):
+    """``read()`` once it has not changed for ``quiet`` seconds (the page's updates have landed)."""
+    value, since, deadline = read(), time.monotonic(), time.monotonic() + seconds
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "the page kept changing"
+        time.sleep(0.1)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evaluates_and_exports(
         served, browser, model, data, tmp_path):
     url, workdir, app = served()
@@ -54,9 +82,6 @@ def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evalu
     page.open(url)
     start_form(page, model, data, "sums", max_steps=10, save_steps=3)
     page.fill("cfg-val_size", 4)  # an eval loss on 4 held-out rows at each save
-    # 16 micro-batches a step: a step of the tiny model alone takes ~45 ms (its prompts' tokens get
-    # no logits), too fast for the page to see the run running and to kill it between checkpoints
-    page.fill("cfg-gradient_accumulation_steps", 16)
     page.click("check")
     page.wait_text("train-message", lambda t: t.startswith(("checked", "error")))
     assert page.text("train-message") == "checked: the run can start."
@@ -67,15 +92,29 @@ def test_a_run_from_the_train_tab_survives_a_crash_and_a_reload_then_chats_evalu
     page.click("start")
     page.wait_text("train-message", lambda t: t.startswith(("started", "error")))
     out = runs.run_folder(workdir, "sums")
-    # the curve updates while the run goes on: two different pictures at two different steps
-    page.wait_text("run-status", lambda t: "running" in t and step_of(t) >= 2)
-    first = page.find("#curve img").get_attribute("src")
-    page.wait(lambda: page.find("#curve img").get_attribute("src") != first, 60, "the curve drawn again")
-    assert "running" in page.text("run-status")  # redrawn while the run goes on
+    pid = page.wait(lambda: training_process(workdir, "sums"), 60, "the training process")
+    os.kill(pid, signal.SIGSTOP)  # held between the states the page is looked at (run_until)
 
-    # killed (as out of memory would) once the second checkpoint is written
-    page.wait(lambda: (out / "checkpoint-6" / "trainer_state.json").is_file(), 60, "checkpoint-6")
-    os.kill(training_process(workdir, "sums"), signal.SIGKILL)
+    def curve():
+        return page.find("#curve img").get_attribute("src")
+
+    try:
+        # the curve updates while the run goes on: two different pictures at two different steps
+        run_until(pid, lambda: len(runs.view(workdir, "sums").steps) >= 2)
+        step = runs.view(workdir, "sums").step
+        page.wait_text("run-status", lambda t: "running" in t and step_of(t) == step)
+        first = page.wait(lambda: settled(curve), 60, "the curve")
+        run_until(pid, lambda: runs.view(workdir, "sums").step > step)
+        step = runs.view(workdir, "sums").step
+        assert step < 10, "the run went to its end while the test ran it a step further"
+        page.wait_text("run-status", lambda t: "running" in t and step_of(t) == step)
+        page.wait(lambda: curve() != first, 60, "the curve drawn again")
+
+        # killed (as out of memory would) once the second checkpoint is written
+        run_until(pid, lambda: (out / "checkpoint-6" / "trainer_state.json").is_file())
+        assert runs.view(workdir, "sums").step < 10, "the run went to its end before it could be killed"
+    finally:
+        os.kill(pid, signal.SIGKILL)  # never left held, whatever failed above
     page.wait_text("run-status", lambda t: "crashed (killed by signal 9)" in t)
     page.driver.refresh()  # the page comes back showing the run as it is on disk
     page.wait(lambda: page.find("#tabs"))
@@ -153,10 +192,11 @@ def test_a_stopped_run_keeps_its_checkpoints_and_the_ui_goes_on(served, browser,
     url, workdir, _ = served()
     page = browser
     page.open(url)
-    start_form(page, model, data, "stopped", max_steps=200, save_steps=3)
+    # never at its end before the stop (10,000 steps of the tiny model: ~8 minutes alone)
+    start_form(page, model, data, "stopped", max_steps=10_000, save_steps=3)
     page.click("start")
     out = runs.run_folder(workdir, "stopped")
-    # three steps take ~15 s alone; 120 s for a busy machine (a 60 s wait once ran out in a full suite)
+    # the model's loading and three steps take ~7 s alone; 120 s for a busy machine
     page.wait(lambda: (out / "checkpoint-3" / "trainer_state.json").is_file(), 120, "checkpoint-3")
     page.click("stop")
     page.wait_text("run-status", lambda t: "stopped: stopped" in t)
