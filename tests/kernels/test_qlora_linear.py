@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from fourbit.errors import InputError
-from fourbit.kernels.dequantize import dequantize_4bit
 from fourbit.kernels.lora import qlora_linear
+from fourbit.kernels.matmul_4bit import matmul_4bit_grad
 from fourbit.nn import Linear4bit
 from fourbit.nn.lora import DEFAULT, LoRAAdapter, LoRALinear
 
@@ -63,12 +63,12 @@ def test_fused_equals_the_module_path(compute_dtype, tolerance, bias, four_bit):
 @pytest.mark.parametrize("x_trains", [False, True])
 def test_backward_computes_only_the_gradients_asked_for(monkeypatch, x_trains):
     # A frozen A and an input that needs no gradient (the first layer's input) cost nothing in
-    # backward: dL/dx needs the weight dequantized again, the priciest part of the pass, so it
-    # is computed only when x requires grad. dL/dB is checked against its formula in float64.
+    # backward: dL/dx is a product with the whole 4-bit weight, the priciest part of the pass, so
+    # it is computed only when x requires grad. dL/dB is checked against its formula in float64.
     import fourbit.kernels.lora as lora
 
     calls = []
-    monkeypatch.setattr(lora, "dequantize_4bit", lambda *args: calls.append(1) or dequantize_4bit(*args))
+    monkeypatch.setattr(lora, "matmul_4bit_grad", lambda *args: calls.append(1) or matmul_4bit_grad(*args))
     torch.manual_seed(0)
     base = Linear4bit.from_linear(nn.Linear(64, 32), compute_dtype=torch.float32)
     a, b = torch.randn(4, 64), torch.randn(32, 4, requires_grad=True)

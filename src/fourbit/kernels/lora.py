@@ -11,8 +11,10 @@ the chain rule written out (g = dL/dy, xa = s x A^T kept from forward):
     g_xa  = s * (g' B)                          dL/d(x A^T)               [tokens, r]
     dL/dA = g_xa^T x                                                      [r, in]
     dL/dx = g W + g_xa A                        W dequantized again       [tokens, in]
+                                                (inside the product: matmul_4bit_grad)
 
-With ``keep_weight`` the forward's dequantized W is kept for dL/dx instead of dequantized again.
+With ``keep_weight`` the forward's dequantized W is kept for dL/dx instead of dequantized again
+(not where both products dequantize inside themselves: float32 on a CPU with AVX-512).
 Made for non-reentrant gradient checkpointing: it drops what the first forward saves and keeps
 what the recomputation saves only until this layer's backward, so one layer's dense weights
 live at a time and each weight is dequantized twice a step instead of three times (worth it on
@@ -48,7 +50,7 @@ from ..errors import InputError
 from ..quant.state import QuantState
 from .cpu import native as cpu_native
 from .dequantize import dequantize_4bit
-from .matmul_4bit import matmul_4bit
+from .matmul_4bit import matmul_4bit, matmul_4bit_grad
 
 
 class _QLoRALinear(torch.autograd.Function):
@@ -58,7 +60,7 @@ class _QLoRALinear(torch.autograd.Function):
         weight = None
         if state is None:  # a dense frozen base: packed is its weight
             base = F.linear(x.to(compute_dtype), packed, bias).to(x.dtype)
-        elif keep_weight and ctx.needs_input_grad[0]:
+        elif keep_weight and ctx.needs_input_grad[0] and not _in_place(x, state, compute_dtype):
             weight = dequantize_4bit(packed, state, compute_dtype)
             base = F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
         else:
@@ -93,14 +95,24 @@ class _QLoRALinear(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 grad_a = g_xa.reshape(-1, g_xa.shape[-1]).T @ x.to(lora_a.dtype).reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
-            if weight is None:
-                weight = packed if ctx.state is None else dequantize_4bit(packed, ctx.state, ctx.compute_dtype)
-            grad_x = (grad.to(ctx.compute_dtype) @ weight).to(x.dtype)
+            g = grad.to(ctx.compute_dtype)
+            if weight is not None or ctx.state is None:  # kept from forward, or a dense base
+                grad_x = g @ (packed if weight is None else weight)
+            else:
+                grad_x = matmul_4bit_grad(g, packed, ctx.state)
+            grad_x = grad_x.to(x.dtype)
             if native and grad_x.is_contiguous():
                 cpu_native.low_rank_add_(grad_x, g_xa, lora_a)
             else:
                 grad_x = grad_x + (g_xa @ lora_a).to(x.dtype)
         return grad_x, None, None, None, grad_a, grad_b, None, None, None
+
+
+def _in_place(x: torch.Tensor, state: QuantState, compute_dtype: torch.dtype) -> bool:
+    """Whether both of this weight's products run without a dense W (a CPU in float32, many rows:
+    gemm_4bit.c), so a W kept for backward would save nothing."""
+    return compute_dtype == torch.float32 and cpu_native.supports_training(
+        x, state.blocksize, state.nested.blocksize if state.nested is not None else 0, state.shape[1])
 
 
 def qlora_linear(

@@ -91,5 +91,23 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
         # ~200 of these); a compiled graph keeps the op
         if cpu_native.supports(x, state.blocksize, args[6], state.shape[1]):
             return cpu_native.matmul_4bit(x, packed, *args, bias)
+        native = cpu_native.Weight4bit(packed, *args)
+        if native.trains(x):  # float32, many rows: W dequantized inside the product (gemm_4bit.c)
+            return native.linear(x, bias)
         return torch.nn.functional.linear(x, dequantize_4bit(packed, state, x.dtype), bias)
     return matmul_4bit_op(x, packed, *args, bias)
+
+
+def matmul_4bit_grad(grad: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """``grad @ W`` for the 4-bit weight W [out, in] (dL/dx of ``matmul_4bit``), in grad's dtype.
+
+    On a CPU in float32 with many rows, W is dequantized inside the product (gemm_4bit.c); the
+    twin, everywhere else: dequantize, then matmul."""
+    if grad.shape[-1] != state.shape[0]:
+        raise InputError(f"the gradient has {grad.shape[-1]} features; the 4-bit weight {tuple(state.shape)} "
+                         f"has {state.shape[0]} outputs")
+    if grad.device.type == "cpu" and not torch.compiler.is_compiling():
+        native = cpu_native.Weight4bit(packed, *state_args(state))
+        if native.trains(grad):
+            return native.linear_grad(grad)
+    return grad @ dequantize_4bit(packed, state, grad.dtype)

@@ -10,8 +10,9 @@ product, or dequantize-and-matmul) and how to rebuild the dense weight from them
 
     dL/dx = dL/dy @ W           and dL/db = sum of dL/dy over tokens, when a bias trains
 
-for which the weight is dequantized again from the stored tensors the forward saved: the
-autograd graph holds the quantized tensors, never a dense copy (the QLoRA memory saving).
+for which the weight is dequantized again from the stored tensors the forward saved (``grad_product``;
+a layer may multiply without a dense copy, as Linear4bit does on a CPU in float32): the autograd
+graph holds the quantized tensors, never a dense copy (the QLoRA memory saving).
 
 Dtype casts of a model (``.to(bfloat16)``, ``.half()``) move these layers but leave the tensors
 named in ``stored_dtypes`` as the format stores them (integer codes are never cast anyway; float
@@ -37,7 +38,7 @@ class _FrozenProduct(torch.autograd.Function):
         stored = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.layer.weight_from(stored, grad_out.dtype)
+            grad_x = ctx.layer.grad_product(grad_out, stored)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return (grad_x, grad_bias, None) + (None,) * ctx.n_stored
@@ -69,6 +70,10 @@ class FrozenLinear(nn.Module):
     def product(self, x: torch.Tensor, bias: torch.Tensor | None, stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``x @ W^T + bias`` from the stored tensors."""
         return nn.functional.linear(x, self.weight_from(stored, x.dtype), bias)
+
+    def grad_product(self, grad: torch.Tensor, stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``grad @ W`` (dL/dx) from the stored tensors, in grad's dtype."""
+        return grad @ self.weight_from(stored, grad.dtype)
 
     def weight_from(self, stored: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
         """The dense weight [out, in] in ``dtype``, from the stored tensors."""

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import InputError
 from ..kernels.cpu import native as cpu_native
 from ..kernels.dequantize import dequantize_4bit, state_args
-from ..kernels.matmul_4bit import matmul_4bit
+from ..kernels.matmul_4bit import matmul_4bit, matmul_4bit_grad
 from ..kernels.prepacked_linear import prepack, prepacked_linear
 from ..quant.four_bit import quantize_4bit
 from ..quant.state import QuantState
@@ -147,10 +147,15 @@ class Linear4bit(FrozenLinear):
             native = self._native_weight(stored[0], state)
             if native.takes(x):
                 return native.matmul(x, bias)
+            if native.trains(x):  # float32, many rows (training): W dequantized inside the product
+                return native.linear(x, bias)
             if native.dequantizes(x.dtype):  # more rows (a prompt): dequantize, then F.linear, with the
                 # same prepared arguments (matmul_4bit would prepare them anew: 63 -> 71 ms a 39-token prompt)
                 return nn.functional.linear(x, native.dequantize(x.dtype), bias)
         return matmul_4bit(x, stored[0], state, bias)
+
+    def grad_product(self, grad, stored):
+        return matmul_4bit_grad(grad, stored[0], self._state())
 
     PREPARED = ("_native", "_native_group")  # the native kernel's prepared arguments (pointers), remade on use
 

@@ -71,7 +71,7 @@ from .dequantize import ENV
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
-                for name in ("native.c", "decode.c", "decode_layer.c", "low_rank.c"))
+                for name in ("native.c", "decode.c", "decode_layer.c", "low_rank.c", "gemm_4bit.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "kernels.h"))
 MAX_ROWS = 32  # float32 FMAs: 1.5-2x dequantize + matmul at 32 rows (bench/bench_cpu_matmul_4bit.py)
 MAX_ROWS_DOT_BF16 = 16  # vdpbf16ps: 1.2-2.2x the C dequantize + matmul at 16 rows, behind it from 24 on the big shapes
@@ -176,6 +176,11 @@ def _library(isa: str) -> ctypes.CDLL:
     lib.fourbit_low_rank_grad.restype = None
     lib.fourbit_low_rank_add.argtypes = [p, p, p, i64, i64, i64, i32, i32]
     lib.fourbit_low_rank_add.restype = None
+    lib.fourbit_linear_4bit.argtypes = [p, p, p, p, i64, i32]
+    lib.fourbit_linear_4bit.restype = i32
+    lib.fourbit_linear_4bit_grad.argtypes = [p, p, p, i64, i32]
+    lib.fourbit_linear_4bit_grad.restype = i32
+    lib.fourbit_gemm_4bit_built.restype = i32
     lib.fourbit_isa.restype = ctypes.c_char_p
     lib.dot_bf16 = lib.fourbit_isa() == b"avx512-bf16"
     return lib
@@ -272,6 +277,34 @@ class Weight4bit:
             out += bias
         return out if given == out.dtype else out.to(given)
 
+    def trains(self, x: torch.Tensor, isa: str = "native") -> bool:
+        """Whether ``linear`` serves ``x`` [..., k] (``linear_grad``: dL/dy [..., n]): float32 on a
+        CPU, more rows than the few-row matmul takes, a build with the blocked product (gemm_4bit.c)."""
+        return self.fits and _trains(x, isa)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, isa: str = "native") -> torch.Tensor:
+        """``x @ dequant(W)^T + bias`` (float32), W dequantized inside the product; see ``trains``."""
+        x = x.contiguous()
+        rows = x.numel() // self.k
+        out = torch.empty((*x.shape[:-1], self.n), dtype=torch.float32)
+        bias = None if bias is None else bias.to(torch.float32).contiguous()
+        if library(isa).fourbit_linear_4bit(self._address, x.data_ptr(), None if bias is None else bias.data_ptr(),
+                                            out.data_ptr(), rows, torch.get_num_threads()):
+            raise MemoryError(f"the native CPU 4-bit product could not allocate its scratch for a {self.n} x {self.k} "
+                              "weight")
+        return out
+
+    def linear_grad(self, grad: torch.Tensor, isa: str = "native") -> torch.Tensor:
+        """``grad @ dequant(W)`` (float32): dL/dx of ``linear``, W dequantized inside the product."""
+        grad = grad.contiguous()
+        rows = grad.numel() // self.n
+        out = torch.empty((*grad.shape[:-1], self.k), dtype=torch.float32)
+        if library(isa).fourbit_linear_4bit_grad(self._address, grad.data_ptr(), out.data_ptr(), rows,
+                                                 torch.get_num_threads()):
+            raise MemoryError(f"the native CPU 4-bit product could not allocate its scratch for a {self.n} x {self.k} "
+                              "weight")
+        return out
+
     def dequantize(self, dtype: torch.dtype, isa: str = "native") -> torch.Tensor:
         """The dense weight [n, k] in ``dtype`` (float32 or bf16), bit-identical to the reference."""
         lib = library(isa)
@@ -314,6 +347,19 @@ class Weight4bitGroup:
             raise MemoryError(f"the native CPU 4-bit matmul could not allocate its scratch for {rows} x {self.k} inputs")
         shape = x.shape[:-1]
         return [out[rows * starts[i]:rows * starts[i + 1]].view(*shape, n) for i, n in enumerate(self.sizes)]
+
+
+def _trains(x: torch.Tensor, isa: str = "native") -> bool:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() <= x.shape[-1] * MAX_ROWS:
+        return False
+    lib = library(isa) if _LITTLE_ENDIAN and enabled() else None
+    return lib is not None and lib.fourbit_gemm_4bit_built() == 1
+
+
+def supports_training(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
+    """Whether ``Weight4bit.linear`` / ``linear_grad`` take x (or dL/dy) for a weight of ``k``
+    columns in this layout: float32 on a CPU, more than ``MAX_ROWS`` rows, an AVX-512 build."""
+    return blocksize % 32 == 0 and k % blocksize == 0 and nested_blocksize & (nested_blocksize - 1) == 0 and _trains(x)
 
 
 def takes_rows(x: torch.Tensor) -> bool:
