@@ -14,12 +14,15 @@ from fourbit.kernels.matmul_4bit import matmul_4bit, matmul_4bit_grad
 from fourbit.nn.linear4bit import Linear4bit
 from fourbit.quant import dequantize_4bit_reference, quantize_4bit
 
+# the builds this CPU runs that have the products: AVX-512 and AVX2 (plain C leaves them to the twins)
+ISAS = [isa for isa in native.runnable_isas() if isa != "generic"]
+
 
 @pytest.fixture(autouse=True)
 def kernels_on(monkeypatch):
     monkeypatch.setenv(native.ENV, "1")
     if not native.supports_training(torch.zeros(64, 64), 64, 256, 64):
-        pytest.skip("the in-product dequantization is built for AVX-512 (elsewhere the twins serve)")
+        pytest.skip("the in-product dequantization is built for AVX-512 and AVX2 (elsewhere the twins serve)")
 
 
 def weight(n, k, quant_type="nf4", blocksize=64, double_quant=True, seed=0):
@@ -57,18 +60,20 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m, n, k, quant_type, blocksize, double_quant", CASES)
-def test_forward_and_its_gradient_compute_the_dequantized_products(m, n, k, quant_type, blocksize, double_quant):
+def test_forward_and_its_gradient_compute_the_dequantized_products(isa, m, n, k, quant_type, blocksize, double_quant):
     packed, state, w64 = weight(n, k, quant_type, blocksize, double_quant)
     gen = torch.Generator().manual_seed(1)
     x, g, bias = torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen), torch.randn(n, generator=gen)
-    assert native.Weight4bit(packed, *state_args(state)).trains(x)
+    w = native.Weight4bit(packed, *state_args(state))
+    assert w.trains(x, isa)
 
-    y = matmul_4bit(x, packed, state, bias)
+    y = w.linear(x, bias, isa)
     twin = nn.functional.linear(x, w64.float(), bias)
     check(y, (x.double() @ w64.T + bias.double(), x.double().abs() @ w64.abs().T + bias.double().abs(), k + 1), twin)
 
-    dx = matmul_4bit_grad(g, packed, state)
+    dx = w.linear_grad(g, isa)
     twin = g @ w64.float()
     check(dx, (g.double() @ w64, g.double().abs() @ w64.abs(), n), twin)
     assert y.shape == (m, n) and dx.shape == (m, k) and y.dtype == dx.dtype == torch.float32
@@ -91,6 +96,7 @@ def test_any_number_of_threads_gives_the_same_values(threads):
 
 
 def test_batched_inputs_keep_their_leading_dimensions():
+    # through the ops the layers call (matmul_4bit, matmul_4bit_grad), which choose this build
     packed, state, w64 = weight(64, 64)
     x, g = torch.randn(3, 20, 64), torch.randn(3, 20, 64)
     y, dx = matmul_4bit(x, packed, state), matmul_4bit_grad(g, packed, state)
@@ -107,8 +113,7 @@ def test_only_float32_with_many_rows_and_whole_blocks_take_it():
     assert not w.trains(torch.zeros(64, 64, dtype=torch.bfloat16))  # bf16: oneDNN's bf16 product
     odd_packed, odd_state, _ = weight(10, 96)  # rows of 96: not whole 64-blocks
     assert not native.Weight4bit(odd_packed, *state_args(odd_state)).trains(torch.zeros(64, 96))
-    for isa in set(native.runnable_isas()) - {"native"}:  # AVX2 and plain C builds leave it to the twins
-        assert not native._trains(torch.zeros(64, 64), isa)
+    assert not native._trains(torch.zeros(64, 64), "generic")  # plain C leaves it to the twins
 
 
 def test_a_linear4bit_trains_through_it_as_through_the_twin(monkeypatch):

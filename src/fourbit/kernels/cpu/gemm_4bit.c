@@ -32,12 +32,9 @@
 
 #include "kernels.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #include <omp.h>
-
-#define MR 12 /* rows of A per block: 24 accumulators + 2 B vectors + 1 broadcast */
-#define NR 32 /* columns of B per block: two AVX-512 vectors */
 
 int fourbit_gemm_4bit_built(void) { return 1; }
 
@@ -47,26 +44,41 @@ static inline float block_scale(const weight_4bit *w, int64_t block) {
     return w->absmax[block];
 }
 
-/* out[(r - r0) * ld + c - c0] = W[r, c] for r in [r0, r1), c in [c0, c0 + width), width a multiple of 32 */
-static void dequantize_rows(const weight_4bit *w, int64_t r0, int64_t r1, int64_t c0, int64_t width, float *out,
-                            int64_t ld) {
-    const __m512 code = _mm512_loadu_ps(w->code);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t c = c0; c < c0 + width; c += 32) {
-            const int64_t at = r * w->k + c; /* 32 weights in one block: one table */
-            const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(block_scale(w, at / w->blocksize)));
-            const __m128i bytes = _mm_loadu_si128((const __m128i *)(w->packed + at / 2));
-            /* byte j: column 2j in its high nibble, 2j + 1 in its low */
-            const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4), low = _mm_and_si128(bytes, low4);
-            float *dst = out + (r - r0) * ld + (c - c0);
-            _mm512_storeu_ps(dst, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(high, low)), table));
-            _mm512_storeu_ps(dst + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(high, low)), table));
+/* Per instruction set: MR x NR; the block product; 16 weights looked up from their 16 codes
+   (bytes, in column order) in a block's scaled table; a transpose of T x T floats. */
+#if defined(__AVX512F__)
+#define MR 12 /* rows of A per block: 24 accumulators + 2 B vectors + 1 broadcast of the 32 registers */
+#define NR 32 /* columns of B per block: two 16-float vectors */
+#define T 16
+
+/* tile[i][j] = sum_{d < depth} A[i * lda + d] * B[d * NR + j]   for i < MR, j < NR */
+static inline void block_product(int64_t depth, const float *restrict a, int64_t lda, const float *restrict b,
+                                 float *restrict tile) {
+    __m512 c0[MR], c1[MR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < depth; d++) {
+        const __m512 b0 = _mm512_loadu_ps(b + d * NR), b1 = _mm512_loadu_ps(b + d * NR + 16);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            const __m512 v = _mm512_set1_ps(a[i * lda + d]);
+            c0[i] = _mm512_fmadd_ps(v, b0, c0[i]);
+            c1[i] = _mm512_fmadd_ps(v, b1, c1[i]);
         }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++) {
+        _mm512_storeu_ps(tile + i * NR, c0[i]);
+        _mm512_storeu_ps(tile + i * NR + 16, c1[i]);
+    }
+}
+
+static inline void look_up16(__m128i codes, const float *table, float *out) {
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), _mm512_loadu_ps(table)));
 }
 
 /* dst[c * ldd + r] = src[r * lds + c] for r, c < 16 */
-static inline void transpose16(const float *src, int64_t lds, float *dst, int64_t ldd) {
+static inline void transpose(const float *src, int64_t lds, float *dst, int64_t ldd) {
     __m512 r[16], t[16];
     for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * lds);
     for (int i = 0; i < 16; i += 2) { /* 2 x 2 blocks of single values */
@@ -94,26 +106,79 @@ static inline void transpose16(const float *src, int64_t lds, float *dst, int64_
     for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * ldd, r[i]);
 }
 
-/* tile[i][j] = sum_{d < depth} A[i * lda + d] * B[d * NR + j]   for i < MR, j < NR */
+#else /* AVX2 + FMA */
+#define MR 6  /* 12 accumulators + 2 B vectors + 1 broadcast of the 16 registers */
+#define NR 16 /* two 8-float vectors */
+#define T 8
+
 static inline void block_product(int64_t depth, const float *restrict a, int64_t lda, const float *restrict b,
                                  float *restrict tile) {
-    __m512 c0[MR], c1[MR];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm256_setzero_ps();
     for (int64_t d = 0; d < depth; d++) {
-        const __m512 b0 = _mm512_loadu_ps(b + d * NR), b1 = _mm512_loadu_ps(b + d * NR + 16);
-#pragma GCC unroll 16
+        const __m256 b0 = _mm256_loadu_ps(b + d * NR), b1 = _mm256_loadu_ps(b + d * NR + 8);
+#pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
-            const __m512 v = _mm512_set1_ps(a[i * lda + d]);
-            c0[i] = _mm512_fmadd_ps(v, b0, c0[i]);
-            c1[i] = _mm512_fmadd_ps(v, b1, c1[i]);
+            const __m256 v = _mm256_broadcast_ss(a + i * lda + d);
+            c0[i] = _mm256_fmadd_ps(v, b0, c0[i]);
+            c1[i] = _mm256_fmadd_ps(v, b1, c1[i]);
         }
     }
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int i = 0; i < MR; i++) {
-        _mm512_storeu_ps(tile + i * NR, c0[i]);
-        _mm512_storeu_ps(tile + i * NR + 16, c1[i]);
+        _mm256_storeu_ps(tile + i * NR, c0[i]);
+        _mm256_storeu_ps(tile + i * NR + 8, c1[i]);
     }
+}
+
+static inline void look_up16(__m128i codes, const float *table, float *out) {
+    const __m256 low = _mm256_loadu_ps(table), high = _mm256_loadu_ps(table + 8);
+    for (int half = 0; half < 2; half++) { /* the low or the high 8 entries, chosen by the code's bit 3 */
+        const __m256i idx = _mm256_cvtepu8_epi32(half ? _mm_srli_si128(codes, 8) : codes);
+        const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+        _mm256_storeu_ps(out + 8 * half, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, idx),
+                                                          _mm256_permutevar8x32_ps(high, idx), upper));
+    }
+}
+
+/* dst[c * ldd + r] = src[r * lds + c] for r, c < 8 */
+static inline void transpose(const float *src, int64_t lds, float *dst, int64_t ldd) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + i * ldd, t[i]);
+}
+#endif
+
+/* out[(r - r0) * ld + c - c0] = W[r, c] for r in [r0, r1), c in [c0, c0 + width), width a multiple of 16 */
+static void dequantize_rows(const weight_4bit *w, int64_t r0, int64_t r1, int64_t c0, int64_t width, float *out,
+                            int64_t ld) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    float table[16];
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t c = c0; c < c0 + width; c += 16) {
+            const int64_t at = r * w->k + c; /* 16 weights of one block (blocks: multiples of 32) */
+            const float scale = block_scale(w, at / w->blocksize);
+            for (int i = 0; i < 16; i++) table[i] = w->code[i] * scale; /* the reference's float32 products */
+            /* byte j: column 2j in its high nibble, 2j + 1 in its low */
+            const __m128i bytes = _mm_loadl_epi64((const __m128i *)(w->packed + at / 2));
+            const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4), low = _mm_and_si128(bytes, low4);
+            look_up16(_mm_unpacklo_epi8(high, low), table, out + (r - r0) * ld + (c - c0));
+        }
 }
 
 /* A's rows m0 .. m0 + MR: in place, or (the last, short block) copied into pad with zero rows after */
@@ -144,10 +209,8 @@ int fourbit_linear_4bit(const weight_4bit *w, const float *x, const float *bias,
             const int64_t n0 = p * NR, width = n - n0 < NR ? n - n0 : NR;
             dequantize_rows(w, n0, n0 + width, 0, k, rows, k);
             memset(rows + width * k, 0, sizeof(float) * (NR - width) * k);
-            for (int64_t c = 0; c < k; c += 16) {
-                transpose16(rows + c, k, panel + c * NR, NR);
-                transpose16(rows + 16 * k + c, k, panel + c * NR + 16, NR);
-            }
+            for (int64_t r = 0; r < NR; r += T)
+                for (int64_t c = 0; c < k; c += T) transpose(rows + r * k + c, k, panel + c * NR + r, NR);
             for (int64_t m0 = 0; m0 < m; m0 += MR) {
                 const int64_t count = m - m0 < MR ? m - m0 : MR;
                 block_product(k, rows_of(x, m0, count, k, pad), k, panel, tile);
@@ -185,7 +248,7 @@ int fourbit_linear_4bit_grad(const weight_4bit *w, const float *g, float *dx, in
     return 0;
 }
 
-#else /* no AVX-512: the callers take dequantize + matmul */
+#else /* neither AVX-512 nor AVX2: the callers take dequantize + matmul */
 
 int fourbit_gemm_4bit_built(void) { return 0; }
 
