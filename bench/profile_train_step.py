@@ -16,7 +16,8 @@ from operator self times (first match wins):
 - optimizer: the inclusive time of AdamW's step and zero_grad (taken out of "other", where its
   elementwise operators fall);
 - other: the rest (norms, activations, elementwise, Python-side overhead the profiler sees).
-fourbit's C kernels (kernels/cpu: dequantization, the adapters' rank-r products, the norms) are
+fourbit's C kernels (kernels/cpu: dequantization, the float32 4-bit products of AVX-512/AVX2
+builds, the adapters' rank-r products, the norms) are
 not aten operators: their time is the self time of the autograd node that calls them
 (_QLoRALinear and its backward, _RMSNorm), in "other", and its top operators list shows them.
 The profiler adds overhead per operator, so the total exceeds the step's time unprofiled; read

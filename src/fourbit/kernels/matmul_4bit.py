@@ -7,7 +7,9 @@ One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs
 - CPU: for up to 32 rows of x (16 in bf16 on AVX512-BF16: decoding, short prompts) the native
   kernel of kernels/cpu/native.py reads the 4-bit codes once, looking them up 16 or 32 at
   a time in vector registers, 5-10x faster than dequantize + matmul at one row; more rows
-  (prefill, training) share one dequantization and oneDNN's matmul;
+  (prefill, training) in float32 go to its register-blocked product that dequantizes W inside
+  itself (kernels/cpu/gemm_4bit.c, AVX-512 or AVX2: ~12% faster than dequantize + matmul on
+  SmolLM2's shapes), in bf16 they share one dequantization and oneDNN's matmul;
 - CUDA: for a single row of x (decoding one sequence) the fused Triton kernel of
   kernels/triton/matmul_4bit.py reads the 4-bit bytes once and writes only y. For more rows,
   dequantizing into a temporary (one pass at ~2.6 TB/s, the buffer reused through the caching
@@ -15,8 +17,9 @@ One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs
   bound by per-weight instructions (the code-table gather), not bytes, so from 2 rows on they
   lose to dequantize + cuBLAS (bench/RESULTS.md).
 
-Gradients are not defined here: Linear4bit's autograd function calls this op in forward and
-dequantizes for the input gradient in backward.
+Gradients are not defined here: Linear4bit's autograd function (and the one-node QLoRA linear,
+kernels/lora.py) call this op in forward and ``matmul_4bit_grad`` (dL/dx = g W, the same choice
+of paths on a CPU) in backward.
 """
 
 from __future__ import annotations

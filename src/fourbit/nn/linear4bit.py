@@ -8,7 +8,8 @@ of keeping a 16-bit copy (FrozenLinear, nn/frozen_linear.py: the QLoRA memory sa
 bias, if any, gets its gradient too. The forward product goes through
 the ``fourbit::matmul_4bit`` op (kernels/matmul_4bit.py), which for a few rows of x (decoding)
 reads the packed weight directly (Triton on a GPU, C on a CPU, where it is called without the
-dispatcher) and otherwise dequantizes, then calls the BLAS.
+dispatcher), on a CPU in float32 for more rows dequantizes inside a product of its own (C, both
+directions: ``grad_product``), and otherwise dequantizes, then calls the BLAS.
 
 ``state_dict()`` emits bitsandbytes' layout (``weight`` + ``weight.absmax``, ``weight.quant_map``,
 ... see quant/state.py), and ``load_state_dict`` accepts it, or a dense float weight, which is

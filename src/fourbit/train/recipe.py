@@ -279,7 +279,8 @@ def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant checkpointing of every decoder layer: works with frozen embeddings and base,
     since it does not need the layer inputs to require grad. On a CPU each 4-bit layer then keeps
     its recomputed forward's dequantized weight for its backward (one layer's at a time: two
-    dequantizations a step instead of three; on a GPU dequantizing is cheaper than the memory)."""
+    dequantizations a step instead of three; on a GPU dequantizing is cheaper than the memory),
+    except where its products dequantize inside themselves (float32, kernels/lora.py)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # the name in transformers 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

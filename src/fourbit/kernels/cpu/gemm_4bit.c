@@ -5,26 +5,30 @@
        backward  dx[m, k] = sum_n g[m, n] W[n, k]               g [M, N],                 dx [M, K]
        W[n, k]   = float32(code4[W4[n, k]] * scale[n, k / blocksize])   (native.c: the reference's values)
 
-   Both are one register-blocked product, C[MR x 32] += A[MR x depth] B[depth x 32]: MR rows of
-   A broadcast one value at a time, two 16-float vectors of B, 2 MR accumulators (24 of the 32
-   AVX-512 registers). What differs is where A and B come from:
-   - backward: A = g's rows as they are; B = 32 columns of W (a slab W[:, k0 .. k0 + 32), N x 32),
-     dequantized once into the thread's buffer (~N x 128 bytes, in L2) and used by every MR rows of g.
-   - forward: A = x's rows as they are; B = W^T for 32 rows of W: those rows dequantized (32 x K),
-     then transposed 16 x 16 at a time in registers into a K x 32 panel, used by every MR rows of x.
+   Both are one register-blocked product, C[MR x NR] = A[MR x depth] B[depth x NR]: MR rows of A
+   broadcast one value at a time, NR columns of B as two vectors, 2 MR accumulators (AVX-512:
+   12 x 32, 24 of the 32 registers; AVX2: 6 x 16, 12 of the 16). What differs is where A and B
+   come from:
+   - backward: A = g's rows as they are; B = NR columns of W (a slab W[:, k0 .. k0 + NR), N x NR),
+     dequantized once into the thread's buffer (N x 4 NR bytes, in L2) and used by every MR rows of g.
+   - forward: A = x's rows as they are; B = W^T for NR rows of W: those rows dequantized (NR x K),
+     then transposed in registers (16 x 16 or 8 x 8 at a time) into a K x NR panel, used by every
+     MR rows of x.
    So neither x nor g is copied, W is dequantized once per product into a buffer that stays in
-   cache, and each 32-wide slab or panel of W is its own unit of work (OpenMP threads split them).
-   On the machines of bench/RESULTS.md this runs at ~95% of their float32 FMA peak where
-   dequantize + torch's matmul ran at ~80% of it plus the dequantization's pass over memory.
+   cache, and each slab or panel of W is its own unit of work (OpenMP threads split them; the
+   sums do not depend on how many). On the machine of bench/RESULTS.md (issue 20) this ran at
+   ~95% of its float32 FMA peak where dequantize + torch's matmul ran at ~80% of it plus the
+   dequantization's pass over memory.
 
    Sums run over depth in order (k for forward, n for backward), one float32 FMA each: the result
    is dequantize-then-matmul's to float32 rounding, not bit for bit (tests/kernels/test_gemm_4bit.py).
-   Built with AVX-512 (the "native" build on such a CPU); elsewhere fourbit_gemm_4bit_built says 0
-   and the callers use dequantize + matmul (kernels/matmul_4bit.py), the plain twin.
+   Built where the compiler was given AVX-512 or AVX2 + FMA; in a plain C build
+   fourbit_gemm_4bit_built says 0 and the callers take dequantize + matmul (kernels/matmul_4bit.py),
+   the plain twin.
 
-   The caller (kernels/cpu/native.py) guarantees: K a multiple of 32, blocksize a multiple of 32
-   dividing K (so 32 consecutive columns share one scale), x / g / y / dx contiguous float32,
-   every pointer valid. Returns 0, or 1 where a buffer could not be allocated. */
+   The caller (kernels/cpu/native.py) guarantees: blocksize a multiple of 32 dividing K (so K is a
+   multiple of NR and 16 consecutive columns share one scale), x / g / y / dx contiguous float32,
+   every pointer valid. Returns 0, or 1 where the buffers could not be allocated. */
 
 #include <stdint.h>
 #include <stdlib.h>

@@ -18,8 +18,11 @@ dense product of a few rows.
     low_rank_project, low_rank_grad, low_rank_add_: a LoRA adapter's rank-r products in
                      training (low_rank.c), reading 16-bit activations in place; their twins
                      are kernels/lora.py's torch path
+    Weight4bit.linear, linear_grad: y = x W^T + b and dL/dx = g W in float32 for many rows
+                     (training), W dequantized inside the product (gemm_4bit.c); their twins
+                     are dequantize-then-matmul (kernels/matmul_4bit.py)
 
-The code is native.c, decode.c, decode_layer.c and low_rank.c beside this file (the math and the
+The code is native.c, decode.c, decode_layer.c, low_rank.c and gemm_4bit.c beside this file (the math and the
 instruction choices at their tops, bf16.h the conversions, kernels.h what they share), built into one library
 at first use for this machine's instruction set with the system's C compiler and OpenMP, cached
 under ``<fourbit cache>/kernels`` by a hash of the sources, the flags, the compiler and the CPU's
@@ -41,7 +44,8 @@ When they are used: the matmul (``supports``) on a CPU for at most ``max_rows`` 
 shared by all rows and oneDNN's matmul are faster: bench/bench_cpu_matmul_4bit.py), the dequantization
 (``supports_dequantize``) for whole blocks into float32 or bf16; both for block sizes that are
 multiples of 32 (every one of the format's, 32 to 4096); the dense product (``supports_dense``) for
-at most ``MAX_ROWS_DENSE`` rows of x. ``FOURBIT_CPU_COMPILE=0`` turns them off
+at most ``MAX_ROWS_DENSE`` rows of x; the training products (``supports_training``) for float32
+x of more than ``MAX_ROWS`` rows in the AVX-512 and AVX2 builds. ``FOURBIT_CPU_COMPILE=0`` turns them off
 with the other kernels compiled at run time (kernels/cpu/dequantize.py). Where compiling or
 loading fails the reason is logged once and the twins serve every call.
 """
