@@ -201,7 +201,7 @@ static float *scratch_of(int64_t each, int threads) {
 
 int fourbit_linear_4bit(const weight_4bit *w, const float *x, const float *bias, float *y, int64_t m, int threads) {
     const int64_t n = w->n, k = w->k, panels = (n + NR - 1) / NR;
-    const int64_t each = 2 * NR * k + MR * k; /* a thread's: 32 rows of W, their K x 32 transpose, a short block */
+    const int64_t each = 2 * NR * k + MR * k; /* per thread: NR rows of W, their K x NR transpose, a short block of x */
     float *scratch = scratch_of(each, threads);
     if (!scratch) return 1;
 #pragma omp parallel num_threads(threads)
@@ -220,7 +220,8 @@ int fourbit_linear_4bit(const weight_4bit *w, const float *x, const float *bias,
                 block_product(k, rows_of(x, m0, count, k, pad), k, panel, tile);
                 for (int64_t i = 0; i < count; i++) {
                     float *out = y + (m0 + i) * n + n0;
-                    for (int64_t j = 0; j < width; j++) out[j] = bias ? tile[i * NR + j] + bias[n0 + j] : tile[i * NR + j];
+                    for (int64_t j = 0; j < width; j++)
+                        out[j] = bias ? tile[i * NR + j] + bias[n0 + j] : tile[i * NR + j];
                 }
             }
         }
@@ -231,7 +232,7 @@ int fourbit_linear_4bit(const weight_4bit *w, const float *x, const float *bias,
 
 int fourbit_linear_4bit_grad(const weight_4bit *w, const float *g, float *dx, int64_t m, int threads) {
     const int64_t n = w->n, k = w->k, slabs = k / NR;
-    const int64_t each = n * NR + MR * n; /* a thread's: W[:, k0 .. k0 + 32), a short block of g */
+    const int64_t each = n * NR + MR * n; /* per thread: W[:, k0 .. k0 + NR), a short block of g */
     float *scratch = scratch_of(each, threads);
     if (!scratch) return 1;
 #pragma omp parallel num_threads(threads)
@@ -244,7 +245,8 @@ int fourbit_linear_4bit_grad(const weight_4bit *w, const float *g, float *dx, in
             for (int64_t m0 = 0; m0 < m; m0 += MR) {
                 const int64_t count = m - m0 < MR ? m - m0 : MR;
                 block_product(n, rows_of(g, m0, count, n, pad), n, slab, tile);
-                for (int64_t i = 0; i < count; i++) memcpy(dx + (m0 + i) * k + s * NR, tile + i * NR, sizeof(float) * NR);
+                for (int64_t i = 0; i < count; i++)
+                    memcpy(dx + (m0 + i) * k + s * NR, tile + i * NR, sizeof(float) * NR);
             }
         }
     }
