@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..kernels.dequantize import dequantize_4bit
-from ..kernels.matmul_4bit import matmul_4bit
+from ..kernels.matmul_4bit import matmul_4bit, matmul_4bit_grad
 from ..quant.four_bit import quantize_4bit
 from ..quant.state import QuantState
 from .frozen_linear import frozen_product
@@ -97,6 +97,9 @@ class _ExpertMatrix:
 
     def product(self, x, bias, stored):
         return matmul_4bit(x, stored[0], self.state, bias)
+
+    def grad_product(self, grad, stored):
+        return matmul_4bit_grad(grad, stored[0], self.state)
 
     def weight_from(self, stored, dtype):
         return dequantize_4bit(stored[0], self.state, dtype)

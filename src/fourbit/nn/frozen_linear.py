@@ -47,7 +47,8 @@ class _FrozenProduct(torch.autograd.Function):
 def frozen_product(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W^T + bias`` through ``layer``'s stored weight: one autograd node when a gradient is
     wanted, the plain product (no node) in inference. ``layer``: a FrozenLinear, or anything with
-    its ``stored``, ``product`` and ``weight_from`` (one 4-bit expert matrix, nn/experts4bit.py)."""
+    its ``stored``, ``product``, ``grad_product`` and ``weight_from`` (one 4-bit expert matrix,
+    nn/experts4bit.py)."""
     stored = layer.stored()
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _FrozenProduct.apply(x, bias, layer, *stored)
