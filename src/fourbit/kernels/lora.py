@@ -14,7 +14,7 @@ the chain rule written out (g = dL/dy, xa = s x A^T kept from forward):
                                                 (inside the product: matmul_4bit_grad)
 
 With ``keep_weight`` the forward's dequantized W is kept for dL/dx instead of dequantized again
-(not where both products dequantize inside themselves: float32 on a CPU with AVX-512).
+(not where both products dequantize inside themselves: float32 on a CPU with AVX-512 or AVX2).
 Made for non-reentrant gradient checkpointing: it drops what the first forward saves and keeps
 what the recomputation saves only until this layer's backward, so one layer's dense weights
 live at a time and each weight is dequantized twice a step instead of three times (worth it on

@@ -8,8 +8,8 @@ One op, ``fourbit::matmul_4bit``, dispatched on the tensors' device when it runs
   kernel of kernels/cpu/native.py reads the 4-bit codes once, looking them up 16 or 32 at
   a time in vector registers, 5-10x faster than dequantize + matmul at one row; more rows
   (prefill, training) in float32 go to its register-blocked product that dequantizes W inside
-  itself (kernels/cpu/gemm_4bit.c, AVX-512 or AVX2: ~12% faster than dequantize + matmul on
-  SmolLM2's shapes), in bf16 they share one dequantization and oneDNN's matmul;
+  itself (kernels/cpu/gemm_4bit.c, AVX-512 or AVX2: 1.1-1.4x dequantize + matmul on SmolLM2's
+  shapes, bench/bench_train_products.py), in bf16 they share one dequantization and oneDNN's matmul;
 - CUDA: for a single row of x (decoding one sequence) the fused Triton kernel of
   kernels/triton/matmul_4bit.py reads the 4-bit bytes once and writes only y. For more rows,
   dequantizing into a temporary (one pass at ~2.6 TB/s, the buffer reused through the caching

@@ -362,7 +362,7 @@ def _trains(x: torch.Tensor, isa: str = "native") -> bool:
 
 def supports_training(x: torch.Tensor, blocksize: int, nested_blocksize: int, k: int) -> bool:
     """Whether ``Weight4bit.linear`` / ``linear_grad`` take x (or dL/dy) for a weight of ``k``
-    columns in this layout: float32 on a CPU, more than ``MAX_ROWS`` rows, an AVX-512 build."""
+    columns in this layout: float32 on a CPU, more than ``MAX_ROWS`` rows, an AVX-512 or AVX2 build."""
     return blocksize % 32 == 0 and k % blocksize == 0 and nested_blocksize & (nested_blocksize - 1) == 0 and _trains(x)
 
 
