@@ -37,7 +37,7 @@ def check(got, want64, twin):
     Each value within the classical bound for a float32 sum of that depth in any order (depth x
     eps x the sum of |terms|); the whole, and its distance to the twin, within the statistical
     size of depth roundings (sqrt(depth) x eps x the sum of |terms|, in norm; ours measured
-    0.006-0.04 of it), while one dropped term per sum is ~10^3 times outside it."""
+    0.006-0.04 of it), while one dropped term per sum lands hundreds of times outside it."""
     want, magnitude, depth = want64
     eps = torch.finfo(torch.float32).eps
     err = (got.double() - want).abs()
@@ -47,8 +47,8 @@ def check(got, want64, twin):
     assert (got.double() - twin.double()).norm() <= 2 * statistical
 
 
-# rows past a block of 12 and of 32; outputs past a panel of 32; depths of one block to several;
-# blocks of 32, 64, 128; NF4 and FP4; with and without double quantization
+# rows past a block of 12 (AVX2: 6) and past 32; outputs past a panel of 32 (AVX2: 16); depths of
+# one block to several; blocks of 32, 64, 128; NF4 and FP4; with and without double quantization
 CASES = [
     (33, 32, 64, "nf4", 64, True),
     (47, 40, 128, "fp4", 64, False),
