@@ -74,7 +74,7 @@ def test_where_the_products_dequantize_inside_themselves_no_weight_is_kept(tiny_
     # under checkpointing each weight takes three products with its codes and none is kept.
     monkeypatch.setenv(cpu_native.ENV, "1")  # the native kernels, off for the suite (tests/conftest.py)
     if not cpu_native.supports_training(torch.zeros(48, 64), 64, 256, 64):
-        pytest.skip("the products that dequantize inside themselves need float32 on an AVX-512 CPU")
+        pytest.skip("the products that dequantize inside themselves need float32 on an AVX-512 or AVX2 CPU")
     calls = count_calls(monkeypatch)
     folder, _ = tiny_llama
     plain, _ = lora_grads(folder, checkpointing=False, rows=3)

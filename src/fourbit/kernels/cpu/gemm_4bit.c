@@ -42,12 +42,6 @@
 
 int fourbit_gemm_4bit_built(void) { return 1; }
 
-static inline float block_scale(const weight_4bit *w, int64_t block) {
-    if (w->absmax8)
-        return w->nested_code[w->absmax8[block]] * w->nested_absmax[(uint64_t)block >> w->nested_shift] + w->offset;
-    return w->absmax[block];
-}
-
 /* Per instruction set: MR x NR; the block product; 16 weights looked up from their 16 codes
    (bytes, in column order) in a block's scaled table; a transpose of T x T floats. */
 #if defined(__AVX512F__)

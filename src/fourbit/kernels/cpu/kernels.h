@@ -1,6 +1,7 @@
 /* What the C files of this library call across files: the prepared 4-bit weight (native.c's
-   matmul and dequantization take it; kernels/cpu/native.py fills it once per layer, field for
-   field) and the kernels decode_layer.c strings together. Each function's contract is at its
+   matmul and dequantization and gemm_4bit.c's products take it; kernels/cpu/native.py fills it
+   once per layer, field for field), its blocks' scales, and the kernels decode_layer.c strings
+   together. Each function's contract is at its
    definition. */
 #ifndef FOURBIT_KERNELS_H
 #define FOURBIT_KERNELS_H
@@ -18,6 +19,13 @@ typedef struct weight_4bit {
     const float *code;          /* the 16 values of the 4-bit data type */
     int64_t n, k, blocksize;
 } weight_4bit;
+
+/* The scale of block ``block`` of w (its absmax; double quantization: decoded from 8 bits) */
+static inline float block_scale(const weight_4bit *w, int64_t block) {
+    if (w->absmax8)
+        return w->nested_code[w->absmax8[block]] * w->nested_absmax[(uint64_t)block >> w->nested_shift] + w->offset;
+    return w->absmax[block];
+}
 
 /* native.c */
 int fourbit_matmul_4bit_many(const weight_4bit *const *weights, int count, const void *x, void *y, int bf16, int64_t m,

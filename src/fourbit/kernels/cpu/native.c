@@ -57,18 +57,12 @@ static inline int64_t column_of_lane(int lane) {
     return 2 * (u / 2) + 1 - u % 2; /* byte j holds column 2j in its high nibble, 2j + 1 in its low */
 }
 
-/* weight_4bit: kernels.h */
+/* weight_4bit, block_scale: kernels.h */
 
 static inline int64_t load64(const uint8_t *at) { /* 8 bytes from any address (one unaligned load) */
     int64_t word;
     memcpy(&word, at, sizeof word);
     return word;
-}
-
-static inline float block_scale(const weight_4bit *w, int64_t block) {
-    if (w->absmax8)
-        return w->nested_code[w->absmax8[block]] * w->nested_absmax[(uint64_t)block >> w->nested_shift] + w->offset;
-    return w->absmax[block];
 }
 
 const char *fourbit_isa(void) {
