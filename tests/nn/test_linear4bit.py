@@ -48,6 +48,17 @@ def float_tensors_held_by(obj) -> list[torch.Tensor]:
     return found
 
 
+def test_a_layer_built_empty_and_quantized_has_a_zero_bias():
+    # quantize_ sets the weight only: the bias of a layer built empty must not be whatever memory
+    # torch.empty found (it once was, and a test comparing two products of it failed on its NaNs)
+    torch.manual_seed(0)
+    w = torch.randn(40, 128)
+    layer = Linear4bit(128, 40, bias=True, compute_dtype=torch.float32).quantize_(w)
+    assert torch.equal(layer.bias, torch.zeros(40))
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize(torch.float32).T, rtol=0, atol=1e-4)  # 128 terms
+
+
 def test_weight_is_frozen_uint8_and_no_float_copy_is_kept():
     layer, _ = make_pair()
     layer(torch.randn(2, 96))  # a forward pass must not leave a dense copy behind either

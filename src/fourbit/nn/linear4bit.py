@@ -77,14 +77,15 @@ class Linear4bit(FrozenLinear):
         device: torch.device | str | None = None,
     ):
         """An empty layer (weight on ``device``, no state yet) to be filled by
-        :meth:`quantize_`, :meth:`load_quantized` or ``load_state_dict``."""
+        :meth:`quantize_`, :meth:`load_quantized` or ``load_state_dict``; the bias starts at
+        zero (``quantize_`` sets the weight only)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         self.compute_dtype = compute_dtype
         packed_bytes = (in_features * out_features + 1) // 2
         self.weight = nn.Parameter(torch.empty(packed_bytes, 1, dtype=torch.uint8, device=device), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self.quant_state: QuantState | None = None
 
     @classmethod
